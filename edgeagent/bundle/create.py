@@ -1,0 +1,162 @@
+"""Build a bundle from model files, an optional golden set and labels (host side).
+
+The model specs come from the model files themselves (:mod:`edgeagent.modelinfo`);
+the golden set is checked against the first model's input before anything is written,
+so a mismatch is caught on the host rather than by a device's acceptance test.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeagent.bundle.manifest import (
+    GOLDEN_PATH,
+    LABELS_PATH,
+    MODELS_DIR,
+    SCHEMA_VERSION,
+    AcceptanceGate,
+    CompressionStep,
+    Manifest,
+    ModelEntry,
+    Preprocessing,
+    TensorSpec,
+)
+from edgeagent.bundle.writer import file_entries, write_bundle
+from edgeagent.errors import UsageError
+from edgeagent.modelinfo import inspect_model
+from edgeagent.signing import SigningKey
+
+GOLDEN_KEYS = frozenset({"inputs", "labels", "reference"})
+_RUNTIMES = {"onnx": ["onnxruntime"], "tflite": ["litert"]}
+
+
+@dataclass(frozen=True)
+class CreatedBundle:
+    path: Path
+    sha256: str
+    manifest: Manifest
+
+
+def create_bundle(
+    *,
+    name: str,
+    version: str,
+    models: Sequence[Path],
+    key: SigningKey | None,
+    out_dir: Path,
+    golden: Path | None = None,
+    labels: Path | None = None,
+    description: str = "",
+    gate: AcceptanceGate | None = None,
+    preprocessing: Preprocessing | None = None,
+    compression: Sequence[CompressionStep] = (),
+) -> CreatedBundle:
+    """Write ``out_dir/NAME-VERSION.bundle`` and return its path, sha256 and manifest.
+
+    ``gate`` gives the acceptance bounds; its ``golden`` and ``samples`` are filled in here.
+    """
+    if not models:
+        raise UsageError("a bundle needs at least one --model")
+    files: dict[str, Path] = {}
+    entries = []
+    for model_path in models:
+        arcname = f"{MODELS_DIR}/{model_path.name}"
+        if arcname in files:
+            raise UsageError(f"two models are named {model_path.name}; rename one")
+        fmt, precision, inputs, outputs = inspect_model(model_path)
+        files[arcname] = model_path
+        entries.append(
+            ModelEntry(
+                path=arcname,
+                format=fmt,
+                precision=precision,
+                inputs=inputs,
+                outputs=outputs,
+                runtimes=_RUNTIMES[fmt],
+                # Edge TPU artifacts are compiled for the TPU and useless anywhere else.
+                delegates=["edgetpu"] if model_path.name.endswith("_edgetpu.tflite") else [],
+            )
+        )
+    gate_fields = (gate or AcceptanceGate()).model_dump()
+    if golden is not None:
+        samples = check_golden(golden, entries[0].inputs)
+        files[GOLDEN_PATH] = golden
+        gate_fields.update(golden=GOLDEN_PATH, samples=samples)
+    if labels is not None:
+        if not labels.is_file():
+            raise UsageError(f"{labels}: no such labels file")
+        files[LABELS_PATH] = labels
+    try:
+        manifest = Manifest(
+            schema_version=SCHEMA_VERSION,
+            name=name,
+            version=version,
+            description=description,
+            files=file_entries(files),
+            models=entries,
+            labels=LABELS_PATH if labels is not None else None,
+            preprocessing=preprocessing or Preprocessing(),
+            acceptance=AcceptanceGate.model_validate(gate_fields),
+            compression=list(compression),
+        )
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise UsageError(_first_error(exc)) from exc
+    out_path = out_dir / manifest.bundle_filename
+    sha = write_bundle(manifest, files, key, out_path)
+    return CreatedBundle(path=out_path, sha256=sha, manifest=manifest)
+
+
+def check_golden(path: Path, model_inputs: Sequence[TensorSpec]) -> int:
+    """Validate a golden ``.npz`` and return its number of samples.
+
+    It holds ``inputs`` (N, ...), optionally ``labels`` (N,) integer classes and
+    ``reference`` (N, ...) float outputs of the original model.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except FileNotFoundError as exc:
+        raise UsageError(f"{path}: no such golden file") from exc
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise UsageError(f"{path}: not a readable .npz ({exc})") from exc
+    unknown = set(arrays) - GOLDEN_KEYS
+    if unknown or "inputs" not in arrays:
+        raise UsageError(
+            f"{path}: a golden set holds 'inputs' and optionally 'labels', 'reference'; "
+            f"found {sorted(arrays)}"
+        )
+    inputs = arrays["inputs"]
+    n = int(inputs.shape[0]) if inputs.ndim else 0
+    if n == 0:
+        raise UsageError(f"{path}: 'inputs' is empty")
+    for key in ("labels", "reference"):
+        if key in arrays and len(arrays[key]) != n:
+            raise UsageError(f"{path}: '{key}' has {len(arrays[key])} rows but 'inputs' has {n}")
+    if "labels" in arrays and not np.issubdtype(arrays["labels"].dtype, np.integer):
+        raise UsageError(f"{path}: 'labels' must be integer class ids, not {arrays['labels'].dtype}")
+    if len(model_inputs) == 1:
+        expected = model_inputs[0].shape[1:]
+        sample = list(inputs.shape[1:])
+        mismatch = len(expected) != len(sample) or any(
+            e is not None and e != s for e, s in zip(expected, sample, strict=True)
+        )
+        if mismatch:
+            raise UsageError(
+                f"{path}: golden inputs have sample shape {sample} but the model's "
+                f"{model_inputs[0].name!r} takes {expected} per sample"
+            )
+    return n
+
+
+def _first_error(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "bundle"
+        return f"invalid {where}: {first['msg']}"
+    return str(exc)

@@ -1,0 +1,278 @@
+"""The bundle manifest: the pydantic schema of ``manifest.json``.
+
+The manifest is the contract between host and device. It lists every other file of the
+bundle with its size and sha256, so the Ed25519 signature of the exact manifest bytes
+covers the whole bundle. Readers refuse a manifest whose ``schema_version`` they do not
+know before looking at anything else, so a newer host cannot half-work on an old agent.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from edgeagent.errors import MalformedManifest, SchemaViolation, UnknownSchemaVersion
+
+SCHEMA_VERSION = 1
+SUPPORTED_SCHEMA_VERSIONS = frozenset({SCHEMA_VERSION})
+
+MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "manifest.sig"
+GOLDEN_PATH = "acceptance/golden.npz"
+LABELS_PATH = "labels.txt"
+MODELS_DIR = "models"
+
+# Semantic version 2.0.0, as published at semver.org.
+_SEMVER = re.compile(
+    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+)
+# A relative POSIX path of plain components: what a bundle member may be called.
+_MEMBER_PATH = re.compile(r"^[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*$")
+
+
+def _check_member_path(value: str) -> str:
+    if not _MEMBER_PATH.match(value) or any(part in (".", "..") for part in value.split("/")):
+        raise ValueError(f"{value!r} is not a relative path of plain names (letters, digits, '.', '_', '-')")
+    return value
+
+
+BundleName = Annotated[
+    str,
+    Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="Bundle name: up to 64 letters, digits, '.', '_' or '-'; starts with a letter or digit.",
+    ),
+]
+Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="Lowercase hex sha256.")]
+MemberPath = Annotated[
+    str,
+    AfterValidator(_check_member_path),
+    Field(max_length=255, description="Relative POSIX path inside the bundle."),
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FileEntry(_Strict):
+    """One file of the bundle other than the manifest and its signature."""
+
+    path: MemberPath
+    size: int = Field(ge=0, description="Size in bytes.")
+    sha256: Sha256Hex
+
+
+class Quantization(_Strict):
+    """Affine quantization of a tensor: real = scale * (q - zero_point)."""
+
+    scale: list[float] = Field(min_length=1, description="One scale, or one per channel along `axis`.")
+    zero_point: list[int] = Field(min_length=1, description="Same length as `scale`.")
+    axis: int | None = Field(default=None, description="Channel axis for per-channel parameters.")
+
+    @model_validator(mode="after")
+    def _lengths_match(self) -> Quantization:
+        if len(self.scale) != len(self.zero_point):
+            raise ValueError(f"scale has {len(self.scale)} values but zero_point has {len(self.zero_point)}")
+        return self
+
+
+class TensorSpec(_Strict):
+    """An input or output of a model, as read from the model file."""
+
+    name: str = Field(min_length=1, description="Tensor name in the model.")
+    shape: list[int | None] = Field(description="Dimensions; null for a dynamic one (e.g. batch).")
+    dtype: str = Field(description="numpy dtype name: float32, float16, int8, uint8, int64, ...")
+    quantization: Quantization | None = Field(default=None, description="Set for quantized tensors.")
+
+
+Format = Literal["onnx", "tflite"]
+Precision = Literal["fp32", "fp16", "int8"]
+
+
+class ModelEntry(_Strict):
+    """One model artifact; a bundle may carry several (e.g. ONNX fp32 and TFLite int8)."""
+
+    path: MemberPath = Field(description="Path of the model file inside the bundle (under models/).")
+    format: Format = Field(description="Model file format.")
+    precision: Precision = Field(description="Numeric precision of the weights/compute.")
+    inputs: list[TensorSpec] = Field(min_length=1, description="Model inputs, in order.")
+    outputs: list[TensorSpec] = Field(min_length=1, description="Model outputs, in order.")
+    runtimes: list[str] = Field(
+        default_factory=list, description="Runtimes that can run it: 'onnxruntime', 'litert'."
+    )
+    delegates: list[str] = Field(
+        default_factory=list,
+        description="Delegates/execution providers it was prepared for (e.g. 'edgetpu'); empty = any.",
+    )
+    profiles: list[str] = Field(
+        default_factory=list, description="Device profiles it suits; empty = every profile."
+    )
+
+
+class Preprocessing(_Strict):
+    """How raw application input becomes the model's input: x' = (x * scale - mean) / std."""
+
+    scale: float = Field(default=1.0, description="Multiplier applied first (e.g. 1/255).")
+    mean: list[float] = Field(default_factory=list, description="Per-channel mean subtracted after scaling.")
+    std: list[float] = Field(default_factory=list, description="Per-channel divisor applied last.")
+    layout: str | None = Field(default=None, description="Input layout, e.g. NHWC or NCHW.")
+    notes: str = Field(default="", description="Anything else the application must do, in words.")
+
+
+class AcceptanceGate(_Strict):
+    """What a device must show on the golden set before it commits to a bundle."""
+
+    golden: MemberPath | None = Field(
+        default=None, description="The golden .npz: arrays 'inputs', optional 'labels' and 'reference'."
+    )
+    samples: int | None = Field(default=None, ge=1, description="Number of golden samples.")
+    min_accuracy: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="Minimum top-1 accuracy on the golden labels (0-1)."
+    )
+    min_top1_agreement: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="Minimum fraction of samples whose top-1 matches reference."
+    )
+    atol: float | None = Field(
+        default=None, ge=0.0, description="Absolute tolerance against reference outputs."
+    )
+    rtol: float | None = Field(
+        default=None, ge=0.0, description="Relative tolerance against reference outputs."
+    )
+    latency_p95_ms: dict[str, float] = Field(
+        default_factory=dict,
+        description="p95 latency budget in ms per device profile name ('*' = any profile).",
+    )
+
+    @model_validator(mode="after")
+    def _needs_golden(self) -> AcceptanceGate:
+        wants_data = (
+            self.min_accuracy is not None
+            or self.min_top1_agreement is not None
+            or self.atol is not None
+            or self.rtol is not None
+        )
+        if wants_data and self.golden is None:
+            raise ValueError("accuracy/agreement bounds need a golden set (acceptance.golden)")
+        return self
+
+    @field_validator("latency_p95_ms")
+    @classmethod
+    def _positive_budgets(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in value.items() if v <= 0}
+        if bad:
+            raise ValueError(f"latency budgets must be > 0 ms: {bad}")
+        return value
+
+
+class CompressionStep(_Strict):
+    """One converter pass as measured by the evaluator (numbers before -> after)."""
+
+    name: str = Field(description="Pass name, e.g. 'prune', 'quantize'.")
+    params: dict[str, Any] = Field(default_factory=dict, description="The pass's configuration.")
+    accuracy_before: float | None = Field(default=None, description="Accuracy 0-1 before the pass.")
+    accuracy_after: float | None = Field(default=None, description="Accuracy 0-1 after the pass.")
+    size_before: int | None = Field(default=None, description="Model size in bytes before the pass.")
+    size_after: int | None = Field(default=None, description="Model size in bytes after the pass.")
+    sparsity: float | None = Field(default=None, description="Fraction of zero weights after the pass (0-1).")
+    latency_p50_ms_before: float | None = Field(default=None, description="Host p50 latency before, ms.")
+    latency_p50_ms_after: float | None = Field(default=None, description="Host p50 latency after, ms.")
+    latency_p95_ms_before: float | None = Field(default=None, description="Host p95 latency before, ms.")
+    latency_p95_ms_after: float | None = Field(default=None, description="Host p95 latency after, ms.")
+    notes: str = Field(default="", description="Free text, e.g. what the pass could not do.")
+
+
+class Manifest(_Strict):
+    """``manifest.json``: what the bundle is and what it contains."""
+
+    schema_version: Literal[1] = Field(description="Version of this schema; readers refuse unknown ones.")
+    name: BundleName
+    version: str = Field(description="Semantic version of the bundle (semver 2.0.0).")
+    description: str = Field(default="", max_length=4096, description="Free text for people.")
+    files: list[FileEntry] = Field(description="Every other file in the bundle, sorted by path.")
+    models: list[ModelEntry] = Field(min_length=1, description="The model artifacts.")
+    labels: MemberPath | None = Field(default=None, description="Class names, one per line.")
+    preprocessing: Preprocessing = Field(default_factory=Preprocessing)
+    acceptance: AcceptanceGate = Field(default_factory=AcceptanceGate)
+    compression: list[CompressionStep] = Field(
+        default_factory=list, description="The converter's report, one entry per pass."
+    )
+
+    @field_validator("version")
+    @classmethod
+    def _semver(cls, value: str) -> str:
+        if not _SEMVER.match(value):
+            raise ValueError(f"version {value!r} is not a semantic version like 1.2.3")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        paths = [f.path for f in self.files]
+        if paths != sorted(paths):
+            raise ValueError("files must be sorted by path")
+        if len(set(paths)) != len(paths):
+            raise ValueError("files lists a path twice")
+        reserved = {MANIFEST_NAME, SIGNATURE_NAME} & set(paths)
+        if reserved:
+            raise ValueError(f"files must not list {sorted(reserved)}")
+        listed = set(paths)
+        referenced = [m.path for m in self.models]
+        referenced += [p for p in (self.labels, self.acceptance.golden) if p is not None]
+        missing = [p for p in referenced if p not in listed]
+        if missing:
+            raise ValueError(f"referenced but not listed in files: {missing}")
+        return self
+
+    @property
+    def bundle_filename(self) -> str:
+        return f"{self.name}-{self.version}.bundle"
+
+    def file(self, path: str) -> FileEntry:
+        for entry in self.files:
+            if entry.path == path:
+                return entry
+        raise KeyError(path)
+
+    def to_bytes(self) -> bytes:
+        """Canonical bytes: sorted keys, two-space indent, trailing newline (these are signed)."""
+        body = self.model_dump(mode="json")
+        return (json.dumps(body, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def parse_manifest(data: bytes) -> Manifest:
+    """Parse and validate manifest bytes, naming the precise reason for a refusal."""
+    try:
+        body = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedManifest(f"{MANIFEST_NAME} is not valid JSON ({exc})", member=MANIFEST_NAME) from exc
+    if not isinstance(body, dict):
+        raise MalformedManifest(f"{MANIFEST_NAME} must be a JSON object", member=MANIFEST_NAME)
+    version = body.get("schema_version")
+    if version not in SUPPORTED_SCHEMA_VERSIONS:
+        known = ", ".join(str(v) for v in sorted(SUPPORTED_SCHEMA_VERSIONS))
+        raise UnknownSchemaVersion(
+            f"{MANIFEST_NAME} has schema_version {version!r}; this agent reads {known} (upgrade the agent)",
+            member=MANIFEST_NAME,
+        )
+    try:
+        return Manifest.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise SchemaViolation(
+            f"{MANIFEST_NAME} fails the schema at {where}: {first['msg']}{more}", member=MANIFEST_NAME
+        ) from exc

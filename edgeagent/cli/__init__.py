@@ -1,0 +1,1 @@
+"""Command-line programs: ``edgeagent`` (device) and the shared pieces of ``edgectl`` (host)."""

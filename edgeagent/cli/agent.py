@@ -1,0 +1,28 @@
+"""``edgeagent``: the device program.
+
+Each sub-command lives in its own module with a ``register(subparsers)`` function; add new
+ones to ``COMMANDS``. Modules here must not import host-only packages (converter, fleet,
+onnx, tensorflow, torch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NoReturn
+
+from edgeagent.cli.common import main_for
+
+DESCRIPTION = """\
+The on-device agent: pulls signed model bundles over MQTT, verifies them, picks the best
+runtime for this hardware, proves accuracy and latency before switching over, and serves
+local inference.
+
+examples:
+  edgeagent bundle verify model-1.0.0.bundle --trusted /etc/edgeagent/keys/release.pub
+"""
+
+COMMANDS: tuple[str, ...] = ("edgeagent.cli.bundle_cmd",)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    main_for("edgeagent", DESCRIPTION, COMMANDS, argv)

@@ -1,0 +1,336 @@
+"""``bundle`` commands: create (host), verify, inspect and extract (host and device)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from edgeagent.bundle.manifest import Manifest
+from edgeagent.bundle.reader import (
+    VerifiedBundle,
+    extract_bundle,
+    read_manifest_unverified,
+    verify_bundle,
+)
+from edgeagent.errors import UsageError
+from edgeagent.signing import KeyRing, SigningKey
+
+EPILOG = """\
+examples:
+  edgectl bundle create --name digits --version 1.0.0 --model mlp.onnx --model mlp_int8.tflite \\
+      --golden golden.npz --min-accuracy 0.9 --key keys/release.key -o out/
+  edgectl bundle verify out/digits-1.0.0.bundle --trusted keys/release.pub
+  edgectl bundle inspect out/digits-1.0.0.bundle --json
+  edgectl bundle extract out/digits-1.0.0.bundle --trusted keys/ --to /tmp/digits
+"""
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bundle = subparsers.add_parser(
+        "bundle",
+        help="create, verify, inspect or extract a signed model bundle",
+        description="A bundle is one signed, reproducible file: models, acceptance test, report.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = bundle.add_subparsers(dest="bundle_command", metavar="ACTION", required=True)
+
+    create = sub.add_parser(
+        "create",
+        help="package models into OUTDIR/NAME-VERSION.bundle",
+        description=(
+            "Package one or more models (.onnx, .tflite) with an optional golden set and labels into "
+            "a signed bundle. Input/output names, shapes and dtypes are read from the model files. "
+            "The same inputs give a byte-identical bundle (set SOURCE_DATE_EPOCH to stamp a date)."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    create.add_argument("--name", required=True, help="bundle name, e.g. 'digits'")
+    create.add_argument("--version", required=True, help="semantic version, e.g. 1.0.0")
+    create.add_argument(
+        "--model",
+        required=True,
+        action="append",
+        type=Path,
+        metavar="FILE",
+        help="model file (.onnx or .tflite); repeat for several artifacts",
+    )
+    create.add_argument(
+        "--golden",
+        type=Path,
+        metavar="FILE.npz",
+        help="acceptance set: arrays 'inputs', optional 'labels' (int) and 'reference' (outputs)",
+    )
+    create.add_argument("--labels", type=Path, metavar="FILE", help="class names, one per line")
+    create.add_argument(
+        "--key", required=True, type=Path, metavar="KEY", help="private key (edgectl keys generate)"
+    )
+    create.add_argument("-o", "--out", required=True, type=Path, metavar="OUTDIR", help="output folder")
+    create.add_argument("--description", default="", help="free text shown by inspect")
+    gate = create.add_argument_group("acceptance gate (checked on the device before it switches over)")
+    gate.add_argument(
+        "--min-accuracy", type=_fraction, metavar="F", help="min top-1 accuracy on golden labels, 0-1"
+    )
+    gate.add_argument(
+        "--min-agreement",
+        type=_fraction,
+        metavar="F",
+        help="min fraction of golden samples whose top-1 matches 'reference', 0-1",
+    )
+    gate.add_argument("--atol", type=float, help="absolute tolerance against 'reference' outputs")
+    gate.add_argument("--rtol", type=float, help="relative tolerance against 'reference' outputs")
+    gate.add_argument(
+        "--latency-budget",
+        action="append",
+        default=[],
+        metavar="PROFILE=MS",
+        help="p95 latency budget in ms for a device profile ('*' = any); repeatable",
+    )
+    create.set_defaults(handler=_create)
+
+    verify = sub.add_parser(
+        "verify",
+        help="check signature and every file hash; print the sha256",
+        description="Exit 0 and print the bundle's sha256 when it is intact and signed by a trusted key; "
+        "otherwise exit 1 with one line naming the reason.",
+    )
+    verify.add_argument("bundle", type=Path, metavar="FILE")
+    _trust_args(verify)
+    verify.add_argument("--json", action="store_true", help="print the result as JSON")
+    verify.set_defaults(handler=_verify)
+
+    inspect = sub.add_parser(
+        "inspect",
+        help="show name, version, models, io specs, acceptance gate and compression report",
+        description="Show what a bundle holds. Without --trusted the signature is not checked "
+        "(it says so); with --trusted the whole bundle is verified first.",
+    )
+    inspect.add_argument("bundle", type=Path, metavar="FILE")
+    inspect.add_argument(
+        "--trusted",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="PUB",
+        help="verify against these public keys (.pub files or folders) first",
+    )
+    inspect.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    inspect.set_defaults(handler=_inspect)
+
+    extract = sub.add_parser(
+        "extract",
+        help="verify and unpack into a new folder",
+        description="Verify the bundle and unpack it into DIR (which must not exist), all or nothing.",
+    )
+    extract.add_argument("bundle", type=Path, metavar="FILE")
+    _trust_args(extract)
+    extract.add_argument("--to", required=True, type=Path, metavar="DIR", help="new folder to create")
+    extract.set_defaults(handler=_extract)
+
+
+def _trust_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trusted",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="PUB",
+        help="trusted public key (.pub) or a folder of them; repeatable",
+    )
+    parser.add_argument(
+        "--allow-unsigned",
+        action="store_true",
+        help="accept a bundle without manifest.sig (local experiments only; still checks hashes)",
+    )
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from exc
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction between 0 and 1")
+    return value
+
+
+def _keyring(args: argparse.Namespace) -> KeyRing:
+    if not args.trusted and not getattr(args, "allow_unsigned", False):
+        raise UsageError("give at least one --trusted public key (or --allow-unsigned)")
+    for path in args.trusted:
+        if not path.exists():
+            raise UsageError(f"{path}: no such key file or folder")
+    return KeyRing.from_paths(args.trusted)
+
+
+def _create(args: argparse.Namespace) -> int:
+    # Host-only path: model inspection may import onnx/onnxruntime/LiteRT, so import here.
+    from edgeagent.bundle.create import create_bundle
+    from edgeagent.bundle.manifest import AcceptanceGate
+
+    budgets: dict[str, float] = {}
+    for item in args.latency_budget:
+        profile, sep, ms = item.partition("=")
+        try:
+            budgets[profile] = float(ms)
+        except ValueError:
+            sep = ""
+        if not sep or not profile:
+            raise UsageError(f"--latency-budget {item!r}: expected PROFILE=MS, e.g. rpi4=12.5")
+    if (
+        args.min_accuracy is not None or args.min_agreement is not None or args.atol or args.rtol
+    ) and not args.golden:
+        raise UsageError("acceptance bounds need --golden FILE.npz to check them against")
+    try:
+        gate = AcceptanceGate(
+            min_accuracy=args.min_accuracy,
+            min_top1_agreement=args.min_agreement,
+            atol=args.atol,
+            rtol=args.rtol,
+            latency_p95_ms=budgets,
+            golden="acceptance/golden.npz" if args.golden else None,
+        )
+    except ValueError as exc:
+        raise UsageError(f"acceptance gate: {exc}") from exc
+    created = create_bundle(
+        name=args.name,
+        version=args.version,
+        models=args.model,
+        key=SigningKey.load(args.key),
+        out_dir=args.out,
+        golden=args.golden,
+        labels=args.labels,
+        description=args.description,
+        gate=gate,
+    )
+    print(created.path)
+    print(f"sha256: {created.sha256}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    result = verify_bundle(args.bundle, _keyring(args), allow_unsigned=args.allow_unsigned)
+    if args.json:
+        print(json.dumps(_summary(result), indent=2))
+    else:
+        signer = f"signed by {result.signed_by}" if result.signed_by else "UNSIGNED"
+        print(f"{result.sha256}  {args.bundle}")
+        m = result.manifest
+        print(f"ok: {m.name} {m.version}, {len(m.files)} files, {signer}")
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    result = extract_bundle(args.bundle, args.to, _keyring(args), allow_unsigned=args.allow_unsigned)
+    print(f"{result.sha256}  {args.bundle}")
+    print(f"extracted {len(result.manifest.files) + 1 + bool(result.signed_by)} files to {args.to}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    if args.trusted:
+        result = verify_bundle(args.bundle, KeyRing.from_paths(args.trusted))
+        manifest, key, checked, sha = result.manifest, result.signed_by, True, result.sha256
+    else:
+        manifest, key = read_manifest_unverified(args.bundle)
+        checked, sha = False, None
+    if args.json:
+        body: dict[str, Any] = {
+            "manifest": manifest.model_dump(mode="json"),
+            "signature": {"key_id": key, "verified": checked},
+            "sha256": sha,
+        }
+        print(json.dumps(body, indent=2, sort_keys=True))
+        return 0
+    print(render_manifest(manifest, key, checked, sha))
+    return 0
+
+
+def _summary(result: VerifiedBundle) -> dict[str, Any]:
+    return {
+        "sha256": result.sha256,
+        "size": result.size,
+        "name": result.manifest.name,
+        "version": result.manifest.version,
+        "signed_by": result.signed_by,
+    }
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def render_manifest(manifest: Manifest, key: str | None, checked: bool, sha: str | None) -> str:
+    """Plain-text view of a manifest for ``bundle inspect``."""
+    if key is None:
+        sig = "none (unsigned)"
+    elif checked:
+        sig = f"key {key} (verified)"
+    else:
+        sig = f"key {key} (NOT verified: pass --trusted PUB to check)"
+    lines = [f"{manifest.name} {manifest.version}  (schema {manifest.schema_version})"]
+    if manifest.description:
+        lines.append(f"  {manifest.description}")
+    if sha:
+        lines.append(f"sha256:    {sha}")
+    lines.append(f"signature: {sig}")
+    sizes = {f.path: f.size for f in manifest.files}
+    lines.append("models:")
+    for model in manifest.models:
+        extra = f", delegates: {', '.join(model.delegates)}" if model.delegates else ""
+        lines.append(
+            f"  {model.path}  {model.format} {model.precision}  {_human_bytes(sizes[model.path])}"
+            f"  runtimes: {', '.join(model.runtimes) or 'any'}{extra}"
+        )
+        for kind, specs in (("in ", model.inputs), ("out", model.outputs)):
+            for spec in specs:
+                shape = "x".join("?" if d is None else str(d) for d in spec.shape) or "scalar"
+                quant = ""
+                if spec.quantization is not None:
+                    q = spec.quantization
+                    quant = (
+                        f"  scale={q.scale[0]:.6g} zero_point={q.zero_point[0]}"
+                        if len(q.scale) == 1
+                        else f"  per-channel ({len(q.scale)}) axis={q.axis}"
+                    )
+                lines.append(f"    {kind} {spec.name}: {spec.dtype}[{shape}]{quant}")
+    gate = manifest.acceptance
+    bounds = []
+    if gate.min_accuracy is not None:
+        bounds.append(f"accuracy >= {gate.min_accuracy:.3f}")
+    if gate.min_top1_agreement is not None:
+        bounds.append(f"top-1 agreement >= {gate.min_top1_agreement:.3f}")
+    if gate.atol is not None or gate.rtol is not None:
+        bounds.append(f"outputs within atol={gate.atol} rtol={gate.rtol}")
+    bounds += [f"p95 <= {ms:g} ms on {profile}" for profile, ms in sorted(gate.latency_p95_ms.items())]
+    golden = f"{gate.golden} ({gate.samples} samples)" if gate.golden else "none"
+    lines.append(f"acceptance: golden {golden}; " + ("; ".join(bounds) if bounds else "no bounds set"))
+    if manifest.labels:
+        lines.append(f"labels:    {manifest.labels}")
+    if manifest.compression:
+        lines.append("compression report:")
+        lines.append(f"  {'pass':<12} {'accuracy':>17} {'size':>23} {'sparsity':>9}")
+        for step in manifest.compression:
+            acc = f"{_num(step.accuracy_before)} -> {_num(step.accuracy_after)}"
+            size = f"{_bytes_or_dash(step.size_before)} -> {_bytes_or_dash(step.size_after)}"
+            sparsity = _num(step.sparsity)
+            lines.append(f"  {step.name:<12} {acc:>17} {size:>23} {sparsity:>9}")
+    else:
+        lines.append("compression report: none")
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _bytes_or_dash(value: int | None) -> str:
+    return "-" if value is None else _human_bytes(value)
