@@ -1,6 +1,7 @@
 """The bundle: one signed, reproducible file that carries models, their acceptance test
 and their compression report from host to device. See ``docs/bundle.md``."""
 
+from edgeagent.bundle.golden import GoldenSet, load_golden, save_golden
 from edgeagent.bundle.manifest import (
     GOLDEN_PATH,
     LABELS_PATH,
@@ -29,6 +30,7 @@ __all__ = [
     "AcceptanceGate",
     "CompressionStep",
     "FileEntry",
+    "GoldenSet",
     "Limits",
     "Manifest",
     "ModelEntry",
@@ -38,7 +40,9 @@ __all__ = [
     "VerifiedBundle",
     "extract_bundle",
     "file_entries",
+    "load_golden",
     "parse_manifest",
+    "save_golden",
     "verify_bundle",
     "write_bundle",
 ]

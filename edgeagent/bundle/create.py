@@ -7,13 +7,11 @@ so a mismatch is caught on the host rather than by a device's acceptance test.
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
+from edgeagent.bundle.golden import load_golden
 from edgeagent.bundle.manifest import (
     GOLDEN_PATH,
     LABELS_PATH,
@@ -31,7 +29,6 @@ from edgeagent.errors import UsageError
 from edgeagent.modelinfo import inspect_model
 from edgeagent.signing import SigningKey
 
-GOLDEN_KEYS = frozenset({"inputs", "labels", "reference"})
 _RUNTIMES = {"onnx": ["onnxruntime"], "tflite": ["litert"]}
 
 
@@ -112,36 +109,11 @@ def create_bundle(
 
 
 def check_golden(path: Path, model_inputs: Sequence[TensorSpec]) -> int:
-    """Validate a golden ``.npz`` and return its number of samples.
-
-    It holds ``inputs`` (N, ...), optionally ``labels`` (N,) integer classes and
-    ``reference`` (N, ...) float outputs of the original model.
-    """
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except FileNotFoundError as exc:
-        raise UsageError(f"{path}: no such golden file") from exc
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise UsageError(f"{path}: not a readable .npz ({exc})") from exc
-    unknown = set(arrays) - GOLDEN_KEYS
-    if unknown or "inputs" not in arrays:
-        raise UsageError(
-            f"{path}: a golden set holds 'inputs' and optionally 'labels', 'reference'; "
-            f"found {sorted(arrays)}"
-        )
-    inputs = arrays["inputs"]
-    n = int(inputs.shape[0]) if inputs.ndim else 0
-    if n == 0:
-        raise UsageError(f"{path}: 'inputs' is empty")
-    for key in ("labels", "reference"):
-        if key in arrays and len(arrays[key]) != n:
-            raise UsageError(f"{path}: '{key}' has {len(arrays[key])} rows but 'inputs' has {n}")
-    if "labels" in arrays and not np.issubdtype(arrays["labels"].dtype, np.integer):
-        raise UsageError(f"{path}: 'labels' must be integer class ids, not {arrays['labels'].dtype}")
+    """Validate a golden ``.npz`` against the first model's input; return its number of samples."""
+    golden = load_golden(path)
     if len(model_inputs) == 1:
         expected = model_inputs[0].shape[1:]
-        sample = list(inputs.shape[1:])
+        sample = list(golden.inputs.shape[1:])
         mismatch = len(expected) != len(sample) or any(
             e is not None and e != s for e, s in zip(expected, sample, strict=True)
         )
@@ -150,7 +122,7 @@ def check_golden(path: Path, model_inputs: Sequence[TensorSpec]) -> int:
                 f"{path}: golden inputs have sample shape {sample} but the model's "
                 f"{model_inputs[0].name!r} takes {expected} per sample"
             )
-    return n
+    return len(golden)
 
 
 def _first_error(exc: ValueError) -> str:

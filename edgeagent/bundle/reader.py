@@ -197,7 +197,7 @@ class _BundleReader:
             except tarfile.TarError as exc:
                 raise TruncatedBundle(f"not a tar archive, or empty ({exc})") from exc
             with tar:
-                manifest, signed_by = self._read_head(tar)
+                manifest, signed_by = self._read_head(tar, sink)
                 self._read_files(tar, manifest, sink)
                 end = tar.offset
             source.drain()
@@ -229,7 +229,7 @@ class _BundleReader:
         except tarfile.TarError as exc:
             raise TruncatedBundle(f"archive ends inside {member.name}", member=member.name) from exc
 
-    def _read_head(self, tar: tarfile.TarFile) -> tuple[Manifest, str | None]:
+    def _read_head(self, tar: tarfile.TarFile, sink: Path | None) -> tuple[Manifest, str | None]:
         first = self._next(tar)
         if first is None or first.name != MANIFEST_NAME:
             found = "nothing" if first is None else repr(first.name)
@@ -241,6 +241,7 @@ class _BundleReader:
         second = self._next(tar)
         self._pending = second
         signed_by: str | None = None
+        sig_bytes = b""
         if second is not None and second.name == SIGNATURE_NAME:
             sig_bytes = self._read_small(tar, second, self.limits.max_signature_bytes)
             signature = Signature.from_json(sig_bytes)
@@ -254,6 +255,12 @@ class _BundleReader:
             )
         manifest = parse_manifest(manifest_bytes)
         self._check_declared_sizes(manifest)
+        if sink is not None:
+            # The installed bundle keeps its manifest (and signature) so the agent can
+            # re-read what it runs, and re-verify it, after a restart.
+            _write_file(sink / MANIFEST_NAME, manifest_bytes)
+            if signed_by is not None:
+                _write_file(sink / SIGNATURE_NAME, sig_bytes)
         return manifest, signed_by
 
     def _check_declared_sizes(self, manifest: Manifest) -> None:
@@ -355,6 +362,15 @@ class _BundleReader:
         fh.seek(end)
         if fh.read(_END_OF_ARCHIVE) != bytes(_END_OF_ARCHIVE):
             raise TruncatedBundle(f"archive is corrupt after byte {end}: expected the end-of-archive marker")
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o444)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -191,7 +191,6 @@ def _create(args: argparse.Namespace) -> int:
             atol=args.atol,
             rtol=args.rtol,
             latency_p95_ms=budgets,
-            golden="acceptance/golden.npz" if args.golden else None,
         )
     except ValueError as exc:
         raise UsageError(f"acceptance gate: {exc}") from exc
@@ -226,7 +225,8 @@ def _verify(args: argparse.Namespace) -> int:
 def _extract(args: argparse.Namespace) -> int:
     result = extract_bundle(args.bundle, args.to, _keyring(args), allow_unsigned=args.allow_unsigned)
     print(f"{result.sha256}  {args.bundle}")
-    print(f"extracted {len(result.manifest.files) + 1 + bool(result.signed_by)} files to {args.to}")
+    count = len(result.manifest.files) + 1 + (result.signed_by is not None)
+    print(f"extracted {count} files (manifest included) to {args.to}")
     return 0
 
 
