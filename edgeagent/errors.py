@@ -6,6 +6,15 @@
     ├── UsageError                  the caller asked for something impossible (bad flag, missing file)
     ├── KeyFileError                a signing key cannot be read, written or parsed
     ├── ModelInspectionError        a model file cannot be opened to read its inputs/outputs
+    ├── RuntimeUnavailable          a runtime's Python package is not installed (names what to pip install)
+    ├── ModelLoadError              a runtime could not load a model file
+    ├── InferenceError              a runtime failed while running a loaded model
+    ├── InputError                  request inputs do not fit the model; ``code`` names what (shape, dtype, ...)
+    ├── NoCandidate                 selection left no runtime/delegate for a bundle; carries the decision
+    ├── AcceptanceFailed            the golden set missed a bound of the acceptance gate; carries the verdict
+    ├── ServingError                the local inference endpoint
+    │   ├── ServerUnreachable       the client cannot connect to (or lost) the Unix socket
+    │   └── RequestFailed           the server answered 4xx/5xx; ``status`` and ``code`` from its JSON reason
     └── BundleError                 a bundle was refused; ``code`` names the reason for events/telemetry
         ├── ManifestError
         │   ├── MalformedManifest       manifest.json is not JSON (or not an object)
@@ -29,7 +38,7 @@
             ├── DuplicateMember
             └── SizeLimitExceeded       a member or the total is over the configured bound
 
-Third-party errors (tarfile, json, pydantic, cryptography) are translated at the one
+Third-party errors (tarfile, json, pydantic, cryptography, onnxruntime, LiteRT) are translated at the one
 boundary that calls them, with ``raise ... from exc``.
 """
 
@@ -162,3 +171,120 @@ class DuplicateMember(UnsafeMember):
 
 class SizeLimitExceeded(UnsafeMember):
     code = "size_limit"
+
+
+class RuntimeUnavailable(EdgeError):
+    """A runtime adapter's package does not import; the message says what to install."""
+
+    def __init__(self, message: str, *, runtime: str) -> None:
+        super().__init__(message)
+        self.runtime = runtime
+
+
+class ModelLoadError(EdgeError):
+    """A runtime could not load a model file (corrupt file, unsupported op, bad options)."""
+
+    def __init__(self, message: str, *, runtime: str, path: str) -> None:
+        super().__init__(message)
+        self.runtime = runtime
+        self.path = path
+
+
+class InferenceError(EdgeError):
+    """A loaded model failed while running (a runtime error, not a bad input)."""
+
+    def __init__(self, message: str, *, runtime: str) -> None:
+        super().__init__(message)
+        self.runtime = runtime
+
+
+class InputError(EdgeError):
+    """Inputs do not fit the model. ``code``: unknown_input, missing_input, bad_shape, bad_dtype,
+    bad_value, bad_body; ``tensor`` names the input when one is at fault."""
+
+    def __init__(self, message: str, *, code: str, tensor: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.tensor = tensor
+
+
+class NoCandidate(EdgeError):
+    """No (runtime, delegate, precision) candidate survived selection for a bundle.
+
+    ``decision`` is the :class:`edgeagent.selection.Decision` with every rejection's reason.
+    """
+
+    def __init__(self, message: str, *, decision: object) -> None:
+        super().__init__(message)
+        self.decision = decision
+
+
+class AcceptanceFailed(EdgeError):
+    """The chosen candidate missed the bundle's acceptance gate.
+
+    ``verdict`` is the :class:`edgeagent.acceptance.Verdict` (each number next to its bound).
+    """
+
+    def __init__(self, message: str, *, verdict: object) -> None:
+        super().__init__(message)
+        self.verdict = verdict
+
+
+class ServingError(EdgeError):
+    """Root of errors of the local inference endpoint and its client."""
+
+
+class ServerUnreachable(ServingError):
+    """The client could not connect to the server's Unix socket, or the connection broke."""
+
+    def __init__(self, message: str, *, socket_path: str) -> None:
+        super().__init__(message)
+        self.socket_path = socket_path
+
+
+class RequestFailed(ServingError):
+    """The server answered with an error status; ``code`` is its machine-readable reason."""
+
+    def __init__(self, message: str, *, status: int, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+# --- deployment over MQTT --------------------------------------------------------------
+# EdgeError
+# ├── MalformedMessage         an MQTT message does not parse or fails its schema
+# ├── DocumentRefused          a signed desired doc or command was refused; ``code`` says why
+# │   ├── ReplayedDocument         its seq is not newer than the last accepted one
+# │   └── DowngradeRefused         it asks for a lower version without a signed rollback
+# └── TransferError            a block transfer gave up; carries ``sha256`` and ``block``
+# (Signatures on documents raise the SignatureError family above, like bundles.)
+
+
+class MalformedMessage(EdgeError):
+    """An MQTT message that does not parse or fails its schema (dropped, counted, reported)."""
+
+    code = "malformed_message"
+
+
+class DocumentRefused(EdgeError):
+    code = "document_refused"
+
+
+class ReplayedDocument(DocumentRefused):
+    code = "replayed"
+
+
+class DowngradeRefused(DocumentRefused):
+    code = "downgrade"
+
+
+class TransferError(EdgeError):
+    """A bundle download gave up (registry does not have it, blocks keep timing out)."""
+
+    code = "transfer_failed"
+
+    def __init__(self, message: str, *, sha256: str, block: int | None = None) -> None:
+        super().__init__(message)
+        self.sha256 = sha256
+        self.block = block

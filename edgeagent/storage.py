@@ -4,6 +4,7 @@ one is expected (temp file in the same folder, fsync, ``os.replace``)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -52,3 +53,14 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def hash_file(path: Path, chunk_size: int = 1 << 20) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of a file, read in ``chunk_size`` chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(chunk_size):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()

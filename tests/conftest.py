@@ -28,59 +28,90 @@ class Broker:
         return f"mqtt://{self.host}:{self.port}"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def _wait_for_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout_s: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            out = log.read_text(errors="replace") if log.exists() else ""
-            raise RuntimeError(f"mosquitto exited with {proc.returncode}: {out.strip()}")
+def mosquitto_binary() -> str | None:
+    return shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
+    )
+
+
+class MosquittoProcess:
+    """A real Mosquitto on a loopback port that a test can stop and start again (same port)."""
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        binary = mosquitto_binary()
+        if binary is None:
+            pytest.skip("mosquitto is not installed (apt-get install -y mosquitto; .ci/run does this)")
+        self.binary = binary
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.broker = Broker("127.0.0.1", self.port)
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence false\n"
+            f"log_dest file {workdir / 'mosquitto.log'}\n"
+            "max_inflight_messages 0\n"
+            "max_queued_messages 100000\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> MosquittoProcess:
+        out = self.workdir / "mosquitto.out"
+        # Output goes to a file, not a pipe nobody reads (a full pipe would stall the broker).
+        with out.open("ab") as log_file:
+            self.proc = subprocess.Popen(
+                [self.binary, "-c", str(self.conf)], stdout=log_file, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"mosquitto exited with {self.proc.returncode}: {out.read_text(errors='replace')}"
+                )
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"mosquitto did not listen on port {self.port} within 10 s")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
         try:
-            with socket.create_connection((host, port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"mosquitto did not listen on {host}:{port} within {timeout_s} s")
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
 
 
 @pytest.fixture(scope="session")
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     """A real Mosquitto on a free loopback port for the whole test session."""
-    binary = shutil.which("mosquitto") or next(
-        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
-    )
-    if binary is None:
-        pytest.skip("mosquitto is not installed (apt-get install -y mosquitto; .ci/run does this)")
-    port = _free_port()
-    conf_dir = tmp_path_factory.mktemp("mosquitto")
-    conf = conf_dir / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\n"
-        "allow_anonymous true\n"
-        "persistence false\n"
-        f"log_dest file {conf_dir / 'mosquitto.log'}\n"
-        "max_inflight_messages 0\n"
-        "max_queued_messages 100000\n"
-    )
-    # Output goes to a file, not a pipe nobody reads (a full pipe would stall the broker).
-    log_file = (conf_dir / "mosquitto.out").open("wb")
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log_file, stderr=subprocess.STDOUT)
+    proc = MosquittoProcess(tmp_path_factory.mktemp("mosquitto")).start()
     try:
-        _wait_for_port("127.0.0.1", port, proc, timeout_s=10, log=conf_dir / "mosquitto.out")
-        yield Broker("127.0.0.1", port)
+        yield proc.broker
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log_file.close()
+        proc.stop()
+
+
+@pytest.fixture
+def own_mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
+    """A Mosquitto of this test's own, for tests that stop and restart the broker."""
+    proc = MosquittoProcess(tmp_path).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from typing import BinaryIO
 from edgeagent.bundle.manifest import MANIFEST_NAME, SIGNATURE_NAME, FileEntry, Manifest
 from edgeagent.errors import UsageError
 from edgeagent.signing import SigningKey
-from edgeagent.storage import atomic_writer
+from edgeagent.storage import atomic_writer, hash_file
 
 CHUNK = 1 << 20
 FILE_MODE = 0o644
@@ -38,17 +38,6 @@ def source_date_epoch() -> int:
     if value < 0:
         raise UsageError(f"SOURCE_DATE_EPOCH={raw!r} must not be negative")
     return value
-
-
-def hash_file(path: Path) -> tuple[int, str]:
-    """(size in bytes, sha256 hex) of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    size = 0
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
 
 
 def file_entries(files: Mapping[str, Path]) -> list[FileEntry]:

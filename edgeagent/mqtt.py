@@ -1,0 +1,387 @@
+"""The MQTT session: owns one paho-mqtt client and its connection, completely.
+
+* MQTT 3.1.1 by default (5 optional); TLS and mutual TLS; a last will.
+* paho's own reconnect is off: one network thread runs ``loop()`` and, when the
+  connection drops, reconnects with exponential backoff and full jitter (:class:`Backoff`).
+* Subscriptions are restored on every connect, then the owner's ``on_connect`` runs (the
+  agent republishes its retained reported state there).
+* Messages go to their handler through a bounded queue served by worker threads; a full
+  queue, an oversized message or a handler that raises is logged and counted, never fatal.
+  Handlers marked ``inline`` run on the network thread (block replies: a pwrite each).
+* Publishing while disconnected does not queue unboundedly: it returns False and counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import queue
+import random
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import unquote, urlparse
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgeagent.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """TLS to the broker; ``cert_file``+``key_file`` add mutual TLS (client certificate)."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure_skip_verify: bool = False
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """How to reach the broker. Build it from a URL with :meth:`from_url`."""
+
+    host: str
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    tls: TLSConfig | None = None
+    keepalive_s: int = 30
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> BrokerConfig:
+        """``mqtt://[user:pass@]host[:1883]`` or ``mqtts://host[:8883]`` (TLS with system CAs)."""
+        parsed = urlparse(url)
+        if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not parsed.hostname:
+            raise UsageError(f"broker URL {url!r} must look like mqtt://host:1883 or mqtts://host:8883")
+        secure = parsed.scheme in ("mqtts", "ssl")
+        tls = kwargs.pop("tls", None) or (TLSConfig() if secure else None)
+        try:
+            port = parsed.port or (8883 if secure else 1883)
+        except ValueError as exc:
+            raise UsageError(f"broker URL {url!r} has a bad port") from exc
+        return cls(
+            host=parsed.hostname,
+            port=port,
+            username=unquote(parsed.username) if parsed.username else None,
+            password=unquote(parsed.password) if parsed.password else None,
+            tls=tls,
+            **kwargs,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter: delay n is uniform in [0, min(cap, base * 2**n)]."""
+
+    base_s: float = 0.5
+    cap_s: float = 30.0
+    attempt: int = 0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap_s, self.base_s * (2**self.attempt))
+        self.attempt = min(self.attempt + 1, 30)
+        return self.rng.uniform(0, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    payload: bytes
+    retain: bool
+    qos: int
+
+
+Handler = Callable[[Message], None]
+
+
+@dataclass
+class _Subscription:
+    topic_filter: str  # as subscribed (may be $share/...)
+    match_filter: str  # what incoming topics are matched against
+    handler: Handler
+    qos: int
+    inline: bool
+    max_bytes: int
+
+
+@dataclass
+class SessionStats:
+    """Counters a session keeps (exported in telemetry)."""
+
+    connects: int = 0
+    disconnects: int = 0
+    received: int = 0
+    dropped_queue_full: int = 0
+    dropped_oversize: int = 0
+    dropped_unrouted: int = 0
+    handler_errors: int = 0
+    publish_failed: int = 0
+
+
+class SessionState(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    CLOSED = "closed"
+
+
+class MqttSession:
+    """One connection to the broker, kept up until :meth:`close`."""
+
+    def __init__(
+        self,
+        broker: BrokerConfig,
+        client_id: str,
+        *,
+        will: tuple[str, bytes] | None = None,
+        on_connect: Callable[[], None] | None = None,
+        queue_size: int = 1000,
+        workers: int = 1,
+        max_inflight: int = 64,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.broker = broker
+        self.client_id = client_id
+        self.stats = SessionStats()
+        self._on_connect_cb = on_connect
+        self._subs: list[_Subscription] = []
+        self._subs_lock = threading.Lock()
+        self._queue: queue.Queue[tuple[_Subscription, Message] | None] = queue.Queue(maxsize=queue_size)
+        self._workers_n = workers
+        self._threads: list[threading.Thread] = []
+        self._connected = threading.Event()
+        self._stop = threading.Event()
+        self._state = SessionState.NEW
+        self._backoff = backoff or Backoff()
+        self._client = self._make_client(will, max_inflight)
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def state(self) -> SessionState:
+        return self._state
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def start(self) -> MqttSession:
+        if self._state is SessionState.CLOSED:
+            raise UsageError("cannot restart a closed MQTT session; make a new one")
+        if self._state is SessionState.RUNNING:
+            return self
+        self._state = SessionState.RUNNING
+        net = threading.Thread(target=self._network_loop, name=f"mqtt-{self.client_id}", daemon=True)
+        self._threads.append(net)
+        for i in range(self._workers_n):
+            self._threads.append(
+                threading.Thread(target=self._worker, name=f"mqtt-{self.client_id}-w{i}", daemon=True)
+            )
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self._connected.wait(timeout_s)
+
+    def close(self, *, publish_last: tuple[str, bytes, bool] | None = None) -> None:
+        """Stop the session. ``publish_last`` (topic, payload, retain) is sent first if connected
+        (the agent's clean "offline" state, since a clean disconnect does not fire the will)."""
+        if self._state is SessionState.CLOSED:
+            return
+        if publish_last is not None and self.connected:
+            info = self._client.publish(publish_last[0], publish_last[1], qos=1, retain=publish_last[2])
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(timeout=2)
+        self._state = SessionState.CLOSED
+        self._stop.set()
+        for _ in range(self._workers_n):
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(None)
+        current = threading.current_thread()
+        for thread in self._threads:
+            if thread is not current:
+                thread.join(timeout=5)
+        # The network thread has stopped: send DISCONNECT and flush it from here.
+        with contextlib.suppress(OSError, ValueError):
+            if self._client.is_connected():
+                self._client.disconnect()
+                self._client.loop(timeout=0.1)
+
+    def __enter__(self) -> MqttSession:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # --- subscribe / publish -----------------------------------------------------------
+
+    def subscribe(
+        self,
+        topic_filter: str,
+        handler: Handler,
+        *,
+        qos: int = 1,
+        inline: bool = False,
+        max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        """Route messages on ``topic_filter`` (``$share/g/...`` allowed) to ``handler``."""
+        match = topic_filter
+        if topic_filter.startswith("$share/"):
+            match = topic_filter.split("/", 2)[2]
+        sub = _Subscription(topic_filter, match, handler, qos, inline, max_bytes)
+        with self._subs_lock:
+            self._subs.append(sub)
+        if self.connected:
+            self._client.subscribe(topic_filter, qos=qos)
+
+    def publish(self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False) -> bool:
+        """Queue a message for sending; False (and counted) when not connected."""
+        if not self.connected:
+            self.stats.publish_failed += 1
+            return False
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            self.stats.publish_failed += 1
+            return False
+        return True
+
+    # --- internals ---------------------------------------------------------------------
+
+    def _make_client(self, will: tuple[str, bytes] | None, max_inflight: int) -> paho.Client:
+        protocol = paho.MQTTv5 if self.broker.protocol == "5" else paho.MQTTv311
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=protocol,
+            clean_session=True if protocol == paho.MQTTv311 else None,
+            reconnect_on_failure=False,
+        )
+        client.max_inflight_messages_set(max_inflight)
+        if self.broker.username is not None:
+            client.username_pw_set(self.broker.username, self.broker.password)
+        tls = self.broker.tls
+        if tls is not None:
+            client.tls_set(
+                ca_certs=tls.ca_file,
+                certfile=tls.cert_file,
+                keyfile=tls.key_file,
+                cert_reqs=ssl.CERT_NONE if tls.insecure_skip_verify else ssl.CERT_REQUIRED,
+            )
+            if tls.insecure_skip_verify:
+                client.tls_insecure_set(True)
+        if will is not None:
+            client.will_set(will[0], will[1], qos=1, retain=True)
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        return client
+
+    def _network_loop(self) -> None:
+        first = True
+        while not self._stop.is_set():
+            if not self._client.is_connected() and not self._connect(first):
+                delay = self._backoff.next_delay()
+                log.info("mqtt %s: reconnecting to %s in %.1f s", self.client_id, self.broker.url, delay)
+                self._stop.wait(delay)
+                continue
+            first = False
+            rc = self._client.loop(timeout=0.1)
+            if rc != paho.MQTT_ERR_SUCCESS and not self._stop.is_set():
+                self._connected.clear()
+                self._stop.wait(0.05)
+
+    def _connect(self, first: bool) -> bool:
+        try:
+            if first:
+                self._client.connect(self.broker.host, self.broker.port, keepalive=self.broker.keepalive_s)
+            else:
+                self._client.reconnect()
+        except (OSError, ssl.SSLError, paho.WebsocketConnectionError) as exc:
+            log.warning("mqtt %s: cannot connect to %s: %s", self.client_id, self.broker.url, exc)
+            return False
+        return True
+
+    def _handle_connect(
+        self, client: paho.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any
+    ) -> None:
+        if getattr(reason, "is_failure", False):
+            log.error("mqtt %s: broker refused the connection: %s", self.client_id, reason)
+            return
+        self.stats.connects += 1
+        self._backoff.reset()
+        with self._subs_lock:
+            subs = list(self._subs)
+        for sub in subs:
+            client.subscribe(sub.topic_filter, qos=sub.qos)
+        self._connected.set()
+        log.info("mqtt %s: connected to %s", self.client_id, self.broker.url)
+        if self._on_connect_cb is not None:
+            try:
+                self._on_connect_cb()
+            except Exception:
+                self.stats.handler_errors += 1
+                log.exception("mqtt %s: on_connect callback failed", self.client_id)
+
+    def _handle_disconnect(
+        self, _client: paho.Client, _userdata: Any, _flags: Any, reason: Any, _p: Any
+    ) -> None:
+        if self._connected.is_set():
+            self.stats.disconnects += 1
+            log.warning("mqtt %s: disconnected from %s (%s)", self.client_id, self.broker.url, reason)
+        self._connected.clear()
+
+    def _handle_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        self.stats.received += 1
+        with self._subs_lock:
+            sub = next((s for s in self._subs if paho.topic_matches_sub(s.match_filter, msg.topic)), None)
+        if sub is None:
+            self.stats.dropped_unrouted += 1
+            return
+        if len(msg.payload) > sub.max_bytes:
+            self.stats.dropped_oversize += 1
+            log.warning(
+                "mqtt: dropped %d-byte message on %s (limit %d)", len(msg.payload), msg.topic, sub.max_bytes
+            )
+            return
+        message = Message(msg.topic, bytes(msg.payload), bool(msg.retain), int(msg.qos))
+        if sub.inline:
+            self._dispatch(sub, message)
+            return
+        try:
+            self._queue.put_nowait((sub, message))
+        except queue.Full:
+            self.stats.dropped_queue_full += 1
+            log.warning("mqtt: handler queue full, dropped a message on %s", msg.topic)
+
+    def _worker(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None or self._stop.is_set():
+                return
+            self._dispatch(*item)
+
+    def _dispatch(self, sub: _Subscription, message: Message) -> None:
+        try:
+            sub.handler(message)
+        except Exception:
+            # A handler bug must not take the agent down; it is counted and logged.
+            self.stats.handler_errors += 1
+            log.exception("mqtt: handler for %s failed on a message on %s", sub.topic_filter, message.topic)

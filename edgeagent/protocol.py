@@ -1,0 +1,361 @@
+"""The MQTT protocol, v1: topic names and message schemas in one place (see docs/protocol.md).
+
+Control messages are JSON validated by the pydantic models below; block replies are binary
+(a fixed header + the bytes). Desired-state documents and commands travel in a signed
+envelope: the exact JSON text of the document plus an Ed25519 signature of those bytes,
+made with the same keys that sign bundles.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import struct
+import time
+import zlib
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from edgeagent.errors import BadSignature, MalformedMessage, MissingSignature
+from edgeagent.signing import KeyRing, Signature, SigningKey
+
+PROTOCOL_VERSION: Literal[1] = 1
+DEFAULT_PREFIX = "edge"
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+
+
+def _check_id(value: str) -> str:
+    # Ids become topic levels: no '/', '+', '#', no empty level, no '$' prefix.
+    if not _ID.match(value):
+        raise ValueError(f"{value!r} is not a valid id (1-64 of letters, digits, '_', '.', ':', '-')")
+    return value
+
+
+DeviceId = Annotated[str, AfterValidator(_check_id)]
+GroupName = Annotated[str, AfterValidator(_check_id)]
+ModelName = Annotated[str, AfterValidator(_check_id)]
+
+
+def check_id(value: str, what: str = "id") -> str:
+    """Validate a device id, group or model name for use in a topic; raise ValueError if bad."""
+    try:
+        return _check_id(value)
+    except ValueError as exc:
+        raise ValueError(f"{what} {exc}") from None
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Every topic of protocol v1 under one prefix (default ``edge``)."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if not self.prefix or any(c in self.prefix for c in "+#") or self.prefix.startswith("$"):
+            raise ValueError(
+                f"topic prefix {self.prefix!r} must be non-empty, without '+', '#' or a leading '$'"
+            )
+
+    @property
+    def root(self) -> str:
+        return f"{self.prefix}/v{PROTOCOL_VERSION}"
+
+    def device_desired(self, device: str) -> str:
+        return f"{self.root}/device/{check_id(device, 'device')}/desired"
+
+    def group_desired(self, group: str) -> str:
+        return f"{self.root}/group/{check_id(group, 'group')}/desired"
+
+    def reported(self, device: str) -> str:
+        return f"{self.root}/device/{check_id(device, 'device')}/reported"
+
+    def events(self, device: str) -> str:
+        return f"{self.root}/device/{check_id(device, 'device')}/events"
+
+    def telemetry(self, device: str) -> str:
+        return f"{self.root}/device/{check_id(device, 'device')}/telemetry"
+
+    def cmd(self, device: str) -> str:
+        return f"{self.root}/device/{check_id(device, 'device')}/cmd"
+
+    def cmd_reply(self, device: str) -> str:
+        return f"{self.root}/device/{check_id(device, 'device')}/cmd/reply"
+
+    def blocks(self, device: str) -> str:
+        return f"{self.root}/device/{check_id(device, 'device')}/blocks"
+
+    @property
+    def registry_get(self) -> str:
+        return f"{self.root}/registry/get"
+
+    def registry_shared(self, share: str = "registry") -> str:
+        """The shared subscription registry replicas use so each request reaches one of them."""
+        return f"$share/{check_id(share, 'share group')}/{self.registry_get}"
+
+    def all_devices(self, leaf: str) -> str:
+        """Wildcard subscription over every device's ``leaf`` topic (for fleet tools)."""
+        return f"{self.root}/device/+/{leaf}"
+
+    def device_of(self, topic: str) -> str | None:
+        """The device id in a ``.../device/{id}/...`` topic, or None."""
+        parts = topic.split("/")
+        base = self.root.split("/")
+        if parts[: len(base)] == base and len(parts) > len(base) + 1 and parts[len(base)] == "device":
+            return parts[len(base) + 1]
+        return None
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class BundleRef(_Msg):
+    """Which bundle a model name should run."""
+
+    name: str = Field(description="Bundle name.")
+    version: str = Field(description="Bundle semantic version.")
+    sha256: Sha256Hex = Field(description="sha256 of the bundle file: its id.")
+    size: int = Field(gt=0, description="Bundle file size in bytes.")
+    source: str = Field(
+        default="mqtt", description="'mqtt' (block transfer from the registry) or an http(s) URL."
+    )
+
+
+class DesiredState(_Msg):
+    """What should run on a device (or on every device of a group), model name by model name."""
+
+    v: Literal[1] = PROTOCOL_VERSION
+    seq: int = Field(ge=1, description="Monotonic sequence per target; the agent refuses one not newer.")
+    target: str = Field(description="'device:ID' or 'group:NAME'; must match the topic it came on.")
+    models: dict[ModelName, BundleRef] = Field(
+        description="model name -> bundle; an empty map removes nothing."
+    )
+    rollback: bool = Field(
+        default=False, description="Permits versions lower than what runs (a signed rollback)."
+    )
+    issued_at: float = Field(
+        default_factory=time.time, description="Unix time the host signed it (informational)."
+    )
+
+
+class Command(_Msg):
+    """A one-off instruction to one device; the reply goes to ``.../cmd/reply``."""
+
+    v: Literal[1] = PROTOCOL_VERSION
+    seq: int = Field(ge=1, description="Monotonic per device; replays are refused.")
+    id: str = Field(min_length=1, max_length=64, description="Echoed in the reply.")
+    target: str = Field(description="'device:ID'.")
+    name: Literal["rollback", "refresh", "bench"] = Field(description="What to do.")
+    model: str | None = Field(default=None, description="Model name the command concerns (default: all).")
+    issued_at: float = Field(default_factory=time.time)
+
+
+class CommandReply(_Msg):
+    v: Literal[1] = PROTOCOL_VERSION
+    id: str
+    ok: bool
+    detail: str = ""
+    result: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelStatus(_Msg):
+    """One named model as the device runs it."""
+
+    bundle: BundleRef | None = Field(default=None, description="The active bundle; None = nothing active.")
+    previous: BundleRef | None = Field(default=None, description="What a rollback would return to.")
+    runtime: str | None = None
+    delegate: str | None = None
+    state: str = Field(default="idle", description="Deployment state of this model name.")
+    acceptance: dict[str, Any] | None = Field(
+        default=None, description="The active bundle's acceptance verdict."
+    )
+
+
+class DeploymentOutcome(_Msg):
+    model: str
+    bundle: BundleRef
+    ok: bool
+    code: str = Field(description="'committed' or the reason code of the failure.")
+    reason: str = ""
+    at: float = Field(default_factory=time.time)
+
+
+class Reported(_Msg):
+    """Retained state of a device; the last will sets ``online`` false."""
+
+    v: Literal[1] = PROTOCOL_VERSION
+    device: DeviceId
+    online: bool
+    agent_version: str = ""
+    groups: list[str] = Field(default_factory=list)
+    profile: str | None = Field(default=None, description="Device profile in use (detected or configured).")
+    hardware: dict[str, Any] = Field(default_factory=dict, description="What detection found.")
+    models: dict[str, ModelStatus] = Field(default_factory=dict)
+    last_deployment: DeploymentOutcome | None = None
+    desired_seq: dict[str, int] = Field(default_factory=dict, description="Newest accepted seq per target.")
+    at: float = Field(default_factory=time.time)
+
+
+class Event(_Msg):
+    """Deployment progress and outcomes (QoS 1, not retained)."""
+
+    v: Literal[1] = PROTOCOL_VERSION
+    device: DeviceId
+    kind: Literal["state", "progress", "outcome", "refused", "error"]
+    model: str | None = None
+    bundle: BundleRef | None = None
+    state: str | None = None
+    ok: bool | None = None
+    code: str | None = Field(default=None, description="Reason code when something was refused or failed.")
+    reason: str = ""
+    received: int | None = Field(default=None, description="Bytes received so far (progress).")
+    total: int | None = Field(default=None, description="Bytes in all (progress).")
+    detail: dict[str, Any] = Field(default_factory=dict)
+    at: float = Field(default_factory=time.time)
+
+
+class BlockRequest(_Msg):
+    """Ask the registry for ``count`` consecutive blocks starting at ``first``."""
+
+    v: Literal[1] = PROTOCOL_VERSION
+    device: DeviceId
+    sha256: Sha256Hex
+    first: int = Field(ge=0)
+    count: int = Field(ge=1, le=1024)
+    block_size: int = Field(ge=4096, le=262144, description="Bytes per block (4 KiB - 256 KiB).")
+
+
+class BlockStatus(IntEnum):
+    OK = 0
+    NOT_FOUND = 1
+    BAD_REQUEST = 2
+    OUT_OF_RANGE = 3
+
+
+# Block reply: magic, version, status, block index, block size, total file size, crc32 of the
+# payload, sha256 of the bundle (raw 32 bytes), then the payload (data, or a UTF-8 reason).
+_BLOCK_HEADER = struct.Struct("!4sBBIIQI32s")
+BLOCK_MAGIC = b"EBLK"
+BLOCK_HEADER_SIZE = _BLOCK_HEADER.size
+
+
+@dataclass(frozen=True)
+class BlockReply:
+    status: BlockStatus
+    sha256: str
+    index: int
+    block_size: int
+    total_size: int
+    payload: bytes
+    crc_ok: bool = True
+
+    def pack(self) -> bytes:
+        header = _BLOCK_HEADER.pack(
+            BLOCK_MAGIC,
+            PROTOCOL_VERSION,
+            int(self.status),
+            self.index,
+            self.block_size,
+            self.total_size,
+            zlib.crc32(self.payload),
+            bytes.fromhex(self.sha256),
+        )
+        return header + self.payload
+
+    @classmethod
+    def unpack(cls, data: bytes) -> BlockReply:
+        if len(data) < BLOCK_HEADER_SIZE:
+            raise MalformedMessage(f"block reply of {len(data)} bytes is shorter than its header")
+        magic, version, status, index, block_size, total, crc, sha = _BLOCK_HEADER.unpack_from(data)
+        if magic != BLOCK_MAGIC or version != PROTOCOL_VERSION:
+            raise MalformedMessage("block reply has the wrong magic or version")
+        try:
+            block_status = BlockStatus(status)
+        except ValueError as exc:
+            raise MalformedMessage(f"block reply has unknown status {status}") from exc
+        payload = data[BLOCK_HEADER_SIZE:]
+        return cls(block_status, sha.hex(), index, block_size, total, payload, zlib.crc32(payload) == crc)
+
+
+# --- signed envelopes --------------------------------------------------------------------
+
+
+def sign_document(doc: BaseModel, key: SigningKey) -> bytes:
+    """The signed envelope of a desired doc or command, ready to publish."""
+    payload = doc.model_dump_json()
+    sig = key.sign(payload.encode("utf-8"))
+    envelope = {
+        "v": PROTOCOL_VERSION,
+        "payload": payload,
+        "key_id": sig.key_id,
+        "sig": base64.b64encode(sig.signature).decode("ascii"),
+    }
+    return json.dumps(envelope).encode("utf-8")
+
+
+def unsigned_document(doc: BaseModel) -> bytes:
+    """An envelope without a signature: accepted only by an agent in insecure (demo) mode."""
+    return json.dumps({"v": PROTOCOL_VERSION, "payload": doc.model_dump_json()}).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class Opened:
+    payload: dict[str, Any]
+    key_id: str | None
+
+
+def open_envelope(data: bytes, trusted: KeyRing, *, insecure: bool = False) -> Opened:
+    """Check an envelope's signature and return its payload.
+
+    Raises MissingSignature, UnknownKey, BadSignature or MalformedMessage. ``insecure``
+    accepts unsigned envelopes (the demo); a present signature is always checked.
+    """
+    try:
+        envelope = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedMessage(f"not JSON ({exc})") from exc
+    if not isinstance(envelope, dict) or not isinstance(envelope.get("payload"), str):
+        raise MalformedMessage("an envelope is a JSON object with a 'payload' string")
+    if envelope.get("v") != PROTOCOL_VERSION:
+        raise MalformedMessage(f"envelope version {envelope.get('v')!r} is not {PROTOCOL_VERSION}")
+    payload_text: str = envelope["payload"]
+    key_id = envelope.get("key_id")
+    if key_id is None or envelope.get("sig") is None:
+        if not insecure:
+            raise MissingSignature("document is not signed")
+    else:
+        try:
+            raw_sig = base64.b64decode(str(envelope["sig"]), validate=True)
+        except ValueError as exc:
+            raise BadSignature("signature is not base64") from exc
+        trusted.verify(payload_text.encode("utf-8"), Signature(key_id=str(key_id), signature=raw_sig))
+    try:
+        payload = json.loads(payload_text)
+    except json.JSONDecodeError as exc:
+        raise MalformedMessage(f"payload is not JSON ({exc})") from exc
+    if not isinstance(payload, dict):
+        raise MalformedMessage("payload must be a JSON object")
+    return Opened(payload, str(key_id) if key_id is not None else None)
+
+
+def parse(model: type[_M], data: bytes | dict[str, Any], what: str) -> _M:
+    """Validate a JSON message, turning any failure into one-line MalformedMessage."""
+    try:
+        if isinstance(data, dict):
+            return model.model_validate(data)
+        return model.model_validate_json(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise MalformedMessage(f"{what}: {where}: {first['msg']}") from exc
