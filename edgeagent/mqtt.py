@@ -345,7 +345,8 @@ class MqttSession:
     ) -> None:
         if self._connected.is_set():
             self.stats.disconnects += 1
-            log.warning("mqtt %s: disconnected from %s (%s)", self.client_id, self.broker.url, reason)
+            level = logging.INFO if self._stop.is_set() else logging.WARNING
+            log.log(level, "mqtt %s: disconnected from %s (%s)", self.client_id, self.broker.url, reason)
         self._connected.clear()
 
     def _handle_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:

@@ -1,0 +1,175 @@
+"""Block transfer vs one raw publish, through a local Mosquitto started by this script.
+
+    .venv/bin/python bench/transfer.py [--size-mb 20] [--quick]
+
+Prints one table: throughput of the registry -> device block transfer for each block size
+and window, next to the same bytes sent as one raw QoS-1 publish/subscribe measured in the
+same run, and the ratio. The broker runs with Mosquitto's default limits (max_inflight_messages
+20, max_queued_messages 1000) so the numbers are what a stock install gives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgeagent.mqtt import BrokerConfig, MqttSession
+from edgeagent.protocol import BundleRef, Topics
+from edgeagent.transfer import BlockDownloader, TransferConfig
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def start_broker(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.1):
+                return proc, port
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("mosquitto did not start")
+
+
+def raw_publish(port: int, data: bytes) -> float:
+    """Seconds from publish to full receipt of one QoS-1 message carrying ``data``."""
+    got = threading.Event()
+    subscribed = threading.Event()
+    sub = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-sub")
+    sub.on_subscribe = lambda *a: subscribed.set()
+    sub.on_message = lambda c, u, m: got.set()
+    sub.connect("127.0.0.1", port)
+    sub.loop_start()
+    sub.subscribe("bench/raw", qos=1)
+    subscribed.wait(5)
+    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-pub")
+    pub.connect("127.0.0.1", port)
+    pub.loop_start()
+    start = time.perf_counter()
+    pub.publish("bench/raw", data, qos=1)
+    if not got.wait(120):
+        raise RuntimeError("raw publish never arrived")
+    elapsed = time.perf_counter() - start
+    for c in (pub, sub):
+        c.loop_stop()
+        c.disconnect()
+    return elapsed
+
+
+def start_registry(port: int, folder: Path, prefix: str) -> subprocess.Popen[bytes]:
+    """The registry in its own process, as in production (and off this process's GIL)."""
+    edgectl = Path(sys.executable).parent / "edgectl"
+    proc = subprocess.Popen(
+        [
+            str(edgectl),
+            "registry",
+            "serve",
+            "--dir",
+            str(folder),
+            "--broker",
+            f"mqtt://127.0.0.1:{port}",
+            "--prefix",
+            prefix,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    proc.stdout.readline()  # "serving N bundles ..." once it is connected and subscribed
+    return proc
+
+
+def block_transfer(port: int, ref: BundleRef, prefix: str, block: int, window: int, run: int) -> float:
+    broker = BrokerConfig("127.0.0.1", port)
+    with tempfile.TemporaryDirectory() as tmp:
+        session = MqttSession(broker, f"bench-dev-{block}-{window}-{time.monotonic_ns()}")
+        dl = BlockDownloader(
+            session, "dev", Path(tmp), topics=Topics(prefix), config=TransferConfig(block, window, run)
+        )
+        session.start()
+        session.wait_connected(5)
+        start = time.perf_counter()
+        dl.fetch(ref)
+        elapsed = time.perf_counter() - start
+        session.close()
+    return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mb", type=float, default=20.0)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per cell; the median is shown")
+    parser.add_argument("--quick", action="store_true", help="fewer cells (a smoke run)")
+    args = parser.parse_args()
+    size = int(args.size_mb * MiB)
+    data = os.urandom(size)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        folder = workdir / "bundles"
+        folder.mkdir()
+        (folder / "bench.bundle").write_bytes(data)
+        ref = BundleRef(name="bench", version="1.0.0", sha256=hashlib.sha256(data).hexdigest(), size=size)
+        proc, port = start_broker(workdir)
+        registry = start_registry(port, folder, "bench")
+        try:
+            raw = statistics.median(raw_publish(port, data) for _ in range(args.repeat))
+            raw_mbs = size / raw / 1e6
+            print(
+                f"# {size / MiB:.0f} MiB, {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}"
+            )
+            print(f"raw single QoS-1 publish: {raw:.3f} s  {raw_mbs:.1f} MB/s\n")
+            print(
+                f"{'block':>7} {'window':>6} {'run':>4} {'flight':>9} {'seconds':>8} {'MB/s':>7} {'vs raw':>7}"
+            )
+            cells = (
+                [(64 * KiB, 64, 1)]
+                if args.quick
+                else [
+                    (block, window, 1)
+                    for block in (16 * KiB, 64 * KiB, 256 * KiB)
+                    for window in (8, 32, 64, 128)
+                ]
+                + [(64 * KiB, 64, 4), (64 * KiB, 64, 8)]
+            )
+            for block, window, run in cells:
+                secs = statistics.median(
+                    block_transfer(port, ref, "bench", block, window, run) for _ in range(args.repeat)
+                )
+                mbs = size / secs / 1e6
+                inflight = block * window / MiB
+                print(
+                    f"{block // KiB:>5}Ki {window:>6} {run:>4} {inflight:>7.1f}Mi {secs:>8.3f} {mbs:>7.1f} {mbs / raw_mbs:>7.2f}"
+                )
+        finally:
+            registry.terminate()
+            registry.wait()
+            proc.terminate()
+            proc.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
