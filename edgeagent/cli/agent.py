@@ -21,8 +21,17 @@ examples:
   edgeagent bundle verify model-1.0.0.bundle --trusted /etc/edgeagent/keys/release.pub
 """
 
-COMMANDS: tuple[str, ...] = ("edgeagent.cli.bundle_cmd",)
+COMMANDS: tuple[str, ...] = (
+    "edgeagent.cli.bundle_cmd",
+    "edgeagent.cli.detect_cmd",
+    "edgeagent.cli.run_cmd",
+    "edgeagent.cli.service_cmd",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     main_for("edgeagent", DESCRIPTION, COMMANDS, argv)
+
+
+if __name__ == "__main__":
+    main()

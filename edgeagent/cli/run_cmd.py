@@ -1,0 +1,57 @@
+"""``edgeagent run``: the agent as a long-running service (what systemd starts)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from devices.detect import detect
+from edgeagent.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, load_config
+from edgeagent.service import AgentService
+
+log = logging.getLogger(__name__)
+
+EPILOG = f"""\
+The configuration comes from --config, else ${CONFIG_ENV}, else {DEFAULT_CONFIG_PATH}
+(missing default file = defaults), then EDGEAGENT_<SETTING> environment variables.
+Under systemd (Type=notify) the agent reports READY=1, a STATUS= line with each model's
+active bundle, WATCHDOG=1 pings and STOPPING=1; from a shell it simply runs until Ctrl-C.
+
+This release runs the service lifecycle only: hardware detection, status and watchdog.
+MQTT deployment, local serving and telemetry plug into this loop in later releases.
+
+examples:
+  edgeagent run
+  edgeagent run --config ./agent.toml -v
+"""
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="run the agent service (what the systemd unit starts)",
+        description="Run the on-device agent until SIGTERM or Ctrl-C.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, metavar="FILE", help="agent.toml to read")
+    parser.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if not args.verbose:  # -v on the command line wins over the file
+        logging.getLogger().setLevel(config.log_level)
+    detection = detect(config.detect_root, override=config.profile)
+    log.info(
+        "device %s: profile %s (%s: %s); candidates %s",
+        config.device_id,
+        detection.profile,
+        detection.source,
+        detection.reason,
+        ", ".join(str(c) for c in detection.candidates),
+    )
+    for note in detection.notes:
+        log.warning("%s", note)
+    return AgentService(config, detection).run()

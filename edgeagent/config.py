@@ -1,0 +1,166 @@
+"""The agent's configuration: ``/etc/edgeagent/agent.toml`` plus ``EDGEAGENT_*`` variables.
+
+Precedence, lowest first: the defaults below, the TOML file, then one environment variable
+per top-level setting (``EDGEAGENT_STATE_DIR=/data/edgeagent``), which is how a systemd
+drop-in or a container changes one value without editing the file. ``EDGEAGENT_CONFIG``
+names the file itself. Unknown keys and unknown ``EDGEAGENT_*`` variables are errors that
+name the key: a misspelt option must not be silently ignored on a device nobody watches.
+
+Later issues add sections (``[mqtt]``, ``[telemetry]``, ...) as nested models; every field
+has a description, and ``systemd/agent.toml.example`` documents each one (a test keeps the
+two in step).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from devices.errors import UnknownProfile
+from devices.profile import list_profiles
+from edgeagent.errors import EdgeError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 devices only
+    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
+
+DEFAULT_CONFIG_PATH = Path("/etc/edgeagent/agent.toml")
+CONFIG_ENV = "EDGEAGENT_CONFIG"
+ENV_PREFIX = "EDGEAGENT_"
+
+
+class ConfigError(EdgeError):
+    """The agent configuration cannot be read or is invalid; the message names the key."""
+
+    def __init__(self, message: str, *, path: str | None = None, key: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.key = key
+
+
+def _hostname() -> str:
+    # An MQTT topic level cannot hold '/', '+' or '#'; a hostname never does.
+    return socket.gethostname().split(".", 1)[0] or "edgeagent"
+
+
+DeviceId = Annotated[
+    str,
+    Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="Up to 64 letters, digits, '.', '_' or '-'; starts with a letter or digit.",
+    ),
+]
+
+
+class AgentConfig(BaseModel):
+    """Everything the agent reads at start-up. Every field has a default that works on a device."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device_id: DeviceId = Field(
+        default_factory=_hostname,
+        description="This device's id in MQTT topics and fleet views; defaults to the short hostname.",
+    )
+    state_dir: Path = Field(
+        default=Path("/var/lib/edgeagent"),
+        description="The store: downloads, verified bundles, per-model current/previous links, journal.",
+    )
+    profile: str | None = Field(
+        default=None,
+        description="Device profile to use instead of detecting one (`edgeagent detect`); unset = detect.",
+    )
+    detect_root: Path = Field(
+        default=Path("/"),
+        description="Root filesystem that hardware detection reads (/proc, /sys, /dev, /etc, libraries).",
+    )
+    socket_path: Path = Field(
+        default=Path("/run/edgeagent/agent.sock"),
+        description="Unix socket of the local inference endpoint (served once the serving issue lands).",
+    )
+    status_interval_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Seconds between re-reads of the store to refresh the status line systemd shows.",
+    )
+    watchdog_fraction: float = Field(
+        default=0.5,
+        ge=0.1,
+        le=0.9,
+        description="Fraction of systemd's WatchdogSec between WATCHDOG=1 pings (0.5 = twice per period).",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Log level of `edgeagent run` (to stderr, which journald collects)."
+    )
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, value: str | None) -> str | None:
+        if value is not None and value not in list_profiles():
+            raise ValueError(str(UnknownProfile(value, list_profiles())))
+        return value
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``EDGEAGENT_<FIELD>`` values for top-level settings; an empty value means unset."""
+    fields = AgentConfig.model_fields
+    overrides: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key not in fields:
+            known = ", ".join(ENV_PREFIX + k.upper() for k in fields)
+            raise ConfigError(f"unknown environment variable {name} (known: {known}, {CONFIG_ENV})", key=name)
+        overrides[key] = value if value != "" else None
+    return overrides
+
+
+def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> AgentConfig:
+    """Load the configuration from ``path`` (or ``$EDGEAGENT_CONFIG``, or the default path).
+
+    A missing file at the *default* path gives the defaults, so a fresh install runs; a
+    missing file that was asked for explicitly is an error.
+    """
+    environ = os.environ if environ is None else environ
+    explicit = path is not None or CONFIG_ENV in environ
+    path = path or Path(environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
+    try:
+        data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file {path} does not exist", path=str(path)) from None
+        data = {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}", path=str(path)) from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}", path=str(path)) from exc
+    overrides = _env_overrides(environ)
+    data.update(overrides)
+    data = {k: v for k, v in data.items() if v is not None}
+    return _validate(data, path=path, from_env=set(overrides))
+
+
+def _validate(data: Mapping[str, Any], *, path: Path, from_env: set[str]) -> AgentConfig:
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        top = str(first["loc"][0]) if first["loc"] else ""
+        source = f"{ENV_PREFIX}{top.upper()}" if top in from_env else str(path)
+        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        if first["type"] == "extra_forbidden":
+            known = ", ".join(AgentConfig.model_fields)
+            message = f"{source}: unknown key {key!r} (known: {known}){more}"
+        else:
+            reason = first["msg"].removeprefix("Value error, ")
+            message = f"{source}: {key}: {reason}{more}"
+        raise ConfigError(message, path=str(path), key=key) from exc
