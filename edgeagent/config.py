@@ -99,6 +99,34 @@ class AgentConfig(BaseModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="Log level of `edgeagent run` (to stderr, which journald collects)."
     )
+    broker_url: str | None = Field(
+        default=None,
+        description="MQTT broker, mqtt://host:1883 or mqtts://host:8883; unset = no deployment, serve only.",
+    )
+    mqtt_protocol: Literal["3.1.1", "5"] = Field(default="3.1.1", description="MQTT protocol version.")
+    tls_ca_file: Path | None = Field(default=None, description="CA bundle for the broker's certificate (mqtts).")
+    tls_cert_file: Path | None = Field(default=None, description="Client certificate for mutual TLS.")
+    tls_key_file: Path | None = Field(default=None, description="Private key of the client certificate.")
+    groups: list[str] = Field(
+        default_factory=list,
+        description="Groups this device belongs to; their desired docs apply, the device's own doc wins.",
+    )
+    topic_prefix: str = Field(default="edge", description="First level of every MQTT topic.")
+    trusted_keys: Path = Field(
+        default=Path("/etc/edgeagent/keys"),
+        description="Folder of trusted Ed25519 public keys (*.pub) for bundles and desired docs.",
+    )
+    insecure: bool = Field(
+        default=False,
+        description="Accept unsigned desired docs and bundles. Only for the local demo; logged loudly.",
+    )
+    keep_bundles: int = Field(default=3, ge=1, le=100, description="Installed bundles kept, current/previous included.")
+    transfer_block_kib: int = Field(
+        default=256, ge=4, le=256, description="Block size of bundle downloads in KiB (bench/transfer.py)."
+    )
+    transfer_window: int = Field(
+        default=32, ge=1, le=1024, description="Blocks in flight; download memory is about window x block size."
+    )
 
     @field_validator("profile")
     @classmethod

@@ -30,7 +30,8 @@ from edgeagent.storage import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-CRASH_ENV = "EDGEAGENT_CRASH_AT"
+# Not EDGEAGENT_*: those are configuration settings, and the config refuses unknown ones.
+CRASH_ENV = "EDGE_TEST_CRASH_AT"
 
 
 class State(str, enum.Enum):
@@ -167,7 +168,7 @@ def resume_state(journal: Journal) -> State:
 
 
 def crash_point(state: State) -> None:
-    """Test hook: ``EDGEAGENT_CRASH_AT=<state>`` kills the process (SIGKILL) on entering it.
+    """Test hook: ``EDGE_TEST_CRASH_AT=<state>`` kills the process (SIGKILL) on entering it.
 
     Used by the crash tests to prove that every state resumes safely; never set in production.
     A ``state:N`` value crashes on the N-th entry only (so the restarted agent gets through).
@@ -178,7 +179,7 @@ def crash_point(state: State) -> None:
     name, _, nth = wanted.partition(":")
     if name != state.value:
         return
-    counter = Path(os.environ.get("EDGEAGENT_CRASH_COUNTER", "/nonexistent"))
+    counter = Path(os.environ.get("EDGE_TEST_CRASH_COUNTER", "/nonexistent"))
     if nth:
         try:
             seen = int(counter.read_text()) + 1 if counter.exists() else 1

@@ -26,6 +26,8 @@ first steps:
 COMMANDS: tuple[str, ...] = (
     "edgeagent.cli.keys_cmd",
     "edgeagent.cli.bundle_cmd",
+    "fleet.registry_cmd",
+    "fleet.push_cmd",
 )
 
 

@@ -1,0 +1,159 @@
+"""``edgectl push`` and ``edgectl rollback``: deploy a bundle to a device or group, or undo it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from edgeagent.errors import UsageError
+from edgeagent.protocol import DEFAULT_PREFIX, BundleRef, Reported
+
+PUSH_EPILOG = """\
+examples:
+  edgectl push out/digits-1.1.0.bundle --device pi-kitchen-01 --key keys/release.key \\
+      --broker mqtt://broker:1883 --registry /srv/bundles
+  edgectl push out/digits-1.1.0.bundle --group canary --key keys/release.key \\
+      --broker mqtt://broker:1883 --registry /srv/bundles --timeout 600
+
+The bundle is copied into the registry folder (which `edgectl registry serve` serves), then
+a signed desired-state document is published, retained, for the device or group. Devices
+that are offline catch up when they reconnect. Unless --no-wait, progress and each
+device's outcome (with its acceptance numbers, or the reason it refused) are shown;
+the exit status is 0 only if every device committed the bundle.
+"""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--device", metavar="ID", help="one device")
+    where.add_argument("--group", metavar="NAME", help="every device of a group (see the agent's groups)")
+    parser.add_argument("--key", required=True, type=Path, help="private key that signs the desired doc")
+    parser.add_argument("--broker", required=True, help="broker URL, e.g. mqtt://localhost:1883")
+    parser.add_argument("--model", default="default", help="model name on the device (default: %(default)s)")
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix (default: %(default)s)")
+    parser.add_argument("--no-wait", action="store_true", help="publish and return without following devices")
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait for outcomes (default 300)"
+    )
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    push = subparsers.add_parser(
+        "push",
+        help="deploy a bundle to a device or a group",
+        description="Deploy a signed bundle: put it in the registry and publish the desired state.",
+        epilog=PUSH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    push.add_argument("bundle", type=Path, metavar="BUNDLE")
+    _common(push)
+    push.add_argument(
+        "--registry", required=True, type=Path, metavar="DIR", help="the registry's bundle folder"
+    )
+    push.add_argument("--rollback", action="store_true", help="allow a lower version than the one running")
+    push.set_defaults(handler=_push)
+
+    rollback = subparsers.add_parser(
+        "rollback",
+        help="return a device or group to its previous bundle",
+        description=(
+            "Publish a signed desired doc that points the model back at the bundle each device "
+            "reports as its previous one (or --to a bundle file), with the downgrade permission set."
+        ),
+    )
+    _common(rollback)
+    rollback.add_argument("--to", type=Path, metavar="BUNDLE", help="roll back to this bundle file instead")
+    rollback.add_argument("--registry", type=Path, metavar="DIR", help="registry folder (needed with --to)")
+    rollback.set_defaults(handler=_rollback)
+
+
+def _connection(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from edgeagent.mqtt import BrokerConfig
+    from edgeagent.protocol import Topics
+    from fleet.push import FleetConnection, Target
+
+    target = Target("device", args.device) if args.device else Target("group", args.group)
+    try:
+        topics = Topics(args.prefix)
+        topics.device_desired(args.device) if args.device else topics.group_desired(args.group)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    conn = FleetConnection(BrokerConfig.from_url(args.broker), topics, f"edgectl-{os.getpid()}")
+    return target, conn
+
+
+def _report(args: argparse.Namespace, conn, devices: list[str], model: str, ref: BundleRef) -> int:  # type: ignore[no-untyped-def]
+    from fleet.push import wait_for
+
+    if args.no_wait:
+        return 0
+    if not devices:
+        print(f"no device reports membership of group {args.group} yet; they will catch up when they do")
+        return 0
+    results = wait_for(conn, devices, model, ref, args.timeout, lambda line: print(line, flush=True))
+    for result in results:
+        print(f"{result.device}: {'OK' if result.ok else 'FAILED'} - {result.detail}")
+    return 0 if all(r.ok for r in results) else 1
+
+
+def _push(args: argparse.Namespace) -> int:
+    from edgeagent.signing import SigningKey
+    from fleet.push import add_to_registry, devices_of, publish_desired, verify_own_bundle
+
+    key = SigningKey.load(args.key)
+    verified = verify_own_bundle(args.bundle, key)
+    m = verified.manifest
+    stored = add_to_registry(args.bundle, verified, args.registry)
+    ref = BundleRef(name=m.name, version=m.version, sha256=verified.sha256, size=verified.size)
+    target, conn = _connection(args)
+    with conn:
+        devices = devices_of(conn, target)
+        doc = publish_desired(conn, target, args.model, ref, key, rollback=args.rollback)
+        print(
+            f"pushed {m.name} {m.version} ({verified.sha256[:12]}, {stored.name}) to {target.id} as model "
+            f"{args.model!r}, seq {doc.seq}",
+            flush=True,
+        )
+        return _report(args, conn, devices, args.model, ref)
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from edgeagent.signing import SigningKey
+    from fleet.push import PushError, add_to_registry, devices_of, publish_desired, verify_own_bundle
+
+    key = SigningKey.load(args.key)
+    target, conn = _connection(args)
+    with conn:
+        devices = devices_of(conn, target)
+        if args.to is not None:
+            if args.registry is None:
+                raise UsageError("--to needs --registry")
+            verified = verify_own_bundle(args.to, key)
+            add_to_registry(args.to, verified, args.registry)
+            ref = BundleRef(
+                name=verified.manifest.name,
+                version=verified.manifest.version,
+                sha256=verified.sha256,
+                size=verified.size,
+            )
+        else:
+            previous: set[BundleRef] = set()
+            for topic, payload in conn.retained(conn.topics.all_devices("reported")).items():
+                if conn.topics.device_of(topic) not in devices:
+                    continue
+                status = Reported.model_validate_json(payload).models.get(args.model)
+                if status and status.previous:
+                    previous.add(status.previous)
+            if len(previous) != 1:
+                found = ", ".join(sorted(f"{r.name} {r.version}" for r in previous)) or "none"
+                raise PushError(
+                    f"devices report {len(previous)} previous bundles ({found}); name one with --to"
+                )
+            ref = previous.pop()
+        doc = publish_desired(conn, target, args.model, ref, key, rollback=True)
+        print(
+            f"rolling {target.id} back to {ref.name} {ref.version} ({ref.sha256[:12]}), seq {doc.seq}",
+            flush=True,
+        )
+        return _report(args, conn, devices, args.model, ref)
