@@ -39,6 +39,13 @@ _SEMVER = re.compile(
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
     r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
 )
+
+
+def is_semver(value: str) -> bool:
+    """True when ``value`` is a semantic version (semver 2.0.0), e.g. 1.2.3 or 2.0.0-rc.1."""
+    return _SEMVER.match(value) is not None
+
+
 # A relative POSIX path of plain components: what a bundle member may be called.
 _MEMBER_PATH = re.compile(r"^[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*$")
 
@@ -208,7 +215,7 @@ class Manifest(_Strict):
     @field_validator("version")
     @classmethod
     def _semver(cls, value: str) -> str:
-        if not _SEMVER.match(value):
+        if not is_semver(value):
             raise ValueError(f"version {value!r} is not a semantic version like 1.2.3")
         return value
 

@@ -1,0 +1,271 @@
+"""``edgectl convert``: compress a model, measure every step, and package a signed bundle."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from converter.api import ConvertResult
+    from converter.recipe import Recipe
+
+EPILOG = """\
+examples:
+  edgectl convert mlp.onnx --dataset digits --prune 0.5 --quantize int8 \\
+      --name digits --version 1.0.0 --key keys/release.key -o out/
+  edgectl convert mlp.onnx --dataset digits --max-drop 0.01 --name digits --version 1.0.1 --key K -o out/
+  edgectl convert model.keras --eval eval.npz --calib calib.npz --prune 0.9 --quantize int8 --tflite \\
+      --name kws --version 2.0.0 --key K -o out/
+  edgectl convert model.onnx --recipe recipe.toml --key K -o out/
+
+Evaluation data (--eval) is an .npz with 'x' (inputs) and 'y' (integer labels); calibration data
+(--calib) needs only 'x'. Writes OUTDIR/NAME-VERSION.bundle, OUTDIR/report.{json,md,png} and the
+intermediate models under OUTDIR/artifacts/. See docs/converter.md for the recipe format.
+"""
+
+_QUANTIZE = ("int8", "dynamic", "fp16", "none")
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="prune/quantize a model, measure each step, write a report and a signed bundle",
+        description=(
+            "Run compression passes on an ONNX, Keras (.keras/.h5) or SavedModel model, measure accuracy, "
+            "size, transfer size and host latency after every pass, and package the artifacts with an "
+            "acceptance test into a signed bundle. Passes come from flags or from a TOML --recipe."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "model",
+        type=Path,
+        nargs="?",
+        metavar="MODEL",
+        help=".onnx, .keras, .h5 or a SavedModel folder (default: the recipe's `model`)",
+    )
+    passes = parser.add_argument_group("passes (or give them in --recipe)")
+    passes.add_argument(
+        "--prune", type=_sparsity, metavar="SPARSITY", help="magnitude-prune to this sparsity (0-1)"
+    )
+    passes.add_argument(
+        "--prune-scope",
+        choices=("global", "per_layer"),
+        default="global",
+        help="one threshold or one per tensor",
+    )
+    passes.add_argument(
+        "--quantize",
+        choices=_QUANTIZE,
+        default="none",
+        help="int8 (ONNX: static QDQ; Keras: full-int8 TFLite), dynamic, fp16, none (default)",
+    )
+    passes.add_argument("--per-channel", action="store_true", help="int8: one weight scale per channel")
+    passes.add_argument(
+        "--calibration",
+        choices=("minmax", "entropy", "percentile"),
+        default="minmax",
+        help="static int8 calibration",
+    )
+    passes.add_argument(
+        "--max-drop",
+        type=_fraction,
+        metavar="F",
+        help="search int8 settings for the smallest model whose top-1 drop is <= F (e.g. 0.01)",
+    )
+    passes.add_argument(
+        "--sparse",
+        action="store_true",
+        help="ONNX fp32: store mostly-zero (pruned) weights as sparse initializers, smaller on disk",
+    )
+    passes.add_argument("--tflite", action="store_true", help="convert a Keras/SavedModel model to TFLite")
+    passes.add_argument("--recipe", type=Path, metavar="FILE.toml", help="data, passes and package settings")
+    data = parser.add_argument_group("data")
+    source = data.add_mutually_exclusive_group()
+    source.add_argument(
+        "--eval", type=Path, metavar="FILE", help=".npz with 'x' and 'y' to measure every step on"
+    )
+    source.add_argument("--dataset", choices=("digits",), help="built-in data set (demo, tests)")
+    data.add_argument("--calib", type=Path, metavar="FILE", help=".npz with 'x' for int8 calibration")
+    bundle = parser.add_argument_group("bundle")
+    bundle.add_argument("--name", help="bundle name (required unless the recipe has [package])")
+    bundle.add_argument("--version", help="semantic version, e.g. 1.0.0")
+    bundle.add_argument("--key", type=Path, metavar="KEY", help="private key (edgectl keys generate)")
+    bundle.add_argument("--unsigned", action="store_true", help="write an unsigned bundle (experiments only)")
+    bundle.add_argument("--description", help="free text shown by `edgectl bundle inspect`")
+    bundle.add_argument(
+        "--min-accuracy", type=_fraction, metavar="F", help="override the derived accuracy gate"
+    )
+    bundle.add_argument(
+        "--min-agreement", type=_fraction, metavar="F", help="override the derived agreement gate"
+    )
+    bundle.add_argument("--golden-samples", type=int, metavar="N", help="acceptance-set size (default 100)")
+    parser.add_argument("-o", "--out", required=True, type=Path, metavar="OUTDIR", help="output folder")
+    parser.add_argument("--quiet", action="store_true", help="no progress display")
+    parser.set_defaults(handler=_convert)
+
+
+def _fraction(text: str, *, below_one: bool = False) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from exc
+    if not 0.0 <= value <= 1.0 or (below_one and value == 1.0):
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction in [0, {'1)' if below_one else '1]'}")
+    return value
+
+
+def _sparsity(text: str) -> float:
+    return _fraction(text, below_one=True)
+
+
+def build_recipe(args: argparse.Namespace) -> Recipe:
+    """The recipe the flags describe, or the --recipe file with flags layered on top."""
+    from converter.errors import RecipeError
+    from converter.recipe import load_recipe, recipe_from_dict
+
+    pass_flags = (
+        args.prune is not None
+        or args.quantize != "none"
+        or args.max_drop is not None
+        or args.tflite
+        or args.sparse
+    )
+    if args.recipe is not None:
+        if pass_flags:
+            raise RecipeError(
+                "give passes either in --recipe or as flags (--prune/--quantize/--max-drop/--sparse/--tflite)"
+            )
+        recipe = load_recipe(args.recipe)
+    else:
+        recipe = recipe_from_dict({"passes": _pass_tables(args)})
+    data_update: dict[str, Any] = {}
+    if args.eval is not None:
+        data_update.update(eval=args.eval, dataset=None)
+    if args.dataset is not None:
+        data_update.update(dataset=args.dataset, eval=None)
+    if args.calib is not None:
+        data_update["calib"] = args.calib
+    package: dict[str, Any] = recipe.package.model_dump() if recipe.package else {}
+    overrides = {
+        "name": args.name,
+        "version": args.version,
+        "description": args.description,
+        "min_accuracy": args.min_accuracy,
+        "min_top1_agreement": args.min_agreement,
+        "golden_samples": args.golden_samples,
+    }
+    package.update({k: v for k, v in overrides.items() if v is not None})
+    if not package.get("name") or not package.get("version"):
+        raise RecipeError("--name and --version are required (or a [package] table in the recipe)")
+    body = recipe.model_dump(exclude={"passes"})
+    body["data"] = {**body["data"], **data_update}
+    body["package"] = package
+    merged = recipe_from_dict(body)
+    return merged.model_copy(update={"passes": recipe.passes})
+
+
+def _pass_tables(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from converter.errors import RecipeError
+
+    if args.model is None:
+        raise RecipeError("give the MODEL to convert")
+    keras = args.model.suffix.lower() in (".keras", ".h5") or args.model.is_dir()
+    tables: list[dict[str, Any]] = []
+    if args.prune is not None:
+        tables.append({"type": "prune", "sparsity": args.prune, "scope": args.prune_scope})
+    if keras:
+        if args.max_drop is not None:
+            raise RecipeError("--max-drop searches ONNX Runtime settings; for Keras choose --quantize")
+        if args.sparse:
+            raise RecipeError("--sparse applies to ONNX models")
+        if args.per_channel or args.calibration != "minmax":
+            raise RecipeError("--per-channel/--calibration apply to ONNX models (TFLite int8 is per-channel)")
+        mode = {"int8": "int8", "dynamic": "dynamic", "fp16": "fp16", "none": "fp32"}[args.quantize]
+        tables.append({"type": "tflite", "mode": mode})
+        return tables
+    if args.tflite:
+        raise RecipeError("--tflite converts Keras/SavedModel models; ONNX -> TFLite is not supported")
+    if args.max_drop is not None:
+        if args.quantize not in ("none", "int8", "dynamic"):
+            raise RecipeError(
+                f"--max-drop searches int8 settings; it cannot be combined with --quantize {args.quantize}"
+            )
+        search: dict[str, Any] = {"type": "search", "max_drop": args.max_drop}
+        if args.quantize == "dynamic":
+            search["modes"] = ["dynamic"]
+        tables.append(search)
+    elif args.quantize != "none":
+        table: dict[str, Any] = {
+            "type": "quantize",
+            "mode": "static" if args.quantize == "int8" else args.quantize,
+        }
+        if args.per_channel:
+            table["per_channel"] = True
+        if args.calibration != "minmax":
+            table["calibration"] = args.calibration
+        tables.append(table)
+    if args.sparse:
+        if len(tables) > (args.prune is not None):
+            raise RecipeError("--sparse stores fp32 weights; it cannot follow --quantize or --max-drop")
+        tables.append({"type": "sparsify"})
+    return tables
+
+
+class RichProgress:
+    """A spinner per long step on stderr, and a line with its duration when it ends."""
+
+    def __init__(self) -> None:
+        from converter import extras
+
+        console_module = extras.require("rich.console")
+        self.console = console_module.Console(stderr=True)
+
+    @contextlib.contextmanager
+    def step(self, description: str) -> Iterator[None]:
+        started = time.monotonic()
+        with self.console.status(description):
+            yield
+        self.console.print(f"[green]done[/] {description} ({time.monotonic() - started:.1f} s)")
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from converter.api import convert
+    from edgeagent.errors import UsageError
+    from edgeagent.signing import SigningKey
+
+    recipe = build_recipe(args)
+    model = args.model or recipe.model
+    if model is None:
+        raise UsageError("give the MODEL to convert (or `model = ...` in the recipe)")
+    if args.key is None and not args.unsigned:
+        raise UsageError("give --key KEY to sign the bundle (or --unsigned for a local experiment)")
+    key = SigningKey.load(args.key) if args.key is not None else None
+    progress = None if args.quiet or not sys.stderr.isatty() else RichProgress()
+    result = convert(model, recipe, args.out, key, progress)
+    print(summary(result))
+    return 0
+
+
+def summary(result: ConvertResult) -> str:
+    """The steps table and what was written, as plain text."""
+    pipeline = result.pipeline
+    rows = [("source", pipeline.source.path.name, pipeline.baseline)]
+    rows += [(s.name, s.model.path.name, s.after) for s in pipeline.steps]
+    lines = [f"{'step':<9} {'artifact':<32} {'top-1':>7} {'bytes':>10} {'transfer':>9} {'p50 ms':>8}"]
+    for name, artifact, m in rows:
+        acc = "-" if m.accuracy is None else f"{m.accuracy * 100:.2f}%"
+        sizes = f"{m.size_bytes:>10,} {m.transfer_bytes:>9,}"
+        lines.append(f"{name:<9} {artifact:<32} {acc:>7} {sizes} {m.latency_p50_ms:>8.3f}")
+    lines += [n for s in pipeline.steps if (n := f"{s.name}: {s.notes}") and s.notes]
+    if result.packaged is not None:
+        bundle = result.packaged.bundle
+        lines += [f"bundle: {bundle.path}", f"sha256: {bundle.sha256}"]
+    lines += [f"report: {p}" for p in result.reports]
+    return "\n".join(lines)

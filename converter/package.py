@@ -1,0 +1,209 @@
+"""``package``: the pipeline's artifacts as a signed bundle with its own acceptance test.
+
+The acceptance set is a seeded sample of the evaluation data: inputs, labels and the source
+(fp32) model's reference outputs. The gate is derived from what the packaged artifacts
+measurably do on exactly that sample — the lowest accuracy minus ``accuracy_margin`` and the
+lowest top-1 agreement with the reference minus ``agreement_margin`` — unless overridden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from converter.data import Dataset
+from converter.errors import RecipeError
+from converter.evaluate import top1
+from converter.pipeline import PipelineResult, StepRecord
+from converter.runners import fit_inputs, open_runner
+from edgeagent.bundle.create import CreatedBundle, create_bundle
+from edgeagent.bundle.manifest import AcceptanceGate, BundleName, CompressionStep, Preprocessing, is_semver
+from edgeagent.signing import SigningKey
+
+
+class PackageConfig(BaseModel):
+    """Bundle identity, what goes in, and how the acceptance gate is set."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: BundleName
+    version: str = Field(description="Semantic version, e.g. 1.0.0.")
+    description: str = Field(default="", description="Free text shown by `edgectl bundle inspect`.")
+    artifacts: Literal["all", "final"] = Field(
+        default="all",
+        description="'all': every deployable model the passes produced (a device picks the best it can "
+        "run); 'final': only the last one.",
+    )
+    golden_samples: int = Field(
+        default=100, ge=1, description="Size of the acceptance set (capped by the data)."
+    )
+    seed: int = Field(default=0, description="Seed of the acceptance-set sample.")
+    accuracy_margin: float = Field(
+        default=0.02,
+        ge=0.0,
+        le=1.0,
+        description="Gate min_accuracy = lowest measured accuracy on the set minus this.",
+    )
+    agreement_margin: float = Field(
+        default=0.02,
+        ge=0.0,
+        le=1.0,
+        description="Gate min_top1_agreement = lowest measured agreement with the reference minus this.",
+    )
+    min_accuracy: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="Override the derived min_accuracy."
+    )
+    min_top1_agreement: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="Override the derived min_top1_agreement."
+    )
+    atol: float | None = Field(
+        default=None, ge=0.0, description="Also bound |output - reference| (absolute)."
+    )
+    rtol: float | None = Field(
+        default=None, ge=0.0, description="Also bound |output - reference| (relative)."
+    )
+    latency_p95_ms: dict[str, float] = Field(
+        default_factory=dict, description="p95 latency budget in ms per device profile ('*' = any)."
+    )
+    labels: Path | None = Field(default=None, description="Class names file, one per line (digits: 0-9).")
+    preprocessing: Preprocessing | None = Field(
+        default=None, description="How raw input becomes model input (digits sets this itself)."
+    )
+
+    @field_validator("version")
+    @classmethod
+    def _semver(cls, value: str) -> str:
+        # Checked here as well as in the manifest so a typo fails before minutes of work, not after.
+        if not is_semver(value):
+            raise ValueError(f"version {value!r} is not a semantic version like 1.2.3")
+        return value
+
+
+@dataclass
+class Packaged:
+    bundle: CreatedBundle
+    gate: AcceptanceGate
+    #: Per packaged artifact: accuracy and top-1 agreement measured on the acceptance set.
+    measured: dict[str, dict[str, float]]
+
+
+def compression_steps(steps: list[StepRecord]) -> list[CompressionStep]:
+    """The report in the manifest's schema, one entry per pass."""
+    out = []
+    for step in steps:
+        b, a = step.before, step.after
+        transfer = f"transfer ({a.transfer_codec}) {b.transfer_bytes} -> {a.transfer_bytes} B"
+        out.append(
+            CompressionStep(
+                name=step.name,
+                params=step.params,
+                accuracy_before=b.accuracy,
+                accuracy_after=a.accuracy,
+                size_before=b.size_bytes,
+                size_after=a.size_bytes,
+                sparsity=step.sparsity,
+                latency_p50_ms_before=b.latency_p50_ms,
+                latency_p50_ms_after=a.latency_p50_ms,
+                latency_p95_ms_before=b.latency_p95_ms,
+                latency_p95_ms_after=a.latency_p95_ms,
+                notes="; ".join(n for n in (step.notes, transfer) if n),
+            )
+        )
+    return out
+
+
+def package(
+    result: PipelineResult,
+    data: Dataset,
+    config: PackageConfig,
+    key: SigningKey | None,
+    out_dir: Path,
+) -> Packaged:
+    """Write ``out_dir/NAME-VERSION.bundle`` holding the artifacts, acceptance set and report."""
+    artifacts = result.artifacts()
+    if config.artifacts == "final":
+        artifacts = artifacts[-1:]
+    if not artifacts:
+        raise RecipeError(
+            f"{result.final.path.name} is a {result.final.kind} model, which no device runs: "
+            "add the tflite pass (--tflite)"
+        )
+    work = out_dir / "package"
+    work.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(config.seed)
+    n = min(config.golden_samples, len(data.x))
+    index = np.sort(rng.choice(len(data.x), size=n, replace=False))
+    labels = np.asarray(data.y)[index]
+    reference = result.reference[index]
+    runners = [open_runner(model) for model, _ in artifacts]
+    inputs = fit_inputs(data.x[index], runners[0].sample_shape)
+    golden_arrays: dict[str, Any] = {"inputs": inputs, "reference": reference}
+    # The evaluator measured accuracy exactly when the task is classification.
+    classification = result.baseline.accuracy is not None
+    if classification:
+        golden_arrays["labels"] = labels.astype(np.int64)
+    golden = work / "golden.npz"
+    np.savez(golden, **golden_arrays)
+
+    measured: dict[str, dict[str, float]] = {}
+    for (model, _), runner in zip(artifacts, runners, strict=True):
+        outputs = runner.predict(fit_inputs(inputs, runner.sample_shape))
+        row = {"top1_agreement": float(np.mean(top1(outputs) == top1(reference)))}
+        if classification:
+            row["accuracy"] = float(np.mean(top1(outputs) == labels))
+        measured[model.path.name] = row
+    gate = _gate(config, measured, classification)
+    label_file = _labels(config, data, work)
+    bundle = create_bundle(
+        name=config.name,
+        version=config.version,
+        models=[model.path for model, _ in artifacts],
+        key=key,
+        out_dir=out_dir,
+        golden=golden,
+        labels=label_file,
+        description=config.description,
+        gate=gate,
+        preprocessing=config.preprocessing or data.preprocessing,
+        compression=compression_steps(result.steps),
+    )
+    return Packaged(bundle=bundle, gate=bundle.manifest.acceptance, measured=measured)
+
+
+def _floor(value: float) -> float:
+    """Round down to 4 decimals, so a gate printed in the manifest is never above what was measured."""
+    return max(0.0, float(np.floor(value * 10_000) / 10_000))
+
+
+def _gate(
+    config: PackageConfig, measured: dict[str, dict[str, float]], classification: bool
+) -> AcceptanceGate:
+    min_accuracy = config.min_accuracy
+    if min_accuracy is None and classification:
+        min_accuracy = _floor(min(m["accuracy"] for m in measured.values()) - config.accuracy_margin)
+    agreement = config.min_top1_agreement
+    # Top-1 agreement means nothing for a regressor: bound its outputs with atol/rtol instead.
+    if agreement is None and classification:
+        agreement = _floor(min(m["top1_agreement"] for m in measured.values()) - config.agreement_margin)
+    return AcceptanceGate(
+        golden="acceptance/golden.npz",
+        min_accuracy=min_accuracy,
+        min_top1_agreement=agreement,
+        atol=config.atol,
+        rtol=config.rtol,
+        latency_p95_ms=config.latency_p95_ms,
+    )
+
+
+def _labels(config: PackageConfig, data: Dataset, work: Path) -> Path | None:
+    if config.labels is not None:
+        return config.labels
+    if data.labels is None:
+        return None
+    path = work / "labels.txt"
+    path.write_text("".join(f"{label}\n" for label in data.labels), encoding="utf-8")
+    return path

@@ -1,0 +1,171 @@
+"""The conversion report: ``report.json``, ``report.md`` and, with matplotlib, ``report.png``.
+
+One row per step (the source model first), each measured by the same evaluator. Sizes in
+bytes, latencies in ms on this host, accuracies as fractions 0-1.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+from converter import extras
+from converter.evaluate import Metrics
+from converter.package import Packaged
+from converter.pipeline import PipelineResult
+from edgeagent.storage import atomic_write_bytes
+
+
+def report_dict(result: PipelineResult, data_source: str, packaged: Packaged | None) -> dict[str, Any]:
+    """Everything the report shows, as JSON-ready data."""
+    body: dict[str, Any] = {
+        "source": {"path": str(result.source.path), "kind": result.source.kind},
+        "data": data_source,
+        "host": {
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "threads": extras.THREADS,
+        },
+        "baseline": result.baseline.model_dump(mode="json"),
+        "steps": [
+            {
+                "name": s.name,
+                "params": s.params,
+                "artifact": s.model.path.name,
+                "kind": s.model.kind,
+                "seconds": round(s.seconds, 3),
+                "sparsity": s.sparsity,
+                "before": s.before.model_dump(mode="json"),
+                "after": s.after.model_dump(mode="json"),
+                "details": s.details,
+                "notes": s.notes,
+            }
+            for s in result.steps
+        ],
+    }
+    if packaged is not None:
+        body["bundle"] = {
+            "path": str(packaged.bundle.path),
+            "sha256": packaged.bundle.sha256,
+            "models": [m.path for m in packaged.bundle.manifest.models],
+            "gate": packaged.gate.model_dump(mode="json"),
+            "measured_on_golden": packaged.measured,
+        }
+    return body
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.2f}%"
+
+
+def _row(label: str, artifact: str, m: Metrics, sparsity: float | None) -> str:
+    return (
+        f"| {label} | `{artifact}` | {_pct(m.accuracy)} | {_pct(m.top_k_accuracy)} "
+        f"| {_pct(m.top1_agreement)} "
+        f"| {m.size_bytes:,} | {m.transfer_bytes:,} | {m.latency_p50_ms:.3f} | {m.latency_p95_ms:.3f} "
+        f"| {_pct(sparsity)} |"
+    )
+
+
+def render_markdown(result: PipelineResult, data_source: str, packaged: Packaged | None) -> str:
+    """The report as Markdown: the steps table, then per-step details."""
+    m0 = result.baseline
+    k = m0.top_k or "k"
+    lines = [
+        "# Conversion report",
+        "",
+        f"Source `{result.source.path.name}` ({result.source.kind}); "
+        f"data: {data_source} ({m0.samples} samples).",
+        f"Latency: single-sample invocations on this host ({platform.machine()}, {extras.THREADS} threads).",
+        f"Transfer size: the artifact compressed with {m0.transfer_codec}.",
+        "",
+        f"| step | artifact | top-1 | top-{k} | agreement | bytes | transfer bytes "
+        "| p50 ms | p95 ms | sparsity |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        _row("source", result.source.path.name, m0, None),
+    ]
+    lines += [_row(s.name, s.model.path.name, s.after, s.sparsity) for s in result.steps]
+    for i, step in enumerate(result.steps, 1):
+        lines += ["", f"## {i}. {step.name}", "", f"`{json.dumps(step.params, sort_keys=True)}`", ""]
+        if step.notes:
+            lines += [step.notes, ""]
+        tensors = step.details.get("tensors")
+        if tensors:
+            lines += ["| tensor | shape | sparsity | threshold |", "|---|---|---:|---:|"]
+            lines += [
+                f"| `{name}` | {t['shape']} | {t['sparsity'] * 100:.2f}% | {t['threshold']:.4g} |"
+                for name, t in tensors.items()
+            ]
+        candidates = step.details.get("candidates")
+        if candidates:
+            chosen = step.details.get("chosen")
+            lines += [
+                "| # | mode | per-channel | calibration | excluded | top-1 | drop | bytes | p50 ms |",
+                "|---|---|---|---|---|---:|---:|---:|---:|",
+            ]
+            for j, c in enumerate(candidates):
+                mark = " **chosen**" if j == chosen else ""
+                lines.append(
+                    f"| {j}{mark} | {c['mode']} | {c['per_channel']} | {c['calibration'] or '-'} "
+                    f"| {', '.join(c['excluded_nodes']) or '-'} | {_pct(c['accuracy'])} | {_pct(c['drop'])} "
+                    f"| {c['size_bytes']:,} | {c['latency_p50_ms']:.3f} |"
+                )
+    if packaged is not None:
+        gate = packaged.gate
+        lines += [
+            "",
+            "## Bundle",
+            "",
+            f"`{packaged.bundle.path.name}` sha256 `{packaged.bundle.sha256}`",
+            "",
+            f"Models: {', '.join(f'`{m.path}`' for m in packaged.bundle.manifest.models)}.",
+            f"Acceptance set: {gate.samples} samples; gate: min accuracy {gate.min_accuracy}, "
+            f"min top-1 agreement {gate.min_top1_agreement}.",
+        ]
+        for name, measured in packaged.measured.items():
+            lines.append(
+                f"- `{name}` on the acceptance set: " + ", ".join(f"{k} {v:.4f}" for k, v in measured.items())
+            )
+    return "\n".join(lines) + "\n"
+
+
+def render_chart(result: PipelineResult, path: Path) -> bool:
+    """Accuracy vs size, one point per step; False when matplotlib is not installed."""
+    if not extras.available("matplotlib"):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [("source", result.baseline)] + [(s.name, s.after) for s in result.steps]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sizes = [m.size_bytes / 1024 for _, m in points]
+    accs = [(m.accuracy or 0.0) * 100 for _, m in points]
+    ax.plot(sizes, accs, "-o")
+    for (label, _), x, y in zip(points, sizes, accs, strict=True):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel("size on disk (KiB)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(f"{result.source.path.name}: accuracy vs size per step")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write_report(
+    result: PipelineResult, data_source: str, packaged: Packaged | None, out_dir: Path
+) -> list[Path]:
+    """Write report.json, report.md and (when possible) report.png; return their paths."""
+    json_path, md_path, png_path = out_dir / "report.json", out_dir / "report.md", out_dir / "report.png"
+    body = report_dict(result, data_source, packaged)
+    atomic_write_bytes(json_path, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(md_path, render_markdown(result, data_source, packaged).encode())
+    written = [json_path, md_path]
+    if result.baseline.accuracy is not None and render_chart(result, png_path):
+        written.append(png_path)
+    return written
