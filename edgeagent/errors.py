@@ -9,7 +9,7 @@
     ├── RuntimeUnavailable          a runtime's Python package is not installed (names what to pip install)
     ├── ModelLoadError              a runtime could not load a model file
     ├── InferenceError              a runtime failed while running a loaded model
-    ├── InputError                  request inputs do not fit the model; ``code`` names what (shape, dtype, ...)
+    ├── InputError                  request inputs do not fit the model; ``code`` says how (bad_shape...)
     ├── NoCandidate                 selection left no runtime/delegate for a bundle; carries the decision
     ├── AcceptanceFailed            the golden set missed a bound of the acceptance gate; carries the verdict
     ├── ServingError                the local inference endpoint
@@ -47,6 +47,8 @@ from __future__ import annotations
 
 class EdgeError(Exception):
     """Root of every error raised on purpose by edgeagent."""
+
+    code = "error"  # stable, machine-readable reason for events; subclasses narrow it
 
     def __init__(self, message: str) -> None:
         if not message:
@@ -176,6 +178,8 @@ class SizeLimitExceeded(UnsafeMember):
 class RuntimeUnavailable(EdgeError):
     """A runtime adapter's package does not import; the message says what to install."""
 
+    code = "runtime_unavailable"
+
     def __init__(self, message: str, *, runtime: str) -> None:
         super().__init__(message)
         self.runtime = runtime
@@ -183,6 +187,8 @@ class RuntimeUnavailable(EdgeError):
 
 class ModelLoadError(EdgeError):
     """A runtime could not load a model file (corrupt file, unsupported op, bad options)."""
+
+    code = "model_load_failed"
 
     def __init__(self, message: str, *, runtime: str, path: str) -> None:
         super().__init__(message)
@@ -192,6 +198,8 @@ class ModelLoadError(EdgeError):
 
 class InferenceError(EdgeError):
     """A loaded model failed while running (a runtime error, not a bad input)."""
+
+    code = "inference_failed"
 
     def __init__(self, message: str, *, runtime: str) -> None:
         super().__init__(message)
@@ -214,6 +222,8 @@ class NoCandidate(EdgeError):
     ``decision`` is the :class:`edgeagent.selection.Decision` with every rejection's reason.
     """
 
+    code = "no_candidate"
+
     def __init__(self, message: str, *, decision: object) -> None:
         super().__init__(message)
         self.decision = decision
@@ -224,6 +234,8 @@ class AcceptanceFailed(EdgeError):
 
     ``verdict`` is the :class:`edgeagent.acceptance.Verdict` (each number next to its bound).
     """
+
+    code = "acceptance_failed"
 
     def __init__(self, message: str, *, verdict: object) -> None:
         super().__init__(message)

@@ -118,7 +118,7 @@ def _inspect_onnx_with_ort(path: Path) -> tuple[Precision, list[TensorSpec], lis
         raise ModelInspectionError(f"{path}: onnxruntime cannot load it ({exc})", path=str(path)) from exc
 
     def spec(arg: Any) -> TensorSpec:
-        dtype = _ORT_TYPES.get(arg.type)
+        dtype = ORT_TYPES.get(arg.type)
         if dtype is None:
             raise ModelInspectionError(f"{path}: unsupported tensor type {arg.type}", path=str(path))
         dims = [d if isinstance(d, int) and d > 0 else None for d in arg.shape]
@@ -131,7 +131,7 @@ def _inspect_onnx_with_ort(path: Path) -> tuple[Precision, list[TensorSpec], lis
     return precision, inputs, outputs
 
 
-_ORT_TYPES = {
+ORT_TYPES = {
     "tensor(float)": "float32",
     "tensor(float16)": "float16",
     "tensor(double)": "float64",

@@ -131,7 +131,7 @@ CREATE = "bundle create --name d --version 1.0.0 --key {key} -o {out}"
         (f"{CREATE} --model {{model}} --min-accuracy 0.9", 2, "--golden"),
         (f"{CREATE} --model {{model}} --min-accuracy 90", 2, "fraction"),
         (f"{CREATE} --model {{model}} --latency-budget rpi4", 2, "PROFILE=MS"),
-        (f"{CREATE} --model {{model}} --golden {{garbage}}", 2, "not a readable .npz"),
+        (f"{CREATE} --model {{model}} --golden {{garbage}}", 2, "not a readable golden .npz"),
         ("bundle frobnicate", 2, "invalid choice"),
         ("bundle verify --nope", 2, "error"),
     ],

@@ -53,14 +53,16 @@ def load_golden(path: Path) -> GoldenSet:
     except FileNotFoundError as exc:
         raise UsageError(f"{path}: no such golden file") from exc
     except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise UsageError(f"{path}: not a readable .npz ({exc})") from exc
+        raise UsageError(f"{path}: not a readable golden .npz ({exc})") from exc
     _check(arrays, str(path))
     return GoldenSet(arrays["inputs"], arrays.get("labels"), arrays.get("reference"))
 
 
 def _check(arrays: dict[str, np.ndarray], where: str) -> None:
+    if "inputs" not in arrays:
+        raise UsageError(f"{where}: the golden set has no 'inputs' (found {sorted(arrays)})")
     unknown = set(arrays) - set(GOLDEN_KEYS)
-    if unknown or "inputs" not in arrays:
+    if unknown:
         raise UsageError(
             f"{where}: a golden set holds 'inputs' and optionally 'labels', 'reference'; "
             f"found {sorted(arrays)}"
@@ -68,7 +70,7 @@ def _check(arrays: dict[str, np.ndarray], where: str) -> None:
     inputs = arrays["inputs"]
     n = int(inputs.shape[0]) if inputs.ndim else 0
     if n == 0:
-        raise UsageError(f"{where}: 'inputs' is empty")
+        raise UsageError(f"{where}: the golden set has no 'inputs' (the array is empty)")
     for key in ("labels", "reference"):
         if key in arrays and len(arrays[key]) != n:
             raise UsageError(f"{where}: '{key}' has {len(arrays[key])} rows but 'inputs' has {n}")

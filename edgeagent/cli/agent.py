@@ -26,6 +26,9 @@ COMMANDS: tuple[str, ...] = (
     "edgeagent.cli.detect_cmd",
     "edgeagent.cli.run_cmd",
     "edgeagent.cli.service_cmd",
+    "edgeagent.cli.serve_cmd",
+    "edgeagent.cli.infer_cmd",
+    "edgeagent.cli.bench_cmd",
 )
 
 

@@ -98,7 +98,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "otherwise exit 1 with one line naming the reason.",
     )
     verify.add_argument("bundle", type=Path, metavar="FILE")
-    _trust_args(verify)
+    add_trust_args(verify)
     verify.add_argument("--json", action="store_true", help="print the result as JSON")
     verify.set_defaults(handler=_verify)
 
@@ -126,12 +126,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Verify the bundle and unpack it into DIR (which must not exist), all or nothing.",
     )
     extract.add_argument("bundle", type=Path, metavar="FILE")
-    _trust_args(extract)
+    add_trust_args(extract)
     extract.add_argument("--to", required=True, type=Path, metavar="DIR", help="new folder to create")
     extract.set_defaults(handler=_extract)
 
 
-def _trust_args(parser: argparse.ArgumentParser) -> None:
+def add_trust_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trusted",
         action="append",
@@ -157,7 +157,7 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _keyring(args: argparse.Namespace) -> KeyRing:
+def keyring_from_args(args: argparse.Namespace) -> KeyRing:
     if not args.trusted and not getattr(args, "allow_unsigned", False):
         raise UsageError("give at least one --trusted public key (or --allow-unsigned)")
     for path in args.trusted:
@@ -211,7 +211,7 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    result = verify_bundle(args.bundle, _keyring(args), allow_unsigned=args.allow_unsigned)
+    result = verify_bundle(args.bundle, keyring_from_args(args), allow_unsigned=args.allow_unsigned)
     if args.json:
         print(json.dumps(_summary(result), indent=2))
     else:
@@ -223,7 +223,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    result = extract_bundle(args.bundle, args.to, _keyring(args), allow_unsigned=args.allow_unsigned)
+    result = extract_bundle(args.bundle, args.to, keyring_from_args(args), allow_unsigned=args.allow_unsigned)
     print(f"{result.sha256}  {args.bundle}")
     count = len(result.manifest.files) + 1 + (result.signed_by is not None)
     print(f"extracted {count} files (manifest included) to {args.to}")

@@ -1,0 +1,96 @@
+"""``infer``: send one input file to the local inference socket and print the reply as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from edgeagent.client import DEFAULT_SOCKET
+from edgeagent.errors import UsageError
+
+EPILOG = """\
+examples:
+  edgeagent infer --input digit.npy
+  edgeagent infer --socket /tmp/edge.sock --input batch.json --model classifier
+  edgeagent infer --input sample_int8.npy --raw        # quantized integers in and out
+
+input files: .npy (one array), .npz (arrays named after the model's inputs), .json (a nested
+list, or {"inputs": [[...]]} / {"inputs": {"name": [[...]]}})
+"""
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "infer",
+        help="run one input file through the served model and print the outputs",
+        description=(
+            "Send an input file to the agent's local inference endpoint and print the reply as JSON: "
+            "outputs, prediction id, model, version, runtime, delegate and server latency."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        default=DEFAULT_SOCKET,
+        metavar="PATH",
+        help=f"Unix socket (default {DEFAULT_SOCKET})",
+    )
+    parser.add_argument(
+        "--input", required=True, type=Path, metavar="FILE", help="FILE.npy, FILE.npz or FILE.json"
+    )
+    parser.add_argument("--model", metavar="NAME", help="served model name (default: the default model)")
+    parser.add_argument(
+        "--raw", action="store_true", help="quantized models: send and receive the raw integer tensors"
+    )
+    parser.set_defaults(handler=_infer)
+
+
+def read_input(path: Path) -> tuple[Any, bool]:
+    """(inputs, binary): an array or {name: array} for .npy/.npz, nested lists for .json."""
+    import numpy as np
+
+    if not path.is_file():
+        raise UsageError(f"{path}: no such input file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False), True
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}, True
+        if suffix == ".json":
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            inputs = doc["inputs"] if isinstance(doc, dict) and "inputs" in doc else doc
+            if isinstance(inputs, dict):
+                return {str(k): np.asarray(v) for k, v in inputs.items()}, False
+            return np.asarray(inputs), False
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise UsageError(f"{path}: cannot read it ({exc})") from exc
+    raise UsageError(f"{path}: unknown input type {suffix or '(no suffix)'}; use .npy, .npz or .json")
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from edgeagent.client import Client
+
+    inputs, binary = read_input(args.input)
+    with Client(args.socket) as client:
+        result = client.predict(inputs, model=args.model, raw=args.raw, binary=binary)
+    print(
+        json.dumps(
+            {
+                "id": result.id,
+                "model": result.model,
+                "version": result.version,
+                "runtime": result.runtime,
+                "delegate": result.delegate,
+                "latency_ms": result.latency_ms,
+                "outputs": {name: array.tolist() for name, array in result.outputs.items()},
+            }
+        )
+    )
+    return 0
