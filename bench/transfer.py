@@ -26,6 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import itertools
+
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -118,6 +120,82 @@ def block_transfer(port: int, ref: BundleRef, prefix: str, block: int, window: i
     return elapsed
 
 
+def _big_onnx(path: Path, seed: int) -> None:
+    """An MLP 64-1200-1000-10 with random weights: about 5 MB of float32."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    dims = [64, 1200, 1000, 10]
+    nodes, inits = [], []
+    prev = "input"
+    for i, (a, b) in enumerate(itertools.pairwise(dims)):
+        inits.append(numpy_helper.from_array(rng.standard_normal((a, b)).astype(np.float32) * 0.05, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"h{i}"]))
+        prev = f"h{i}"
+        if i < len(dims) - 2:
+            nodes.append(helper.make_node("Relu", [prev], [f"r{i}"]))
+            prev = f"r{i}"
+    nodes.append(helper.make_node("Identity", [prev], ["logits"]))
+    graph = helper.make_graph(
+        nodes,
+        "big",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 10])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def push_to_active(port: int, workdir: Path, folder: Path) -> None:
+    """Seconds from `edgectl push` (publishing the desired doc) to the device reporting it active."""
+    from edgeagent.bundle.create import create_bundle
+    from edgeagent.signing import SigningKey, generate_keypair
+    from fleet.push import FleetConnection, Target, publish_desired, wait_for
+
+    keys = workdir / "keys"
+    generate_keypair("bench", keys)
+    key = SigningKey.load(keys / "bench.key")
+    config = workdir / "agent.toml"
+    config.write_text(
+        f'device_id = "bench-dev"\nstate_dir = "{workdir / "state"}"\nsocket_path = "{workdir / "a.sock"}"\n'
+        f'broker_url = "mqtt://127.0.0.1:{port}"\ntopic_prefix = "bench"\ntrusted_keys = "{keys}"\n'
+        'profile = "generic-x86_64"\n'
+    )
+    agent = subprocess.Popen(
+        [str(Path(sys.executable).parent / "edgeagent"), "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    times, size = [], 0
+    try:
+        with FleetConnection(BrokerConfig("127.0.0.1", port), Topics("bench"), "bench-push") as conn:
+            for i in range(3):
+                model = workdir / f"big{i}.onnx"
+                _big_onnx(model, i)
+                created = create_bundle(
+                    name="big", version=f"1.0.{i}", models=[model], key=key, out_dir=folder
+                )
+                size = created.path.stat().st_size
+                ref = BundleRef(name="big", version=f"1.0.{i}", sha256=created.sha256, size=size)
+                start = time.perf_counter()
+                publish_desired(conn, Target("device", "bench-dev"), "default", ref, key)
+                result = wait_for(conn, ["bench-dev"], "default", ref, 120, lambda line: None)[0]
+                times.append(time.perf_counter() - start)
+                if not result.ok:
+                    raise RuntimeError(result.detail)
+    finally:
+        agent.terminate()
+        agent.wait()
+    print(
+        f"\npush -> active for a {size / MiB:.1f} MiB bundle (download, verify, install, acceptance, switch):"
+    )
+    print(f"  runs {', '.join(f'{t:.2f}' for t in times)} s; median {statistics.median(times):.2f} s")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=float, default=20.0)
@@ -152,7 +230,7 @@ def main() -> int:
                     for block in (16 * KiB, 64 * KiB, 256 * KiB)
                     for window in (8, 32, 64, 128)
                 ]
-                + [(64 * KiB, 64, 4), (64 * KiB, 64, 8)]
+                + [(256 * KiB, 16, 1), (64 * KiB, 64, 4), (64 * KiB, 64, 8)]
             )
             for block, window, run in cells:
                 secs = statistics.median(
@@ -163,6 +241,8 @@ def main() -> int:
                 print(
                     f"{block // KiB:>5}Ki {window:>6} {run:>4} {inflight:>7.1f}Mi {secs:>8.3f} {mbs:>7.1f} {mbs / raw_mbs:>7.2f}"
                 )
+            if not args.quick:
+                push_to_active(port, workdir, folder)
         finally:
             registry.terminate()
             registry.wait()

@@ -82,7 +82,7 @@ class AgentConfig(BaseModel):
     )
     socket_path: Path = Field(
         default=Path("/run/edgeagent/agent.sock"),
-        description="Unix socket of the local inference endpoint (served once the serving issue lands).",
+        description="Unix socket of the local inference endpoint (HTTP/1.1; see docs/runtimes.md).",
     )
     status_interval_s: float = Field(
         default=30.0,
@@ -104,7 +104,9 @@ class AgentConfig(BaseModel):
         description="MQTT broker, mqtt://host:1883 or mqtts://host:8883; unset = no deployment, serve only.",
     )
     mqtt_protocol: Literal["3.1.1", "5"] = Field(default="3.1.1", description="MQTT protocol version.")
-    tls_ca_file: Path | None = Field(default=None, description="CA bundle for the broker's certificate (mqtts).")
+    tls_ca_file: Path | None = Field(
+        default=None, description="CA bundle for the broker's certificate (mqtts)."
+    )
     tls_cert_file: Path | None = Field(default=None, description="Client certificate for mutual TLS.")
     tls_key_file: Path | None = Field(default=None, description="Private key of the client certificate.")
     groups: list[str] = Field(
@@ -120,12 +122,17 @@ class AgentConfig(BaseModel):
         default=False,
         description="Accept unsigned desired docs and bundles. Only for the local demo; logged loudly.",
     )
-    keep_bundles: int = Field(default=3, ge=1, le=100, description="Installed bundles kept, current/previous included.")
+    keep_bundles: int = Field(
+        default=3, ge=1, le=100, description="Installed bundles kept, current/previous included."
+    )
     transfer_block_kib: int = Field(
         default=256, ge=4, le=256, description="Block size of bundle downloads in KiB (bench/transfer.py)."
     )
     transfer_window: int = Field(
-        default=32, ge=1, le=1024, description="Blocks in flight; download memory is about window x block size."
+        default=32,
+        ge=1,
+        le=1024,
+        description="Blocks in flight; download memory is about window x block size.",
     )
 
     @field_validator("profile")

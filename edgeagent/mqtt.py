@@ -352,25 +352,29 @@ class MqttSession:
     def _handle_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
         self.stats.received += 1
         with self._subs_lock:
-            sub = next((s for s in self._subs if paho.topic_matches_sub(s.match_filter, msg.topic)), None)
-        if sub is None:
+            subs = [s for s in self._subs if paho.topic_matches_sub(s.match_filter, msg.topic)]
+        if not subs:
             self.stats.dropped_unrouted += 1
             return
-        if len(msg.payload) > sub.max_bytes:
-            self.stats.dropped_oversize += 1
-            log.warning(
-                "mqtt: dropped %d-byte message on %s (limit %d)", len(msg.payload), msg.topic, sub.max_bytes
-            )
-            return
         message = Message(msg.topic, bytes(msg.payload), bool(msg.retain), int(msg.qos))
-        if sub.inline:
-            self._dispatch(sub, message)
-            return
-        try:
-            self._queue.put_nowait((sub, message))
-        except queue.Full:
-            self.stats.dropped_queue_full += 1
-            log.warning("mqtt: handler queue full, dropped a message on %s", msg.topic)
+        # Every matching subscription gets the message, each under its own size limit.
+        for sub in subs:
+            if len(message.payload) > sub.max_bytes:
+                self.stats.dropped_oversize += 1
+                log.warning(
+                    "mqtt: dropped %d-byte message on %s (limit %d)",
+                    len(message.payload),
+                    msg.topic,
+                    sub.max_bytes,
+                )
+            elif sub.inline:
+                self._dispatch(sub, message)
+            else:
+                try:
+                    self._queue.put_nowait((sub, message))
+                except queue.Full:
+                    self.stats.dropped_queue_full += 1
+                    log.warning("mqtt: handler queue full, dropped a message on %s", msg.topic)
 
     def _worker(self) -> None:
         while True:

@@ -9,7 +9,8 @@ a resume re-fetches at most one window. Blocks that time out are asked for again
 
 Memory stays bounded whatever the bundle size: blocks are written as they arrive, so the
 device holds at most ``window * block_size`` bytes of payload in broker/socket buffers
-(8 MiB with the defaults; 64 KiB x 64 halves that at about 0.8x the speed) plus the bitmap (one bit per block).
+(8 MiB with the defaults; 64 KiB x 64 halves that at about 0.6-0.8x the speed) plus the
+bitmap (one bit per block).
 
 The finished file's sha256 must equal the one asked for; its signature is checked by the
 bundle reader at the verifying step.

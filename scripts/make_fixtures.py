@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import os
 import platform
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -443,6 +444,7 @@ def _finish(out: Path, art: Artifact) -> Artifact:
 
 
 GOLDEN_SAMPLES = 100
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "fleet" / "assets" / "digits_mlp.onnx"
 
 
 def write_golden(out: Path, inputs: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> None:
@@ -524,6 +526,10 @@ def main(argv: list[str] | None = None) -> int:
     write_report(out, arts, checks, args.seed, args.exporter)
     n = GOLDEN_SAMPLES
     write_golden(out, flat(x_test[:n]), y_test[:n], logits["mlp.onnx"][:n])
+    if out == DEFAULT_OUT:
+        # `edgectl demo` starts from this model; it ships inside the package.
+        shutil.copyfile(out / "mlp.onnx", DEMO_MODEL)
+        print(f"copied mlp.onnx to {DEMO_MODEL}")
 
     # 4. print the table and enforce the targets
     print()

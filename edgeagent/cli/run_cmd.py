@@ -18,8 +18,10 @@ The configuration comes from --config, else ${CONFIG_ENV}, else {DEFAULT_CONFIG_
 Under systemd (Type=notify) the agent reports READY=1, a STATUS= line with each model's
 active bundle, WATCHDOG=1 pings and STOPPING=1; from a shell it simply runs until Ctrl-C.
 
-This release runs the service lifecycle only: hardware detection, status and watchdog.
-MQTT deployment, local serving and telemetry plug into this loop in later releases.
+With broker_url set, the agent reconciles the desired state published for this device and
+its groups, downloads bundles from the registry in resumable blocks, verifies them, proves
+them on the golden set, and switches over (rolling back on any failure). It always serves
+the installed models on socket_path.
 
 examples:
   edgeagent run
@@ -54,4 +56,10 @@ def _run(args: argparse.Namespace) -> int:
     )
     for note in detection.notes:
         log.warning("%s", note)
-    return AgentService(config, detection).run()
+    from edgeagent.agent import Agent
+
+    agent = Agent(config, detection).start()
+    try:
+        return AgentService(config, detection).run()
+    finally:
+        agent.close()
