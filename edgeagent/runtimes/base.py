@@ -57,6 +57,35 @@ class Fallback:
         return f"{self.requested} -> {self.used}: {self.reason}"
 
 
+class SessionInfo:
+    """What every adapter's session reports the same way; subclasses set the attributes in __init__."""
+
+    _delegate: str
+    _fallbacks: tuple[Fallback, ...]
+    _inputs: tuple[TensorSpec, ...]
+    _outputs: tuple[TensorSpec, ...]
+
+    @property
+    def delegate(self) -> str:
+        return self._delegate
+
+    @property
+    def fallbacks(self) -> Sequence[Fallback]:
+        return self._fallbacks
+
+    @property
+    def inputs(self) -> Sequence[TensorSpec]:
+        return self._inputs
+
+    @property
+    def outputs(self) -> Sequence[TensorSpec]:
+        return self._outputs
+
+    @property
+    def batch_dynamic(self) -> bool:
+        return all(not spec.shape or spec.shape[0] is None for spec in self._inputs)
+
+
 class Session(Protocol):
     """A loaded model in one runtime. ``run`` takes and returns the model's raw tensors."""
 

@@ -27,7 +27,7 @@ import numpy as np
 from edgeagent.bundle.manifest import Quantization, TensorSpec
 from edgeagent.errors import InferenceError, ModelLoadError, UsageError
 from edgeagent.modelinfo import tflite_interpreter_class
-from edgeagent.runtimes.base import Fallback, LoadOptions, one_line
+from edgeagent.runtimes.base import Fallback, LoadOptions, SessionInfo, one_line
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ DELEGATE_LIBRARIES = {
 }
 
 
-class LiteRTSession:
+class LiteRTSession(SessionInfo):
     """A TFLite ``Interpreter`` behind the :class:`~edgeagent.runtimes.base.Session` protocol.
 
     An interpreter is not thread-safe, so ``run`` holds a lock: concurrent requests on one
@@ -63,26 +63,6 @@ class LiteRTSession:
         self._input_index = {d["name"]: int(d["index"]) for d in in_details}
         self._input_shape = {d["name"]: tuple(int(x) for x in d["shape"]) for d in in_details}
         self._output_index = [int(d["index"]) for d in out_details]
-
-    @property
-    def delegate(self) -> str:
-        return self._delegate
-
-    @property
-    def fallbacks(self) -> Sequence[Fallback]:
-        return self._fallbacks
-
-    @property
-    def inputs(self) -> Sequence[TensorSpec]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> Sequence[TensorSpec]:
-        return self._outputs
-
-    @property
-    def batch_dynamic(self) -> bool:
-        return all(not spec.shape or spec.shape[0] is None for spec in self._inputs)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         with self._lock:

@@ -26,7 +26,7 @@ import numpy as np
 from edgeagent.bundle.manifest import TensorSpec
 from edgeagent.errors import InferenceError, ModelLoadError
 from edgeagent.modelinfo import ORT_TYPES
-from edgeagent.runtimes.base import Fallback, LoadOptions, one_line
+from edgeagent.runtimes.base import Fallback, LoadOptions, SessionInfo, one_line
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def provider_options(options: LoadOptions) -> dict[str, str]:
     return {}
 
 
-class OrtSession:
+class OrtSession(SessionInfo):
     """An ``onnxruntime.InferenceSession`` behind the :class:`~edgeagent.runtimes.base.Session` protocol."""
 
     runtime = "onnxruntime"
@@ -81,26 +81,6 @@ class OrtSession:
         self._outputs = tuple(_spec(a) for a in session.get_outputs())
         self._output_names = [o.name for o in self._outputs]
         self._lock = threading.Lock()  # guards close() against a concurrent run()
-
-    @property
-    def delegate(self) -> str:
-        return self._delegate
-
-    @property
-    def fallbacks(self) -> Sequence[Fallback]:
-        return self._fallbacks
-
-    @property
-    def inputs(self) -> Sequence[TensorSpec]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> Sequence[TensorSpec]:
-        return self._outputs
-
-    @property
-    def batch_dynamic(self) -> bool:
-        return all(not spec.shape or spec.shape[0] is None for spec in self._inputs)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         # InferenceSession.run is thread-safe; no lock on the hot path.
