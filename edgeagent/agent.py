@@ -19,6 +19,7 @@ from typing import Any
 from devices.detect import Detection
 from devices.profile import Candidate
 from edgeagent import __version__
+from edgeagent.acceptance import load_golden, run_acceptance
 from edgeagent.bundle.manifest import MANIFEST_NAME, parse_manifest
 from edgeagent.bundle.reader import verify_bundle
 from edgeagent.config import AgentConfig
@@ -33,7 +34,17 @@ from edgeagent.errors import (
     UsageError,
 )
 from edgeagent.mqtt import BrokerConfig, Message, MqttSession, TLSConfig
-from edgeagent.protocol import BundleRef, DeploymentOutcome, ModelStatus, Reported, Topics
+from edgeagent.protocol import (
+    BundleRef,
+    Command,
+    CommandReply,
+    DeploymentOutcome,
+    ModelStatus,
+    Reported,
+    Topics,
+    open_envelope,
+    parse,
+)
 from edgeagent.protocol import Event as EventMsg
 from edgeagent.serving.loader import prepare_served_model
 from edgeagent.serving.server import InferenceServer
@@ -70,9 +81,7 @@ class Agent:
         self.topics = Topics(config.topic_prefix)
         # Without a broker nothing new arrives to verify: a serve-only agent needs no keys.
         needs_keys = config.broker_url is not None and not config.insecure
-        self.trusted = (
-            trusted if trusted is not None else _load_trusted(config.trusted_keys, not needs_keys)
-        )
+        self.trusted = trusted if trusted is not None else _load_trusted(config.trusted_keys, not needs_keys)
         self.server = server or InferenceServer(config.socket_path)
         self.tracker = DesiredTracker(
             config.state_dir / "desired.json",
@@ -118,6 +127,9 @@ class Agent:
                 self.topics.device_desired(self.config.device_id),
                 self._on_desired,
                 max_bytes=MAX_DESIRED_BYTES,
+            )
+            self.session.subscribe(
+                self.topics.cmd(self.config.device_id), self._on_command, max_bytes=MAX_DESIRED_BYTES
             )
             for group in self.config.groups:
                 self.session.subscribe(
@@ -213,6 +225,64 @@ class Agent:
             log.info("accepted desired document %s seq %d", doc.target, doc.seq)
             self.publish_reported()
             self._wake.set()
+
+    # --- commands ----------------------------------------------------------------------
+
+    def _on_command(self, message: Message) -> None:
+        try:
+            opened = open_envelope(message.payload, self.trusted, insecure=self.config.insecure)
+            command = parse(Command, opened.payload, "command")
+            if command.target != f"device:{self.config.device_id}":
+                raise MalformedMessage(f"command for {command.target!r} arrived on this device's topic")
+            self.tracker.accept_command_seq(command.seq)
+        except (MalformedMessage, SignatureError, DocumentRefused) as exc:
+            log.warning("refused a command: %s", exc)
+            self._event("refused", code=exc.code, reason=str(exc), detail={"topic": message.topic})
+            command_id = _command_id(message.payload)
+            if command_id:
+                self._reply(CommandReply(id=command_id, ok=False, code=exc.code, detail=str(exc)))
+            return
+        # Off the MQTT handler thread: a bench runs the golden set on every served model.
+        threading.Thread(
+            target=self._run_command, args=(command,), name=f"cmd-{command.id}", daemon=True
+        ).start()
+
+    def _run_command(self, command: Command) -> None:
+        try:
+            if command.name == "refresh":
+                self.publish_reported()
+                self._wake.set()
+                reply = CommandReply(id=command.id, ok=True, detail="reported state republished; reconciling")
+            else:
+                results = self._bench(command.model)
+                ok = bool(results) and all(r["passed"] for r in results.values())
+                detail = "acceptance re-run on " + (", ".join(results) or "no served model")
+                reply = CommandReply(
+                    id=command.id,
+                    ok=ok,
+                    code="ok" if ok else "acceptance_failed",
+                    detail=detail,
+                    result=results,
+                )
+        except EdgeError as exc:
+            reply = CommandReply(id=command.id, ok=False, code=exc.code, detail=str(exc))
+        self._reply(reply)
+
+    def _bench(self, only: str | None) -> dict[str, Any]:
+        results: dict[str, Any] = {}
+        for name, served in self.server.served().items():
+            if (only is not None and name != only) or served.bundle_sha256 is None:
+                continue
+            folder = self.store.bundle_dir(served.bundle_sha256)
+            gate = parse_manifest((folder / MANIFEST_NAME).read_bytes()).acceptance
+            golden = load_golden(folder / gate.golden) if gate.golden else None
+            verdict = run_acceptance(served.model, gate, golden, profile=self.detection.profile)
+            results[name] = verdict.model_dump(mode="json")
+        return results
+
+    def _reply(self, reply: CommandReply) -> None:
+        if self.session is not None:
+            self.session.publish(self.topics.cmd_reply(self.config.device_id), reply.model_dump_json(), qos=1)
 
     # --- deployments -------------------------------------------------------------------
 
@@ -430,6 +500,16 @@ class Agent:
         atomic_write_bytes(
             self.refs_file, json.dumps({k: v.model_dump() for k, v in self.refs.items()}, indent=2).encode()
         )
+
+
+def _command_id(payload: bytes) -> str | None:
+    """The id of a refused command, if it can be read at all, so the sender gets a reply."""
+    try:
+        body = json.loads(json.loads(payload)["payload"])
+        value = body.get("id")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return value if isinstance(value, str) and 0 < len(value) <= 64 else None
 
 
 def _load_trusted(folder: Path, insecure: bool) -> KeyRing:

@@ -105,6 +105,15 @@ class DesiredTracker:
         self._save()
         return doc
 
+    def accept_command_seq(self, seq: int) -> None:
+        """Record a command's sequence number; raise ReplayedDocument unless it is newer."""
+        key = f"cmd:{self.device_id}"
+        last = self.seqs.get(key, 0)
+        if seq <= last:
+            raise ReplayedDocument(f"command sequence {seq} is not newer than {last}")
+        self.seqs[key] = seq
+        self._save()
+
     def effective(self) -> dict[str, Wanted]:
         wanted: dict[str, Wanted] = {}
         sources = [f"group:{g}" for g in self.groups] + [f"device:{self.device_id}"]

@@ -156,7 +156,10 @@ class Command(_Msg):
     seq: int = Field(ge=1, description="Monotonic per device; replays are refused.")
     id: str = Field(min_length=1, max_length=64, description="Echoed in the reply.")
     target: str = Field(description="'device:ID'.")
-    name: Literal["rollback", "refresh", "bench"] = Field(description="What to do.")
+    name: Literal["refresh", "bench"] = Field(
+        description="refresh: republish reported state and reconcile now; "
+        "bench: re-run acceptance on the served models."
+    )
     model: str | None = Field(default=None, description="Model name the command concerns (default: all).")
     issued_at: float = Field(default_factory=time.time)
 
@@ -165,6 +168,7 @@ class CommandReply(_Msg):
     v: Literal[1] = PROTOCOL_VERSION
     id: str
     ok: bool
+    code: str = Field(default="ok", description="'ok' or the reason code of a refusal/failure.")
     detail: str = ""
     result: dict[str, Any] = Field(default_factory=dict)
 

@@ -28,6 +28,7 @@ COMMANDS: tuple[str, ...] = (
     "edgeagent.cli.bundle_cmd",
     "fleet.registry_cmd",
     "fleet.push_cmd",
+    "fleet.command_cmd",
     "fleet.demo_cmd",
     "converter.cli",
 )

@@ -386,3 +386,60 @@ def test_killed_while_rolling_back_resumes_the_rollback(
     finally:
         agent.stop()
         watcher.close()
+
+
+def test_signed_commands(mosquitto, bundles: Bundles, device, capsys) -> None:  # type: ignore[no-untyped-def]
+    from edgeagent.cli.common import build_parser, run
+    from edgeagent.protocol import Command, CommandReply
+    from fleet.edgectl import COMMANDS, DESCRIPTION
+
+    agent, _watcher = device
+    assert _push(mosquitto, bundles, agent.device, bundles.refs["v1"]).ok
+    base = [
+        "--device",
+        agent.device,
+        "--key",
+        str(bundles.keys / "release.key"),
+        "--broker",
+        f"mqtt://{mosquitto.host}:{mosquitto.port}",
+        "--prefix",
+        PREFIX,
+        "--timeout",
+        "30",
+    ]
+    edgectl = build_parser("edgectl", DESCRIPTION, COMMANDS)
+    assert run(edgectl, ["command", "bench", *base]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "OK (ok)" in out
+        and "default: passed on onnxruntime/CPUExecutionProvider" in out
+        and "accuracy" in out
+    )
+    assert run(edgectl, ["command", "refresh", *base]) == 0
+
+    # The same signed command twice: the replay is refused, and the sender is told why.
+    replies: queue.Queue[bytes] = queue.Queue()
+    topics = Topics(PREFIX)
+    s = MqttSession(BrokerConfig(mosquitto.host, mosquitto.port), f"cmd-{time.monotonic_ns()}")
+    s.subscribe(topics.cmd_reply(agent.device), lambda m: replies.put(m.payload))
+    s.start()
+    assert s.wait_connected(5)
+    try:
+        time.sleep(0.2)
+        command = Command(
+            seq=int(time.time() * 1000) + 5000, id="again", target=f"device:{agent.device}", name="refresh"
+        )
+        signed = sign_document(command, bundles.key)
+        for _ in range(2):
+            s.publish(topics.cmd(agent.device), signed)
+        got = [CommandReply.model_validate_json(replies.get(timeout=10)) for _ in range(2)]
+        assert sorted((r.ok, r.code) for r in got) == [(False, "replayed"), (True, "ok")]
+        # Signed by a key the device does not trust.
+        other = Command(
+            seq=int(time.time() * 1000) + 9000, id="intruder", target=f"device:{agent.device}", name="refresh"
+        )
+        s.publish(topics.cmd(agent.device), sign_document(other, bundles.intruder))
+        reply = CommandReply.model_validate_json(replies.get(timeout=10))
+        assert (reply.id, reply.ok, reply.code) == ("intruder", False, "unknown_key")
+    finally:
+        s.close()

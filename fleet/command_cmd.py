@@ -1,0 +1,96 @@
+"""``edgectl command``: send a signed command to one device and print its reply."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import time
+import uuid
+from pathlib import Path
+
+from edgeagent.errors import UsageError
+from edgeagent.protocol import DEFAULT_PREFIX
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    cmd = subparsers.add_parser(
+        "command",
+        help="send a signed command to a device (refresh, bench) and show the reply",
+        description=(
+            "refresh: the device republishes its reported state and reconciles its desired state now. "
+            "bench: the device re-runs each served model's acceptance test (golden set, latency) "
+            "and replies with the verdicts. Commands are signed and carry a sequence number, so "
+            "a replayed command is refused."
+        ),
+        epilog="example:\n  edgectl command bench --device pi-1 --key keys/release.key --broker mqtt://broker:1883",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cmd.add_argument("name", choices=("refresh", "bench"))
+    cmd.add_argument("--device", required=True, metavar="ID")
+    cmd.add_argument("--key", required=True, type=Path, help="private key that signs the command")
+    cmd.add_argument("--broker", required=True, help="broker URL, e.g. mqtt://localhost:1883")
+    cmd.add_argument("--model", help="only this model name (bench)")
+    cmd.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix (default: %(default)s)")
+    cmd.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the reply (default 60)")
+    cmd.add_argument("--json", action="store_true", help="print the reply as JSON")
+    cmd.set_defaults(handler=_command)
+
+
+def _command(args: argparse.Namespace) -> int:
+    from edgeagent.mqtt import BrokerConfig, Message
+    from edgeagent.protocol import Command, CommandReply, Topics, sign_document
+    from edgeagent.signing import SigningKey
+    from fleet.push import FleetConnection, PushError
+
+    key = SigningKey.load(args.key)
+    try:
+        topics = Topics(args.prefix)
+        reply_topic = topics.cmd_reply(args.device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    command = Command(
+        seq=int(time.time() * 1000),
+        id=uuid.uuid4().hex[:12],
+        target=f"device:{args.device}",
+        name=args.name,
+        model=args.model,
+    )
+    replies: queue.Queue[Message] = queue.Queue()
+    with FleetConnection(BrokerConfig.from_url(args.broker), topics, f"edgectl-cmd-{os.getpid()}") as conn:
+        conn.session.subscribe(reply_topic, replies.put)
+        time.sleep(0.2)  # let the subscription settle before the device can answer
+        if not conn.session.publish(topics.cmd(args.device), sign_document(command, key), qos=1):
+            raise PushError("lost the broker connection while sending the command")
+        deadline = time.monotonic() + args.timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                msg = replies.get(timeout=left)
+            except queue.Empty:
+                break
+            try:
+                reply = CommandReply.model_validate_json(msg.payload)
+            except ValueError:
+                continue
+            if reply.id != command.id:
+                continue
+            if args.json:
+                print(json.dumps(reply.model_dump(mode="json"), indent=2))
+            else:
+                print(f"{args.device}: {'OK' if reply.ok else 'FAILED'} ({reply.code}) - {reply.detail}")
+                for name, verdict in reply.result.items():
+                    latency = verdict.get("latency") or {}
+                    checks = ", ".join(
+                        f"{c['name']} {c['value']:.4g} ({c['op']} {c['bound']:.4g})"
+                        for c in verdict.get("checks", [])
+                        if c.get("value") is not None
+                    )
+                    print(
+                        f"  {name}: {'passed' if verdict.get('passed') else 'FAILED'} on "
+                        f"{verdict.get('runtime')}/{verdict.get('delegate')}; "
+                        f"p50 {latency.get('p50_ms', 0):.3f} ms, "
+                        f"p95 {latency.get('p95_ms', 0):.3f} ms; {checks or 'no bounds'}"
+                    )
+            return 0 if reply.ok else 1
+    raise PushError(f"no reply from {args.device} within {args.timeout:.0f} s (is it online?)")
