@@ -20,6 +20,7 @@ import queue
 import random
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -33,6 +34,7 @@ from edgeagent.errors import UsageError
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
+CONNACK_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -296,17 +298,26 @@ class MqttSession:
 
     def _network_loop(self) -> None:
         first = True
+        # After CONNECT is sent, is_connected() stays False until the CONNACK (a TLS handshake
+        # takes a while): starting another connect meanwhile would break the one under way.
+        pending_until = 0.0
         while not self._stop.is_set():
-            if not self._client.is_connected() and not self._connect(first):
-                delay = self._backoff.next_delay()
-                log.info("mqtt %s: reconnecting to %s in %.1f s", self.client_id, self.broker.url, delay)
-                self._stop.wait(delay)
-                continue
-            first = False
+            if not self._client.is_connected() and time.monotonic() >= pending_until:
+                if not self._connect(first):
+                    self._wait_backoff()
+                    continue
+                first = False
+                pending_until = time.monotonic() + CONNACK_TIMEOUT_S
             rc = self._client.loop(timeout=0.1)
             if rc != paho.MQTT_ERR_SUCCESS and not self._stop.is_set():
                 self._connected.clear()
-                self._stop.wait(0.05)
+                pending_until = 0.0
+                self._wait_backoff()
+
+    def _wait_backoff(self) -> None:
+        delay = self._backoff.next_delay()
+        log.info("mqtt %s: reconnecting to %s in %.1f s", self.client_id, self.broker.url, delay)
+        self._stop.wait(delay)
 
     def _connect(self, first: bool) -> bool:
         try:

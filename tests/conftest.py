@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import socket
 import subprocess
@@ -40,6 +41,11 @@ def mosquitto_binary() -> str | None:
     )
 
 
+# Run as root, Mosquitto drops to user "mosquitto", which cannot read pytest's private temp
+# folders (config includes, certificates, its log file); as the invoking user it stays put.
+MOSQUITTO_USER_LINE = f"user {getpass.getuser()}\n"
+
+
 class MosquittoProcess:
     """A real Mosquitto on a loopback port that a test can stop and start again (same port)."""
 
@@ -54,6 +60,7 @@ class MosquittoProcess:
         self.conf = workdir / "mosquitto.conf"
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
+            f"{MOSQUITTO_USER_LINE}"
             "allow_anonymous true\n"
             "persistence false\n"
             f"log_dest file {workdir / 'mosquitto.log'}\n"
