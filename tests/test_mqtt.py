@@ -160,3 +160,15 @@ def test_oversized_messages_are_dropped_and_counted(mosquitto) -> None:  # type:
         assert session.stats.dropped_oversize == 1
         assert session.stats.handler_errors == 1
     assert not session.publish("t/limit", b"closed")  # a closed session says so
+
+
+@pytest.mark.mosquitto
+def test_mqtt5_option(mosquitto) -> None:  # type: ignore[no-untyped-def]
+    got: queue.Queue[bytes] = queue.Queue()
+    broker = BrokerConfig(mosquitto.host, mosquitto.port, protocol="5")
+    with MqttSession(broker, f"v5-{time.monotonic_ns()}") as session:
+        assert session.wait_connected(5)
+        session.subscribe("t/v5", lambda m: got.put(m.payload))
+        time.sleep(0.2)
+        session.publish("t/v5", b"five")
+        assert got.get(timeout=5) == b"five"
