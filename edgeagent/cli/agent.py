@@ -18,7 +18,11 @@ runtime for this hardware, proves accuracy and latency before switching over, an
 local inference.
 
 examples:
-  edgeagent bundle verify model-1.0.0.bundle --trusted /etc/edgeagent/keys/release.pub
+  edgeagent detect                                   # which profile this board gets, and why
+  edgeagent run --config /etc/edgeagent/agent.toml   # the service (what systemd starts)
+  edgeagent serve digits-1.0.0.bundle --trusted /etc/edgeagent/keys/ --socket /tmp/edge.sock
+  edgeagent infer --socket /tmp/edge.sock --input digit.npy
+  edgeagent bundle verify digits-1.0.0.bundle --trusted /etc/edgeagent/keys/release.pub
 """
 
 COMMANDS: tuple[str, ...] = (
