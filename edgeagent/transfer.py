@@ -49,6 +49,7 @@ class TransferConfig:
     block_timeout_s: float = 5.0
     max_tries: int = 10
     connect_timeout_s: float = 300.0
+    progress_interval_s: float = 0.5  # at most one progress callback per interval
 
     def __post_init__(self) -> None:
         if not 4 * KiB <= self.block_size <= 256 * KiB:
@@ -270,7 +271,7 @@ class BlockDownloader:
                 unsynced = t.unsynced
             if unsynced >= cfg.window:
                 self._persist(t, state)
-            if progress is not None and time.monotonic() - last_progress > 0.5:
+            if progress is not None and time.monotonic() - last_progress >= cfg.progress_interval_s:
                 last_progress = time.monotonic()
                 progress(min(t.bitmap.count() * t.block_size, t.ref.size), t.ref.size)
         self._persist(t, state)

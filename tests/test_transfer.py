@@ -101,7 +101,9 @@ def test_resume_after_restart_fetches_only_what_is_missing(
         if got >= total // 2:
             stop.set()
 
-    session, dl = _device(_broker(mosquitto), tmp_path, block_size=16 * KiB, window=window)
+    session, dl = _device(
+        _broker(mosquitto), tmp_path, block_size=16 * KiB, window=window, progress_interval_s=0.0
+    )
     with pytest.raises(errors.TransferError, match="stopped"):
         dl.fetch(ref, progress=stop_halfway, stop=stop)
     session.close()
@@ -128,7 +130,15 @@ def test_broker_outage_mid_transfer_resumes(own_mosquitto, tmp_path: Path) -> No
     ref = _bundle(folder, "outage", 4 * 1024 * KiB, seed=2)
     broker = _broker(own_mosquitto.broker)
     reg = Registry(broker, folder, topics=Topics("t2")).start()
-    session, dl = _device(broker, tmp_path, prefix="t2", block_size=16 * KiB, window=8, block_timeout_s=1.0)
+    session, dl = _device(
+        broker,
+        tmp_path,
+        prefix="t2",
+        block_size=16 * KiB,
+        window=8,
+        block_timeout_s=1.0,
+        progress_interval_s=0.0,
+    )
     restarted = threading.Event()
 
     def bounce(got: int, total: int) -> None:
