@@ -44,6 +44,7 @@ class BundleIndex:
         # (path, size, mtime_ns) -> sha256, so a rescan only hashes new or changed files.
         self._hashed: dict[tuple[str, int, int], str] = {}
         self._lock = threading.Lock()
+        self._scan_lock = threading.Lock()
         self._last_scan = 0.0
         self._scanned_names: frozenset[str] = frozenset()
         self._min_interval = min_rescan_interval_s
@@ -76,13 +77,21 @@ class BundleIndex:
     def lookup(self, sha256: str) -> IndexedBundle | None:
         with self._lock:
             hit = self._by_sha.get(sha256)
-            stale = time.monotonic() - self._last_scan >= self._min_interval
-        # A new name in the folder means a rescan at once (a listdir is cheap); otherwise at
-        # most once per interval, since a miss may be a client asking for garbage.
-        if hit is None and (stale or self._names() != self._scanned_names):
-            self.rescan()
+        if hit is not None:
+            return hit
+        # Misses are serialized: the decision to rescan must see the index and the scan state
+        # of one moment, or a miss racing a rescan could answer "not found" for a new file.
+        with self._scan_lock:
             with self._lock:
                 hit = self._by_sha.get(sha256)
+                stale = time.monotonic() - self._last_scan >= self._min_interval
+                scanned = self._scanned_names
+            # A new name in the folder means a rescan at once (a listdir is cheap); otherwise at
+            # most once per interval, since a miss may be a client asking for garbage.
+            if hit is None and (stale or self._names() != scanned):
+                self.rescan()
+                with self._lock:
+                    hit = self._by_sha.get(sha256)
         return hit
 
     def __len__(self) -> int:
