@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from converter.api import ConvertResult
+    from converter.passes import EpochLog
     from converter.recipe import Recipe
 
 EPILOG = """\
@@ -22,10 +23,15 @@ examples:
   edgectl convert model.keras --eval eval.npz --calib calib.npz --prune 0.9 --quantize int8 --tflite \\
       --name kws --version 2.0.0 --key K -o out/
   edgectl convert model.onnx --recipe recipe.toml --key K -o out/
+  edgectl convert mlp.onnx --dataset digits --prune 0.9 --finetune 30 --quantize int8 \\
+      --name digits --version 1.0.2 --key K -o out/
+  edgectl convert teacher.onnx --dataset digits --distill mlp:32 --quantize int8 \\
+      --name digits-student --version 2.0.0 --key K -o out/
 
 Evaluation data (--eval) is an .npz with 'x' (inputs) and 'y' (integer labels); calibration data
-(--calib) needs only 'x'. Writes OUTDIR/NAME-VERSION.bundle, OUTDIR/report.{json,md,png} and the
-intermediate models under OUTDIR/artifacts/. See docs/converter.md for the recipe format.
+(--calib) needs only 'x'; training data (--train, for --finetune/--distill) is shaped like --eval.
+Writes OUTDIR/NAME-VERSION.bundle, OUTDIR/report.{json,md,png} and the intermediate models under
+OUTDIR/artifacts/. See docs/converter.md for the recipe format.
 """
 
 _QUANTIZE = ("int8", "dynamic", "fp16", "none")
@@ -61,6 +67,29 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="one threshold or one per tensor",
     )
     passes.add_argument(
+        "--finetune",
+        type=_positive,
+        metavar="EPOCHS",
+        help="ONNX: retrain after --prune for at most EPOCHS epochs, pruned weights held at zero",
+    )
+    passes.add_argument(
+        "--distill",
+        metavar="STUDENT",
+        help="first train a student from MODEL (the teacher): mlp:64, mlp:128,64, cnn:small, module:factory",
+    )
+    passes.add_argument(
+        "--distill-epochs", type=_positive, metavar="N", help="--distill: most epochs (default 100)"
+    )
+    passes.add_argument(
+        "--temperature", type=float, metavar="T", help="--distill: softening temperature (default 4)"
+    )
+    passes.add_argument(
+        "--alpha", type=_fraction, metavar="F", help="--distill: weight of the soft-label term (default 0.7)"
+    )
+    passes.add_argument(
+        "--seed", type=int, default=0, help="--finetune/--distill: seed of the split, shuffling, weights"
+    )
+    passes.add_argument(
         "--quantize",
         choices=_QUANTIZE,
         default="none",
@@ -93,6 +122,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     source.add_argument("--dataset", choices=("digits",), help="built-in data set (demo, tests)")
     data.add_argument("--calib", type=Path, metavar="FILE", help=".npz with 'x' for int8 calibration")
+    data.add_argument(
+        "--train",
+        type=Path,
+        metavar="FILE",
+        help=".npz with 'x' and 'y' to fine-tune or distill on (--dataset digits has its own)",
+    )
     bundle = parser.add_argument_group("bundle")
     bundle.add_argument("--name", help="bundle name (required unless the recipe has [package])")
     bundle.add_argument("--version", help="semantic version, e.g. 1.0.0")
@@ -125,6 +160,16 @@ def _sparsity(text: str) -> float:
     return _fraction(text, below_one=True)
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not at least 1")
+    return value
+
+
 def build_recipe(args: argparse.Namespace) -> Recipe:
     """The recipe the flags describe, or the --recipe file with flags layered on top."""
     from converter.errors import RecipeError
@@ -136,11 +181,14 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
         or args.max_drop is not None
         or args.tflite
         or args.sparse
+        or args.finetune is not None
+        or args.distill is not None
     )
     if args.recipe is not None:
         if pass_flags:
             raise RecipeError(
-                "give passes either in --recipe or as flags (--prune/--quantize/--max-drop/--sparse/--tflite)"
+                "give passes either in --recipe or as flags "
+                "(--distill/--prune/--finetune/--quantize/--max-drop/--sparse/--tflite)"
             )
         recipe = load_recipe(args.recipe)
     else:
@@ -152,6 +200,8 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
         data_update.update(dataset=args.dataset, eval=None)
     if args.calib is not None:
         data_update["calib"] = args.calib
+    if args.train is not None:
+        data_update["train"] = args.train
     package: dict[str, Any] = recipe.package.model_dump() if recipe.package else {}
     overrides = {
         "name": args.name,
@@ -178,8 +228,22 @@ def _pass_tables(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise RecipeError("give the MODEL to convert")
     keras = args.model.suffix.lower() in (".keras", ".h5") or args.model.is_dir()
     tables: list[dict[str, Any]] = []
+    if args.distill is not None:
+        distill: dict[str, Any] = {"type": "distill", "student": args.distill, "seed": args.seed}
+        optional = {"epochs": args.distill_epochs, "temperature": args.temperature, "alpha": args.alpha}
+        distill.update({k: v for k, v in optional.items() if v is not None})
+        tables.append(distill)
+        keras = False  # the student is an ONNX model
+    elif args.distill_epochs is not None or args.temperature is not None or args.alpha is not None:
+        raise RecipeError("--distill-epochs/--temperature/--alpha apply to --distill")
     if args.prune is not None:
         tables.append({"type": "prune", "sparsity": args.prune, "scope": args.prune_scope})
+    if args.finetune is not None:
+        if args.prune is None:
+            raise RecipeError("--finetune retrains after pruning: give --prune SPARSITY too")
+        if keras:
+            raise RecipeError("--finetune retrains ONNX models; Keras fine-tuning is not supported yet")
+        tables.append({"type": "finetune", "epochs": args.finetune, "seed": args.seed})
     if keras:
         if args.max_drop is not None:
             raise RecipeError("--max-drop searches ONNX Runtime settings; for Keras choose --quantize")
@@ -212,27 +276,43 @@ def _pass_tables(args: argparse.Namespace) -> list[dict[str, Any]]:
             table["calibration"] = args.calibration
         tables.append(table)
     if args.sparse:
-        if len(tables) > (args.prune is not None):
+        if any(t["type"] in ("quantize", "search") for t in tables):
             raise RecipeError("--sparse stores fp32 weights; it cannot follow --quantize or --max-drop")
         tables.append({"type": "sparsify"})
     return tables
 
 
 class RichProgress:
-    """A spinner per long step on stderr, and a line with its duration when it ends."""
+    """A spinner per long step on stderr, and a line with its duration when it ends.
+
+    Training steps show the epoch, the training loss and the validation accuracy in the spinner.
+    """
 
     def __init__(self) -> None:
         from converter import extras
 
         console_module = extras.require("rich.console")
         self.console = console_module.Console(stderr=True)
+        self._status: Any = None
+        self._description = ""
 
     @contextlib.contextmanager
     def step(self, description: str) -> Iterator[None]:
         started = time.monotonic()
-        with self.console.status(description):
-            yield
+        with self.console.status(description) as status:
+            self._status, self._description = status, description
+            try:
+                yield
+            finally:
+                self._status = None
         self.console.print(f"[green]done[/] {description} ({time.monotonic() - started:.1f} s)")
+
+    def epoch(self, entry: EpochLog) -> None:
+        if self._status is not None:
+            self._status.update(
+                f"{self._description}: epoch {entry.epoch}/{entry.epochs}, loss {entry.loss:.4f}, "
+                f"validation top-1 {entry.val_accuracy:.2%}"
+            )
 
 
 def _convert(args: argparse.Namespace) -> int:

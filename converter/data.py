@@ -2,7 +2,9 @@
 
 An evaluation file is an ``.npz`` with ``x`` (N, ...) float inputs and ``y`` (N,) integer
 class ids (classification) or (N, ...) float targets (regression). A calibration file needs
-only ``x``. Inputs are float32 in the form the model takes after preprocessing.
+only ``x``. A training file (``finetune``, ``distill``) is shaped like an evaluation file;
+the digits data set provides its train split. Inputs are float32 in the form the model takes
+after preprocessing.
 """
 
 from __future__ import annotations
@@ -38,6 +40,11 @@ class DataConfig(BaseModel):
         description="Calibration .npz with array 'x' (representative inputs, no labels needed). "
         "Needed for static int8 unless `dataset` provides it.",
     )
+    train: Path | None = Field(
+        default=None,
+        description="Training .npz with arrays 'x' and 'y' for the finetune and distill passes "
+        "(they hold out part of it for validation). `dataset` provides its train split.",
+    )
     calibration_samples: int = Field(
         default=200, ge=1, description="At most this many calibration samples are used (the first ones)."
     )
@@ -63,6 +70,9 @@ class Dataset:
     calib: npt.NDArray[np.float32] | None
     source: str
     labels: list[str] | None = None
+    #: Training inputs and labels (finetune, distill); None when no training data was given.
+    train_x: npt.NDArray[np.float32] | None = None
+    train_y: npt.NDArray[Any] | None = None
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
 
 
@@ -97,6 +107,14 @@ def load_data(config: DataConfig) -> Dataset | None:
         dataset = Dataset(x=x, y=y, calib=calib, source=str(config.eval))
     else:
         return None
+    if config.train is not None:
+        arrays = load_npz(config.train, ("x", "y"))
+        tx, ty = arrays["x"].astype(np.float32), arrays["y"]
+        if len(tx) == 0 or len(tx) != len(ty):
+            raise DataError(
+                f"{config.train}: 'x' has {len(tx)} rows and 'y' {len(ty)}", path=str(config.train)
+            )
+        dataset = _replace(dataset, train_x=tx, train_y=ty)
     if dataset.calib is not None:
         dataset = _replace(dataset, calib=dataset.calib[: config.calibration_samples])
     if config.eval_samples is not None:
@@ -123,6 +141,8 @@ def _digits(calib: npt.NDArray[np.float32] | None) -> Dataset:
         calib=splits.x_calib if calib is None else calib,
         source="digits (scikit-learn, test split, seed 0)",
         labels=[str(i) for i in range(10)],
+        train_x=splits.x_train,
+        train_y=splits.y_train,
         preprocessing=Preprocessing(
             scale=1.0 / 16.0,
             layout="NHWC",

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from converter.data import Dataset
 from converter.evaluate import Evaluator, Metrics
 from converter.model import ModelArtifact
-from converter.passes import PassConfig, PassContext, pass_class
+from converter.passes import EpochLog, PassConfig, PassContext, pass_class
 from converter.runners import FloatArray
 
 log = logging.getLogger(__name__)
@@ -24,11 +24,25 @@ class Progress(Protocol):
 
     def step(self, description: str) -> contextlib.AbstractContextManager[None]: ...
 
+    def epoch(self, entry: EpochLog) -> None:
+        """A training pass finished an epoch (called inside its ``step``)."""
+        ...
+
 
 class NoProgress:
     def step(self, description: str) -> contextlib.AbstractContextManager[None]:
         log.info("%s", description)
         return contextlib.nullcontext()
+
+    def epoch(self, entry: EpochLog) -> None:
+        log.debug(
+            "%s epoch %d/%d: loss %.4f, validation accuracy %.4f",
+            entry.pass_name,
+            entry.epoch,
+            entry.epochs,
+            entry.loss,
+            entry.val_accuracy,
+        )
 
 
 @dataclass(frozen=True)
@@ -94,7 +108,7 @@ def run_pipeline(
     out_dir.mkdir(parents=True, exist_ok=True)
     with progress.step(f"evaluating {source.path.name}"):
         first = evaluator.evaluate(source)
-    context = PassContext(data=data, evaluator=evaluator, baseline=first.metrics)
+    context = PassContext(data=data, evaluator=evaluator, baseline=first.metrics, on_epoch=progress.epoch)
     model, before, steps = source, first.metrics, []
     for spec in passes:
         instance = pass_class(spec.name)(spec.config, context)

@@ -90,7 +90,13 @@ def _resolve(recipe: Recipe, base: Path) -> Recipe:
     def fix(p: Path | None) -> Path | None:
         return p if p is None or p.is_absolute() else base / p
 
-    data = recipe.data.model_copy(update={"eval": fix(recipe.data.eval), "calib": fix(recipe.data.calib)})
+    data = recipe.data.model_copy(
+        update={
+            "eval": fix(recipe.data.eval),
+            "calib": fix(recipe.data.calib),
+            "train": fix(recipe.data.train),
+        }
+    )
     package = recipe.package
     if package is not None and package.labels is not None:
         package = package.model_copy(update={"labels": fix(package.labels)})

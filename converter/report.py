@@ -69,6 +69,34 @@ def _row(label: str, artifact: str, m: Metrics, sparsity: float | None) -> str:
     )
 
 
+def _training_lines(details: dict[str, Any]) -> list[str]:
+    """finetune's accuracy chain, distill's teacher and student, and the epochs of either."""
+    lines: list[str] = []
+    chain = details.get("accuracy")
+    if isinstance(chain, dict):
+        lines += ["| top-1 | " + " | ".join(chain) + " |", "|---|" + "---:|" * len(chain)]
+        lines += ["| | " + " | ".join(_pct(v) for v in chain.values()) + " |", ""]
+    if "teacher" in details and "student" in details:
+        lines += ["| model | artifact | parameters | bytes | top-1 |", "|---|---|---:|---:|---:|"]
+        for role in ("teacher", "student"):
+            m = details[role]
+            params = "-" if m.get("parameters") is None else f"{m['parameters']:,}"
+            lines.append(
+                f"| {role} | `{m['artifact']}` | {params} | {m['size_bytes']:,} | {_pct(m['accuracy'])} |"
+            )
+        lines.append("")
+    history = details.get("history")
+    if history:
+        lines += ["| epoch | loss | validation top-1 |", "|---:|---:|---:|"]
+        best = details.get("best_epoch")
+        lines += [
+            f"| {h['epoch']}{' **best**' if h['epoch'] == best else ''} | {h['loss']:.4f} "
+            f"| {_pct(h['val_accuracy'])} |"
+            for h in history
+        ]
+    return lines
+
+
 def render_markdown(result: PipelineResult, data_source: str, packaged: Packaged | None) -> str:
     """The report as Markdown: the steps table, then per-step details."""
     m0 = result.baseline
@@ -98,6 +126,7 @@ def render_markdown(result: PipelineResult, data_source: str, packaged: Packaged
                 f"| `{name}` | {t['shape']} | {t['sparsity'] * 100:.2f}% | {t['threshold']:.4g} |"
                 for name, t in tensors.items()
             ]
+        lines += _training_lines(step.details)
         candidates = step.details.get("candidates")
         if candidates:
             chosen = step.details.get("chosen")

@@ -10,10 +10,12 @@ import importlib
 from typing import Any
 
 from converter.errors import RecipeError
-from converter.passes.base import Pass, PassConfig, PassContext, PassOutput
+from converter.passes.base import EpochLog, Pass, PassConfig, PassContext, PassOutput
 
 #: Every pass, by the name recipes use. Values are "module:Class".
 REGISTRY: dict[str, str] = {
+    "distill": "converter.passes.distill:DistillPass",
+    "finetune": "converter.passes.finetune:FinetunePass",
     "prune": "converter.passes.prune:PrunePass",
     "quantize": "converter.passes.quantize:QuantizePass",
     "search": "converter.passes.search:SearchPass",
@@ -33,4 +35,4 @@ def pass_class(name: str) -> type[Pass[Any]]:
     return cls
 
 
-__all__ = ["REGISTRY", "Pass", "PassConfig", "PassContext", "PassOutput", "pass_class"]
+__all__ = ["REGISTRY", "EpochLog", "Pass", "PassConfig", "PassContext", "PassOutput", "pass_class"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
@@ -21,6 +22,17 @@ class PassConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+@dataclass(frozen=True)
+class EpochLog:
+    """One training epoch of a pass that trains (finetune, distill). Accuracy as a fraction 0-1."""
+
+    pass_name: str
+    epoch: int
+    epochs: int
+    loss: float
+    val_accuracy: float
+
+
 @dataclass
 class PassContext:
     """What a pass may use besides its input model: the data, the evaluator, the baseline."""
@@ -28,6 +40,8 @@ class PassContext:
     data: Dataset | None = None
     evaluator: Evaluator | None = None
     baseline: Metrics | None = None
+    #: Called after every training epoch (the CLI shows loss and validation accuracy).
+    on_epoch: Callable[[EpochLog], None] | None = None
 
 
 @dataclass
