@@ -182,16 +182,35 @@ def run_demo(workdir: Path, *, keep: bool, broker_kind: str = "auto", say: Any =
             if not result.ok:
                 raise DemoError(f"the device did not take the bundle: {result.detail}")
             say(f"{DEVICE}: {result.detail}")
-            reported_raw = conn.retained(topics.reported(DEVICE)).get(topics.reported(DEVICE), b"")
+            reported = _reported_after(conn, topics, ref)
 
         say("\n4. ask the device for predictions over its local socket")
         _predict(workdir / "agent.sock", say)
 
         say("\n5. what the device reports")
-        if reported_raw:
-            _show_reported(Reported.model_validate_json(reported_raw), say)
+        if reported is not None:
+            _show_reported(reported, say)
     say(f"\ndemo finished; everything it made is in {workdir}" if keep else "\ndemo finished")
     return 0
+
+
+def _reported_after(
+    conn: FleetConnection, topics: Topics, ref: BundleRef, timeout_s: float = 10
+) -> Reported | None:
+    """The device's retained report once it includes the deployment of ``ref``.
+
+    The outcome event is published just before the new report, so read until it shows up.
+    """
+    deadline = time.monotonic() + timeout_s
+    latest = None
+    while time.monotonic() < deadline:
+        raw = conn.retained(topics.reported(DEVICE), settle_s=0.3).get(topics.reported(DEVICE))
+        if raw:
+            latest = Reported.model_validate_json(raw)
+            done = latest.last_deployment
+            if done is not None and done.bundle.sha256 == ref.sha256:
+                return latest
+    return latest
 
 
 def _start_agent(workdir: Path, port: int, keys: Path, say: Any) -> subprocess.Popen[bytes]:

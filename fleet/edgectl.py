@@ -36,3 +36,7 @@ COMMANDS: tuple[str, ...] = (
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     main_for("edgectl", DESCRIPTION, COMMANDS, argv)
+
+
+if __name__ == "__main__":
+    main()
