@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,7 +133,8 @@ class Registry:
         self._share = share
         self.session = MqttSession(
             broker,
-            client_id or f"registry-{os.getpid()}-{id(self) & 0xFFFF:x}",
+            # Unique per replica: two clients with one id make the broker drop each in turn.
+            client_id or f"registry-{uuid.uuid4().hex[:12]}",
             workers=workers,
             queue_size=10000,
             max_inflight=256,
