@@ -348,7 +348,7 @@ class Agent:
         try:
             while state not in (State.IDLE, State.ROLLING_BACK):
                 self._enter(jf, journal, state)
-                event, served = self._step(name, ref, state, served)
+                event, served = self._step(journal, state, served)
                 state = next_state(state, event)
         except TransferError as exc:
             if "will resume" in str(exc) or self._stop.is_set():
@@ -376,7 +376,9 @@ class Agent:
         jf.save(journal)
         return next_state(state, Event.FAILED)
 
-    def _step(self, name: str, ref: BundleRef, state: State, served: Any) -> tuple[Event, Any]:
+    def _step(self, journal: Journal, state: State, served: Any) -> tuple[Event, Any]:
+        name, ref = journal.model, journal.target
+        assert ref is not None  # a journal in a working state always has its target
         if state is State.DOWNLOADING:
             if not self.store.has_bundle(ref.sha256):
                 if self.downloader is None:
@@ -418,21 +420,18 @@ class Agent:
         if state is State.ACTIVATING:
             if served is None:  # resumed after a crash: validate again (acceptance is cheap)
                 served = self._prepare(name, ref.sha256)
-            journal_prev = JournalFile(self.store.journal_dir, name).load().previous
-            if journal_prev and journal_prev != ref.sha256:
-                self.store.set_link(name, "previous", journal_prev)
+            if journal.previous and journal.previous != ref.sha256:
+                self.store.set_link(name, "previous", journal.previous)
             self.store.set_link(name, "current", ref.sha256)
             self.server.activate(served, default=name == "default")
             return Event.ACTIVATED, served
         if state is State.COMMITTED:
             self._outcome(name, ref, ok=True, code="committed", reason="")
-            self.store.prune(self.config.keep_bundles)
-            (self.store.downloads / f"{ref.sha256}.bundle").unlink(missing_ok=True)
+            self.store.prune(self.config.keep_bundles)  # also drops the finished download
             return Event.DONE, served
         raise DeploymentFailed(f"no step for state {state.value}", code="bug")
 
     def _download_path(self, ref: BundleRef) -> Path:
-        assert self.downloader is not None or (self.store.downloads / f"{ref.sha256}.bundle").exists()
         return self.store.downloads / f"{ref.sha256}.bundle"
 
     def _prepare(self, name: str, sha: str) -> Any:

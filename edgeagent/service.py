@@ -22,7 +22,6 @@ import contextlib
 import enum
 import logging
 import os
-import re
 import select
 import signal
 import threading
@@ -37,10 +36,9 @@ from edgeagent import sdnotify
 from edgeagent.bundle.manifest import MANIFEST_NAME, parse_manifest
 from edgeagent.config import AgentConfig
 from edgeagent.errors import BundleError
+from edgeagent.store import BUNDLE_ID
 
 log = logging.getLogger(__name__)
-
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class ServiceState(enum.Enum):
@@ -152,7 +150,7 @@ def _active_model(model_dir: Path) -> ActiveModel:
         bundle_id = current.readlink().name
     except OSError:
         return ActiveModel(model_dir.name, None)
-    if not _SHA256.match(bundle_id):
+    if not BUNDLE_ID.match(bundle_id):
         log.warning("%s points at %r, which is not a bundle id", current, bundle_id)
     try:
         manifest = parse_manifest((current / MANIFEST_NAME).read_bytes())

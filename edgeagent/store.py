@@ -27,7 +27,8 @@ from edgeagent.storage import fsync_dir
 
 log = logging.getLogger(__name__)
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# A bundle id: the lowercase hex sha256 of the bundle file (its folder name in the store).
+BUNDLE_ID = re.compile(r"^[0-9a-f]{64}$")
 
 
 class Store:
@@ -49,7 +50,7 @@ class Store:
     # --- bundles -----------------------------------------------------------------------
 
     def bundle_dir(self, sha256: str) -> Path:
-        if not _SHA256.match(sha256):
+        if not BUNDLE_ID.match(sha256):
             raise ValueError(f"{sha256!r} is not a bundle id")
         return self.bundles / sha256
 
@@ -99,7 +100,7 @@ class Store:
         except OSError:
             return None
         sha = Path(target).name
-        return sha if _SHA256.match(sha) and (self.bundles / sha).is_dir() else None
+        return sha if BUNDLE_ID.match(sha) and (self.bundles / sha).is_dir() else None
 
     def set_link(self, name: str, which: str, sha256: str | None) -> None:
         """Point ``models/<name>/<which>`` at a bundle (or remove it), atomically."""
@@ -134,7 +135,7 @@ class Store:
             (
                 p
                 for p in self.bundles.iterdir()
-                if p.is_dir() and _SHA256.match(p.name) and p.name not in protected
+                if p.is_dir() and BUNDLE_ID.match(p.name) and p.name not in protected
             ),
             key=lambda p: p.stat().st_mtime,
             reverse=True,
