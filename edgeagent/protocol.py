@@ -229,6 +229,102 @@ class Event(_Msg):
     at: float = Field(default_factory=time.time)
 
 
+class ModelTelemetry(_Msg):
+    """One interval of one (model, bundle version, runtime, delegate) as the device served it."""
+
+    model: str = Field(description="Model name (the served slot).")
+    version: str = Field(description="Bundle version that answered.")
+    runtime: str
+    delegate: str
+    count: int = Field(ge=0, description="Requests answered in the interval.")
+    client_errors: int = Field(default=0, ge=0, description="4xx: requests that did not fit the model.")
+    server_errors: int = Field(default=0, ge=0, description="5xx: the runtime failed.")
+    throughput_rps: float = Field(ge=0, description="count / interval_s.")
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    p999_ms: float | None = None
+    max_ms: float | None = None
+    latency_hist: dict[str, Any] | None = Field(
+        default=None,
+        description="The interval's latency histogram (seconds) as Histogram.to_dict(): "
+        "mergeable across devices and intervals (1% relative error).",
+    )
+    labelled: int = Field(default=0, ge=0, description="Predictions whose label arrived in the interval.")
+    correct: int = Field(default=0, ge=0, description="Of those, how many were right (top-1).")
+    online_accuracy: float | None = Field(
+        default=None, description="correct / labelled since this version became active; None: no labels."
+    )
+    predicted: dict[str, int] = Field(
+        default_factory=dict, description="Predicted class -> count in the interval (class-score outputs)."
+    )
+    drift: float | None = Field(
+        default=None,
+        description="Total variation distance (0..1) between the predicted-class distribution since "
+        "activation and the acceptance set's; None until enough predictions.",
+    )
+
+
+class ProcessTelemetry(_Msg):
+    rss_mb: float
+    peak_rss_mb: float
+    cpu_percent: float = Field(description="Agent process CPU over the interval, % of one core.")
+    threads: int
+
+
+class Throttling(_Msg):
+    """What the board says about throttling (None fields: not exposed)."""
+
+    source: str = Field(description="'raspberrypi' (firmware get_throttled), 'jetson', or 'cpufreq'.")
+    throttled_now: bool
+    flags: int | None = Field(default=None, description="Raw firmware flags (Raspberry Pi get_throttled).")
+    under_voltage: bool | None = None
+    detail: str = ""
+
+
+class SystemTelemetry(_Msg):
+    mem_total_mb: float
+    mem_available_mb: float
+    cpu_percent: float = Field(description="All cores, % of the whole machine over the interval.")
+    cpu_count: int
+    load1: float
+    load5: float
+    load15: float
+    temperatures_c: dict[str, float] = Field(
+        default_factory=dict, description="Thermal zone type -> degrees C (/sys/class/thermal)."
+    )
+    throttling: Throttling | None = None
+    disk_free_mb: float = Field(description="Free space where the store lives.")
+    disk_total_mb: float
+
+
+class SpoolTelemetry(_Msg):
+    queued: int = Field(ge=0, description="Messages waiting on disk (this one not counted).")
+    dropped: int = Field(ge=0, description="Messages dropped by the spool bound since the agent started.")
+    dropped_total: int = Field(ge=0, description="Dropped since the spool was created (persisted).")
+
+
+class Telemetry(_Msg):
+    """Periodic metrics of one device (QoS 1, not retained; spooled on disk while offline)."""
+
+    v: Literal[1] = PROTOCOL_VERSION
+    device: DeviceId
+    seq: int = Field(ge=1, description="Per device, increasing across restarts: spooled messages keep theirs.")
+    at: float = Field(description="Unix time at the end of the interval.")
+    interval_s: float = Field(gt=0, description="Length of the interval the counters cover.")
+    groups: list[str] = Field(default_factory=list)
+    profile: str | None = None
+    models: list[ModelTelemetry] = Field(default_factory=list)
+    acceptance: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Model name -> the active bundle's acceptance: passed, accuracy, p95_ms, version.",
+    )
+    process: ProcessTelemetry
+    system: SystemTelemetry
+    spool: SpoolTelemetry
+    mqtt: dict[str, int] = Field(default_factory=dict, description="Session counters (sent, dropped, ...).")
+
+
 class BlockRequest(_Msg):
     """Ask the registry for ``count`` consecutive blocks starting at ``first``."""
 
