@@ -70,6 +70,11 @@ class Verdict(_Frozen):
     samples: int = Field(description="Golden samples run (0: no golden set, latency from zero inputs).")
     checks: list[Check]
     latency: Latency
+    predicted_classes: dict[str, int] | None = Field(
+        default=None,
+        description="Top-1 class -> count over the golden set when the output is class scores: "
+        "the reference distribution that telemetry's drift figure compares live predictions with.",
+    )
 
 
 def load_golden(path: Path) -> dict[str, np.ndarray]:
@@ -121,6 +126,7 @@ def run_acceptance(
             )
         )
     failed = [c for c in checks if not c.passed]
+    predicted_classes = _class_counts(outputs) if golden is not None else None
     return Verdict(
         passed=not failed,
         reason="; ".join(c.sentence() for c in failed) or None,
@@ -131,7 +137,16 @@ def run_acceptance(
         samples=len(inputs) if golden is not None else 0,
         checks=checks,
         latency=latency,
+        predicted_classes=predicted_classes,
     )
+
+
+def _class_counts(outputs: list[np.ndarray]) -> dict[str, int] | None:
+    """Top-1 class counts when every output is a (1, classes>=2) score row; else None."""
+    if not outputs or any(o.ndim != 2 or o.shape[0] != 1 or o.shape[1] < 2 for o in outputs):
+        return None
+    classes, counts = np.unique(np.concatenate(outputs).argmax(axis=1), return_counts=True)
+    return {str(int(c)): int(n) for c, n in zip(classes, counts, strict=True)}
 
 
 def _data_checks(gate: AcceptanceGate, golden: dict[str, np.ndarray], outputs: np.ndarray) -> list[Check]:

@@ -135,6 +135,29 @@ class AgentConfig(BaseModel):
         description="Blocks in flight; download memory is about window x block size.",
     )
 
+    telemetry_interval_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=3600,
+        description="Seconds between telemetry messages (latency, memory, accuracy); 0 = no telemetry.",
+    )
+    telemetry_root: Path | None = Field(
+        default=None,
+        description="Root whose /sys telemetry reads (temperatures, throttling); unset = detect_root.",
+    )
+    telemetry_spool_max_messages: int = Field(
+        default=8640,
+        ge=1,
+        le=1_000_000,
+        description="Telemetry messages kept on disk while the broker is away (8640 = one day at 10 s).",
+    )
+    telemetry_spool_max_mb: float = Field(
+        default=32.0,
+        gt=0,
+        le=4096,
+        description="Disk the telemetry spool may use in MB; past either bound the oldest are dropped.",
+    )
+
     @field_validator("profile")
     @classmethod
     def _known_profile(cls, value: str | None) -> str | None:

@@ -266,6 +266,20 @@ class MqttSession:
             return False
         return True
 
+    def publish_tracked(
+        self, topic: str, payload: bytes | str, *, qos: int = 1
+    ) -> paho.MQTTMessageInfo | None:
+        """Like :meth:`publish`, but returns paho's handle so the caller can tell when the broker
+        acknowledged it (``is_published()``); None (and counted) when it was not queued."""
+        if not self.connected:
+            self.stats.publish_failed += 1
+            return None
+        info = self._client.publish(topic, payload, qos=qos)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            self.stats.publish_failed += 1
+            return None
+        return info
+
     # --- internals ---------------------------------------------------------------------
 
     def _make_client(self, will: tuple[str, bytes] | None, max_inflight: int) -> paho.Client:

@@ -275,7 +275,10 @@ class ProcessTelemetry(_Msg):
 class Throttling(_Msg):
     """What the board says about throttling (None fields: not exposed)."""
 
-    source: str = Field(description="'raspberrypi' (firmware get_throttled), 'jetson', or 'cpufreq'.")
+    source: str = Field(
+        description="'raspberrypi' (firmware get_throttled flags) or 'cooling_device' "
+        "(a CPU/GPU frequency cooling device above state 0, e.g. on Jetson)."
+    )
     throttled_now: bool
     flags: int | None = Field(default=None, description="Raw firmware flags (Raspberry Pi get_throttled).")
     under_voltage: bool | None = None
@@ -309,7 +312,9 @@ class Telemetry(_Msg):
 
     v: Literal[1] = PROTOCOL_VERSION
     device: DeviceId
-    seq: int = Field(ge=1, description="Per device, increasing across restarts: spooled messages keep theirs.")
+    seq: int = Field(
+        ge=1, description="Per device, increasing across restarts (gaps possible); spooled ones keep theirs."
+    )
     at: float = Field(description="Unix time at the end of the interval.")
     interval_s: float = Field(gt=0, description="Length of the interval the counters cover.")
     groups: list[str] = Field(default_factory=list)

@@ -358,4 +358,3 @@ class BlockDownloader:
             self.stats.blocks_received += 1
             self.stats.bytes_received += len(reply.payload)
             t.cond.notify_all()
-

@@ -200,6 +200,7 @@ EXAMPLE_VALUES = (
     "tls_cert_file",
     "tls_key_file",
     "groups",
+    "telemetry_root",
 )
 
 
