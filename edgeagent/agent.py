@@ -51,6 +51,7 @@ from edgeagent.serving.server import InferenceServer
 from edgeagent.signing import KeyRing
 from edgeagent.storage import atomic_write_bytes
 from edgeagent.store import Store
+from edgeagent.telemetry import TelemetryReporter, reporter_for
 from edgeagent.transfer import BlockDownloader, TransferConfig
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class Agent:
         self._deployer: threading.Thread | None = None
         self.session: MqttSession | None = None
         self.downloader: BlockDownloader | None = None
+        self.telemetry: TelemetryReporter | None = None
         if config.insecure:
             log.warning(
                 "INSECURE MODE: unsigned desired docs and bundles are accepted. Never use this in production."
@@ -136,6 +138,14 @@ class Agent:
                     self.topics.group_desired(group), self._on_desired, max_bytes=MAX_DESIRED_BYTES
                 )
             self.session.start()
+            if self.config.telemetry_interval_s > 0:
+                self.telemetry = reporter_for(
+                    self.config,
+                    session=self.session,
+                    server=self.server,
+                    topic=self.topics.telemetry(self.config.device_id),
+                    profile=self.detection.profile,
+                ).start()
         self._deployer = threading.Thread(target=self._deploy_loop, name="deployer", daemon=True)
         self._deployer.start()
         self._wake.set()
@@ -146,6 +156,8 @@ class Agent:
         self._wake.set()
         if self._deployer is not None:
             self._deployer.join(timeout=30)
+        if self.telemetry is not None:
+            self.telemetry.close()  # before the session: unacknowledged messages go to the spool
         if self.session is not None:
             offline = self._reported(online=False).model_dump_json().encode()
             self.session.close(publish_last=(self.topics.reported(self.config.device_id), offline, True))
