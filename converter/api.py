@@ -65,11 +65,11 @@ def _check_passes(source: ModelArtifact, recipe: Recipe) -> None:
     for i, spec in enumerate(recipe.passes):
         cls = pass_class(spec.name)
         if kind not in cls.accepts:
-            hint = (
-                " (ONNX -> TFLite is not supported; start from the Keras model)"
-                if spec.name == "tflite"
-                else ""
-            )
+            hint = ""
+            if spec.name == "tflite":
+                hint = " (ONNX -> TFLite is not supported; start from the Keras model)"
+            elif kind == "torch":
+                hint = " (a .pt2 program is a --distill teacher; for other passes use convert_torch or ONNX)"
             raise RecipeError(
                 f"{spec.name} takes {', '.join(sorted(cls.accepts))} models but gets {kind}{hint}",
                 where=f"passes[{i}]",
@@ -78,7 +78,8 @@ def _check_passes(source: ModelArtifact, recipe: Recipe) -> None:
             raise RecipeError(f"{spec.name} must be the last pass", where=f"passes[{i}]")
         kind = cls.produces or kind
     if recipe.package is not None and kind not in DEPLOYABLE:
-        raise RecipeError(f"a {kind} model is not deployable: add the tflite pass (--tflite) to package it")
+        fix = "distill it (--distill)" if kind == "torch" else "add the tflite pass (--tflite)"
+        raise RecipeError(f"a {kind} model is not deployable: {fix} to package it")
 
 
 def export_torch(module: Any, example_input: Any, path: Path, opset: int = TORCH_OPSET) -> ModelArtifact:

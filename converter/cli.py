@@ -27,6 +27,8 @@ examples:
       --name digits --version 1.0.2 --key K -o out/
   edgectl convert teacher.onnx --dataset digits --distill mlp:32 --quantize int8 \\
       --name digits-student --version 2.0.0 --key K -o out/
+  edgectl convert mlp.onnx --dataset digits --prune 0.9 --finetune 30 --quantize int8 --qat 10 \\
+      --name digits --version 1.0.3 --key K -o out/
 
 Evaluation data (--eval) is an .npz with 'x' (inputs) and 'y' (integer labels); calibration data
 (--calib) needs only 'x'; training data (--train, for --finetune/--distill) is shaped like --eval.
@@ -70,7 +72,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--finetune",
         type=_positive,
         metavar="EPOCHS",
-        help="ONNX: retrain after --prune for at most EPOCHS epochs, pruned weights held at zero",
+        help="retrain after --prune for at most EPOCHS epochs, pruned weights held at zero (ONNX, Keras)",
+    )
+    passes.add_argument(
+        "--qat",
+        type=_positive,
+        metavar="EPOCHS",
+        help="quantization-aware fine-tuning with --quantize int8 for at most EPOCHS epochs "
+        "(ONNX: after quantizing, through the int8 graph; Keras: fake-quant kernels before TFLite int8)",
     )
     passes.add_argument(
         "--distill",
@@ -87,7 +96,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--alpha", type=_fraction, metavar="F", help="--distill: weight of the soft-label term (default 0.7)"
     )
     passes.add_argument(
-        "--seed", type=int, default=0, help="--finetune/--distill: seed of the split, shuffling, weights"
+        "--seed",
+        type=int,
+        default=0,
+        help="--finetune/--qat/--distill: seed of the split, shuffling, weights",
     )
     passes.add_argument(
         "--quantize",
@@ -182,13 +194,14 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
         or args.tflite
         or args.sparse
         or args.finetune is not None
+        or args.qat is not None
         or args.distill is not None
     )
     if args.recipe is not None:
         if pass_flags:
             raise RecipeError(
                 "give passes either in --recipe or as flags "
-                "(--distill/--prune/--finetune/--quantize/--max-drop/--sparse/--tflite)"
+                "(--distill/--prune/--finetune/--qat/--quantize/--max-drop/--sparse/--tflite)"
             )
         recipe = load_recipe(args.recipe)
     else:
@@ -241,10 +254,14 @@ def _pass_tables(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.finetune is not None:
         if args.prune is None:
             raise RecipeError("--finetune retrains after pruning: give --prune SPARSITY too")
-        if keras:
-            raise RecipeError("--finetune retrains ONNX models; Keras fine-tuning is not supported yet")
         tables.append({"type": "finetune", "epochs": args.finetune, "seed": args.seed})
+    if args.qat is not None and args.quantize != "int8":
+        raise RecipeError("--qat fine-tunes an int8 model: give --quantize int8 too")
     if keras:
+        if args.qat is not None:
+            tables.append(
+                {"type": "finetune", "epochs": args.qat, "seed": args.seed, "quantization_aware": True}
+            )
         if args.max_drop is not None:
             raise RecipeError("--max-drop searches ONNX Runtime settings; for Keras choose --quantize")
         if args.sparse:
@@ -257,6 +274,10 @@ def _pass_tables(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.tflite:
         raise RecipeError("--tflite converts Keras/SavedModel models; ONNX -> TFLite is not supported")
     if args.max_drop is not None:
+        if args.qat is not None:
+            raise RecipeError(
+                "--qat trains the int8 model --quantize int8 makes; it cannot follow --max-drop"
+            )
         if args.quantize not in ("none", "int8", "dynamic"):
             raise RecipeError(
                 f"--max-drop searches int8 settings; it cannot be combined with --quantize {args.quantize}"
@@ -275,6 +296,8 @@ def _pass_tables(args: argparse.Namespace) -> list[dict[str, Any]]:
         if args.calibration != "minmax":
             table["calibration"] = args.calibration
         tables.append(table)
+        if args.qat is not None:
+            tables.append({"type": "finetune", "epochs": args.qat, "seed": args.seed})
     if args.sparse:
         if any(t["type"] in ("quantize", "search") for t in tables):
             raise RecipeError("--sparse stores fp32 weights; it cannot follow --quantize or --max-drop")

@@ -14,9 +14,10 @@ from typing import Any, Literal
 from converter import extras
 from converter.errors import ModelLoadError
 
-ModelKind = Literal["onnx", "tflite", "keras", "savedmodel"]
+ModelKind = Literal["onnx", "tflite", "keras", "savedmodel", "torch"]
 
-#: Kinds a device can run (the others are host-side sources for the tflite pass).
+#: Kinds a device can run (the others are host-side sources: Keras/SavedModel for the tflite
+#: pass, torch programs as distillation teachers).
 DEPLOYABLE: frozenset[str] = frozenset({"onnx", "tflite"})
 
 
@@ -34,7 +35,7 @@ class ModelArtifact:
     @property
     def stem(self) -> str:
         name = self.path.name
-        for suffix in (".onnx", ".tflite", ".keras", ".h5"):
+        for suffix in (".onnx", ".tflite", ".keras", ".h5", ".pt2"):
             if name.endswith(suffix):
                 return name[: -len(suffix)]
         return name
@@ -61,11 +62,17 @@ def detect(path: Path) -> ModelArtifact:
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such model file", path=str(path))
     suffix = path.suffix.lower()
-    kinds: dict[str, ModelKind] = {".onnx": "onnx", ".tflite": "tflite", ".keras": "keras", ".h5": "keras"}
+    kinds: dict[str, ModelKind] = {
+        ".onnx": "onnx",
+        ".tflite": "tflite",
+        ".keras": "keras",
+        ".h5": "keras",
+        ".pt2": "torch",
+    }
     if suffix not in kinds:
         raise ModelLoadError(
             f"{path}: unknown model type {suffix or '(no suffix)'}; "
-            "expected .onnx, .keras, .h5, .tflite or a SavedModel folder",
+            "expected .onnx, .keras, .h5, .tflite, .pt2 (torch.export) or a SavedModel folder",
             path=str(path),
         )
     return ModelArtifact(path, kinds[suffix])
@@ -96,3 +103,16 @@ def load_keras(path: Path) -> Any:
         return keras.models.load_model(str(path), compile=False)
     except (ValueError, OSError, TypeError) as exc:
         raise ModelLoadError(f"{path}: Keras cannot load it ({exc})", path=str(path)) from exc
+
+
+def load_torch_program(path: Path) -> Any:
+    """A ``torch.export.ExportedProgram`` saved with ``torch.export.save``, or :class:`ModelLoadError`."""
+    torch = extras.torch()
+    try:
+        return torch.export.load(str(path))
+    except Exception as exc:  # zip, pickle and version errors have no common base
+        raise ModelLoadError(
+            f"{path}: not a torch.export program ({exc}); save one with "
+            "torch.export.save(torch.export.export(model, (example,)), 'model.pt2')",
+            path=str(path),
+        ) from exc

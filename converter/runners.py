@@ -1,4 +1,4 @@
-"""Run a model of any kind on the host: ONNX Runtime, LiteRT, Keras or a SavedModel.
+"""Run a model of any kind on the host: ONNX Runtime, LiteRT, Keras, a SavedModel or a torch program.
 
 Every runner takes float32 inputs shaped like the evaluation data (one row per sample) and
 returns float32 outputs; quantized TFLite inputs/outputs are (de)quantized here with the
@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from converter import extras
 from converter.errors import DataError, ModelLoadError
-from converter.model import ModelArtifact, check_one_input, load_keras
+from converter.model import ModelArtifact, check_one_input, load_keras, load_torch_program
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -41,6 +41,7 @@ def open_runner(model: ModelArtifact) -> Runner:
         "tflite": TfliteRunner,
         "keras": KerasRunner,
         "savedmodel": SavedModelRunner,
+        "torch": TorchRunner,
     }
     return openers[model.kind](model)
 
@@ -189,3 +190,39 @@ class SavedModelRunner:
 
     def invoke_one(self, x: FloatArray) -> None:
         self._call(x)
+
+
+class TorchRunner:
+    """A ``torch.export`` program (``.pt2``); a dynamic batch dimension is used as such."""
+
+    def __init__(self, model: ModelArtifact) -> None:
+        self.torch = extras.torch()
+        program = load_torch_program(model.path)
+        user_inputs = program.graph_signature.user_inputs
+        check_one_input(model.path, len(user_inputs))
+        node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == user_inputs[0])
+        shape = list(node.meta["val"].shape)
+        fixed = [d if isinstance(d, int) else None for d in shape]
+        # A batch size fixed at export time is run sample by sample in chunks of that size.
+        self.batch = fixed[0]
+        self.sample_shape = tuple(fixed[1:])
+        self.module = program.module()
+
+    def _call(self, x: FloatArray) -> FloatArray:
+        with self.torch.no_grad():
+            out = self.module(self.torch.from_numpy(np.ascontiguousarray(x)))
+        return np.asarray(out.detach().numpy(), dtype=np.float32)
+
+    def predict(self, x: FloatArray) -> FloatArray:
+        step = self.batch or 512
+        if self.batch is None or len(x) % step == 0:
+            return np.concatenate([self._call(x[i : i + step]) for i in range(0, len(x), step)])
+        rows = []
+        for i in range(0, len(x), step):
+            chunk = x[i : i + step]
+            padded = np.concatenate([chunk, np.repeat(chunk[-1:], step - len(chunk), axis=0)])
+            rows.append(self._call(padded)[: len(chunk)])
+        return np.concatenate(rows)
+
+    def invoke_one(self, x: FloatArray) -> None:
+        self.predict(x)

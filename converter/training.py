@@ -63,6 +63,16 @@ def training_data(
     return data, data.train_x, np.asarray(data.train_y).reshape(-1).astype(np.int64)
 
 
+def holds_pruning(array: npt.NDArray[Any]) -> bool:
+    """True when the zeros of a weight tensor are a pruning mask to keep.
+
+    Kernels (2+ dims) with any zero; 1-D tensors (biases, norm scales) only when mostly zero, so
+    that a bias that merely starts at zero (Keras initialises them so) still trains.
+    """
+    zeros = int(np.count_nonzero(array == 0))
+    return zeros > 0 and (array.ndim >= 2 or zeros > array.size // 2)
+
+
 def split(n: int, val_fraction: float, seed: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Seeded (train, validation) index arrays over ``n`` samples."""
     order = np.random.default_rng(seed).permutation(n)
@@ -84,12 +94,40 @@ def accuracy(module: Any, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64]) 
     return float(np.mean(predict(module, x).reshape(len(x), -1).argmax(1) == y))
 
 
-def _validate(module: Any, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64]) -> tuple[float, float]:
-    """Top-1 accuracy (0-1) and mean hard-label cross-entropy of ``module`` on ``x``, ``y``."""
-    logits = predict(module, x).reshape(len(x), -1)
+def scores(logits: npt.NDArray[np.float32], y: npt.NDArray[np.int64]) -> tuple[float, float]:
+    """Top-1 accuracy (0-1) and mean hard-label cross-entropy of ``logits`` (N, classes) for ``y``."""
+    logits = logits.reshape(len(y), -1).astype(np.float64)
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     return float(np.mean(logits.argmax(1) == y)), float(-log_probs[np.arange(len(y)), y].mean())
+
+
+class EarlyStopping:
+    """Keeps the history, says when an epoch is the best so far and when to stop.
+
+    Best = highest validation top-1; a small validation split often ties on accuracy, so the
+    lower cross-entropy breaks the tie. Stop after ``patience`` epochs without a new best.
+    """
+
+    def __init__(
+        self, config: TrainingConfig, epochs: int, pass_name: str, on_epoch: Callable[[EpochLog], None] | None
+    ) -> None:
+        self.config, self.epochs, self.pass_name, self.on_epoch = config, epochs, pass_name, on_epoch
+        self.result = FitResult(best_val_accuracy=-1.0)
+        self._best_loss = float("inf")
+
+    def update(self, epoch: int, loss: float, val_accuracy: float, val_loss: float) -> tuple[bool, bool]:
+        """Record an epoch; returns (it is the best so far, training should stop now)."""
+        result = self.result
+        result.history.append(
+            {"epoch": epoch, "loss": loss, "val_accuracy": val_accuracy, "val_loss": val_loss}
+        )
+        if self.on_epoch is not None:
+            self.on_epoch(EpochLog(self.pass_name, epoch, self.epochs, loss, val_accuracy))
+        if (val_accuracy, -val_loss) > (result.best_val_accuracy, -self._best_loss):
+            result.best_epoch, result.best_val_accuracy, self._best_loss = epoch, val_accuracy, val_loss
+            return True, False
+        return False, epoch - result.best_epoch >= self.config.patience
 
 
 def fit(
@@ -102,23 +140,25 @@ def fit(
     pass_name: str,
     on_epoch: Callable[[EpochLog], None] | None = None,
     masks: dict[str, Any] | None = None,
+    rows: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None = None,
 ) -> FitResult:
     """Train ``module`` in place with Adam; leave it holding the best validation epoch's weights.
 
     ``masks`` maps parameter name -> bool tensor of weights allowed to change; the others are
     held at exactly zero (their gradients are cleared and they are re-zeroed after every step).
+    ``rows`` = (training rows, validation rows) of ``x``; default: :func:`split` of all of ``x``.
     """
     torch = extras.torch()
     torch.manual_seed(config.seed)
-    train_idx, val_idx = split(len(x), config.val_fraction, config.seed)
+    train_idx, val_idx = rows if rows is not None else split(len(x), config.val_fraction, config.seed)
+    val_x, val_y = x[val_idx], y[val_idx]
     xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
     params = dict(module.named_parameters())
     masked = [(params[name], mask) for name, mask in (masks or {}).items()]
     optimizer = torch.optim.Adam(module.parameters(), lr=config.learning_rate)
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.from_numpy(train_idx)
-    result = FitResult(best_val_accuracy=-1.0)
-    best_loss = float("inf")
+    stopping = EarlyStopping(config, epochs, pass_name, on_epoch)
     best_state: dict[str, Any] = {}
     for epoch in range(1, epochs + 1):
         module.train()
@@ -135,21 +175,15 @@ def fit(
                     param.masked_fill_(~mask, 0.0)
             total += float(loss.detach()) * len(batch)
             count += len(batch)
-        val_accuracy, val_loss = _validate(module, x[val_idx], y[val_idx])
-        result.history.append(
-            {"epoch": epoch, "loss": total / count, "val_accuracy": val_accuracy, "val_loss": val_loss}
-        )
-        if on_epoch is not None:
-            on_epoch(EpochLog(pass_name, epoch, epochs, total / count, val_accuracy))
-        # A small validation split often ties on accuracy; the lower cross-entropy breaks the tie.
-        if (val_accuracy, -val_loss) > (result.best_val_accuracy, -best_loss):
-            result.best_epoch, result.best_val_accuracy, best_loss = epoch, val_accuracy, val_loss
+        val_accuracy, val_loss = scores(predict(module, val_x), val_y)
+        best, stop = stopping.update(epoch, total / count, val_accuracy, val_loss)
+        if best:
             best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        elif epoch - result.best_epoch >= config.patience:
+        if stop:
             break
     module.load_state_dict(best_state)
     module.eval()
-    return result
+    return stopping.result
 
 
 def parameter_count(module: Any) -> int:

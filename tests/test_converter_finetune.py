@@ -84,23 +84,6 @@ def test_onnx_module_computes_what_onnxruntime_does(model_dir: Path, data: Any, 
     )
 
 
-def test_unsupported_operator_is_named(tmp_path: Path) -> None:
-    from onnx import TensorProto, helper
-
-    from converter.errors import ModelLoadError
-    from converter.onnx_torch import onnx_module
-
-    graph = helper.make_graph(
-        [helper.make_node("Erf", ["x"], ["y"])],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
-    )
-    onnx.save(helper.make_model(graph), str(tmp_path / "erf.onnx"))
-    with pytest.raises(ModelLoadError, match="cannot train through operators Erf"):
-        onnx_module(tmp_path / "erf.onnx")
-
-
 # ----------------------------------------------------------------------------------- finetune
 
 

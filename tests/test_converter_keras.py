@@ -189,3 +189,64 @@ def test_savedmodel_and_h5_inputs(
     assert report["steps"][0]["after"]["accuracy"] == pytest.approx(
         float(np.mean(y.argmax(1) == digits.y_test)), abs=1e-9
     )
+
+
+def test_keras_prune_finetune_qat_full_int8(tmp_path: Path, keras_mlp: Path, digits: Any) -> None:
+    import keras
+
+    out = tmp_path / "out"
+    rc = edgectl(
+        "convert", keras_mlp, "--dataset", "digits", "--prune", "0.9", "--finetune", "8", "--qat", "3",
+        "--quantize", "int8", "--seed", "1", "--name", "k", "--version", "1.0.0", "--unsigned", "-o", out,
+    )  # fmt: skip
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    steps = report["steps"]
+    assert [s["name"] for s in steps] == ["prune", "finetune", "finetune", "tflite"]
+    assert [s["params"]["quantization_aware"] for s in steps[1:3]] == [False, True]
+    # Pruned weights stay exactly zero through fine-tuning and QAT; the rest trains.
+    loaded = [keras.models.load_model(out / "artifacts" / s["artifact"]) for s in steps[:3]]
+    pruned, tuned, qat = ({v.path: v.numpy() for v in m.weights} for m in loaded)
+    for path, weights in pruned.items():
+        if path.endswith("kernel"):
+            np.testing.assert_array_equal(tuned[path] == 0, weights == 0)
+            np.testing.assert_array_equal(qat[path] == 0, weights == 0)
+            assert not np.array_equal(tuned[path], weights)
+    assert steps[1]["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert steps[1]["after"]["accuracy"] > steps[0]["after"]["accuracy"]
+    assert set(steps[2]["details"]["accuracy"]) == {"source", "before QAT", "after QAT"}
+    history = steps[1]["details"]["history"]
+    assert 1 <= len(history) <= 8 and steps[1]["details"]["best_epoch"] <= len(history)
+    # The TFLite int8 model is what the last step measured, and it kept most of the accuracy.
+    y, inp = litert_logits(out / "artifacts" / steps[3]["artifact"], flat(digits.x_test))
+    assert inp["dtype"] == np.int8
+    assert steps[3]["after"]["accuracy"] == pytest.approx(float(np.mean(y.argmax(1) == digits.y_test)))
+    assert steps[3]["after"]["accuracy"] >= report["baseline"]["accuracy"] - 0.05
+
+
+def test_fake_quantized_kernel_has_int8_levels_per_output_channel() -> None:
+    from converter.keras_training import fake_quantize_kernel
+
+    kernel = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
+    kernel[:, 2] = 0.0
+    quantized = fake_quantize_kernel(kernel)
+    for channel in range(4):
+        scale = np.abs(kernel[:, channel]).max() / 127 or 1.0
+        levels = quantized[:, channel] / scale
+        np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)
+        assert np.abs(quantized[:, channel] - kernel[:, channel]).max() <= scale / 2 + 1e-6
+    assert np.all(quantized[:, 2] == 0)
+
+
+def test_keras_teacher_distilled_from_the_cli(tmp_path: Path, keras_mlp: Path) -> None:
+    pytest.importorskip("torch", reason="needs the torch extra")
+    out = tmp_path / "out"
+    rc = edgectl(
+        "convert", keras_mlp, "--dataset", "digits", "--distill", "mlp:16", "--distill-epochs", "5",
+        "--name", "s", "--version", "1.0.0", "--unsigned", "-o", out,
+    )  # fmt: skip
+    assert rc == 0
+    step = json.loads((out / "report.json").read_text())["steps"][0]
+    teacher = step["details"]["teacher"]
+    assert teacher["kind"] == "keras" and teacher["parameters"] == 64 * 128 + 128 + 128 * 10 + 10
+    assert step["artifact"].endswith(".onnx")

@@ -1,6 +1,7 @@
 """``distill``: train a small torch student on a teacher's softened outputs, export it to ONNX.
 
-The teacher is any model the converter can run (ONNX, TFLite, Keras, SavedModel). Its logits on
+The teacher is any model the converter can run (ONNX, TFLite, Keras, SavedModel, a torch.export
+program saved as ``.pt2``). Its logits on
 the training data are computed once and cached next to the artifacts (keyed by the teacher's and
 the data's bytes), so epochs and reruns never invoke it again. The loss (Hinton et al. 2015) is
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -25,11 +26,11 @@ from pydantic import Field, field_validator
 from converter import extras
 from converter.data import Dataset
 from converter.errors import DataError
-from converter.model import ModelArtifact, ModelKind, load_onnx
+from converter.model import ModelArtifact, ModelKind, load_keras, load_onnx, load_torch_program
 from converter.passes.base import EpochLog, Pass, PassOutput
 from converter.runners import fit_inputs, open_runner
 from converter.students import build_student, check_spec
-from converter.training import TrainingConfig, accuracy, fit, parameter_count, training_data
+from converter.training import TrainingConfig, accuracy, fit, parameter_count, split, training_data
 
 
 class DistillConfig(TrainingConfig):
@@ -47,6 +48,17 @@ class DistillConfig(TrainingConfig):
         le=1.0,
         description="Weight (0-1) of the soft-label KL term; 1 - alpha weighs hard-label CE.",
     )
+    augment: Literal["none", "shift", "mixup"] = Field(
+        default="none",
+        description="Extra transfer samples the teacher labels (the validation split never gets any): "
+        "'shift': the training images moved one pixel in each of the 8 directions (zero fill; needs "
+        "image samples (H, W) or (H, W, C)), also hard-labelled with the image's label; 'mixup': "
+        "`mixup_copies` x the training set of random blends l*a + (1-l)*b of two training samples "
+        "(l uniform in 0-1), soft labels only.",
+    )
+    mixup_copies: int = Field(
+        default=8, ge=1, description="augment='mixup': blended samples per training sample."
+    )
     learning_rate: float = Field(default=3e-3, gt=0.0, description="Adam learning rate.")
     patience: int = Field(
         default=15, ge=1, description="Stop after this many epochs without a better validation accuracy."
@@ -56,6 +68,34 @@ class DistillConfig(TrainingConfig):
     @classmethod
     def _known_student(cls, value: str) -> str:
         return check_spec(value)
+
+
+def shifted_copies(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """The images ``x`` (N, H, W[, C]) moved one pixel in each of 8 directions, zero-filled: (8N, ...)."""
+    if x.ndim not in (3, 4):
+        raise DataError(
+            f"augment='shift' moves images: training samples must be (H, W) or (H, W, C), "
+            f"not {list(x.shape[1:])}"
+        )
+    height, width = x.shape[1], x.shape[2]
+    pad = [(0, 0), (1, 1), (1, 1)] + [(0, 0)] * (x.ndim - 3)
+    padded = np.pad(x, pad)
+    copies = [
+        padded[:, 1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width]
+        for dy in (-1, 0, 1)
+        for dx in (-1, 0, 1)
+        if (dy, dx) != (0, 0)
+    ]
+    return np.ascontiguousarray(np.concatenate(copies), dtype=np.float32)
+
+
+def mixup_samples(x: npt.NDArray[np.float32], copies: int, seed: int) -> npt.NDArray[np.float32]:
+    """``copies * len(x)`` seeded blends l*a + (1-l)*b of random pairs of ``x``, l uniform in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    n = copies * len(x)
+    first, second = rng.integers(0, len(x), n), rng.integers(0, len(x), n)
+    blend = rng.uniform(0.0, 1.0, n).astype(np.float32).reshape((n,) + (1,) * (x.ndim - 1))
+    return np.ascontiguousarray(blend * x[first] + (1.0 - blend) * x[second], dtype=np.float32)
 
 
 def _log_probs_if_probabilities(out: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -79,12 +119,17 @@ def teacher_logits(
     return logits
 
 
-def _onnx_parameters(teacher: ModelArtifact) -> int | None:
-    if teacher.kind != "onnx":
-        return None
-    from onnx import numpy_helper
+def teacher_parameters(teacher: ModelArtifact) -> int | None:
+    """Weights of the teacher (ONNX initializers, torch program state, Keras weights); None for TFLite."""
+    if teacher.kind == "onnx":
+        from onnx import numpy_helper
 
-    return sum(int(numpy_helper.to_array(i).size) for i in load_onnx(teacher.path).graph.initializer)
+        return sum(int(numpy_helper.to_array(i).size) for i in load_onnx(teacher.path).graph.initializer)
+    if teacher.kind == "torch":
+        return sum(int(v.numel()) for v in load_torch_program(teacher.path).state_dict.values())
+    if teacher.kind == "keras":
+        return int(load_keras(teacher.path).count_params())
+    return None
 
 
 def distill(
@@ -105,11 +150,23 @@ def distill(
     torch = extras.torch()
     functional = torch.nn.functional
     data, x, y = training_data(data, "distill")
+    train_rows, val_rows = split(len(x), config.val_fraction, config.seed)
+    original = len(x)
+    if config.augment != "none":
+        if config.augment == "shift":
+            extra = shifted_copies(x[train_rows])
+            extra_y = np.tile(y[train_rows], len(extra) // len(train_rows))
+        else:  # a blend has no hard label: -1 leaves it out of the cross-entropy term
+            extra = mixup_samples(x[train_rows], config.mixup_copies, config.seed)
+            extra_y = np.full(len(extra), -1, dtype=np.int64)
+        x, y = np.concatenate([x, extra]), np.concatenate([y, extra_y])
+        train_rows = np.concatenate([train_rows, np.arange(original, len(x))])
     soft = torch.from_numpy(teacher_logits(teacher, x, out.parent))
     temperature, alpha = config.temperature, config.alpha
 
     def loss(logits: Any, labels: Any, batch: Any) -> Any:
-        hard = functional.cross_entropy(logits, labels)
+        # Mean over the batch, samples without a hard label (-1, mixup blends) adding zero.
+        hard = functional.cross_entropy(logits, labels, ignore_index=-1, reduction="sum") / len(labels)
         kl = functional.kl_div(
             functional.log_softmax(logits / temperature, dim=1),
             functional.log_softmax(soft[batch] / temperature, dim=1),
@@ -118,7 +175,7 @@ def distill(
         )
         return alpha * temperature**2 * kl + (1.0 - alpha) * hard
 
-    result = fit(student, x, y, loss, config, config.epochs, "distill", on_epoch)
+    result = fit(student, x, y, loss, config, config.epochs, "distill", on_epoch, rows=(train_rows, val_rows))
     artifact = export_torch(student, torch.from_numpy(x[:2]), out)
     eval_y = np.asarray(data.y).reshape(-1).astype(np.int64)
     teacher_runner = open_runner(teacher)
@@ -127,7 +184,7 @@ def distill(
         "teacher": {
             "artifact": teacher.path.name,
             "kind": teacher.kind,
-            "parameters": _onnx_parameters(teacher),
+            "parameters": teacher_parameters(teacher),
             "size_bytes": teacher.size_bytes(),
             "accuracy": float(np.mean(teacher_out.reshape(len(teacher_out), -1).argmax(1) == eval_y)),
         },
@@ -140,6 +197,8 @@ def distill(
         },
         "temperature": temperature,
         "alpha": alpha,
+        "augment": config.augment,
+        "transfer_samples": len(train_rows),
         "history": result.history,
         "best_epoch": result.best_epoch,
         "best_val_accuracy": result.best_val_accuracy,
@@ -150,7 +209,7 @@ def distill(
 class DistillPass(Pass[DistillConfig]):
     name = "distill"
     config_class = DistillConfig
-    accepts: ClassVar[frozenset[ModelKind]] = frozenset({"onnx", "tflite", "keras", "savedmodel"})
+    accepts: ClassVar[frozenset[ModelKind]] = frozenset({"onnx", "tflite", "keras", "savedmodel", "torch"})
     produces: ClassVar[ModelKind | None] = "onnx"
 
     def run(self, model: ModelArtifact, out_dir: Path) -> PassOutput:
