@@ -312,3 +312,92 @@ def test_recipe_names_a_student_factory(lenet: Path, data: Any, tmp_path: Path) 
     spec = recipe.passes[0]
     out = pass_class(spec.name)(spec.config, context(data, lenet)).run(ctx_model(lenet), tmp_path)
     assert out.details["student"]["parameters"] == 64 * 10 + 10
+
+
+# -------------------------------------------------------------------- quantization-aware training
+
+
+def test_qat_trains_the_int8_graph_and_keeps_it_int8(lenet: Path, data: Any, tmp_path: Path) -> None:
+    from converter.onnx_torch import onnx_module
+    from converter.passes.finetune import FinetuneConfig, FinetunePass
+    from converter.passes.prune import PruneConfig, PrunePass
+    from converter.passes.quantize import QuantizeConfig, QuantizePass
+    from converter.training import predict
+
+    ctx = context(data, lenet)
+    pruned = PrunePass(PruneConfig(sparsity=0.8), ctx).run(ctx_model(lenet), tmp_path).model
+    quantized = QuantizePass(QuantizeConfig(mode="static", per_channel=True), ctx).run(pruned, tmp_path).model
+    x = flat(data.x)
+    # The imported QDQ graph computes exactly what ONNX Runtime's int8 execution does.
+    np.testing.assert_allclose(
+        predict(onnx_module(quantized.path), x), run_onnx(quantized.path, x), atol=1e-5
+    )
+
+    out = FinetunePass(FinetuneConfig(epochs=3, learning_rate=1e-4), ctx).run(quantized, tmp_path)
+    assert out.details["quantization_aware"] and out.model.path.name.endswith("-qat.onnx")
+    before, after = onnx.load(str(quantized.path)).graph, onnx.load(str(out.model.path)).graph
+    assert [n.op_type for n in after.node] == [n.op_type for n in before.node]
+    old, new = initializers(quantized.path), initializers(out.model.path)
+    assert {k: v.dtype for k, v in new.items()} == {k: v.dtype for k, v in old.items()}
+    weights = [n for n in old if n.endswith("weight_quantized")]
+    assert len(weights) == 3
+    for name in weights:
+        assert new[name].dtype == np.int8
+        np.testing.assert_array_equal(new[name] == 0, old[name] == 0)  # pruned stay pruned
+        assert not np.array_equal(new[name], old[name])  # the rest trained
+        scale = name.replace("_quantized", "_scale")
+        np.testing.assert_array_equal(new[scale], old[scale])  # scales are fixed
+    chain = out.details["accuracy"]
+    measured = ctx.evaluator.evaluate(out.model).metrics.accuracy
+    assert chain["after QAT"] == pytest.approx(measured, abs=1e-9)
+    assert measured >= chain["before QAT"] - 0.01
+
+
+def test_cli_qat_needs_int8_and_runs_after_quantize(lenet: Path, tmp_path: Path) -> None:
+    import argparse
+
+    from converter.cli import build_recipe, register
+    from converter.errors import RecipeError
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    common = ["convert", str(lenet), "--dataset", "digits", "--name", "n", "--version", "1.0.0", "-o", "x"]
+    recipe = build_recipe(parser.parse_args([*common, "--quantize", "int8", "--qat", "4"]))
+    assert [(p.name, getattr(p.config, "epochs", None)) for p in recipe.passes] == [
+        ("quantize", None),
+        ("finetune", 4),
+    ]
+    for bad in (["--qat", "4"], ["--quantize", "dynamic", "--qat", "4"]):
+        with pytest.raises(RecipeError, match="give --quantize int8 too"):
+            build_recipe(parser.parse_args([*common, *bad]))
+
+
+# ------------------------------------------------------------------------------ torch teacher
+
+
+def test_torch_export_program_is_a_distillation_teacher(lenet: Path, data: Any, tmp_path: Path) -> None:
+    from converter.onnx_torch import onnx_module
+
+    teacher = tmp_path / "teacher.pt2"
+    module = onnx_module(lenet).eval()
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(module, (torch.zeros(4, 64),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(teacher))
+    out = tmp_path / "out"
+    rc = edgectl(
+        "convert", teacher, "--dataset", "digits", "--distill", "mlp:16", "--distill-epochs", "5",
+        "--name", "s", "--version", "1.0.0", "--unsigned", "-o", out,
+    )  # fmt: skip
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["source"]["kind"] == "torch"
+    reference = float(np.mean(run_onnx(lenet, flat(data.x)).argmax(1) == data.y))
+    assert report["baseline"]["accuracy"] == pytest.approx(reference, abs=1e-9)
+    teacher_details = report["steps"][0]["details"]["teacher"]
+    assert teacher_details["parameters"] == sum(int(a.size) for a in initializers(lenet).values())
+    # A torch program cannot be shipped or pruned itself: one line says what to do.
+    rc = edgectl(
+        "convert", teacher, "--dataset", "digits", "--prune", "0.5",
+        "--name", "s", "--version", "1.0.0", "--unsigned", "-o", tmp_path / "bad",
+    )  # fmt: skip
+    assert rc == 2
