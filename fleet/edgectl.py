@@ -29,6 +29,7 @@ COMMANDS: tuple[str, ...] = (
     "fleet.registry_cmd",
     "fleet.push_cmd",
     "fleet.command_cmd",
+    "fleet.fleet_cmd",
     "fleet.demo_cmd",
     "converter.cli",
 )

@@ -1,0 +1,337 @@
+"""``edgectl fleet collect|status|watch|report``: store what the fleet reports, and look at it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from edgeagent.errors import UsageError
+from edgeagent.protocol import DEFAULT_PREFIX
+
+if TYPE_CHECKING:
+    from edgeagent.mqtt import BrokerConfig
+    from fleet.collector import Collector
+    from fleet.status import StatusRow
+
+DESCRIPTION = """\
+Watch the fleet. `collect` subscribes to every device's reported state, deployment events
+and telemetry and stores them in a SQLite database (and, with --prometheus, serves them as
+Prometheus metrics); `status`, `watch` and `report` read that database, also while the
+collector writes to it.
+"""
+
+EPILOG = """\
+examples:
+  edgectl fleet collect --broker mqtt://broker:1883 --db fleet.db --retention 7d --prometheus :9108
+  edgectl fleet status --db fleet.db                      # one row per device and model
+  edgectl fleet status --db fleet.db --group canary --bundle digits@1.1.0 --json
+  edgectl fleet watch --db fleet.db                       # the same, live; Ctrl-C leaves
+  edgectl fleet report --db fleet.db --html fleet.html --since 24h
+
+Latency percentiles merge the devices' latency histograms (1% relative error) over a
+window instead of averaging percentiles. More: docs/fleet.md.
+"""
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str, what: str) -> float:
+    """'90s', '5m', '24h', '7d', '2w' or plain seconds -> seconds (> 0); UsageError otherwise."""
+    match = _DURATION.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise UsageError(f"{what} {text!r}: expected a positive duration such as 90s, 30m, 24h or 7d")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    fleet = subparsers.add_parser(
+        "fleet",
+        help="collect telemetry into a database; status table, live view, HTML report, Prometheus",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = fleet.add_subparsers(dest="fleet_command", metavar="ACTION", required=True)
+    _register_collect(sub)
+    views = (
+        ("status", "one row per device and model: health, latency, memory, accuracy", _status),
+        ("watch", "the status table, refreshed live (Ctrl-C leaves)", _watch),
+    )
+    for name, text, handler in views:
+        view = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        _db_option(view)
+        view.add_argument("--group", metavar="G", help="only devices of this group")
+        view.add_argument("--bundle", metavar="NAME[@VERSION]", help="only models running this bundle")
+        view.add_argument(
+            "--window",
+            default="5m",
+            metavar="DURATION",
+            help="latency/throughput over this much of each device's newest telemetry (default 5m)",
+        )
+        if name == "status":
+            view.add_argument(
+                "--json", action="store_true", help="print JSON (for scripts) instead of a table"
+            )
+        else:
+            view.add_argument(
+                "--interval", type=float, default=2.0, help="seconds between refreshes (default 2)"
+            )
+        view.set_defaults(handler=handler)
+    report = sub.add_parser(
+        "report",
+        help="write a self-contained HTML page with latency and memory plots",
+        description="Write one HTML file (inline SVG and CSS, no script, no network) with p50/p99 latency "
+        "and RSS memory over time per device and per bundle version, and the status table.",
+    )
+    _db_option(report)
+    report.add_argument(
+        "--html", required=True, type=Path, metavar="OUT.html", help="where to write the page"
+    )
+    report.add_argument("--since", default="24h", metavar="DURATION", help="period to plot (default 24h)")
+    report.set_defaults(handler=_report)
+
+
+def _db_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db", type=Path, default=Path("fleet.db"), help="the collector's database (default: ./fleet.db)"
+    )
+
+
+def _register_collect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    collect = sub.add_parser(
+        "collect",
+        help="store every device's reported state, events and telemetry (runs until stopped)",
+        description="Subscribe (QoS 1) to every device's reported state, events and telemetry and store "
+        "them in a SQLite database (WAL: views can read while it writes). The MQTT session is "
+        "persistent: messages sent while the collector restarts wait at the broker (raise Mosquitto's "
+        "max_queued_messages for large fleets). Malformed messages are counted and logged, never fatal; "
+        "telemetry sent twice (same device and seq) is stored once.",
+        epilog="examples:\n"
+        "  edgectl fleet collect --broker mqtt://localhost:1883 --db fleet.db\n"
+        "  edgectl fleet collect --broker mqtts://user:pass@broker:8883 --ca-file ca.pem "
+        "--db /var/lib/edgectl/fleet.db --retention 30d --prometheus 127.0.0.1:9108",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    collect.add_argument(
+        "--broker", required=True, help="broker URL: mqtt://[user:pass@]host:1883 or mqtts://host:8883"
+    )
+    collect.add_argument("--ca-file", type=Path, help="CA bundle for the broker's certificate (mqtts)")
+    collect.add_argument("--cert-file", type=Path, help="client certificate for mutual TLS")
+    collect.add_argument("--key-file", type=Path, help="private key of the client certificate")
+    _db_option(collect)
+    collect.add_argument(
+        "--retention",
+        default="7d",
+        metavar="DURATION",
+        help="delete telemetry and events older than this (default 7d; e.g. 12h, 30d)",
+    )
+    collect.add_argument(
+        "--prometheus",
+        metavar="[HOST]:PORT",
+        help="serve Prometheus metrics here, e.g. :9108 (all interfaces)",
+    )
+    collect.add_argument(
+        "--prefix", "--topic-prefix", default=DEFAULT_PREFIX, help="topic prefix (default: %(default)s)"
+    )
+    collect.add_argument(
+        "--client-id",
+        default="edgectl-collector",
+        help="MQTT client id; the broker keeps this id's session between runs (default: %(default)s). "
+        "Two collectors need two ids.",
+    )
+    collect.add_argument(
+        "--clean-session", action="store_true", help="do not keep a session at the broker between runs"
+    )
+    collect.add_argument(
+        "--stats-every",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="print a line of counters every S seconds (default 60; 0: only at exit)",
+    )
+    collect.set_defaults(handler=_collect)
+
+
+def _broker(args: argparse.Namespace) -> BrokerConfig:
+    from edgeagent.mqtt import BrokerConfig, TLSConfig
+
+    for option in ("ca_file", "cert_file", "key_file"):
+        path = getattr(args, option)
+        if path is not None and not path.is_file():
+            raise UsageError(f"--{option.replace('_', '-')} {path}: no such file")
+    if (args.cert_file is None) != (args.key_file is None):
+        raise UsageError("mutual TLS needs both --cert-file and --key-file")
+    tls = None
+    if args.ca_file or args.cert_file:
+        tls = TLSConfig(
+            ca_file=str(args.ca_file) if args.ca_file else None,
+            cert_file=str(args.cert_file) if args.cert_file else None,
+            key_file=str(args.key_file) if args.key_file else None,
+        )
+    return BrokerConfig.from_url(args.broker, tls=tls)
+
+
+def _collect(args: argparse.Namespace) -> int:
+    from edgeagent.protocol import Topics
+    from fleet import exporter
+    from fleet.collector import Collector
+
+    retention = parse_duration(args.retention, "--retention")
+    broker = _broker(args)
+    if args.prometheus:
+        exporter.require_prometheus_client()
+        exporter.parse_listen(args.prometheus)
+    try:
+        topics = Topics(args.prefix)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if not args.client_id:
+        raise UsageError("--client-id must not be empty")
+    collector = Collector(
+        broker,
+        args.db,
+        topics=topics,
+        client_id=args.client_id,
+        persistent=not args.clean_session,
+        retention_s=retention,
+    )
+    server = exporter.serve(collector, args.prometheus) if args.prometheus else None
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    collector.start()
+    where = f"; Prometheus metrics on http://{args.prometheus}/metrics" if args.prometheus else ""
+    print(
+        f"collecting from {broker.url} into {args.db} (retention {args.retention}){where}; Ctrl-C stops",
+        flush=True,
+    )
+    try:
+        if not collector.wait_connected(10) and not stop.is_set():
+            print(
+                f"still trying to reach the broker at {broker.url} (retrying with backoff)",
+                file=sys.stderr,
+                flush=True,
+            )
+        last = (time.monotonic(), 0)
+        while not stop.wait(args.stats_every if args.stats_every > 0 else None):
+            last = _print_stats(collector, last)
+    finally:
+        collector.stop()
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+    _print_stats(collector, None)
+    return 0
+
+
+def _print_stats(collector: Collector, last: tuple[float, int] | None) -> tuple[float, int]:
+    s = collector.stats
+    received = sum(s.received.values())
+    now = time.monotonic()
+    rate = ""
+    if last is not None and now > last[0]:
+        rate = f"; {(received - last[1]) / (now - last[0]):,.0f} msg/s"
+    kinds = ", ".join(f"{k} {s.received[k]:,}" for k in ("telemetry", "reported", "events"))
+    malformed = sum(s.malformed.values())
+    stored = sum(s.stored.values())
+    print(
+        f"{'stopped: ' if last is None else ''}received {received:,} ({kinds}); stored {stored:,}, "
+        f"{s.duplicates:,} duplicates, {malformed:,} malformed, {s.dropped:,} dropped{rate}; "
+        f"queue {collector.queue_depth:,}; {'connected' if collector.connected else 'not connected'}",
+        flush=True,
+    )
+    return now, received
+
+
+def _view_rows(args: argparse.Namespace) -> tuple[list[StatusRow], dict[str, Any] | None]:
+    from fleet import fleetdb
+    from fleet.status import status_rows
+
+    window = parse_duration(args.window, "--window")
+    conn = fleetdb.open_for_reading(args.db)
+    try:
+        return status_rows(
+            conn, group=args.group, bundle=args.bundle, window_s=window
+        ), fleetdb.collector_heartbeat(conn)
+    finally:
+        conn.close()
+
+
+def _status(args: argparse.Namespace) -> int:
+    from fleet.status import render_status, summary
+
+    rows, heartbeat = _view_rows(args)
+    if args.json:
+        doc = {
+            "generated_at": time.time(),
+            "window_s": parse_duration(args.window, "--window"),
+            "collector": heartbeat,
+            "rows": [r.as_json() for r in rows],
+        }
+        print(json.dumps(doc, indent=2))
+        return 0
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=240)  # piped to a file or a pager: do not squeeze into 80 columns
+    console.print(render_status(rows))
+    console.print(summary(rows, heartbeat), style="dim", highlight=False)
+    return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from rich.console import Group
+    from rich.live import Live
+    from rich.text import Text
+
+    from fleet.status import render_status, summary
+
+    if args.interval <= 0:
+        raise UsageError("--interval must be positive")
+
+    def frame() -> Group:
+        rows, heartbeat = _view_rows(args)
+        line = f"{summary(rows, heartbeat)} · {time.strftime('%H:%M:%S')} · Ctrl-C leaves"
+        return Group(render_status(rows), Text(line, style="dim"))
+
+    try:
+        with Live(frame(), auto_refresh=False, screen=False) as live:
+            while True:
+                time.sleep(args.interval)
+                live.update(frame(), refresh=True)
+    except KeyboardInterrupt:
+        return 0  # leaving is how a watch ends
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fleet.report import build_report
+
+    since = parse_duration(args.since, "--since")
+    if args.html.is_dir():
+        raise UsageError(f"--html {args.html} is a folder; name the file to write")
+    if not args.html.parent.is_dir():
+        raise UsageError(f"--html {args.html}: folder {args.html.parent} does not exist")
+    report = build_report(
+        args.db, since_s=since, progress=lambda line: print(line, file=sys.stderr, flush=True)
+    )
+    from edgeagent.storage import atomic_writer
+
+    with atomic_writer(args.html) as out:
+        out.write(report.html.encode("utf-8"))
+    print(f"wrote {args.html} ({len(report.html) / 1024:.0f} KiB): {report.devices} devices, "
+          f"{report.charts} charts from {report.rows:,} telemetry intervals")  # fmt: skip
+    return 0

@@ -1,0 +1,109 @@
+"""The collector's in-memory picture of the fleet: the latest state of each device and the
+running totals that Prometheus counters need. The database holds the history; this holds
+"now", so a scrape costs no query and a vanished device's series vanish with it."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass, field
+
+from edgeagent.protocol import Reported, Telemetry
+
+# (model, version, runtime, delegate): one served configuration, the unit of inference series.
+ModelKey = tuple[str, str, str, str]
+
+
+@dataclass
+class Totals:
+    """Counters of one model key since the collector started (Prometheus handles the reset)."""
+
+    requests: int = 0
+    client_errors: int = 0
+    server_errors: int = 0
+    latency_sum_s: float = 0.0
+    latency_count: int = 0
+
+
+@dataclass
+class DeviceState:
+    device: str
+    last_seen: float | None = None  # collector clock, Unix s
+    reported: Reported | None = None
+    telemetry: Telemetry | None = None  # the newest by seq
+    totals: dict[ModelKey, Totals] = field(default_factory=dict)
+
+    @property
+    def groups(self) -> list[str]:
+        if self.reported is not None:
+            return list(self.reported.groups)
+        return list(self.telemetry.groups) if self.telemetry is not None else []
+
+    def bundle_of(self, model: str) -> str:
+        """The bundle name the device reports for a model name ('' when unknown)."""
+        status = self.reported.models.get(model) if self.reported else None
+        return status.bundle.name if status is not None and status.bundle is not None else ""
+
+
+class FleetState:
+    """Thread-safe: the collector's writer thread updates it, the Prometheus exporter reads it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._devices: dict[str, DeviceState] = {}
+
+    def _device(self, device: str) -> DeviceState:
+        state = self._devices.get(device)
+        if state is None:
+            state = self._devices[device] = DeviceState(device)
+        return state
+
+    def _seen(self, state: DeviceState, when: float | None) -> None:
+        if when is not None and (state.last_seen is None or when > state.last_seen):
+            state.last_seen = when
+
+    def add_telemetry(self, t: Telemetry, received: float) -> None:
+        """A stored (not duplicate) telemetry message."""
+        with self._lock:
+            state = self._device(t.device)
+            self._seen(state, received)
+            if state.telemetry is None or t.seq > state.telemetry.seq:
+                state.telemetry = t
+            for m in t.models:
+                totals = state.totals.setdefault((m.model, m.version, m.runtime, m.delegate), Totals())
+                totals.requests += m.count
+                totals.client_errors += m.client_errors
+                totals.server_errors += m.server_errors
+                hist = m.latency_hist or {}
+                totals.latency_sum_s += float(hist.get("sum") or 0.0)
+                totals.latency_count += int(hist.get("count") or 0)
+
+    def add_event(self, device: str, received: float) -> None:
+        with self._lock:
+            self._seen(self._device(device), received)
+
+    def set_reported(self, device: str, reported: Reported | None, seen: float | None) -> None:
+        """The device's reported state; None removes the device (its retained state was cleared)."""
+        with self._lock:
+            if reported is None:
+                self._devices.pop(device, None)
+                return
+            state = self._device(device)
+            state.reported = reported
+            self._seen(state, seen)
+
+    def forget(self, cutoff: float) -> int:
+        """Drop devices not heard from since ``cutoff`` (Unix s); returns how many went."""
+        with self._lock:
+            gone = [d for d, s in self._devices.items() if s.last_seen is None or s.last_seen < cutoff]
+            for device in gone:
+                del self._devices[device]
+            return len(gone)
+
+    def snapshot(self) -> list[DeviceState]:
+        """Copies of every device's state, sorted by device id (the messages themselves are frozen)."""
+        with self._lock:
+            return [
+                dataclasses.replace(s, totals={k: dataclasses.replace(v) for k, v in s.totals.items()})
+                for _, s in sorted(self._devices.items())
+            ]

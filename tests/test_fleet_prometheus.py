@@ -1,0 +1,161 @@
+"""The collector's Prometheus endpoint, scraped over HTTP, against what the fake devices sent;
+and the shipped Grafana dashboard queries only metrics the endpoint exports."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+from fleet_support import (
+    Publisher,
+    publish_history,
+    start_collector,
+    subscribed,
+    three_devices,
+    wait_received,
+)
+
+from edgeagent.protocol import Topics
+from fleet import exporter
+
+pytest.importorskip("prometheus_client")
+from prometheus_client.parser import text_string_to_metric_families
+
+DASHBOARD = Path(__file__).parents[1] / "fleet" / "assets" / "grafana-dashboard.json"
+MiB = 1024 * 1024
+
+
+def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Sample name -> [(labels, value)] from one scrape."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples.setdefault(s.name, []).append((s.labels, s.value))
+    return samples
+
+
+def value(samples: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str) -> float:
+    found = [v for lbl, v in samples.get(name, []) if all(lbl.get(k) == x for k, x in labels.items())]
+    assert len(found) == 1, f"{name}{labels}: {found} in {samples.get(name)}"
+    return found[0]
+
+
+@pytest.mark.mosquitto
+def test_scrape_names_labels_and_values_follow_what_was_published(mosquitto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    topics = Topics(f"p{uuid.uuid4().hex[:8]}")
+    collector = start_collector(mosquitto, tmp_path / "fleet.db", topics)
+    port = free_port()
+    server = exporter.serve(collector, f"127.0.0.1:{port}")
+    pi, jetson, x86 = devices = three_devices()
+    try:
+        with Publisher(mosquitto.host, mosquitto.port, topics) as pub:
+            subscribed(collector, pub, topics)
+            base = sum(collector.stats.received.values())
+            publish_history(pub, devices, intervals=3, end=time.time())
+            pub.publish(topics.telemetry("pi-kitchen"), b"{broken")
+            wait_received(collector, base + 3 + 9 + 1)
+            s = scrape(port)
+
+            pi_l = {"device": "pi-kitchen", "group": "canary,kitchen"}
+            assert value(s, "edge_device_online", **pi_l) == 1
+            assert value(s, "edge_device_info", **pi_l, profile="rpi4", agent_version="0.1.0") == 1
+            assert time.time() - value(s, "edge_device_last_seen_timestamp_seconds", **pi_l) < 30
+            assert value(s, "edge_process_resident_memory_bytes", **pi_l) == (pi.rss_mb + 1.5) * MiB
+            assert value(s, "edge_process_cpu_ratio", **pi_l) == pytest.approx(0.35)
+            assert value(s, "edge_system_memory_available_bytes", **pi_l) == 2100 * MiB
+            assert value(s, "edge_temperature_celsius", **pi_l, zone="cpu-thermal") == 71.5
+            assert value(s, "edge_throttled", **pi_l) == 1
+            assert value(s, "edge_throttled", device="jetson-yard") == 0
+            assert {
+                lbl["zone"] for lbl, _ in s["edge_temperature_celsius"] if lbl["device"] == "jetson-yard"
+            } == {"CPU-therm", "GPU-therm", "SOC0-therm"}
+            assert not [lbl for lbl, _ in s["edge_temperature_celsius"] if lbl["device"] == "x86-lab"]
+
+            detector = {
+                "device": "jetson-yard",
+                "group": "yard",
+                "model": "detector",
+                "bundle": "yolo",
+                "version": "2.0.0",
+                "runtime": "onnxruntime",
+                "delegate": "TensorrtExecutionProvider",
+            }
+            assert value(s, "edge_inference_requests_total", **detector) == 3 * 200
+            assert value(s, "edge_inference_errors_total", **detector, kind="client") == 3
+            assert value(s, "edge_inference_errors_total", **detector, kind="server") == 0
+            last = jetson.telemetry(3, 0.0).models[0]  # regenerated: same seed, same numbers
+            assert value(s, "edge_inference_latency_seconds", **detector, quantile="0.99") == pytest.approx(
+                last.p99_ms / 1000
+            )
+            assert value(s, "edge_inference_latency_seconds_count", **detector) == 600
+            sent = sum(jetson.samples["detector"][:600]) / 1000
+            assert value(s, "edge_inference_latency_seconds_sum", **detector) == pytest.approx(sent)
+            assert value(s, "edge_online_accuracy_ratio", **detector) == 0.9
+            assert value(s, "edge_acceptance_passed", device="x86-lab", model="default", version="1.0.0") == 1
+            assert value(s, "edge_acceptance_accuracy_ratio", device="x86-lab", model="default") == 0.98
+
+            assert value(s, "edge_collector_messages_total", kind="telemetry") >= 10
+            assert value(s, "edge_collector_stored_total", kind="telemetry") == 9
+            assert value(s, "edge_collector_malformed_total", reason="not_json") == 1
+            assert value(s, "edge_collector_dropped_total") == 0
+            assert value(s, "edge_collector_connected") == 1
+
+            # The last will: offline. A new version: the old version's series go. A cleared
+            # retained state: the device goes.
+            base = sum(collector.stats.received.values())
+            pub.send("reported", pi.reported(online=False), retain=True)
+            x86.models[0].version = "1.1.0"
+            pub.send("telemetry", x86.telemetry(4, time.time()))
+            pub.publish(topics.reported("jetson-yard"), b"", retain=True)
+            wait_received(collector, base + 3)
+            s = scrape(port)
+            assert value(s, "edge_device_online", **pi_l) == 0
+            x86_versions = {
+                lbl["version"] for lbl, _ in s["edge_inference_requests_total"] if lbl["device"] == "x86-lab"
+            }
+            assert x86_versions == {"1.1.0"}
+            assert value(s, "edge_inference_requests_total", device="x86-lab") == 200  # a new series starts
+            assert not [
+                name for name, rows in s.items() for lbl, _ in rows if lbl.get("device") == "jetson-yard"
+            ]
+    finally:
+        server.shutdown()
+        server.server_close()
+        collector.stop()
+
+
+def test_listen_addresses_parse_or_fail_in_one_line() -> None:
+    assert exporter.parse_listen(":9108") == ("0.0.0.0", 9108)
+    assert exporter.parse_listen("127.0.0.1:9200") == ("127.0.0.1", 9200)
+    assert exporter.parse_listen("[::1]:9108") == ("::1", 9108)
+    for bad in ("nine", ":0", "host:99999", ""):
+        with pytest.raises(exporter.UsageError, match="--prometheus"):
+            exporter.parse_listen(bad)
+
+
+def test_the_grafana_dashboard_parses_and_uses_only_exported_metrics() -> None:
+    doc = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for panel in doc["panels"] for t in panel.get("targets", [])]
+    assert len(exprs) >= 8
+    used = {m for e in exprs for m in re.findall(r"\bedge_[a-z0-9_]+", e)}
+    unknown = used - set(exporter.METRIC_NAMES)
+    assert not unknown, f"the dashboard queries metrics the collector does not export: {sorted(unknown)}"
+    for needed in (
+        "edge_inference_latency_seconds",
+        "edge_process_resident_memory_bytes",
+        "edge_device_online",
+        "edge_temperature_celsius",
+        "edge_online_accuracy_ratio",
+    ):
+        assert needed in used
+    variables = {v["name"] for v in doc["templating"]["list"]}
+    assert {"datasource", "device", "group"} <= variables
