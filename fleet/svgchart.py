@@ -1,0 +1,152 @@
+"""Line charts as inline SVG: a self-contained HTML report needs no plotting library, no
+script and no network, and the browser draws it at any zoom."""
+
+from __future__ import annotations
+
+import html
+import math
+import time
+from dataclasses import dataclass, field
+
+PALETTE = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
+_TIME_STEPS = (60, 300, 600, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 7 * 86400)
+
+
+@dataclass
+class Series:
+    """One line: ``points`` are (Unix s, value); ``dashed`` draws it dashed (e.g. p50 next to p99)."""
+
+    name: str
+    points: list[tuple[float, float]] = field(default_factory=list)
+    color: str | None = None
+    dashed: bool = False
+
+
+def nice_ticks(high: float, count: int = 5) -> list[float]:
+    """0 and round steps (1, 2, 5 x 10^k) up to at least ``high``."""
+    if high <= 0 or not math.isfinite(high):
+        return [0.0, 1.0]
+    raw = high / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    return [i * step for i in range(math.ceil(high / step - 1e-9) + 1)]
+
+
+def _time_label(t: float, step: float) -> str:
+    fmt = "%m-%d" if step >= 86400 else "%H:%M" if step >= 60 else "%H:%M:%S"
+    return time.strftime(fmt, time.gmtime(t))
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3g}" if value < 1000 else f"{value:,.0f}"
+
+
+def line_chart(
+    title: str,
+    series: list[Series],
+    *,
+    y_label: str,
+    width: int = 640,
+    height: int = 250,
+    gap_s: float | None = None,
+) -> str:
+    """An ``<svg>`` element: time on x (UTC), ``y_label`` on y from 0, a legend on the right.
+
+    Points further apart than ``gap_s`` are not joined, so an offline stretch shows as a gap.
+    """
+    left, right, top, bottom = 56, 170, 28, 34
+    plot_w, plot_h = width - left - right, height - top - bottom
+    points = [p for s in series for p in s.points if math.isfinite(p[1])]
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}">',
+        f'<text x="{left}" y="18" class="title">{html.escape(title)}</text>',
+    ]
+    if not points:
+        out.append(
+            f'<text x="{left + plot_w / 2}" y="{top + plot_h / 2}" class="empty" '
+            'text-anchor="middle">no data in this period</text></svg>'
+        )
+        return "".join(out)
+    t0, t1 = min(p[0] for p in points), max(p[0] for p in points)
+    if t1 - t0 < 1:
+        t0, t1 = t0 - 30, t1 + 30
+    yticks = nice_ticks(max(p[1] for p in points) * 1.05)
+    ymax = yticks[-1]
+
+    def x(t: float) -> float:
+        return left + (t - t0) / (t1 - t0) * plot_w
+
+    def y(v: float) -> float:
+        return top + plot_h - v / ymax * plot_h
+
+    out.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" class="plot"/>')
+    for v in yticks:
+        out.append(
+            f'<line x1="{left}" x2="{left + plot_w}" y1="{y(v):.1f}" y2="{y(v):.1f}" class="grid"/>'
+            f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{_fmt(v)}</text>'
+        )
+    step = next((s for s in _TIME_STEPS if (t1 - t0) / s <= 7), _TIME_STEPS[-1])
+    ticks = [t for t in range(math.ceil(t0 / step) * step, int(t1) + 1, step)]
+    if len(ticks) < 2:  # a span shorter than the smallest step: label its ends, to the second
+        ticks, step = [round(t0), round(t1)], 1
+    for tick in ticks:
+        out.append(
+            f'<line x1="{x(tick):.1f}" x2="{x(tick):.1f}" y1="{top + plot_h}" y2="{top + plot_h + 4}" '
+            f'class="axis"/><text x="{x(tick):.1f}" y="{top + plot_h + 16}" text-anchor="middle">'
+            f"{_time_label(tick, step)}</text>"
+        )
+    out.append(
+        f'<text x="14" y="{top + plot_h / 2}" transform="rotate(-90 14 {top + plot_h / 2})" '
+        f'text-anchor="middle">{html.escape(y_label)}</text>'
+        f'<text x="{left + plot_w}" y="{height - 4}" text-anchor="end">time (UTC)</text>'
+    )
+    for i, s in enumerate(series):
+        color = s.color or PALETTE[i % len(PALETTE)]
+        dash = ' stroke-dasharray="5 3"' if s.dashed else ""
+        out.append(f'<g class="series"><title>{html.escape(s.name)}</title>')
+        for segment in _segments(sorted(s.points), gap_s):
+            coords = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in segment)
+            if len(segment) == 1:
+                out.append(
+                    f'<circle cx="{x(segment[0][0]):.1f}" cy="{y(segment[0][1]):.1f}" r="2.5" '
+                    f'fill="{color}"/>'
+                )
+            else:
+                out.append(
+                    f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="1.8"{dash}/>'
+                )
+        out.append("</g>")
+        ly = top + 8 + i * 16
+        if ly < height - 8:
+            name = s.name if len(s.name) <= 26 else s.name[:25] + "…"
+            out.append(
+                f'<line x1="{left + plot_w + 12}" x2="{left + plot_w + 34}" y1="{ly}" y2="{ly}" '
+                f'stroke="{color}" stroke-width="2.5"{dash}/>'
+                f'<text x="{left + plot_w + 40}" y="{ly + 4}">{html.escape(name)}</text>'
+            )
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _segments(points: list[tuple[float, float]], gap_s: float | None) -> list[list[tuple[float, float]]]:
+    segments: list[list[tuple[float, float]]] = []
+    for t, v in points:
+        if not math.isfinite(v):
+            continue
+        if segments and (gap_s is None or t - segments[-1][-1][0] <= gap_s):
+            segments[-1].append((t, v))
+        else:
+            segments.append([(t, v)])
+    return segments
