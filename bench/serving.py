@@ -6,14 +6,18 @@ One run, same machine, same models, same ONNX Runtime options (1 intra-op thread
 
 * **bare**: ``onnxruntime.InferenceSession.run`` on a ready input dict;
 * **in-process**: ``InferenceServer.predict`` (validation, quantized I/O, stats, prediction id);
-* **socket**: ``edgeagent.client.Client.predict`` to an ``InferenceServer`` in another process
-  (HTTP/1.1 keep-alive over a Unix socket, ``.npy`` bodies; JSON for the tiny model too);
+* **socket framed**: ``edgeagent.client.Client.predict`` (its default: binary frames) to an
+  ``InferenceServer`` in another process, over a keep-alive Unix socket connection;
+* **socket HTTP**: the same with ``Client(framed=False)``: HTTP/1.1 with ``.npy`` bodies, as curl
+  or another language would send (and JSON bodies for the tiny model too);
 * **raw socket floor**: the least any socket path costs on this machine: length-prefixed raw
-  float32 bytes to a bare ``InferenceSession.run`` in the same server process.
+  float32 bytes (one ``recv`` per side when the message fits) to a bare
+  ``InferenceSession.run`` in the same server process.
 
 Two models: the tiny digits MLP fixture (``mlp.onnx``, ~10 µs) and a small image CNN built
-here with ``onnx.helper`` whose bare p50 is over 1 ms. Then requests/s through the socket with 1, 2 and
-8 concurrent client processes. ``--write`` appends the table to ``bench/RESULTS.md``.
+here with ``onnx.helper`` whose bare p50 is over 1 ms. Then requests/s through the socket (framed
+and HTTP) with 1, 2 and 8 concurrent client processes. ``--write`` appends the table to
+``bench/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -115,20 +119,26 @@ def _floor_serve(conn: socket.socket, tiny: str, large: str) -> None:
         sessions[index] = load_model(Path(path), "onnxruntime", OPTIONS).session._session  # type: ignore[attr-defined]
     with conn:
         while True:
-            head = _recv_exact(conn, 8)
-            if not head:
+            message = _recv_message(conn, 8)
+            if not message:
                 return
-            index, size = struct.unpack("<II", head)
+            index = struct.unpack_from("<I", message, 4)[0]
             shape = SHAPES["tiny" if index == 0 else "large"]
-            x = np.frombuffer(_recv_exact(conn, size), np.float32).reshape(-1, *shape)
+            x = np.frombuffer(message, np.float32, offset=8).reshape(-1, *shape)
             out = sessions[index].run(None, {"input": x})[0].tobytes()
             conn.sendall(struct.pack("<I", len(out)) + out)
 
 
-def _recv_exact(conn: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = conn.recv(n - len(data))
+def _recv_message(conn: socket.socket, head: int) -> bytes:
+    """One message: ``head`` bytes starting with a u32 size of what follows; one recv when it fits."""
+    data = conn.recv(65536)
+    if not data:
+        return b""
+    while len(data) < 4:
+        data += conn.recv(65536)
+    total = head + struct.unpack_from("<I", data)[0]
+    while len(data) < total:
+        chunk = conn.recv(total - len(data))
         if not chunk:
             return b""
         data += chunk
@@ -141,11 +151,9 @@ class FloorClient:
         self.sock.connect(path)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        body = x.tobytes()
         index = 0 if x.shape[1:] == SHAPES["tiny"] else 1
-        self.sock.sendall(struct.pack("<II", index, len(body)) + body)
-        (size,) = struct.unpack("<I", _recv_exact(self.sock, 4))
-        return np.frombuffer(_recv_exact(self.sock, size), np.float32)
+        self.sock.sendall(struct.pack("<II", x.nbytes, index) + x.tobytes())
+        return np.frombuffer(_recv_message(self.sock, 4), np.float32, offset=4)
 
 
 def timed(fn, n: int) -> np.ndarray:  # type: ignore[no-untyped-def]
@@ -158,21 +166,29 @@ def timed(fn, n: int) -> np.ndarray:  # type: ignore[no-untyped-def]
 
 
 def latency_rows(
-    name: str, path: Path, x: np.ndarray, client: Client, floor: FloorClient, n: int, rounds: int
+    name: str,
+    path: Path,
+    x: np.ndarray,
+    clients: tuple[Client, Client],
+    floor: FloorClient,
+    n: int,
+    rounds: int,
 ) -> list[dict[str, object]]:
     model = load_model(path, "onnxruntime", OPTIONS)
     bare_session = model.session._session  # type: ignore[attr-defined]  # the ORT session itself
     feed = {"input": x}
     local = InferenceServer(Path("/nonexistent/unused.sock"))  # not started: the in-process API only
     local.activate(ServedModel(name, load_model(path, "onnxruntime", OPTIONS), name, "1.0.0"))
+    framed, http = clients
     paths = {
         "bare ORT run": lambda: bare_session.run(None, feed),
         "in-process API": lambda: local.predict(x),
         "raw socket floor": lambda: floor.predict(x),
-        "socket (.npy)": lambda: client.predict(x, model=name),
+        "socket framed": lambda: framed.predict(x, model=name),
+        "socket HTTP (.npy)": lambda: http.predict(x, model=name),
     }
     if name == "tiny":
-        paths["socket (JSON)"] = lambda: client.predict(x, model=name, binary=False)
+        paths["socket HTTP (JSON)"] = lambda: http.predict(x, model=name, binary=False)
     samples: dict[str, list[np.ndarray]] = {k: [] for k in paths}
     for fn in paths.values():
         timed(fn, max(50, n // 10))  # warm-up
@@ -199,11 +215,11 @@ def latency_rows(
     return rows
 
 
-def _client_worker(args: tuple[str, str, int, float, float]) -> int:
-    socket_path, model, batch, start_at, duration = args
+def _client_worker(args: tuple[str, str, int, float, float, bool]) -> int:
+    socket_path, model, batch, start_at, duration, framed = args
     x = np.random.default_rng(0).random((batch, *SHAPES[model]), dtype=np.float32)
     count = 0
-    with Client(socket_path) as client:
+    with Client(socket_path, framed=framed) as client:
         client.predict(x, model=model)
         while time.time() < start_at:
             time.sleep(0.001)
@@ -214,9 +230,11 @@ def _client_worker(args: tuple[str, str, int, float, float]) -> int:
     return count
 
 
-def throughput(socket_path: str, model: str, batch: int, clients: int, duration: float) -> float:
+def throughput(
+    socket_path: str, model: str, batch: int, clients: int, duration: float, framed: bool
+) -> float:
     start_at = time.time() + 1.5  # every client process connected and warm before the clock starts
-    jobs = [(socket_path, model, batch, start_at, duration)] * clients
+    jobs = [(socket_path, model, batch, start_at, duration, framed)] * clients
     with multiprocessing.get_context("fork").Pool(clients) as pool:
         counts = pool.map(_client_worker, jobs)
     return sum(counts) / duration
@@ -262,13 +280,14 @@ def main() -> None:
             x_tiny = rng.random((1, 64), dtype=np.float32)
             x_large = rng.random((1, *LARGE_SHAPE), dtype=np.float32)
             floor = FloorClient(sock + ".floor")
-            with Client(sock) as client:
-                rows = latency_rows("tiny", TINY, x_tiny, client, floor, n_tiny, rounds)
-                rows += latency_rows("large", large, x_large, client, floor, n_large, rounds)
+            with Client(sock) as framed, Client(sock, framed=False) as http:
+                rows = latency_rows("tiny", TINY, x_tiny, (framed, http), floor, n_tiny, rounds)
+                rows += latency_rows("large", large, x_large, (framed, http), floor, n_large, rounds)
             floor.sock.close()
             rps = {
-                (model, c): throughput(sock, model, batch, c, duration)
-                for model, batch in (("tiny", 1), ("large", 1))
+                (model, wire, c): throughput(sock, model, 1, c, duration, wire == "framed")
+                for model in ("tiny", "large")
+                for wire in ("framed", "HTTP")
                 for c in (1, 2, 8)
             }
         finally:
@@ -286,7 +305,7 @@ def main() -> None:
             f"the digits MLP fixture (64→32→10); `large` = a 3×32×32 image CNN built with onnx.helper "
             f"(3 conv 3×3 ×64 + ReLU, global pooling, dense 10; 12 KiB request); batch 1 for both. Bare = `InferenceSession.run`; in-process = "
             f"`InferenceServer.predict`; socket = `edgeagent.client.Client` → server in another process "
-            f"(HTTP/1.1 keep-alive, Unix socket). Latency: {rounds} interleaved rounds of {n_tiny} (tiny) / "
+            f"(keep-alive Unix socket; framed = the client's default binary frames, HTTP = `framed=False`). Latency: {rounds} interleaved rounds of {n_tiny} (tiny) / "
             f"{n_large} (large) sequential calls after warm-up; overhead = p50 − bare p50. Throughput: "
             f"client processes each sending back-to-back requests for {duration:.0f} s. The machine is "
             f"shared with other jobs (1-minute load average {load_start:.2f} at the start, "
@@ -301,28 +320,32 @@ def assessment(rows: list[dict[str, object]]) -> str:
     """The issue's targets against this run, and how much of the overhead the socket itself costs."""
     p50 = {(str(r["model"]), str(r["path"])): float(r["p50"]) for r in rows}  # type: ignore[arg-type]
     bare_t, bare_l = p50[("tiny", "bare ORT run")], p50[("large", "bare ORT run")]
-    over_t = p50[("tiny", "socket (.npy)")] - bare_t
-    ratio_l = p50[("large", "socket (.npy)")] / bare_l
     floor_t = p50[("tiny", "raw socket floor")] - bare_t
     floor_l = p50[("large", "raw socket floor")] - bare_l
-    ours_t = p50[("tiny", "socket (.npy)")] - p50[("tiny", "raw socket floor")]
-    ours_l = p50[("large", "socket (.npy)")] - p50[("large", "raw socket floor")]
 
     def met(ok: bool) -> str:
         return "met" if ok else "**not met**"
 
-    return (
-        f"Targets: socket path ≤ 100 µs over the bare call at p50 — {over_t:.0f} µs, {met(over_t <= 100)}; "
-        f"ratio ≤ 1.10 for a model whose bare p50 ≥ 1 ms — {ratio_l:.3f} at {bare_l / 1e3:.2f} ms, "
-        f"{met(ratio_l <= 1.10 and bare_l >= 1000)}. Of that overhead, the raw socket floor (length-prefixed "
-        f"bytes to a bare run in the same server process, no HTTP, no validation) already costs "
-        f"{floor_t:.0f} µs (tiny) and {floor_l:.0f} µs (large) on this VM; the agent's own layer (HTTP "
-        f"parsing, npy codec, validation, stats, prediction id, client) adds {ours_t:.0f} µs and {ours_l:.0f} µs "
-        f"over the floor. The in-process API adds {p50[('tiny', 'in-process API')] - bare_t:.1f} µs."
+    lines = []
+    for wire in ("socket framed", "socket HTTP (.npy)"):
+        over_t = p50[("tiny", wire)] - bare_t
+        ratio_l = p50[("large", wire)] / bare_l
+        lines.append(
+            f"{wire}: ≤ 100 µs over the bare call at p50 — {over_t:.0f} µs, {met(over_t <= 100)}; "
+            f"ratio ≤ 1.10 for a model whose bare p50 ≥ 1 ms — {ratio_l:.3f} at {bare_l / 1e3:.2f} ms, "
+            f"{met(ratio_l <= 1.10 and bare_l >= 1000)}; the agent's layer over the raw socket floor: "
+            f"{p50[('tiny', wire)] - p50[('tiny', 'raw socket floor')]:.0f} µs (tiny), "
+            f"{p50[('large', wire)] - p50[('large', 'raw socket floor')]:.0f} µs (large)."
+        )
+    lines.append(
+        f"The raw socket floor (length-prefixed bytes to a bare run in the same server process, no "
+        f"validation) costs {floor_t:.0f} µs (tiny) and {floor_l:.0f} µs (large) over the bare call on this "
+        f"machine. The in-process API adds {p50[('tiny', 'in-process API')] - bare_t:.1f} µs (tiny)."
     )
+    return "Targets, " + "\n\n".join(lines)
 
 
-def format_tables(rows: list[dict[str, object]], rps: dict[tuple[str, int], float]) -> str:
+def format_tables(rows: list[dict[str, object]], rps: dict[tuple[str, str, int], float]) -> str:
     lines = [
         "| model | path | p50 µs | p95 µs | p50 over bare µs | p50 ratio |",
         "|---|---|---:|---:|---:|---:|",
@@ -331,9 +354,18 @@ def format_tables(rows: list[dict[str, object]], rps: dict[tuple[str, int], floa
         lines.append(
             f"| {r['model']} | {r['path']} | {r['p50']:.1f} | {r['p95']:.1f} | {r['over']:+.1f} | {r['ratio']:.3f} |"
         )
-    lines += ["", "| model | 1 client req/s | 2 clients req/s | 8 clients req/s |", "|---|---:|---:|---:|"]
+    lines += [
+        "",
+        "| model | wire | 1 client req/s | 2 clients req/s | 8 clients req/s |",
+        "|---|---|---:|---:|---:|",
+    ]
     for model in ("tiny", "large"):
-        lines.append(f"| {model} | " + " | ".join(f"{rps[(model, c)]:,.0f}" for c in (1, 2, 8)) + " |")
+        for wire in ("framed", "HTTP"):
+            lines.append(
+                f"| {model} | {wire} | "
+                + " | ".join(f"{rps[(model, wire, c)]:,.0f}" for c in (1, 2, 8))
+                + " |"
+            )
     return "\n".join(lines)
 
 

@@ -5,16 +5,20 @@
     from edgeagent.client import Client
 
     with Client("/run/edgeagent/agent.sock") as client:
-        result = client.predict(image_batch)            # .npy over the wire
+        result = client.predict(image_batch)            # binary arrays over the wire
         print(result.output.argmax(axis=1), result.id, result.version)
-        client.predict({"input": x}, model="detector")  # a named model, .npz
+        client.predict({"input": x}, model="detector")  # named inputs, a named model
         client.predict(x, binary=False)                 # JSON over the wire
+        client.feedback(result.id, 3)                   # the true label, for online accuracy
 
 One connection is kept open and reused; a connection the server closed while idle is
-reopened once, transparently. A :class:`Client` is not shared between threads: give each
-thread its own (they are cheap). Errors: :class:`~edgeagent.errors.ServerUnreachable`
-(no server on the socket) and :class:`~edgeagent.errors.RequestFailed` (the server's
-4xx/5xx, with its ``status`` and ``code``).
+reopened once, transparently. By default it speaks the agent's binary frames
+(:mod:`edgeagent.serving.frames`: no HTTP text to write or parse on either side); with
+``framed=False``, or against an agent that answers the frames' preface with HTTP, it speaks
+HTTP/1.1 with ``.npy``/``.npz`` bodies, as curl does. A :class:`Client` is not shared
+between threads: give each thread its own (they are cheap). Errors:
+:class:`~edgeagent.errors.ServerUnreachable` (no server on the socket, no reply in time) and
+:class:`~edgeagent.errors.RequestFailed` (the server's 4xx/5xx, with its ``status`` and ``code``).
 """
 
 from __future__ import annotations
@@ -22,18 +26,26 @@ from __future__ import annotations
 import io
 import json
 import socket
-from collections.abc import Mapping
+import struct
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
-from edgeagent.errors import RequestFailed, ServerUnreachable
+from edgeagent.errors import InputError, RequestFailed, ServerUnreachable
+from edgeagent.serving import frames
 from edgeagent.serving.protocol import JSON, NPY, NPZ, decode_npy, encode_npy, encode_npz
+from edgeagent.serving.sockets import TIMEOUT_ERRORS, Timeouts
 
 DEFAULT_SOCKET = Path("/run/edgeagent/agent.sock")  # socket_path in agent.toml, by default
 _MAX_HEAD = 64 * 1024
+_RECV = 65536
+_MAX_FRAME = 1 << 31  # a reply size past this is a corrupt stream, not a reply
+_SIZE = struct.Struct("<I")
+_T = TypeVar("_T")
+_UNNAMED: Sequence[str] = ("",)  # the names of a single array sent without its input name
 
 
 @dataclass
@@ -55,12 +67,16 @@ class ClientPrediction:
 
 
 class Client:
-    """HTTP/1.1 over the agent's Unix socket, with one reused connection."""
+    """The agent's Unix socket (binary frames, or HTTP/1.1), with one reused connection."""
 
-    def __init__(self, socket_path: Path | str = DEFAULT_SOCKET, *, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, socket_path: Path | str = DEFAULT_SOCKET, *, timeout_s: float = 30.0, framed: bool = True
+    ) -> None:
         self.socket_path = str(socket_path)
         self.timeout_s = timeout_s
+        self.framed = framed  # False: HTTP/1.1 (also after an agent that does not speak frames)
         self._sock: socket.socket | None = None
+        self._fresh = False  # the connection has not sent anything yet (frames: the preface goes first)
         self._pending = b""  # reply bytes read past the previous reply (none, with one request at a time)
 
     def __enter__(self) -> Client:
@@ -74,6 +90,7 @@ class Client:
             self._sock.close()
             self._sock = None
         self._pending = b""
+        self._fresh = False
 
     # -- API ------------------------------------------------------------------------------
 
@@ -85,7 +102,62 @@ class Client:
         raw: bool = False,
         binary: bool = True,
     ) -> ClientPrediction:
-        """Run ``inputs`` (one array, or a mapping input name -> array) on the served model."""
+        """Run ``inputs`` (one array, or a mapping input name -> array) on the served model.
+
+        ``binary=False`` sends JSON; ``raw=True`` sends and receives a quantized model's integers.
+        """
+        if binary and self.framed:
+            names: Sequence[str]
+            if type(inputs) is np.ndarray:  # the usual call, without the Mapping check
+                names, arrays = _UNNAMED, [inputs]
+            elif isinstance(inputs, Mapping):
+                names, arrays = list(inputs), [np.asarray(v) for v in inputs.values()]
+            else:
+                names, arrays = _UNNAMED, [np.asarray(inputs)]
+            try:
+                return self._predict_framed(names, arrays, model, raw)
+            except _NoFrames:
+                pass  # an agent without frames: HTTP/1.1 from now on
+        return self._predict_http(inputs, model, raw, binary)
+
+    def feedback(self, prediction_id: str, label: int | Sequence[int]) -> dict[str, Any]:
+        """``POST /v1/feedback``: the true class of prediction ``prediction_id`` (a list for a batch).
+
+        Returns ``{"id", "model", "version", "correct": [bool, ...], "labelled": n}``; RequestFailed
+        404 ``unknown_prediction`` (unknown or evicted id), 409 ``already_labelled``, 422 for a label
+        that does not fit the prediction.
+        """
+        value: int | list[int] = (
+            int(label) if isinstance(label, (int, np.integer)) else [int(v) for v in label]
+        )
+        body = json.dumps({"id": prediction_id, "label": value}).encode()
+        status, _, payload = self._request("POST", "/v1/feedback", body, JSON)
+        if status != 200:
+            raise _failure(status, payload)
+        doc: dict[str, Any] = json.loads(payload)
+        return doc
+
+    def _predict_framed(
+        self, names: Sequence[str], arrays: Sequence[np.ndarray], model: str | None, raw: bool
+    ) -> ClientPrediction:
+        try:
+            frame = frames.encode_predict(model, names, arrays, raw)
+        except (ValueError, struct.error) as exc:  # e.g. more arrays or dims than a frame carries
+            raise RequestFailed(f"cannot send these inputs: {exc}", status=400, code="bad_body") from exc
+        reply = self._roundtrip(lambda: self._exchange_frame(frame))
+        _, status, head_len = frames.REPLY.unpack_from(reply)
+        if status != 200:
+            raise _failure(status, bytes(reply[8 + head_len :]))
+        try:
+            latency_ms, pid, (name, version, runtime, delegate), outputs = frames.decode_reply(reply)
+        except (frames.FrameError, InputError, ValueError, struct.error) as exc:
+            self.close()
+            raise ServerUnreachable(f"a malformed reply frame: {exc}", socket_path=self.socket_path) from exc
+        return ClientPrediction(outputs, pid, name, version, runtime, delegate, latency_ms)
+
+    def _predict_http(
+        self, inputs: np.ndarray | Mapping[str, np.ndarray], model: str | None, raw: bool, binary: bool
+    ) -> ClientPrediction:
         path = f"/v1/models/{model}/predict" if model else "/v1/predict"
         if raw:
             path += "?raw=1"
@@ -165,37 +237,67 @@ class Client:
     def _request(
         self, method: str, path: str, body: bytes, content_type: str | None
     ) -> tuple[int, dict[str, str], bytes]:
+        """(status, lower-case headers, body) of one request, over frames or HTTP/1.1."""
+        if self.framed:
+            frame = frames.encode_call(method, path, content_type or "", body)
+            try:
+                reply = self._roundtrip(lambda: self._exchange_frame(frame))
+            except _NoFrames:
+                pass
+            else:
+                try:
+                    status, reply_type, lines, payload = frames.decode_call_reply(bytes(reply))
+                except frames.FrameError as exc:
+                    self.close()
+                    raise ServerUnreachable(
+                        f"a malformed reply frame: {exc}", socket_path=self.socket_path
+                    ) from exc
+                headers = _header_fields(lines) if lines else {}
+                headers["content-type"] = reply_type
+                return status, headers, payload
         head = f"{method} {path} HTTP/1.1\r\nHost: edgeagent\r\nContent-Length: {len(body)}\r\n"
         if content_type is not None:
             head += f"Content-Type: {content_type}\r\n"
         message = (head + "\r\n").encode("ascii") + body
+        return self._roundtrip(lambda: self._exchange_http(message))
+
+    def _roundtrip(self, exchange: Callable[[], _T]) -> _T:
+        """``exchange`` on the open connection, or once more on a new one if the server had closed it."""
         reused = self._sock is not None
         try:
-            self._send(message)
-            return self._read_response()
+            return exchange()
         except (ConnectionError, _ClosedBeforeReply) as exc:
             self.close()
             if not reused:
                 raise ServerUnreachable(
                     f"{self.socket_path}: connection lost ({exc})", socket_path=self.socket_path
                 ) from exc
+        except TIMEOUT_ERRORS as exc:
+            self.close()
+            raise ServerUnreachable(
+                f"{self.socket_path}: no reply within {self.timeout_s:g} s", socket_path=self.socket_path
+            ) from exc
         except OSError as exc:
             self.close()
             raise ServerUnreachable(f"{self.socket_path}: {exc}", socket_path=self.socket_path) from exc
         # The server closed the idle keep-alive connection before our request: retry once, fresh.
         try:
-            self._send(message)
-            return self._read_response()
+            return exchange()
+        except TIMEOUT_ERRORS as exc:
+            self.close()
+            raise ServerUnreachable(
+                f"{self.socket_path}: no reply within {self.timeout_s:g} s", socket_path=self.socket_path
+            ) from exc
         except (OSError, _ClosedBeforeReply) as exc:
             self.close()
             raise ServerUnreachable(
                 f"{self.socket_path}: connection lost ({exc})", socket_path=self.socket_path
             ) from exc
 
-    def _send(self, message: bytes) -> None:
+    def _connection(self) -> socket.socket:
         if self._sock is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(self.timeout_s)
+            Timeouts(sock, self.timeout_s, self.timeout_s)
             try:
                 sock.connect(self.socket_path)
             except OSError as exc:
@@ -204,8 +306,51 @@ class Client:
                     f"cannot connect to the agent at {self.socket_path}: {exc.strerror or exc}",
                     socket_path=self.socket_path,
                 ) from exc
-            self._sock = sock
-        self._sock.sendall(message)
+            self._sock, self._fresh = sock, True
+        return self._sock
+
+    def _exchange_frame(self, frame: bytes) -> bytes | bytearray:
+        sock = self._connection()
+        if self._fresh:
+            self._fresh = False
+            frame = frames.PREFACE + frame
+        sock.sendall(frame)
+        buf = sock.recv(_RECV)
+        if not buf:
+            raise _ClosedBeforeReply("the server closed the connection")
+        while len(buf) < 8:
+            chunk = sock.recv(_RECV)
+            if not chunk:
+                break
+            buf += chunk
+        if buf.startswith(b"HTTP/"):  # an agent that predates frames answered the preface with an error
+            self.close()
+            self.framed = False
+            raise _NoFrames
+        if len(buf) < 8:
+            raise ServerUnreachable("the reply frame was cut short", socket_path=self.socket_path)
+        (size,) = _SIZE.unpack_from(buf)
+        total = 4 + size
+        if len(buf) == total:  # the usual case: the whole reply came in one read
+            return buf
+        if len(buf) > total or total > _MAX_FRAME:
+            self.close()
+            raise ServerUnreachable("the reply is not one frame", socket_path=self.socket_path)
+        reply = bytearray(total)
+        reply[: len(buf)] = buf
+        view, got = memoryview(reply), len(buf)
+        while got < total:
+            n = sock.recv_into(view[got:])
+            if not n:
+                self.close()
+                raise ServerUnreachable("the reply frame was cut short", socket_path=self.socket_path)
+            got += n
+        return reply
+
+    def _exchange_http(self, message: bytes) -> tuple[int, dict[str, str], bytes]:
+        self._connection().sendall(message)
+        self._fresh = False
+        return self._read_response()
 
     def _read_response(self) -> tuple[int, dict[str, str], bytes]:
         sock = self._sock
@@ -214,7 +359,7 @@ class Client:
         buf = self._pending
         end = buf.find(b"\r\n\r\n")
         while end < 0:
-            chunk = sock.recv(65536)
+            chunk = sock.recv(_RECV)
             if not chunk:
                 raise _ClosedBeforeReply("the server closed the connection")
             buf = buf + chunk if buf else chunk
@@ -226,10 +371,7 @@ class Client:
         status = status_line[9:12]
         if not status_line.startswith("HTTP/1.") or not status.isdigit():
             raise ServerUnreachable(f"not an HTTP reply: {status_line!r}", socket_path=self.socket_path)
-        headers = {}
-        for line in fields.split("\r\n"):
-            name, _, value = line.partition(":")
-            headers[name.lower()] = value.strip()
+        headers = _header_fields(fields)
         length = int(headers.get("content-length", "0"))
         start = end + 4
         if len(buf) - start >= length:
@@ -238,7 +380,7 @@ class Client:
         else:
             chunks, size = [buf[start:]], len(buf) - start
             while size < length:
-                chunk = sock.recv(max(65536, length - size))
+                chunk = sock.recv(max(_RECV, length - size))
                 if not chunk:
                     raise ServerUnreachable("the reply body was cut short", socket_path=self.socket_path)
                 chunks.append(chunk)
@@ -248,6 +390,18 @@ class Client:
         if headers.get("connection", "").lower() == "close":
             self.close()
         return int(status), headers, payload
+
+
+def _header_fields(lines: str) -> dict[str, str]:
+    headers = {}
+    for line in lines.split("\r\n"):
+        name, _, value = line.partition(":")
+        headers[name.lower()] = value.strip()
+    return headers
+
+
+class _NoFrames(Exception):
+    """The agent answered the frames' preface with HTTP: it speaks HTTP/1.1 only."""
 
 
 class _ClosedBeforeReply(Exception):

@@ -1,5 +1,6 @@
-"""Hot swap: concurrent clients through 20 activations (ORT <-> LiteRT, new versions, a
-rollback) with zero failed requests; old models close only when their last request ends."""
+"""Hot swap: concurrent clients (framed and HTTP, binary and JSON) through 20 activations
+(ORT <-> LiteRT, new versions, a rollback) with zero failed requests; old models close only
+when their last request ends."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def test_twenty_swaps_under_load_fail_no_request(tmp_path: Path, model_dir: Path
 
     def client_loop(index: int) -> None:
         try:
-            with Client(server.socket_path) as client:
+            # frames and HTTP/1.1, each with binary and JSON bodies
+            with Client(server.socket_path, framed=index < 2) as client:
                 i = 0
                 while not stop.is_set():
                     result = client.predict(x[i % 50 : i % 50 + 1], binary=bool(index % 2))

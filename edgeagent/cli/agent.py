@@ -22,6 +22,7 @@ examples:
   edgeagent run --config /etc/edgeagent/agent.toml   # the service (what systemd starts)
   edgeagent serve digits-1.0.0.bundle --trusted /etc/edgeagent/keys/ --socket /tmp/edge.sock
   edgeagent infer --socket /tmp/edge.sock --input digit.npy
+  edgeagent feedback --socket /tmp/edge.sock 3f2a9c1e-1b 7     # that prediction's true class
   edgeagent bundle verify digits-1.0.0.bundle --trusted /etc/edgeagent/keys/release.pub
 """
 
@@ -32,6 +33,7 @@ COMMANDS: tuple[str, ...] = (
     "edgeagent.cli.service_cmd",
     "edgeagent.cli.serve_cmd",
     "edgeagent.cli.infer_cmd",
+    "edgeagent.cli.feedback_cmd",
     "edgeagent.cli.bench_cmd",
 )
 

@@ -1,4 +1,4 @@
-"""The local inference endpoint: HTTP/1.1 on a Unix socket, hot-swappable named models.
+"""The local inference endpoint: HTTP/1.1 or binary frames on a Unix socket, hot-swappable named models.
 
 See ``docs/runtimes.md`` for the protocol and :mod:`edgeagent.client` for the client.
 """

@@ -17,13 +17,22 @@ from __future__ import annotations
 
 import re
 import socket
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, field
+from typing import NamedTuple
 from urllib.parse import parse_qsl
+
+from edgeagent.serving.sockets import TIMEOUT_ERRORS, Timeouts
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _SINGLE_HEADERS = frozenset({"content-length", "content-type", "host"})
 _METHODS = frozenset({"GET", "POST"})
 _RECV = 65536
+_FRAME_SIZE = struct.Struct("<I")
+# Clients repeat the same few request heads (same path, type and length): a head seen before
+# is looked up instead of parsed. Only short heads, and a bounded number of them.
+_HEAD_CACHE_BYTES = 1024
+_HEAD_CACHE_SIZE = 256
 
 REASONS = {
     200: "OK",
@@ -74,10 +83,38 @@ class Request:
     headers: dict[str, str]  # lower-case names
     body: bytes
     keep_alive: bool
+    content_type: str = ""  # the media type of Content-Type, lower-case, without parameters
 
-    @property
-    def content_type(self) -> str:
-        return self.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+class _Head(NamedTuple):
+    """A parsed request head (shared between requests with the same head bytes: never mutated)."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    fields: int  # header lines, for the limit
+    length: int | None  # Content-Length, None when absent
+    keep_alive: bool
+    content_type: str
+
+
+_HEADS: dict[bytes, _Head] = {}
+
+
+def split_target(target: str) -> tuple[str, dict[str, str]]:
+    """(path, query) of an origin-form target; HttpError for a bad query string."""
+    path, _, query_text = target.partition("?")
+    if not query_text:
+        return path, {}
+    try:
+        return path, dict(parse_qsl(query_text, keep_blank_values=True, max_num_fields=32))
+    except ValueError as exc:
+        raise HttpError(400, "bad_query", f"bad query string: {exc}") from exc
+
+
+def media_type(content_type: str) -> str:
+    return content_type.split(";", 1)[0].strip().lower()
 
 
 @dataclass
@@ -87,7 +124,26 @@ class Connection:
     sock: socket.socket
     limits: HttpLimits
     pending: bytes = b""  # read from the socket but not yet consumed (pipelined requests)
-    _current_timeout: float | None = None
+    timeouts: Timeouts = field(init=False)
+
+    def __post_init__(self) -> None:
+        # A request being sent waits at most request_timeout_s for its next bytes; so does a reply.
+        self.timeouts = Timeouts(self.sock, self.limits.idle_timeout_s, self.limits.request_timeout_s)
+
+    def take_preface(self, preface: bytes) -> bool:
+        """Whether the connection starts with ``preface`` (then consumed); other bytes stay pending."""
+        buf = self.pending
+        while len(buf) < len(preface) and preface.startswith(buf):
+            self._timeout(self.limits.request_timeout_s if buf else self.limits.idle_timeout_s)
+            chunk = self._recv()
+            if not chunk:
+                break  # the request readers see the end of the stream and answer it
+            buf = buf + chunk if buf else chunk
+        if buf.startswith(preface):
+            self.pending = buf[len(preface) :]
+            return True
+        self.pending = buf
+        return False
 
     def read_request(self) -> Request | None:
         """The next request, or None when the client closed cleanly between requests."""
@@ -100,34 +156,72 @@ class Connection:
             buf, head_end = read
         if head_end > self.limits.max_head_bytes:
             raise HttpError(431, "head_too_large", f"request head over {self.limits.max_head_bytes} bytes")
-        method, target, version, headers = self._parse_head(buf[:head_end])
-        length = self._content_length(method, headers)
+        head_bytes = buf[:head_end]
+        head = _HEADS.get(head_bytes)
+        if head is None:
+            head = self._parse_head(head_bytes)
+            if head_end <= _HEAD_CACHE_BYTES:
+                if len(_HEADS) >= _HEAD_CACHE_SIZE:
+                    _HEADS.clear()
+                _HEADS[head_bytes] = head
+        if head.fields > self.limits.max_headers:
+            raise HttpError(431, "too_many_headers", f"more than {self.limits.max_headers} header fields")
+        length = self._content_length(head)
         start = head_end + 4
         if len(buf) - start >= length:  # the usual case: the whole request came in one read
             body = buf[start : start + length]
             self.pending = buf[start + length :]
         else:
             body = self._read_body(buf[start:], length)
-        path, _, query_text = target.partition("?")
-        query: dict[str, str] = {}
-        if query_text:
+        return Request(
+            head.method, head.path, head.query, head.headers, body, head.keep_alive, head.content_type
+        )
+
+    def read_frame(self, max_size: int) -> bytes | bytearray | None:
+        """The next length-prefixed frame (its u32 size included), or None at a clean end."""
+        buf = self.pending
+        while len(buf) < 8:
+            self._timeout(self.limits.request_timeout_s if buf else self.limits.idle_timeout_s)
+            chunk = self._recv()
+            if not chunk:
+                if buf:
+                    raise HttpError(400, "truncated", "the connection closed in the middle of a frame")
+                return None
+            buf = buf + chunk if buf else chunk
+        (size,) = _FRAME_SIZE.unpack_from(buf)
+        if size < 4:
+            raise HttpError(400, "bad_frame", f"a frame of {size} bytes is shorter than its fixed fields")
+        if size > max_size:
+            raise HttpError(413, "body_too_large", f"the frame is {size} bytes; the limit is {max_size}")
+        total = 4 + size
+        if len(buf) >= total:  # the usual case: the whole frame came in one read
+            self.pending = buf[total:] if len(buf) > total else b""
+            return buf[:total] if len(buf) > total else buf
+        frame = bytearray(total)
+        frame[: len(buf)] = buf
+        view, got = memoryview(frame), len(buf)
+        self._timeout(self.limits.request_timeout_s)
+        while got < total:
             try:
-                query = dict(parse_qsl(query_text, keep_blank_values=True, max_num_fields=32))
-            except ValueError as exc:
-                raise HttpError(400, "bad_query", f"bad query string: {exc}") from exc
-        connection = headers.get("connection", "").lower()
-        keep_alive = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
-        return Request(method, path, query, headers, body, keep_alive)
+                n = self.sock.recv_into(view[got:])
+            except TIMEOUT_ERRORS as exc:
+                raise HttpError(408, "timeout", "the frame did not arrive in time") from exc
+            if not n:
+                raise HttpError(400, "truncated", f"the frame ended after {got} of {total} bytes")
+            got += n
+        self.pending = b""
+        return frame
 
     def _read_head(self, buf: bytes) -> tuple[bytes, int] | None:
         chunks = [buf] if buf else []
         size = len(buf)
-        self._timeout(self.limits.request_timeout_s if buf else self.limits.idle_timeout_s)
         while True:
             if size > self.limits.max_head_bytes:
                 raise HttpError(
                     431, "head_too_large", f"request head over {self.limits.max_head_bytes} bytes"
                 )
+            # Idle between requests, bounded once one has started; set only when it changes.
+            self._timeout(self.limits.request_timeout_s if size else self.limits.idle_timeout_s)
             chunk = self._recv()
             if not chunk:
                 if b"".join(chunks).strip():
@@ -135,7 +229,6 @@ class Connection:
                 return None
             chunks.append(chunk)
             size += len(chunk)
-            self._timeout(self.limits.request_timeout_s)
             joined = b"".join(chunks) if len(chunks) > 1 else chunk
             head_end = joined.find(b"\r\n\r\n")
             if head_end >= 0:
@@ -156,17 +249,15 @@ class Connection:
         return data[:length]
 
     def _timeout(self, seconds: float) -> None:
-        if seconds != self._current_timeout:
-            self.sock.settimeout(seconds)
-            self._current_timeout = seconds
+        self.timeouts.recv(seconds)
 
     def _recv(self) -> bytes:
         try:
             return self.sock.recv(_RECV)
-        except TimeoutError as exc:
+        except TIMEOUT_ERRORS as exc:
             raise HttpError(408, "timeout", "the request did not arrive in time") from exc
 
-    def _parse_head(self, head: bytes) -> tuple[str, str, str, dict[str, str]]:
+    def _parse_head(self, head: bytes) -> _Head:
         # latin-1 maps every byte to one character, so decoding never fails and the checks
         # below see exactly the bytes that were sent.
         lines = head.decode("latin-1").lstrip("\r\n").split("\r\n")  # RFC 9112: skip leading CRLFs
@@ -181,8 +272,6 @@ class Connection:
             raise HttpError(status, "bad_method", f"method {method!r} is not supported")
         if not target.startswith("/") or not target.isprintable():
             raise HttpError(400, "bad_target", "the target must be a printable path starting with '/'")
-        if len(lines) - 1 > self.limits.max_headers:
-            raise HttpError(431, "too_many_headers", f"more than {self.limits.max_headers} header fields")
         headers: dict[str, str] = {}
         for line in lines[1:]:
             name, colon, value = line.partition(":")
@@ -194,21 +283,33 @@ class Connection:
             if previous is not None and previous != text and key in _SINGLE_HEADERS:
                 raise HttpError(400, "bad_header", f"conflicting {key} headers")
             headers[key] = text
-        return method, target, version, headers
-
-    def _content_length(self, method: str, headers: dict[str, str]) -> int:
         if "transfer-encoding" in headers:
             raise HttpError(
                 501, "chunked_unsupported", "send a Content-Length body; transfer-encoding is not supported"
             )
-        text = headers.get("content-length")
-        if text is None:
-            if method == "POST":
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or len(length) > 18):
+            raise HttpError(400, "bad_header", f"Content-Length {length!r} is not a byte count")
+        path, query = split_target(target)
+        connection = headers.get("connection", "").lower()
+        keep_alive = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
+        return _Head(
+            method,
+            path,
+            query,
+            headers,
+            len(lines) - 1,
+            int(length) if length is not None else None,
+            keep_alive,
+            media_type(headers.get("content-type", "")),
+        )
+
+    def _content_length(self, head: _Head) -> int:
+        length = head.length
+        if length is None:
+            if head.method == "POST":
                 raise HttpError(411, "length_required", "a POST needs a Content-Length header")
             return 0
-        if not text.isdigit() or len(text) > 18:
-            raise HttpError(400, "bad_header", f"Content-Length {text!r} is not a byte count")
-        length = int(text)
         if length > self.limits.max_body_bytes:
             raise HttpError(
                 413,

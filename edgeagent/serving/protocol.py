@@ -223,12 +223,14 @@ def encode_outputs(
     names: Sequence[str],
     arrays: Sequence[np.ndarray],
     meta: Mapping[str, Any],
+    pid: str,
+    latency_ms: float,
     static_headers: str,
 ) -> tuple[str, bytes, str]:
     """(content type, body, extra header lines) of a prediction reply.
 
-    ``meta`` holds id, model, version, runtime, delegate and latency_ms; ``static_headers``
-    is :func:`reply_headers` of the served model.
+    ``meta`` holds model, version, runtime and delegate; ``static_headers`` is
+    :func:`reply_headers` of the served model.
     """
     if content_type == JSON:
         outputs: Any = (
@@ -236,8 +238,10 @@ def encode_outputs(
             if len(arrays) == 1
             else {n: a.tolist() for n, a in zip(names, arrays, strict=True)}
         )
-        return JSON, json.dumps({**meta, "output_names": list(names), "outputs": outputs}).encode(), ""
-    headers = f"X-Prediction-Id: {meta['id']}\r\nX-Latency-Ms: {meta['latency_ms']:.4f}\r\n{static_headers}"
+        doc = {**meta, "id": pid, "latency_ms": round(latency_ms, 4), "output_names": list(names)}
+        doc["outputs"] = outputs
+        return JSON, json.dumps(doc).encode(), ""
+    headers = f"X-Prediction-Id: {pid}\r\nX-Latency-Ms: {latency_ms:.4f}\r\n{static_headers}"
     if content_type == NPY and len(arrays) == 1:
         return NPY, encode_npy(arrays[0]), headers
     return NPZ, encode_npz(names, arrays), headers

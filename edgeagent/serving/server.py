@@ -1,4 +1,4 @@
-"""The local inference server: HTTP/1.1 on a Unix socket, one thread per keep-alive connection.
+"""The local inference server on a Unix socket: hot-swappable named models, timed requests.
 
 Endpoints (see ``docs/runtimes.md`` for bodies and examples):
 
@@ -9,9 +9,15 @@ GET      /v1/models                       every served model: bundle, version, i
 GET      /v1/models/{name}                one of them
 POST     /v1/predict                      the default (or only) model
 POST     /v1/models/{name}/predict        a named model
-GET      /v1/stats                        latency percentiles and errors per
-                                          (model, version, runtime, delegate)
+POST     /v1/feedback                     the true label of an earlier prediction
+GET      /v1/stats                        latency percentiles, errors, labels and predicted
+                                          classes per (model, version, runtime, delegate)
 =======  ===============================  =============================================
+
+A connection speaks HTTP/1.1, or length-prefixed binary frames when it starts with
+:data:`~edgeagent.serving.frames.PREFACE` (the Python client's default: no text to parse
+on either side). The wire side lives in :mod:`edgeagent.serving.endpoints`; this module
+holds the models, the in-process API and the lifecycle.
 
 Inference runs on the connection's own thread, so a request costs no hand-off between
 threads; ONNX Runtime releases the GIL while it runs, LiteRT sessions serialise on their
@@ -23,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import json
 import logging
 import os
 import socket
@@ -38,15 +43,8 @@ from typing import Any
 import numpy as np
 
 from edgeagent.errors import InferenceError, InputError, UsageError
-from edgeagent.serving.http import Connection, HttpError, HttpLimits, Request, response_bytes
-from edgeagent.serving.protocol import (
-    CONTENT_TYPES,
-    JSON,
-    decode_inputs,
-    encode_outputs,
-    error_body,
-    parse_raw_flag,
-)
+from edgeagent.serving.endpoints import Endpoints, error_reply
+from edgeagent.serving.http import HttpError, HttpLimits
 from edgeagent.serving.recent import DEFAULT_CAPACITY, RecentPredictions
 from edgeagent.serving.slots import Lease, ModelSlot, ServedModel
 from edgeagent.serving.stats import RequestStats
@@ -144,7 +142,8 @@ class InferenceServer:
             slots = list(self._slots.values())
         return {s.name: m for s in slots if (m := s.current) is not None}
 
-    def _slot(self, name: str | None) -> ModelSlot:
+    def slot_for(self, name: str | None) -> ModelSlot:
+        """The slot serving ``name`` (None: the default model); HttpError 404/503 when there is none."""
         # Reads of one dict entry are atomic; the lock guards only the changes in activate/deactivate.
         key = name if name is not None else self._default
         slot = self._slots.get(key) if key is not None else None
@@ -164,24 +163,31 @@ class InferenceServer:
         Raises UsageError when no such model is served, InputError, InferenceError.
         """
         try:
-            slot = self._slot(model)
+            slot = self.slot_for(model)
         except HttpError as exc:
             raise UsageError(exc.message) from exc
         lease = slot.acquire()
         if lease is None:
             raise UsageError(f"model {slot.name!r} is being removed")
         try:
-            return self._run(lease, time.perf_counter(), lambda: (feeds, None), raw)
+            result = self.run(lease, time.perf_counter(), lambda: (feeds, None), raw)
         finally:
             slot.release(lease)
+        self.stats.record(result.served.key, result.latency_ms / 1e3, result.outputs[0])
+        return result
 
-    def _run(
+    def run(
         self,
         lease: Lease,
         start: float,
         decode: Callable[[], tuple[np.ndarray | Mapping[str, Any], bool | None]],
         raw: bool,
     ) -> Prediction:
+        """Decode and run one request on ``lease``'s model and give it an id; errors are counted.
+
+        The latency (from ``start``, a ``perf_counter``) is the caller's to record with
+        ``stats.record``: socket requests record it after the reply is sent.
+        """
         served = lease.served
         try:
             feeds, body_raw = decode()
@@ -193,10 +199,7 @@ class InferenceServer:
             self.stats.error(served.key, client=False)
             raise
         elapsed = time.perf_counter() - start
-        self.stats.record(served.key, elapsed)
-        pid = self.recent.new_id()
-        self.recent.add(pid, served.key, outputs[0])
-        return Prediction(pid, served, outputs, elapsed * 1e3)
+        return Prediction(self.recent.add(served.key, outputs[0]), served, outputs, elapsed * 1e3)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -262,7 +265,9 @@ class InferenceServer:
             if full:
                 with contextlib.suppress(OSError):
                     sock.sendall(
-                        _error(503, "too_many_connections", "the server is at its connection limit", False)
+                        error_reply(
+                            503, "too_many_connections", "the server is at its connection limit", False
+                        )
                     )
                 sock.close()
                 continue
@@ -274,20 +279,8 @@ class InferenceServer:
             thread.start()
 
     def _serve_connection(self, sock: socket.socket) -> None:
-        conn = Connection(sock, self.limits.http)
         try:
-            while self.state is ServerState.SERVING:
-                try:
-                    request = conn.read_request()
-                except HttpError as exc:
-                    sock.sendall(_error(exc.status, exc.code, exc.message, False))
-                    break
-                if request is None:
-                    break
-                response, keep_open = self._respond(request)
-                sock.sendall(response)
-                if not keep_open:
-                    break
+            Endpoints(self).serve(sock)
         except OSError:
             pass  # the client went away; nothing to answer
         finally:
@@ -296,110 +289,14 @@ class InferenceServer:
                 self._connections.discard(sock)
                 self._threads.discard(threading.current_thread())
 
-    # -- routing --------------------------------------------------------------------------
+    @property
+    def serving(self) -> bool:
+        return self.state is ServerState.SERVING
 
-    def _respond(self, request: Request) -> tuple[bytes, bool]:
-        keep = request.keep_alive
-        try:
-            status, content_type, body, headers = self._route(request)
-        except HttpError as exc:
-            keep = keep and not exc.close
-            return _error(exc.status, exc.code, exc.message, keep), keep
-        except InputError as exc:
-            status = 400 if exc.code == "bad_body" else 422
-            return _error(status, exc.code, str(exc), keep), keep
-        except InferenceError as exc:
-            return _error(500, "inference_failed", str(exc), keep), keep
-        except Exception:
-            log.exception("unexpected error answering %s %s", request.method, request.path)
-            return _error(500, "internal", "unexpected server error; see the agent log", keep), keep
-        return response_bytes(status, content_type, body, keep_alive=keep, extra=headers), keep
-
-    def _route(self, request: Request) -> tuple[int, str, bytes, str]:
-        path = request.path
-        if path == "/v1/predict":
-            _method(request, "POST")
-            return self._predict(request, None)
-        parts = path.split("/")
-        if len(parts) >= 4 and parts[:3] == ["", "v1", "models"] and parts[3]:
-            if len(parts) == 5 and parts[4] == "predict":
-                _method(request, "POST")
-                return self._predict(request, parts[3])
-            if len(parts) == 4:
-                _method(request, "GET")
-                served = self._slot(parts[3]).current
-                if served is None:
-                    raise HttpError(
-                        404, "unknown_model", f"no model named {parts[3]!r} is served", close=False
-                    )
-                return _json(200, served.describe())
-        if path == "/v1/models":
-            _method(request, "GET")
-            return _json(
-                200, {"default": self._default, "models": [m.describe() for m in self.served().values()]}
-            )
-        if path == "/v1/health":
-            _method(request, "GET")
-            live = self.served()
-            body = {
-                "status": "ok" if live else "no_models",
-                "default": self._default,
-                "models": {n: m.version for n, m in live.items()},
-            }
-            return _json(200 if live else 503, body)
-        if path == "/v1/stats":
-            _method(request, "GET")
-            rows = [{**key._asdict(), **stats.summary()} for key, stats in self.stats.snapshot().items()]
-            recent = {
-                "size": len(self.recent),
-                "capacity": self.recent.capacity,
-                "evicted": self.recent.evicted,
-            }
-            return _json(200, {"stats": rows, "recent_predictions": recent})
-        raise HttpError(404, "not_found", f"no endpoint {path!r}", close=False)
-
-    def _predict(self, request: Request, name: str | None) -> tuple[int, str, bytes, str]:
-        start = time.perf_counter()
-        content_type = request.content_type
-        if content_type not in CONTENT_TYPES:
-            raise HttpError(
-                415,
-                "unsupported_media_type",
-                f"Content-Type must be one of {', '.join(CONTENT_TYPES)}",
-                close=False,
-            )
-        accept = request.headers.get("accept", "").strip().lower()
-        reply_type = accept if accept in CONTENT_TYPES else content_type
-        raw = parse_raw_flag(request.query.get("raw"))
-        slot = self._slot(name)
-        lease = slot.acquire()
-        if lease is None:
-            raise HttpError(503, "no_model", f"model {slot.name!r} is being replaced or removed", close=False)
-        try:
-            result = self._run(lease, start, lambda: decode_inputs(content_type, request.body), raw)
-            served = result.served
-            meta = {**served.meta, "id": result.id, "latency_ms": round(result.latency_ms, 4)}
-            out_type, body, headers = encode_outputs(
-                reply_type, served.model.output_names, result.outputs, meta, served.reply_headers
-            )
-        finally:
-            slot.release(lease)
-        return 200, out_type, body, headers
-
-
-def _method(request: Request, allowed: str) -> None:
-    if request.method != allowed:
-        raise HttpError(
-            405, "method_not_allowed", f"{request.path} takes {allowed}, not {request.method}", close=False
-        )
-
-
-def _json(status: int, doc: Any) -> tuple[int, str, bytes, str]:
-    return status, JSON, json.dumps(doc).encode(), ""
-
-
-def _error(status: int, code: str, message: str, keep_alive: bool) -> bytes:
-    return response_bytes(status, JSON, error_body(code, message), keep_alive=keep_alive)
+    @property
+    def default(self) -> str | None:
+        """The model ``/v1/predict`` serves."""
+        return self._default
 
 
 def _bind(path: Path, mode: int) -> socket.socket:

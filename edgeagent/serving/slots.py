@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeagent.runtimes.model import LoadedModel
+from edgeagent.serving.frames import static_meta
 from edgeagent.serving.protocol import reply_headers
 from edgeagent.serving.stats import StatsKey
 
@@ -37,6 +38,7 @@ class ServedModel:
     key: StatsKey = field(init=False)
     meta: dict[str, str] = field(init=False)  # what every reply says about the model
     reply_headers: str = field(init=False)  # the same, as header lines of binary replies
+    frame_meta: bytes = field(init=False)  # the same, as the fixed part of a framed reply's head
 
     def __post_init__(self) -> None:
         runtime, delegate = self.model.runtime, self.model.delegate
@@ -44,6 +46,7 @@ class ServedModel:
         object.__setattr__(self, "key", StatsKey(self.name, self.version, runtime, delegate))
         object.__setattr__(self, "meta", meta)
         object.__setattr__(self, "reply_headers", reply_headers(meta, self.model.output_names))
+        object.__setattr__(self, "frame_meta", static_meta(self.name, self.version, runtime, delegate))
 
     def describe(self) -> dict[str, Any]:
         return {
