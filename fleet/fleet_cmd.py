@@ -17,6 +17,8 @@ from edgeagent.errors import UsageError
 from edgeagent.protocol import DEFAULT_PREFIX
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from edgeagent.mqtt import BrokerConfig
     from fleet.collector import Collector
     from fleet.status import StatusRow
@@ -38,6 +40,17 @@ examples:
 
 Latency percentiles merge the devices' latency histograms (1% relative error) over a
 window instead of averaging percentiles. More: docs/fleet.md.
+"""
+
+COLLECT_DESCRIPTION = """\
+Subscribe (QoS 1) to every device's reported state, events and telemetry and store them
+in a SQLite database (WAL: views read while it writes). Runs until Ctrl-C or SIGTERM,
+printing a line of counters every --stats-every seconds.
+
+The MQTT session is persistent: what devices send while the collector restarts waits at
+the broker, up to Mosquitto's max_queued_messages (1000 by default; raise it for large
+fleets, see docs/fleet.md). Malformed messages are counted and logged, never fatal;
+telemetry sent twice (same device and seq) is stored once.
 """
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
@@ -110,11 +123,7 @@ def _register_collect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     collect = sub.add_parser(
         "collect",
         help="store every device's reported state, events and telemetry (runs until stopped)",
-        description="Subscribe (QoS 1) to every device's reported state, events and telemetry and store "
-        "them in a SQLite database (WAL: views can read while it writes). The MQTT session is "
-        "persistent: messages sent while the collector restarts wait at the broker (raise Mosquitto's "
-        "max_queued_messages for large fleets). Malformed messages are counted and logged, never fatal; "
-        "telemetry sent twice (same device and seq) is stored once.",
+        description=COLLECT_DESCRIPTION,
         epilog="examples:\n"
         "  edgectl fleet collect --broker mqtt://localhost:1883 --db fleet.db\n"
         "  edgectl fleet collect --broker mqtts://user:pass@broker:8883 --ca-file ca.pem "
@@ -283,14 +292,19 @@ def _status(args: argparse.Namespace) -> int:
         }
         print(json.dumps(doc, indent=2))
         return 0
+    console = _console()
+    console.print(render_status(rows))
+    console.print(summary(rows, heartbeat), style="dim", highlight=False)
+    return 0
+
+
+def _console() -> Console:
     from rich.console import Console
 
     console = Console()
     if not console.is_terminal:
-        console = Console(width=240)  # piped to a file or a pager: do not squeeze into 80 columns
-    console.print(render_status(rows))
-    console.print(summary(rows, heartbeat), style="dim", highlight=False)
-    return 0
+        return Console(width=240)  # piped to a file or a pager: do not squeeze the table into 80 columns
+    return console
 
 
 def _watch(args: argparse.Namespace) -> int:
@@ -309,7 +323,7 @@ def _watch(args: argparse.Namespace) -> int:
         return Group(render_status(rows), Text(line, style="dim"))
 
     try:
-        with Live(frame(), auto_refresh=False, screen=False) as live:
+        with Live(frame(), console=_console(), auto_refresh=False, screen=False) as live:
             while True:
                 time.sleep(args.interval)
                 live.update(frame(), refresh=True)

@@ -315,7 +315,7 @@ def summary(rows: list[StatusRow], heartbeat: dict[str, Any] | None, now: float 
     now = time.time() if now is None else now
     devices = {r.device for r in rows}
     online = {r.device for r in rows if r.online}
-    text = f"{len(devices)} devices, {len(online)} online"
+    text = f"{len(devices)} device{'' if len(devices) == 1 else 's'}, {len(online)} online"
     if heartbeat is None:
         return text + "; no collector has written to this database yet"
     wrote = age(now - float(heartbeat.get("at", 0)))
