@@ -15,21 +15,17 @@ latency of single-sample inference (ORT, 2 threads), and the ratios against fp32
     .venv/bin/python bench/compression.py              # print the table
     .venv/bin/python bench/compression.py --write      # also put it into bench/RESULTS.md
 
-``--training`` measures instead what fine-tuning and distillation recover (issue 8): the MLP
-pruned 90% with and without the ``finetune`` pass, each then int8; and a >=100k-parameter teacher
-distilled into an ``mlp:64`` student against the same student trained on hard labels alone
-(``alpha = 0``, same epochs and early stopping), over 3 seeds. Its own section of RESULTS.md.
+Fine-tuning and distillation (issue 8) have their own benchmark: ``bench/training.py``
+(``--training`` here runs it).
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -45,48 +41,11 @@ from converter.passes.quantize import QuantizeConfig, QuantizePass
 from converter.passes.sparsify import SparsifyConfig, SparsifyPass
 from converter.runners import fit_inputs, open_runner, time_invocations
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_common import RESULTS, machine, now, train, write_results
+
 SECTION = "## Compression (issue 3)"
-TRAINING_SECTION = "## Fine-tuning and distillation (issue 8)"
-RESULTS = Path(__file__).parent / "RESULTS.md"
 SPARSITIES = (0.5, 0.7, 0.9)
-
-
-def build(kind: str) -> Any:
-    torch = extras.torch()
-    nn = torch.nn
-    if kind == "teacher":  # 64-512-256-10: 166k parameters
-        return nn.Sequential(
-            nn.Flatten(), nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10)
-        )
-    if kind == "mlp":
-        return nn.Sequential(
-            nn.Flatten(), nn.Linear(64, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10)
-        )
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 2 * 2, 10),
-    )
-
-
-def train(kind: str, x: np.ndarray, y: np.ndarray, epochs: int, seed: int) -> Any:
-    torch = extras.torch()
-    torch.manual_seed(seed)
-    net = build(kind)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(xt), generator=generator).split(64):
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(net(xt[idx]), yt[idx]).backward()
-            optimizer.step()
-    return net.eval()
 
 
 def variants(source: ModelArtifact, ctx: PassContext, work: Path) -> list[tuple[str, ModelArtifact]]:
@@ -205,21 +164,9 @@ def table(results: Results) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
-
-
 def section(results: Results, seconds: float, epochs: int, runs: int, rounds: int) -> str:
     body, findings = table(results), summary(results)
-    date = subprocess.run(["date", "-u"], capture_output=True, text=True, check=True).stdout.strip()
+    date = now()
     ort = extras.require("onnxruntime")
     return f"""{SECTION}
 
@@ -241,186 +188,6 @@ means slower than fp32).
 """
 
 
-def write_results(text: str, heading: str = SECTION) -> None:
-    """Replace the section ``heading`` of RESULTS.md, or append it; one write."""
-    current = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if heading in current:
-        start = current.index(heading)
-        end = current.find("\n## ", start + len(heading))
-        current = current[:start] + text.rstrip() + "\n" + (current[end:] if end != -1 else "")
-    else:
-        current = current.rstrip() + "\n\n" + text
-    RESULTS.write_text(current)
-
-
-# ------------------------------------------------------------------ fine-tuning and distillation
-
-
-def _digits_context(epochs: int, kind: str, work: Path) -> tuple[ModelArtifact, PassContext, int]:
-    """``kind`` trained ``epochs`` epochs (seed 0) and exported; a context with the digits data."""
-    from converter.data import DataConfig, load_data
-
-    data = load_data(DataConfig(dataset="digits"))
-    if data is None or data.train_x is None or data.train_y is None:
-        raise SystemExit("the digits data set did not load")
-    x_train = flat(data.train_x)
-    net = train(kind, x_train, data.train_y, epochs, seed=0)
-    params = sum(int(p.numel()) for p in net.parameters())
-    source = export_torch(net, extras.torch().from_numpy(x_train[:2]), work / f"{kind}.onnx")
-    evaluator = Evaluator(data, EvaluateConfig(latency_runs=20, latency_warmup=5))
-    baseline = evaluator.evaluate(source).metrics
-    return source, PassContext(data=data, evaluator=evaluator, baseline=baseline), params
-
-
-def finetune_rows(epochs: int, work: Path) -> list[tuple[str, Metrics]]:
-    """The MLP: fp32, pruned 90% without / with fine-tuning, each then int8."""
-    from converter.passes.finetune import FinetuneConfig, FinetunePass
-
-    source, ctx, _ = _digits_context(epochs, "mlp", work)
-    if ctx.evaluator is None or ctx.baseline is None:
-        raise SystemExit("no evaluator")
-    static = QuantizeConfig(mode="static", quantize_bias=False)
-    pruned = PrunePass(PruneConfig(sparsity=0.9), ctx).run(source, work).model
-    tuned = FinetunePass(FinetuneConfig(epochs=60), ctx).run(pruned, work).model
-    pruned95 = PrunePass(PruneConfig(sparsity=0.95), ctx).run(source, work).model
-    tuned95 = FinetunePass(FinetuneConfig(epochs=60), ctx).run(pruned95, work).model
-    models = [
-        ("fp32", source),
-        ("int8", QuantizePass(static, ctx).run(source, work).model),
-        ("pruned 90%", pruned),
-        ("pruned 90% + int8", QuantizePass(static, ctx).run(pruned, work).model),
-        ("pruned 90% + fine-tuned", tuned),
-        ("pruned 90% + fine-tuned + int8", QuantizePass(static, ctx).run(tuned, work).model),
-        ("pruned 95% + fine-tuned", tuned95),
-        ("pruned 95% + fine-tuned + int8", QuantizePass(static, ctx).run(tuned95, work).model),
-    ]
-    return [(label, ctx.evaluator.evaluate(model).metrics) for label, model in models]
-
-
-STUDENTS = ("mlp:64", "mlp:16")
-
-
-def distill_rows(epochs: int, work: Path, seeds: tuple[int, ...]) -> list[dict[str, Any]]:
-    """Per student and seed: distilled from the teacher, and trained on hard labels alone."""
-    from converter.passes.distill import DistillConfig, DistillPass
-
-    teacher, ctx, params = _digits_context(epochs, "teacher", work)
-    rows = []
-    for student in STUDENTS:
-        for seed in seeds:
-            row: dict[str, Any] = {"seed": seed, "teacher_parameters": params, "student": student}
-            for label, alpha in (("distilled", 0.7), ("hard labels", 0.0)):
-                folder = work / f"{student.replace(':', '-')}-{label.replace(' ', '-')}-{seed}"
-                folder.mkdir()
-                # patience = epochs: both run the full budget (early stopping on 189 validation
-                # samples otherwise ends noisy hard-label runs after a few dozen epochs).
-                config = DistillConfig(
-                    student=student, alpha=alpha, temperature=4.0, seed=seed, epochs=100, patience=100
-                )
-                row[label] = DistillPass(config, ctx).run(teacher, folder).details
-            rows.append(row)
-    return rows
-
-
-def _met(ok: bool) -> str:
-    return "met" if ok else "**not met**"
-
-
-def training_section(epochs: int, started: float) -> str:
-    """The issue 8 section: fine-tuning table, distillation table, findings."""
-    with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
-        work = Path(tmp)
-        (work / "ft").mkdir()
-        (work / "kd").mkdir()
-        ft = finetune_rows(epochs, work / "ft")
-        distilled = distill_rows(epochs, work / "kd", (0, 1, 2))
-    base = ft[0][1]
-    acc0 = base.accuracy or 0.0
-    lines = [
-        "| variant | top-1 | Δ top-1 (pts) | bytes | xz bytes | xz ×smaller than fp32 |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for label, m in ft:
-        acc = m.accuracy or 0.0
-        lines.append(
-            f"| {label} | {acc * 100:.2f}% | {(acc - acc0) * 100:+.2f} | {m.size_bytes:,} "
-            f"| {m.transfer_bytes:,} | {base.size_bytes / m.transfer_bytes:.1f} |"
-        )
-    kd = [
-        "| student | seed | teacher params | teacher top-1 | student params | distilled top-1 | hard-label top-1 "
-        "| distilled − teacher (pts) | distilled − hard (pts) | best epoch (distilled / hard) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    gaps: dict[str, list[float]] = {s: [] for s in STUDENTS}
-    gains: dict[str, list[float]] = {s: [] for s in STUDENTS}
-    for row in distilled:
-        d, h = row["distilled"], row["hard labels"]
-        t_acc, d_acc, h_acc = d["teacher"]["accuracy"], d["student"]["accuracy"], h["student"]["accuracy"]
-        gap, gain = (d_acc - t_acc) * 100, (d_acc - h_acc) * 100
-        gaps[row["student"]].append(gap)
-        gains[row["student"]].append(gain)
-        kd.append(
-            f"| `{row['student']}` | {row['seed']} | {row['teacher_parameters']:,} | {t_acc * 100:.2f}% "
-            f"| {d['student']['parameters']:,} | {d_acc * 100:.2f}% | {h_acc * 100:.2f}% "
-            f"| {gap:+.2f} | {gain:+.2f} | {d['best_epoch']} / {h['best_epoch']} |"
-        )
-    means = "; ".join(
-        f"`{s}` distilled − teacher {np.mean(gaps[s]):+.2f} points, distilled − hard-label "
-        f"{np.mean(gains[s]):+.2f} points"
-        for s in STUDENTS
-    )
-    by_label = dict(ft)
-    pruned_drop = (acc0 - (by_label["pruned 90%"].accuracy or 0.0)) * 100
-    tuned_delta = ((by_label["pruned 90% + fine-tuned"].accuracy or 0.0) - acc0) * 100
-    tuned_q = by_label["pruned 90% + fine-tuned + int8"]
-    tuned_q_delta = ((tuned_q.accuracy or 0.0) - acc0) * 100
-    q_ratio = base.size_bytes / tuned_q.transfer_bytes
-    q95 = by_label["pruned 95% + fine-tuned + int8"]
-    q95_ratio, q95_delta = base.size_bytes / q95.transfer_bytes, ((q95.accuracy or 0.0) - acc0) * 100
-    kd_targets = "; ".join(
-        f"`{s}`: within 1.5 points of the teacher {_met(min(gaps[s]) >= -1.5)}, "
-        f">= 1 point better than hard labels {_met(float(np.mean(gains[s])) >= 1.0)}"
-        for s in STUDENTS
-    )
-    date = subprocess.run(["date", "-u"], capture_output=True, text=True, check=True).stdout.strip()
-    seconds = time.monotonic() - started
-    return f"""{TRAINING_SECTION}
-
-Measured {date} on {machine()}, torch and onnxruntime on {extras.THREADS} threads;
-`.venv/bin/python bench/compression.py --training --write` ({seconds:.0f} s). Data: scikit-learn
-digits, seed 0 (train 1257, of which the passes hold out 15% for validation / calibration 180 / test 360);
-top-1 on the test split. Models trained {epochs} epochs (Adam, seed 0) and exported to ONNX.
-
-**(a) 90% magnitude pruning of the 64-300-100-10 MLP, without and with the `finetune` pass**
-(global threshold; fine-tuning: Adam 1e-3, at most 60 epochs, early stopping with patience 8,
-pruned weights held at zero), then static int8 (per-tensor, float biases). xz ×smaller = fp32
-bytes on disk / xz bytes of the variant.
-
-{chr(10).join(lines)}
-
-**(b) Distillation** of a 64-512-256-10 teacher into `mlp:64` and `mlp:16` students (T = 4, alpha = 0.7),
-against the same student trained on hard labels alone (alpha = 0): same seed, same initial
-weights, same budget: 100 epochs each (Adam 3e-3, batch 64), keeping the epoch with the best
-validation top-1 (no early stop, so neither run is cut short by a noisy validation split).
-
-{chr(10).join(kd)}
-
-Mean over seeds: {means}.
-
-Reading it: pruning 90% without retraining costs {pruned_drop:.1f} points; fine-tuning with the
-masks fixed ends {tuned_delta:+.2f} points from the dense model (target: within 0.5 point: {_met(tuned_delta >= -0.5)}).
-With int8 on top it transfers {base.size_bytes / tuned_q.transfer_bytes:.1f}x smaller than the fp32 file at
-{tuned_q_delta:+.2f} points (target: >= 20x at <= 0.5 point loss: {_met(q_ratio >= 20 and tuned_q_delta >= -0.5)}).
-At 95% sparsity (an extra row) int8 transfers {q95_ratio:.1f}x smaller at {q95_delta:+.2f} points.
-Distillation targets per student: {kd_targets}. On digits these small MLPs trained on hard labels for
-the same 100 epochs already come within about a point of the teacher, which leaves soft labels
-little to add. (With early stopping at patience 15, hard-label runs stopped after 27-93 epochs on
-the noisy 189-sample validation split and distillation looked up to 3.9 points better for `mlp:16`:
-an effect of the stopping rule, which is why both runs now get the full budget.) A 360-sample
-test split moves in steps of 0.28 points, so differences of one or two samples are noise.
-"""
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -429,21 +196,21 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200, help="timed invocations per variant and round")
     parser.add_argument("--rounds", type=int, default=7, help="round-robin timing rounds")
     parser.add_argument("--write", action="store_true", help=f"write the table into {RESULTS}")
-    parser.add_argument("--training", action="store_true", help="fine-tuning and distillation (issue 8)")
-    args = parser.parse_args()
-    started = time.monotonic()
+    parser.add_argument("--training", action="store_true", help="run bench/training.py (issue 8) instead")
+    args, rest = parser.parse_known_args()
     if args.training:
-        text = training_section(args.epochs, started)
-        print(text)
-        if args.write:
-            write_results(text, TRAINING_SECTION)
-            print(f"written to {RESULTS}")
+        import training
+
+        training.main(rest + (["--write"] if args.write else []))
         return
+    started = time.monotonic()
     results = {kind: measure(kind, args.epochs, args.runs, args.rounds) for kind in ("mlp", "cnn")}
     print(table(results))
     print(summary(results))
     if args.write:
-        write_results(section(results, time.monotonic() - started, args.epochs, args.runs, args.rounds))
+        write_results(
+            section(results, time.monotonic() - started, args.epochs, args.runs, args.rounds), SECTION
+        )
         print(f"written to {RESULTS}")
 
 

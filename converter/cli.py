@@ -44,9 +44,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "convert",
         help="prune/quantize a model, measure each step, write a report and a signed bundle",
         description=(
-            "Run compression passes on an ONNX, Keras (.keras/.h5) or SavedModel model, measure accuracy, "
-            "size, transfer size and host latency after every pass, and package the artifacts with an "
-            "acceptance test into a signed bundle. Passes come from flags or from a TOML --recipe."
+            "Run compression passes on an ONNX, Keras (.keras/.h5) or SavedModel model (or distil a "
+            "torch.export .pt2 teacher), measure accuracy, size, transfer size and host latency after "
+            "every pass, and package the artifacts with an acceptance test into a signed bundle. "
+            "Passes come from flags or from a TOML --recipe."
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -56,7 +57,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=Path,
         nargs="?",
         metavar="MODEL",
-        help=".onnx, .keras, .h5 or a SavedModel folder (default: the recipe's `model`)",
+        help=".onnx, .keras, .h5, a SavedModel folder, or a torch.export .pt2 program as a --distill teacher "
+        "(default: the recipe's `model`)",
     )
     passes = parser.add_argument_group("passes (or give them in --recipe)")
     passes.add_argument(
@@ -88,6 +90,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     passes.add_argument(
         "--distill-epochs", type=_positive, metavar="N", help="--distill: most epochs (default 100)"
+    )
+    passes.add_argument(
+        "--distill-augment",
+        choices=("none", "shift", "mixup"),
+        help="--distill: extra transfer samples the teacher labels: 1-pixel shifts or mixup blends",
     )
     passes.add_argument(
         "--temperature", type=float, metavar="T", help="--distill: softening temperature (default 4)"
@@ -243,12 +250,19 @@ def _pass_tables(args: argparse.Namespace) -> list[dict[str, Any]]:
     tables: list[dict[str, Any]] = []
     if args.distill is not None:
         distill: dict[str, Any] = {"type": "distill", "student": args.distill, "seed": args.seed}
-        optional = {"epochs": args.distill_epochs, "temperature": args.temperature, "alpha": args.alpha}
+        optional = {
+            "epochs": args.distill_epochs,
+            "temperature": args.temperature,
+            "alpha": args.alpha,
+            "augment": args.distill_augment,
+        }
         distill.update({k: v for k, v in optional.items() if v is not None})
         tables.append(distill)
         keras = False  # the student is an ONNX model
-    elif args.distill_epochs is not None or args.temperature is not None or args.alpha is not None:
-        raise RecipeError("--distill-epochs/--temperature/--alpha apply to --distill")
+    elif any(
+        v is not None for v in (args.distill_epochs, args.temperature, args.alpha, args.distill_augment)
+    ):
+        raise RecipeError("--distill-epochs/--distill-augment/--temperature/--alpha apply to --distill")
     if args.prune is not None:
         tables.append({"type": "prune", "sparsity": args.prune, "scope": args.prune_scope})
     if args.finetune is not None:
