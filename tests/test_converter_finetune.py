@@ -401,3 +401,27 @@ def test_torch_export_program_is_a_distillation_teacher(lenet: Path, data: Any, 
         "--name", "s", "--version", "1.0.0", "--unsigned", "-o", tmp_path / "bad",
     )  # fmt: skip
     assert rc == 2
+
+
+def test_transfer_sets_shift_and_mixup(lenet: Path, data: Any, tmp_path: Path) -> None:
+    from converter.errors import DataError
+    from converter.passes.distill import DistillConfig, DistillPass, mixup_samples, shifted_copies
+
+    images = np.arange(2 * 3 * 3, dtype=np.float32).reshape(2, 3, 3, 1)
+    shifted = shifted_copies(images)
+    assert shifted.shape == (16, 3, 3, 1)
+    # Image 0 moved down-right by one pixel (dy = dx = +1 is the last of the 8 directions).
+    np.testing.assert_array_equal(shifted[14, :, :, 0], [[4, 5, 0], [7, 8, 0], [0, 0, 0]])
+    with pytest.raises(DataError, match="must be \\(H, W\\) or \\(H, W, C\\)"):
+        shifted_copies(np.zeros((2, 64), np.float32))
+    blends = mixup_samples(images, 3, seed=0)
+    assert blends.shape == (6, 3, 3, 1)
+    assert blends.min() >= images.min() and blends.max() <= images.max()
+    np.testing.assert_array_equal(blends, mixup_samples(images, 3, seed=0))
+
+    ctx = context(data, lenet)
+    out = DistillPass(DistillConfig(student="mlp:16", epochs=1, augment="mixup", mixup_copies=2), ctx).run(
+        ctx_model(lenet), tmp_path
+    )
+    train_rows = len(data.train_x) - round(len(data.train_x) * 0.15)
+    assert out.details["augment"] == "mixup" and out.details["transfer_samples"] == 3 * train_rows
