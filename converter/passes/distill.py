@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from converter import extras
 from converter.data import Dataset
@@ -68,6 +68,12 @@ class DistillConfig(TrainingConfig):
     @classmethod
     def _known_student(cls, value: str) -> str:
         return check_spec(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistillConfig:
+        if self.augment != "mixup" and "mixup_copies" in self.model_fields_set:
+            raise ValueError("mixup_copies applies to augment='mixup' only")
+        return self
 
 
 def shifted_copies(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
