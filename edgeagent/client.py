@@ -52,7 +52,7 @@ _UNNAMED: Sequence[str] = ("",)  # the names of a single array sent without its 
 class ClientPrediction:
     """A prediction as the server answered it."""
 
-    outputs: dict[str, np.ndarray]  # by output name, in the model's order (.npy replies: read-only views)
+    outputs: dict[str, np.ndarray]  # by output name, in the model's order (binary replies: read-only views)
     id: str
     model: str
     version: str
@@ -153,6 +153,9 @@ class Client:
         except (frames.FrameError, InputError, ValueError, struct.error) as exc:
             self.close()
             raise ServerUnreachable(f"a malformed reply frame: {exc}", socket_path=self.socket_path) from exc
+        if type(reply) is bytearray:  # a reply that took several reads: read-only like the others
+            for array in outputs.values():
+                array.flags.writeable = False
         return ClientPrediction(outputs, pid, name, version, runtime, delegate, latency_ms)
 
     def _predict_http(

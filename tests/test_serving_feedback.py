@@ -186,6 +186,7 @@ def test_labels_count_in_the_interval_they_arrive_under_the_version_that_predict
     x, y = samples
     with Client(server.socket_path) as client:
         old = client.predict(x[:1])
+        client.health()  # latency is recorded just after a reply: the next request on the connection sees it
         old_key = server.served()["digits"].key
         new_model = load_model(model_dir / "mlp.onnx", "onnxruntime", ORT)
         server.activate(ServedModel("digits", new_model, "digits", "1.1.0"))

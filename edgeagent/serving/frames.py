@@ -54,6 +54,9 @@ REPLY = struct.Struct("<IHH")  # size, status, head length (a reply)
 _U16 = struct.Struct("<H")
 _F64 = struct.Struct("<d")
 _LATENCY_ID = struct.Struct("<dH")  # a 200 reply's head starts with latency_ms and the id's length
+_REPLY_200 = struct.Struct(
+    "<IHHdH"
+)  # a 200 reply up to its id: size, status, head length, latency, id length
 _ZEROS = tuple(bytes(n) for n in range(8))
 _DESCR = re.compile(r"[<>|=][biuf][1-8]\Z")
 _CACHE_SIZE = 256
@@ -198,7 +201,7 @@ def feeds(layout: Layout, frame: bytes | bytearray, data_start: int) -> np.ndarr
     if layout.unnamed:  # the usual request, without the list and dict
         spec = layout.arrays[0]
         if len(frame) - data_start == layout.data_size:
-            array: np.ndarray = np.ndarray(spec.shape, dtype=spec.dtype, buffer=frame, offset=data_start)
+            array: np.ndarray = np.ndarray(spec.shape, spec.dtype, frame, data_start)
             return array
     arrays = views(layout, frame, data_start)
     if layout.unnamed:
@@ -249,7 +252,8 @@ def describe(names: Sequence[str], arrays: Sequence[np.ndarray]) -> tuple[bytes,
 
 def _signature(arrays: Sequence[np.ndarray]) -> tuple[Any, ...]:
     if len(arrays) == 1:
-        return (arrays[0].dtype, arrays[0].shape)
+        only = arrays[0]
+        return (only.dtype, only.shape)
     return tuple((a.dtype, a.shape) for a in arrays)
 
 
@@ -352,12 +356,11 @@ def decode_reply(
 
     FrameError (or InputError for a dtype) when the frame is not one.
     """
-    _, _, head_len = REPLY.unpack_from(frame)
-    if head_len < _LATENCY_ID.size or 8 + head_len > len(frame):
-        raise FrameError(f"a predict reply's head of {head_len} bytes does not fit its frame")
-    latency, id_len = _LATENCY_ID.unpack_from(frame, 8)
-    if 18 + id_len > 8 + head_len:
-        raise FrameError("the prediction id runs past the reply's head")
+    if len(frame) < _REPLY_200.size:
+        raise FrameError("a predict reply shorter than its fixed fields")
+    _, _, head_len, latency, id_len = _REPLY_200.unpack_from(frame)
+    if 18 + id_len > 8 + head_len or 8 + head_len > len(frame):
+        raise FrameError("the reply's id or head runs past its frame")
     try:
         pid = frame[18 : 18 + id_len].decode()
     except UnicodeDecodeError as exc:
