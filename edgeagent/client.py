@@ -46,6 +46,7 @@ _MAX_FRAME = 1 << 31  # a reply size past this is a corrupt stream, not a reply
 _SIZE = struct.Struct("<I")
 _T = TypeVar("_T")
 _UNNAMED: Sequence[str] = ("",)  # the names of a single array sent without its input name
+_NOT_FRAMES = frozenset({400, 501, 505})  # what an HTTP-only agent answers to the frames' preface
 
 
 @dataclass
@@ -317,8 +318,7 @@ class Client:
         if self._fresh:
             self._fresh = False
             frame = frames.PREFACE + frame
-        sock.sendall(frame)
-        buf = sock.recv(_RECV)
+        buf = self._send(sock, frame) or sock.recv(_RECV)
         if not buf:
             raise _ClosedBeforeReply("the server closed the connection")
         while len(buf) < 8:
@@ -326,10 +326,14 @@ class Client:
             if not chunk:
                 break
             buf += chunk
-        if buf.startswith(b"HTTP/"):  # an agent that predates frames answered the preface with an error
+        if buf.startswith(b"HTTP/"):  # an HTTP answer to the preface
+            self._pending = buf
+            status, _, payload = self._read_response()
             self.close()
-            self.framed = False
-            raise _NoFrames
+            if status in _NOT_FRAMES:  # an agent that predates frames read the preface as HTTP
+                self.framed = False
+                raise _NoFrames
+            raise _failure(status, payload)  # e.g. 503 too_many_connections, sent before any reading
         if len(buf) < 8:
             raise ServerUnreachable("the reply frame was cut short", socket_path=self.socket_path)
         (size,) = _SIZE.unpack_from(buf)
@@ -351,9 +355,26 @@ class Client:
         return reply
 
     def _exchange_http(self, message: bytes) -> tuple[int, dict[str, str], bytes]:
-        self._connection().sendall(message)
+        sock = self._connection()
         self._fresh = False
+        self._pending = self._send(sock, message)
         return self._read_response()
+
+    @staticmethod
+    def _send(sock: socket.socket, message: bytes) -> bytes:
+        """Send ``message``; b"", or what the server answered before it closed without reading."""
+        try:
+            sock.sendall(message)
+        except (BrokenPipeError, ConnectionResetError):
+            # A server at its connection limit answers 503 and closes before reading a request.
+            try:
+                early = sock.recv(_RECV)
+            except OSError:
+                early = b""
+            if not early:
+                raise
+            return early
+        return b""
 
     def _read_response(self) -> tuple[int, dict[str, str], bytes]:
         sock = self._sock

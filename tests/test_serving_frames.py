@@ -20,6 +20,7 @@ from edgeagent.runtimes import LoadOptions, load_model
 from edgeagent.serving import InferenceServer, ServedModel, frames
 from edgeagent.serving.http import HttpLimits
 from edgeagent.serving.server import ServerLimits
+from tests.runtimes_support import wait_for
 
 ORT = LoadOptions("CPUExecutionProvider", threads=1)
 
@@ -93,6 +94,23 @@ def test_an_http_only_agent_gets_http_from_the_client(server, x, monkeypatch) ->
         result = client.predict(x)
         assert not client.framed and result.output.shape == (5, 10)
         assert client.health()["status"] == "ok"
+
+
+@pytest.mark.parametrize("framed", [True, False])
+def test_a_full_server_says_so(tmp_path: Path, model_dir: Path, x, framed: bool) -> None:  # type: ignore[no-untyped-def]
+    limits = ServerLimits(max_connections=1)
+    with InferenceServer(tmp_path / "s.sock", limits=limits) as srv:
+        model = load_model(model_dir / "mlp.onnx", "onnxruntime", ORT)
+        srv.activate(ServedModel("digits", model, "digits", "1.0.0"))
+        with Client(srv.socket_path) as first, Client(srv.socket_path, framed=framed) as second:
+            first.predict(x)
+            with pytest.raises(RequestFailed) as info:
+                second.predict(x)
+            assert (info.value.status, info.value.code) == (503, "too_many_connections")
+            assert second.framed == framed  # a full server is not an HTTP-only one
+            first.close()
+            wait_for(lambda: not srv._connections, what="the first connection to end")
+            assert second.predict(x).output.shape == (5, 10)
 
 
 # -- hostile frames --------------------------------------------------------------------------
