@@ -1,14 +1,16 @@
 """The collector: every device's reported state, events and telemetry, from MQTT into SQLite.
 
-    broker ──QoS 1──▶ network thread ──bounded queue──▶ writer thread ──batched transactions──▶ fleet.db
-                       (enqueue only)                    (parse, validate,   └─▶ FleetState (Prometheus)
-                                                          de-duplicate)
+    broker ──QoS 1──▶ receiver process ──batches──▶ bounded queue ──▶ writer thread ──▶ fleet.db
+                      (the MQTT session,                             (parse, validate,  └─▶ FleetState
+                       fleet/receiver.py)                             de-duplicate, one     (Prometheus)
+                                                                      transaction a batch)
 
-The network thread only timestamps and enqueues, so a slow disk never stalls the MQTT
-connection; the writer takes whatever has queued since its last commit as one transaction,
-so batches grow with the load. A full queue drops (counted, logged). Malformed messages
-(not JSON, wrong schema, a device id in the body that differs from the topic's, over the
-size bound) are counted by reason and logged at most once per interval; none stops it.
+The MQTT side runs in a process of its own (fleet/receiver.py says why), so a slow disk never
+stalls the connection and receiving and storing use two cores. The writer takes whatever has
+queued since its last commit as one transaction, so batches grow with the load. A full queue
+drops (counted, logged). Malformed messages (not JSON, wrong schema, a device id in the body
+that differs from the topic's, over the size bound) are counted by reason and logged at most
+once per interval; none stops it.
 
 The session is persistent by default (clean session off, a fixed client id): while the
 collector is away the broker queues its QoS 1 messages (up to Mosquitto's
@@ -19,7 +21,6 @@ stores everything received before it returns; a kill loses what was queued in me
 from __future__ import annotations
 
 import enum
-import functools
 import logging
 import queue
 import threading
@@ -29,18 +30,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
 from pydantic import ValidationError
 
 from edgeagent.errors import MalformedMessage, UsageError
-from edgeagent.mqtt import BrokerConfig, Handler, Message, MqttSession
+from edgeagent.mqtt import BrokerConfig
 from edgeagent.protocol import Event, Reported, Telemetry, Topics, parse
 from fleet import fleetdb
+from fleet.receiver import KINDS, Item, Receiver, ReceiverConfig, ReceiverCounters
 from fleet.state import FleetState
 
 log = logging.getLogger(__name__)
 
-KINDS = ("telemetry", "reported", "events")
 DEFAULT_CLIENT_ID = "edgectl-collector"
 DEFAULT_RETENTION_S = 7 * 86400.0
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024
@@ -48,7 +48,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024
 
 @dataclass
 class CollectorStats:
-    """Counters since start. The network thread writes ``received``, ``dropped`` and
+    """Counters since start. The receiver's reader thread writes ``received``, ``dropped`` and
     ``malformed["oversize"]``, the writer thread the rest: no counter has two writers."""
 
     received: Counter[str] = field(default_factory=Counter)  # by kind
@@ -101,10 +101,6 @@ class CollectorState(enum.Enum):
     STOPPED = "stopped"
 
 
-# (kind, topic, payload, retained, received at)
-_Item = tuple[str, str, bytes, bool, float]
-
-
 class Collector:
     """Subscribe to every device's reported/events/telemetry and store them; usable in-process:
 
@@ -140,8 +136,8 @@ class Collector:
         self.heartbeat_s = heartbeat_s
         self.stats = CollectorStats()
         self.fleet = FleetState()
-        self._queue: queue.Queue[_Item] = queue.Queue(maxsize=queue_size)
-        # Each counter has one writer (network thread, writer thread): no lock on the hot path.
+        self._queue: queue.Queue[Item] = queue.Queue(maxsize=queue_size)
+        # Each counter has one writer (reader thread, writer thread): no lock on the hot path.
         self._enqueued = 0
         self._processed = 0
         self._stopping = threading.Event()
@@ -149,9 +145,12 @@ class Collector:
         self._malformed_log = RateLimitedLog()
         self._drop_log = RateLimitedLog()
         self._conn = fleetdb.open_for_writing(db)  # a bad --db fails here, before any connection
-        self._session = _IngestSession(broker, client_id, persistent=persistent)
-        for kind in KINDS:
-            self._session.route(self.topics.all_devices(kind), functools.partial(self._on_message, kind))
+        config = ReceiverConfig(broker, client_id, self.topics.prefix, persistent, max_message_bytes,
+                                log_level=logging.getLogger().getEffectiveLevel())  # fmt: skip
+        self._receiver = Receiver(config, self._on_batch)
+        self._receiver.on_counters(self._on_counters)
+        self._queue_drops = 0
+        self._oversize_seen = dict.fromkeys(KINDS, 0)
         self._writer = threading.Thread(target=self._write_loop, name="collector-writer", daemon=True)
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -162,7 +161,7 @@ class Collector:
 
     @property
     def connected(self) -> bool:
-        return self._session.connected
+        return self._receiver.connected
 
     @property
     def queue_depth(self) -> int:
@@ -173,11 +172,11 @@ class Collector:
             raise UsageError(f"cannot start a collector that is {self._state.value}; make a new one")
         self._state = CollectorState.RUNNING
         self._writer.start()
-        self._session.start()
+        self._receiver.start()
         return self
 
     def wait_connected(self, timeout_s: float) -> bool:
-        return self._session.wait_connected(timeout_s)
+        return self._receiver.wait_connected(timeout_s)
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until everything received so far is committed; False on timeout."""
@@ -196,7 +195,7 @@ class Collector:
             self._conn.close()
             return
         self._state = CollectorState.STOPPED
-        self._session.close()  # no message arrives after this
+        self._receiver.stop()  # no message arrives after this
         self._stopping.set()
         self._writer.join(timeout=timeout_s)
         if self._writer.is_alive():
@@ -211,25 +210,30 @@ class Collector:
     def __exit__(self, *_exc: object) -> None:
         self.stop()
 
-    # --- network thread ----------------------------------------------------------------
+    # --- receiver's reader thread ----------------------------------------------------------
 
-    def _on_message(self, kind: str, msg: Message) -> None:
-        self.stats.received[kind] += 1
-        if len(msg.payload) > self.max_message_bytes:
-            self.stats.malformed["oversize"] += 1
-            self._malformed_log.warning(
-                "dropped a %d-byte message on %s (limit %d)",
-                len(msg.payload), msg.topic, self.max_message_bytes,
-            )  # fmt: skip
-            return
-        try:
-            self._queue.put_nowait((kind, msg.topic, msg.payload, msg.retain, time.time()))
-        except queue.Full:
-            self.stats.dropped += 1
-            self._drop_log.warning("queue full (%d), dropped a message on %s; the database "
-                                   "cannot keep up", self._queue.maxsize, msg.topic)  # fmt: skip
-            return
-        self._enqueued += 1
+    def _on_batch(self, items: list[Item]) -> None:
+        for item in items:
+            self.stats.received[item[0]] += 1
+            try:
+                self._queue.put_nowait(item)
+            except queue.Full:
+                self._queue_drops += 1
+                self.stats.dropped = self._queue_drops + self._receiver.counters.dropped
+                self._drop_log.warning("queue full (%d), dropped a message on %s; the database cannot "
+                                       "keep up", self._queue.maxsize, item[1])  # fmt: skip
+                continue
+            self._enqueued += 1
+
+    def _on_counters(self, counters: ReceiverCounters) -> None:
+        for kind, n in counters.oversize.items():
+            # A restarted receiver counts from 0 again.
+            new = n - self._oversize_seen[kind] if n >= self._oversize_seen[kind] else n
+            self._oversize_seen[kind] = n
+            if new:
+                self.stats.received[kind] += new
+                self.stats.malformed["oversize"] += new
+        self.stats.dropped = self._queue_drops + counters.dropped
 
     # --- writer thread -----------------------------------------------------------------
 
@@ -251,7 +255,7 @@ class Collector:
                 self._apply_retention()
         self._guard(fleetdb.write_heartbeat, self._conn, self._heartbeat(stopped=True))
 
-    def _take(self) -> list[_Item]:
+    def _take(self) -> list[Item]:
         """Whatever queued since the last commit (at least one item, or none after 0.2 s)."""
         try:
             items = [self._queue.get(timeout=0.2)]
@@ -264,7 +268,7 @@ class Collector:
                 break
         return items
 
-    def _store(self, items: list[_Item]) -> None:
+    def _store(self, items: list[Item]) -> None:
         batch = fleetdb.Batch()
         for item in items:
             self._parse_into(batch, *item)
@@ -280,8 +284,7 @@ class Collector:
             self.stats.stored["telemetry"] += len(stored.telemetry)
             self.stats.stored["events"] += stored.events
             self.stats.stored["reported"] += len(batch.reported)
-            for t, received in stored.telemetry:
-                self.fleet.add_telemetry(t, received)
+            self.fleet.add_telemetry(stored.telemetry)
             for event, _payload, received in batch.events:
                 self.fleet.add_event(event.device, received)
             for device, reported, received, retained in batch.reported:
@@ -358,40 +361,3 @@ def _reason(exc: MalformedMessage) -> str:
     if isinstance(cause, ValidationError) and any(e["type"] == "json_invalid" for e in cause.errors()):
         return "not_json"
     return "schema"
-
-
-class _IngestSession(MqttSession):
-    """The MQTT session with two changes the collector needs (reconnect, TLS and re-subscribing
-    on connect stay MqttSession's):
-
-    * a persistent session when asked: the broker keeps the subscriptions and queues QoS 1
-      messages while the collector restarts;
-    * one route for every message, by the topic's last level: MqttSession matches each message
-      against each subscription filter (a matcher object per call), which at thousands of
-      messages a second was a fifth of the collector's time.
-    """
-
-    def __init__(self, broker: BrokerConfig, client_id: str, *, persistent: bool) -> None:
-        self._persistent = persistent
-        self._routes: dict[str, Handler] = {}
-        super().__init__(broker, client_id, queue_size=1)
-
-    def route(self, topic_filter: str, handler: Handler) -> None:
-        """Subscribe (QoS 1) and send messages whose topic ends like ``topic_filter`` to ``handler``."""
-        self._routes[topic_filter.rsplit("/", 1)[1]] = handler
-        self.subscribe(topic_filter, handler, qos=1, inline=True)
-
-    def _make_client(self, will: tuple[str, bytes] | None, max_inflight: int) -> paho.Client:
-        client = super()._make_client(will, max_inflight)
-        if self._persistent:
-            # paho 2.x reads this at CONNECT; MqttSession always asks for a clean session.
-            client._clean_session = False
-        return client
-
-    def _handle_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
-        self.stats.received += 1
-        handler = self._routes.get(msg.topic.rsplit("/", 1)[-1])
-        if handler is None:
-            self.stats.dropped_unrouted += 1
-            return
-        handler(Message(msg.topic, bytes(msg.payload), bool(msg.retain), int(msg.qos)))

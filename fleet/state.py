@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from edgeagent.protocol import Reported, Telemetry
@@ -62,21 +63,25 @@ class FleetState:
         if when is not None and (state.last_seen is None or when > state.last_seen):
             state.last_seen = when
 
-    def add_telemetry(self, t: Telemetry, received: float) -> None:
-        """A stored (not duplicate) telemetry message."""
-        with self._lock:
-            state = self._device(t.device)
-            self._seen(state, received)
-            if state.telemetry is None or t.seq > state.telemetry.seq:
-                state.telemetry = t
-            for m in t.models:
-                totals = state.totals.setdefault((m.model, m.version, m.runtime, m.delegate), Totals())
-                totals.requests += m.count
-                totals.client_errors += m.client_errors
-                totals.server_errors += m.server_errors
-                hist = m.latency_hist or {}
-                totals.latency_sum_s += float(hist.get("sum") or 0.0)
-                totals.latency_count += int(hist.get("count") or 0)
+    def add_telemetry(self, stored: Iterable[tuple[Telemetry, float]]) -> None:
+        """Stored (not duplicate) telemetry messages with the time each was received."""
+        with self._lock:  # once per batch: the exporter waits at most one batch
+            for t, received in stored:
+                state = self._device(t.device)
+                self._seen(state, received)
+                if state.telemetry is None or t.seq > state.telemetry.seq:
+                    state.telemetry = t
+                for m in t.models:
+                    key = (m.model, m.version, m.runtime, m.delegate)
+                    totals = state.totals.get(key)
+                    if totals is None:
+                        totals = state.totals[key] = Totals()
+                    totals.requests += m.count
+                    totals.client_errors += m.client_errors
+                    totals.server_errors += m.server_errors
+                    hist = m.latency_hist or {}
+                    totals.latency_sum_s += float(hist.get("sum") or 0.0)
+                    totals.latency_count += int(hist.get("count") or 0)
 
     def add_event(self, device: str, received: float) -> None:
         with self._lock:

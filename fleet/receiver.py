@@ -1,0 +1,249 @@
+"""The collector's MQTT side, in a process of its own.
+
+paho handles every packet in Python (a few syscalls and a PUBACK per message). In one process
+with the writer thread, the two shared one interpreter lock: each message cost both threads a
+lock hand-over, and bench/telemetry.py sustained half the target rate. Here a child process
+owns the MQTT session and ships what arrives to the parent in pickled batches every few
+milliseconds, so the receiving and the storing run on two cores.
+
+The child keeps the session semantics of :class:`~edgeagent.mqtt.MqttSession` (reconnect with
+backoff, TLS, subscriptions restored on connect) with a persistent session when asked. It
+stops when the parent says so or goes away; if it dies, the parent starts a new one (the
+broker has kept the session). Oversize messages are counted and dropped in the child, so
+they never cross the pipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import multiprocessing as mp
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+import paho.mqtt.client as paho
+
+from edgeagent.mqtt import Backoff, BrokerConfig, Handler, Message, MqttSession
+from edgeagent.protocol import Topics
+
+log = logging.getLogger(__name__)
+
+KINDS = ("telemetry", "reported", "events")
+FLUSH_S = 0.005  # how often the child ships what arrived
+BATCH_MAX = 2000  # items per pickled batch
+
+# (kind, topic, payload, retained, received at as Unix s)
+Item = tuple[str, str, bytes, bool, float]
+
+
+@dataclass(frozen=True)
+class ReceiverConfig:
+    broker: BrokerConfig
+    client_id: str
+    prefix: str
+    persistent: bool
+    max_message_bytes: int
+    pending_max: int = 100_000  # items the child holds when the parent does not read
+    log_level: int = logging.WARNING
+
+
+@dataclass
+class ReceiverCounters:
+    """Cumulative counts of the current child (a restarted child starts again at 0)."""
+
+    oversize: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    dropped: int = 0  # the parent did not read fast enough
+
+
+class _IngestSession(MqttSession):
+    """The MQTT session with two changes the collector needs (reconnect, TLS and re-subscribing
+    on connect stay MqttSession's):
+
+    * a persistent session when asked: the broker keeps the subscriptions and queues QoS 1
+      messages while the collector restarts;
+    * one route for every message, by the topic's last level: MqttSession matches each message
+      against each subscription filter (a matcher object per call), a fifth of the time here.
+    """
+
+    def __init__(self, broker: BrokerConfig, client_id: str, *, persistent: bool) -> None:
+        self._persistent = persistent
+        self._routes: dict[str, Handler] = {}
+        super().__init__(broker, client_id, queue_size=1)
+
+    def route(self, topic_filter: str, handler: Handler) -> None:
+        """Subscribe (QoS 1) and send messages whose topic ends like ``topic_filter`` to ``handler``."""
+        self._routes[topic_filter.rsplit("/", 1)[1]] = handler
+        self.subscribe(topic_filter, handler, qos=1, inline=True)
+
+    def _make_client(self, will: tuple[str, bytes] | None, max_inflight: int) -> paho.Client:
+        client = super()._make_client(will, max_inflight)
+        if self._persistent:
+            # paho 2.x reads this at CONNECT; MqttSession always asks for a clean session.
+            client._clean_session = False
+        return client
+
+    def _handle_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        self.stats.received += 1
+        handler = self._routes.get(msg.topic.rsplit("/", 1)[-1])
+        if handler is None:
+            self.stats.dropped_unrouted += 1
+            return
+        handler(Message(msg.topic, bytes(msg.payload), bool(msg.retain), int(msg.qos)))
+
+
+class Receiver:
+    """Runs the child and hands each batch to ``deliver`` on the parent's reader thread."""
+
+    def __init__(self, config: ReceiverConfig, deliver: Callable[[list[Item]], None]) -> None:
+        self.config = config
+        self.counters = ReceiverCounters()
+        self.restarts = 0
+        self._deliver = deliver
+        self._on_counters: Callable[[ReceiverCounters], None] = lambda _c: None
+        self._connected = threading.Event()
+        self._stopping = threading.Event()
+        self._ctx = mp.get_context("spawn")  # fork is unsafe in a process that has threads
+        self._proc: Any = None
+        self._data: Connection | None = None
+        self._cmd: Connection | None = None
+        self._reader = threading.Thread(target=self._read_loop, name="collector-receiver", daemon=True)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self._connected.wait(timeout_s)
+
+    def on_counters(self, callback: Callable[[ReceiverCounters], None]) -> None:
+        self._on_counters = callback
+
+    def start(self) -> None:
+        self._spawn()
+        self._reader.start()
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """Ask the child to disconnect; return once its last batch was delivered."""
+        self._stopping.set()
+        if self._cmd is not None:
+            with contextlib.suppress(OSError):  # already gone
+                self._cmd.send("stop")
+        self._reader.join(timeout=timeout_s)
+        if self._proc is not None:
+            self._proc.join(timeout=5)
+            if self._proc.is_alive():
+                self._proc.terminate()
+        self._connected.clear()
+
+    def _spawn(self) -> None:
+        data_r, data_w = self._ctx.Pipe(duplex=False)
+        cmd_r, cmd_w = self._ctx.Pipe(duplex=False)
+        self._proc = self._ctx.Process(
+            target=_child_main, args=(data_w, cmd_r, self.config), name="edgectl-collector-mqtt", daemon=True
+        )
+        self._proc.start()
+        data_w.close()  # the child's ends: EOF on ours when it exits
+        cmd_r.close()
+        self._data, self._cmd = data_r, cmd_w
+        self.counters = ReceiverCounters()
+
+    def _read_loop(self) -> None:
+        backoff = Backoff(base_s=0.5, cap_s=10.0)
+        while self._data is not None:
+            try:
+                message = self._data.recv()
+            except (EOFError, OSError):
+                self._connected.clear()
+                if self._stopping.is_set():
+                    return
+                code = self._proc.exitcode if self._proc is not None else None
+                delay = backoff.next_delay()
+                log.error(
+                    "the MQTT receiver process exited (code %s); starting another in %.1f s", code, delay
+                )
+                if self._stopping.wait(delay):
+                    return
+                self.restarts += 1
+                self._spawn()
+                continue
+            what = message[0]
+            if what == "batch":
+                self._deliver(message[1])
+            elif what in ("status", "stopped"):
+                backoff.reset()
+                if message[1]:
+                    self._connected.set()
+                else:
+                    self._connected.clear()
+                self.counters = message[2]
+                self._on_counters(self.counters)
+                if what == "stopped":
+                    return
+
+
+# --- the child process --------------------------------------------------------------------
+
+
+def _child_main(data: Connection, cmd: Connection, config: ReceiverConfig) -> None:
+    # Ctrl-C in a terminal and systemd's SIGTERM reach every process of the group; the parent
+    # decides when the receiver stops (it stores the last batch first), and a receiver whose
+    # parent is gone stops on the pipe's EOF.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=config.log_level, format="%(levelname)s %(name)s: %(message)s")
+    pending: list[Item] = []
+    lock = threading.Lock()
+    counters = ReceiverCounters()
+    topics = Topics(config.prefix)
+
+    def on_message(kind: str, msg: Message) -> None:
+        if len(msg.payload) > config.max_message_bytes:
+            counters.oversize[kind] += 1
+            log.warning("dropped a %d-byte message on %s (limit %d)", len(msg.payload), msg.topic,
+                        config.max_message_bytes)  # fmt: skip
+            return
+        with lock:
+            if len(pending) >= config.pending_max:
+                counters.dropped += 1
+                return
+            pending.append((kind, msg.topic, msg.payload, msg.retain, time.time()))
+
+    session = _IngestSession(config.broker, config.client_id, persistent=config.persistent)
+    for kind in KINDS:
+        session.route(topics.all_devices(kind), functools.partial(on_message, kind))
+    stop = threading.Event()
+
+    def watch_parent() -> None:
+        with contextlib.suppress(EOFError, OSError):
+            cmd.recv()  # "stop", or EOF when the parent is gone
+        stop.set()
+
+    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+    session.start()
+    last: tuple[object, ...] = ()
+
+    def ship(final: bool = False) -> None:
+        nonlocal last
+        with lock:
+            batch = pending[:]
+            pending.clear()
+        for i in range(0, len(batch), BATCH_MAX):
+            data.send(("batch", batch[i : i + BATCH_MAX]))
+        state = (session.connected, counters.dropped, tuple(counters.oversize.values()))
+        if final or state != last:
+            data.send(("stopped" if final else "status", session.connected and not final, counters))
+            last = state
+
+    try:
+        while not stop.wait(FLUSH_S):
+            ship()
+        session.close()  # DISCONNECT: a persistent session stays at the broker
+        ship(final=True)
+    except (BrokenPipeError, EOFError, OSError):
+        session.close()  # the parent is gone
