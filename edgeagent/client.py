@@ -46,6 +46,7 @@ _MAX_FRAME = 1 << 31  # a reply size past this is a corrupt stream, not a reply
 _SIZE = struct.Struct("<I")
 _T = TypeVar("_T")
 _UNNAMED: Sequence[str] = ("",)  # the names of a single array sent without its input name
+_OK = struct.pack("<H", 200)  # the status field of a 200 reply frame
 _NOT_FRAMES = frozenset({400, 501, 505})  # what an HTTP-only agent answers to the frames' preface
 
 
@@ -146,8 +147,8 @@ class Client:
         except (ValueError, struct.error) as exc:  # e.g. more arrays or dims than a frame carries
             raise RequestFailed(f"cannot send these inputs: {exc}", status=400, code="bad_body") from exc
         reply = self._roundtrip(lambda: self._exchange_frame(frame))
-        _, status, head_len = frames.REPLY.unpack_from(reply)
-        if status != 200:
+        if reply[4:6] != _OK:
+            _, status, head_len = frames.REPLY.unpack_from(reply)
             raise _failure(status, bytes(reply[8 + head_len :]))
         try:
             latency_ms, pid, (name, version, runtime, delegate), outputs = frames.decode_reply(reply)

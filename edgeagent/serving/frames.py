@@ -52,11 +52,9 @@ MAX_DIMS = 32
 FRAME = struct.Struct("<IBBH")  # size, type, flags, head length (a request)
 REPLY = struct.Struct("<IHH")  # size, status, head length (a reply)
 _U16 = struct.Struct("<H")
-_F64 = struct.Struct("<d")
 _LATENCY_ID = struct.Struct("<dH")  # a 200 reply's head starts with latency_ms and the id's length
-_REPLY_200 = struct.Struct(
-    "<IHHdH"
-)  # a 200 reply up to its id: size, status, head length, latency, id length
+# a 200 reply up to its id: size, status, head length, latency_ms, id length
+_REPLY_200 = struct.Struct("<IHHdH")
 _ZEROS = tuple(bytes(n) for n in range(8))
 _DESCR = re.compile(r"[<>|=][biuf][1-8]\Z")
 _CACHE_SIZE = 256
@@ -259,6 +257,9 @@ def _signature(arrays: Sequence[np.ndarray]) -> tuple[Any, ...]:
 
 def _with_data(parts: list[Any], arrays: Sequence[np.ndarray], pads: Sequence[int]) -> bytes:
     """``parts`` then each array's bytes and padding, joined with one copy of the data."""
+    if len(arrays) == 1 and not pads[0] and arrays[0].flags.c_contiguous:  # the usual frame
+        parts.append(arrays[0])
+        return b"".join(parts)
     for array, pad in zip(arrays, pads, strict=True):
         # numpy arrays export their buffer, so join copies their bytes straight into the frame
         parts.append(array if array.flags.c_contiguous else np.require(array, requirements="C"))
@@ -316,14 +317,8 @@ def encode_reply(
     head_len = _LATENCY_ID.size + len(pid_bytes) + len(tail)
     padding = -(8 + head_len) % 8
     head_len += padding
-    parts = [
-        REPLY.pack(4 + head_len + data_size, 200, head_len),
-        _LATENCY_ID.pack(latency_ms, len(pid_bytes)),
-        pid_bytes,
-        tail,
-        _ZEROS[padding],
-    ]
-    return _with_data(parts, arrays, pads)
+    fixed = _REPLY_200.pack(4 + head_len + data_size, 200, head_len, latency_ms, len(pid_bytes))
+    return _with_data([fixed, pid_bytes, tail, _ZEROS[padding]], arrays, pads)
 
 
 def static_meta(model: str, version: str, runtime: str, delegate: str) -> bytes:

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from edgeagent.serving.stats import StatsKey, is_class_scores
+from edgeagent.serving.stats import StatsKey
 
 DEFAULT_CAPACITY = 4096
 _MAX_KEPT = 256  # elements of a score array kept per prediction (1 KiB of float32)
@@ -65,7 +65,9 @@ class RecentPredictions:
 
     def add(self, key: StatsKey, first_output: np.ndarray) -> str:
         """Remember a reply and return its new id; only a small (batch, classes) score array is kept."""
-        scores = first_output if is_class_scores(first_output) and first_output.size <= _MAX_KEPT else None
+        # is_class_scores, inline: this runs on every request, right after the model
+        small = first_output.ndim == 2 and first_output.shape[1] >= 2 and first_output.size <= _MAX_KEPT
+        scores = first_output if small else None
         now = time.time()
         with self._lock:
             self._issued = n = self._issued + 1
