@@ -3,8 +3,9 @@
 Starts a broker (Mosquitto when installed, else the embedded pure-Python amqtt), a registry
 and an agent (a real ``edgeagent run`` process) in a temporary folder; converts the digits
 model with pruning and int8; pushes the signed bundle; waits until the device reports it
-active with its acceptance numbers; sends inference requests over the agent's socket;
-prints what the device reported; and stops everything it started.
+active with its acceptance numbers; sends inference requests over the agent's socket and
+the true labels back (online accuracy); prints what the device reported; shows the fleet
+status table from the collector's database (telemetry); and stops everything it started.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -33,8 +35,10 @@ from edgeagent.errors import EdgeError, UsageError
 from edgeagent.mqtt import BrokerConfig
 from edgeagent.protocol import BundleRef, Reported, Topics
 from edgeagent.signing import KeyRing, SigningKey, generate_keypair
+from fleet.collector import Collector
 from fleet.push import FleetConnection, Target, add_to_registry, publish_desired, wait_for
 from fleet.registry import Registry
+from fleet.status import render_status, status_rows
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +172,12 @@ def run_demo(workdir: Path, *, keep: bool, broker_kind: str = "auto", say: Any =
         registry.start()
         stack.callback(registry.close)
         say(f"registry: serving {registry_dir}")
+        db = workdir / "fleet.db"
+        # Not a persistent session: a demo must not leave a queue behind on someone's broker.
+        collector = Collector(broker, db, client_id=f"edgectl-demo-collector-{os.getpid()}", persistent=False)
+        collector.start()
+        stack.callback(collector.stop)
+        say(f"collector: telemetry of every device into {db}")
         agent = _start_agent(workdir, port, keys, say)
         stack.callback(_stop_agent, agent)
 
@@ -190,6 +200,9 @@ def run_demo(workdir: Path, *, keep: bool, broker_kind: str = "auto", say: Any =
         say("\n5. what the device reports")
         if reported is not None:
             _show_reported(reported, say)
+
+        say(f"\n6. the fleet as the collector sees it (edgectl fleet status --db {db})")
+        _show_fleet(collector, say)
     say(f"\ndemo finished; everything it made is in {workdir}" if keep else "\ndemo finished")
     return 0
 
@@ -221,6 +234,8 @@ def _start_agent(workdir: Path, port: int, keys: Path, say: Any) -> subprocess.P
         f'socket_path = "{workdir / "agent.sock"}"\n'
         f'broker_url = "mqtt://127.0.0.1:{port}"\n'
         f'trusted_keys = "{keys}"\n'
+        # Faster than the 10 s default so the demo's fleet table fills within a second or two.
+        "telemetry_interval_s = 1.0\n"
     )
     with (workdir / "agent.log").open("wb") as out:
         proc = subprocess.Popen(
@@ -253,10 +268,36 @@ def _predict(sock: Path, say: Any) -> None:
             pred = client.predict(x[i : i + 1])
             right += int(np.argmax(pred.output) == y[i])
             latencies.append(pred.latency_ms)
+            # The application learns the true label later and reports it: online accuracy.
+            client.feedback(pred.id, int(y[i]))
     say(
         f"20 test digits: {right}/20 correct, served by {pred.model} {pred.version} on "
         f"{pred.runtime}/{pred.delegate}, server time p50 {float(np.median(latencies)):.3f} ms"
     )
+    say("sent the 20 true labels back (POST /v1/feedback) for online accuracy")
+
+
+def _show_fleet(collector: Collector, say: Any, timeout_s: float = 15.0) -> None:
+    """Wait until the device's telemetry covers the demo's requests, then print the table."""
+    from rich.console import Console
+
+    deadline = time.monotonic() + timeout_s
+    rows = []
+    while time.monotonic() < deadline:
+        collector.flush()
+        rows = status_rows(collector.db)
+        if any(r.device == DEVICE and r.requests >= 20 and r.online_accuracy is not None for r in rows):
+            break
+        time.sleep(0.3)
+    else:
+        say("(no telemetry with the demo's requests arrived in time; the table shows what did)")
+    if say is print:  # the table is for a terminal; the lines below say the same in words
+        Console().print(render_status(rows))
+    for r in rows:
+        say(
+            f"{r.device}: {r.requests} requests, p50 {r.p50_ms or 0:.3f} ms, p99 {r.p99_ms or 0:.3f} ms, "
+            f"RSS {r.rss_mb} MB, online accuracy {r.online_accuracy}"
+        )
 
 
 def _show_reported(reported: Reported, say: Any) -> None:

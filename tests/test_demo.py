@@ -34,6 +34,11 @@ def test_demo_runs_end_to_end(broker: str, tmp_path: Path) -> None:
     correct = int(out.split("20 test digits: ")[1].split("/")[0])
     assert correct >= 17
     assert "last deployment: 1.0.0 ok (committed)" in out
+    # The collector stored the device's telemetry: the 20 requests and their 20 labels.
+    fleet_line = next(line for line in out.splitlines() if line.startswith("demo-device: 2"))
+    assert fleet_line.startswith("demo-device: 20 requests, p50 "), fleet_line
+    assert f"online accuracy {round(correct / 20, 4)}" in fleet_line
+    assert (workdir / "fleet.db").exists()
     assert (workdir / "convert" / "report.md").exists()
     # Everything it started is stopped: the agent process is gone, its socket removed.
     assert not (workdir / "agent.sock").exists()
