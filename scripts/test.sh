@@ -31,7 +31,7 @@ if [ $# -eq 0 ]; then
         .venv310/bin/python -m pytest -p no:cacheprovider \
             tests/test_bundle_hostile.py tests/test_protocol.py tests/test_config.py tests/test_devices.py \
             tests/test_mqtt.py tests/test_transfer.py tests/test_service.py tests/test_serving_histogram.py \
-            tests/test_broker.py
+            tests/test_broker.py tests/test_telemetry.py
     else
         echo "==> python3.10 not found: skipping the Python 3.10 device run"
     fi
