@@ -55,7 +55,7 @@ class CollectorStats:
     stored: Counter[str] = field(default_factory=Counter)  # by kind, duplicates left out
     duplicates: int = 0
     malformed: Counter[str] = field(default_factory=Counter)  # by reason
-    dropped: int = 0  # the queue was full
+    dropped: int = 0  # the collector's queue or the receiver's buffer was full
     store_failed: int = 0  # messages of batches the database refused (disk full, ...)
     batches: int = 0
     retention_deleted: int = 0
@@ -242,13 +242,15 @@ class Collector:
         retention_every = min(max((self.retention_s or 0) / 20, 1.0), 300.0)
         next_heartbeat = 0.0
         next_retention = time.monotonic() + retention_every
+        was_connected = False
         while not (self._stopping.is_set() and self._queue.empty()):
             items = self._take()
             if items:
                 self._store(items)
             now = time.monotonic()
-            if now >= next_heartbeat:
+            if now >= next_heartbeat or self.connected != was_connected:  # views show a (dis)connect at once
                 next_heartbeat = now + self.heartbeat_s
+                was_connected = self.connected
                 self._guard(fleetdb.write_heartbeat, self._conn, self._heartbeat())
             if self.retention_s is not None and now >= next_retention:
                 next_retention = now + retention_every

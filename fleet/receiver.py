@@ -139,9 +139,16 @@ class Receiver:
             self._proc.join(timeout=5)
             if self._proc.is_alive():
                 self._proc.terminate()
+        self._close_pipes()
         self._connected.clear()
 
+    def _close_pipes(self) -> None:
+        for conn in (self._data, self._cmd):
+            if conn is not None:
+                conn.close()
+
     def _spawn(self) -> None:
+        self._close_pipes()  # a dead child's
         data_r, data_w = self._ctx.Pipe(duplex=False)
         cmd_r, cmd_w = self._ctx.Pipe(duplex=False)
         self._proc = self._ctx.Process(

@@ -98,9 +98,18 @@ class FleetState:
             self._seen(state, seen)
 
     def forget(self, cutoff: float) -> int:
-        """Drop devices not heard from since ``cutoff`` (Unix s); returns how many went."""
+        """Drop devices not heard from since ``cutoff`` (Unix s); returns how many went.
+
+        A device known only by its retained last will (offline since before the collector
+        started) counts as heard from at its reported state's time, so it stays, reported
+        offline, until that is older than ``cutoff``.
+        """
         with self._lock:
-            gone = [d for d, s in self._devices.items() if s.last_seen is None or s.last_seen < cutoff]
+            gone = [
+                d
+                for d, s in self._devices.items()
+                if max(s.last_seen or 0.0, s.reported.at if s.reported else 0.0) < cutoff
+            ]
             for device in gone:
                 del self._devices[device]
             return len(gone)

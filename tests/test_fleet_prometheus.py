@@ -159,3 +159,20 @@ def test_the_grafana_dashboard_parses_and_uses_only_exported_metrics() -> None:
         assert needed in used
     variables = {v["name"] for v in doc["templating"]["list"]}
     assert {"datasource", "device", "group"} <= variables
+
+
+def test_the_state_forgets_devices_not_heard_from_within_the_retention() -> None:
+    from fleet.state import FleetState
+
+    pi, jetson, x86 = three_devices()
+    state = FleetState()
+    now = time.time()
+    state.add_telemetry([(pi.telemetry(1, now - 900), now - 900), (jetson.telemetry(1, now), now)])
+    # x86 is known only by its retained last will, from before the collector started.
+    state.set_reported("x86-lab", x86.reported(online=False).model_copy(update={"at": now - 300}), None)
+    assert state.forget(cutoff=now - 600) == 1
+    assert [s.device for s in state.snapshot()] == ["jetson-yard", "x86-lab"]
+    totals = state.snapshot()[0].totals[("detector", "2.0.0", "onnxruntime", "TensorrtExecutionProvider")]
+    assert (totals.requests, totals.client_errors, totals.latency_count) == (200, 1, 200)
+    state.set_reported("jetson-yard", None, None)  # its retained state was cleared
+    assert [s.device for s in state.snapshot()] == ["x86-lab"]
