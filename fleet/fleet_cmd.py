@@ -228,7 +228,12 @@ def _collect(args: argparse.Namespace) -> int:
     gc.freeze()
     gc.set_threshold(20_000, 50, 50)
     collector.start()
-    where = f"; Prometheus metrics on http://{args.prometheus}/metrics" if args.prometheus else ""
+    where = ""
+    if args.prometheus:
+        host, port = exporter.parse_listen(args.prometheus)
+        everywhere = host in ("0.0.0.0", "::")  # noqa: S104 - comparing, not binding
+        where = f"; metrics at http://{'localhost' if everywhere else host}:{port}/metrics"
+        where += " (all interfaces)" if everywhere else ""
     print(
         f"collecting from {broker.url} into {args.db} (retention {args.retention}){where}; Ctrl-C stops",
         flush=True,
