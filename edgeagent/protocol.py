@@ -233,6 +233,7 @@ class ModelTelemetry(_Msg):
     """One interval of one (model, bundle version, runtime, delegate) as the device served it."""
 
     model: str = Field(description="Model name (the served slot).")
+    bundle: str | None = Field(default=None, description="Bundle name that answered (None: already retired).")
     version: str = Field(description="Bundle version that answered.")
     runtime: str
     delegate: str

@@ -226,12 +226,16 @@ def test_a_message_carries_each_keys_interval_and_resets_it(tmp_path: Path) -> N
     stats.record(old, 0.004)
     stats.error(new, client=True)
     clock = FakeClock()
-    active = {"digits": ActiveModel("1.1.0", "onnxruntime", "CPUExecutionProvider", VERDICT)}
+    active = {"digits": ActiveModel("1.1.0", "onnxruntime", "CPUExecutionProvider", VERDICT, "digits-mlp")}
     reporter = make_reporter(tmp_path, stats, active, clock=clock)
     clock.now += 20.0
     message = reporter.collect()
     assert message.interval_s == 20.0 and message.seq == 1
-    assert [(m.version, m.count) for m in message.models] == [("1.0.0", 1), ("1.1.0", 100)]
+    # the retired version has no bundle name any more; the active one does
+    assert [(m.bundle, m.version, m.count) for m in message.models] == [
+        (None, "1.0.0", 1),
+        ("digits-mlp", "1.1.0", 100),
+    ]
     m = message.models[1]
     assert m.throughput_rps == 5.0 and m.client_errors == 1
     assert m.p50_ms == pytest.approx(50, rel=0.011) and m.p99_ms == pytest.approx(99, rel=0.011)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -166,14 +167,17 @@ def test_three_agents_report_and_the_fleet_view_agrees(fleet, mosquitto, digits)
         assert row.last_deployment is not None and "1.0.0" in row.last_deployment
 
     # The database holds what the agents sent: every request counted once, seqs unique.
-    import sqlite3
-
     with sqlite3.connect(db) as conn_db:
         for device in devices:
             seqs = [
                 s for (s,) in conn_db.execute("SELECT seq FROM telemetry WHERE device = ?", (device.name,))
             ]
-            assert len(seqs) == len(set(seqs)) >= 2
+            assert seqs and len(seqs) == len(set(seqs))
+            ((served,),) = conn_db.execute(
+                "SELECT SUM(count) FROM model_telemetry WHERE device = ? AND version = '1.0.0'",
+                (device.name,),
+            )
+            assert served == device.requests
 
     # The CLI shows the same.
     out = subprocess.run(

@@ -34,7 +34,9 @@ def reporter_for(
 
     def active() -> Mapping[str, ActiveModel]:
         return {
-            name: ActiveModel(served.version, served.model.runtime, served.model.delegate, served.verdict)
+            name: ActiveModel(
+                served.version, served.model.runtime, served.model.delegate, served.verdict, served.bundle
+            )
             for name, served in server.served().items()
         }
 

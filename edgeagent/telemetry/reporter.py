@@ -77,6 +77,7 @@ class ActiveModel:
     runtime: str
     delegate: str
     verdict: Mapping[str, Any] | None
+    bundle: str | None = None  # the bundle's name (the model slot may be named differently)
 
 
 def total_variation(observed: Mapping[int, int], reference: Mapping[int, int]) -> float:
@@ -169,11 +170,14 @@ class TelemetryReporter:
         summary = stats.summary()
         drift = None
         model = active.get(key.model)
-        reference = _reference_classes(model) if model is not None and model.version == key.version else None
+        if model is not None and model.version != key.version:
+            model = None  # a retired version still answering requests that started before the swap
+        reference = _reference_classes(model) if model is not None else None
         if reference and sum(since.predicted.values()) >= DRIFT_MIN_PREDICTIONS:
             drift = round(total_variation(since.predicted, reference), 4)
         return ModelTelemetry(
             model=key.model,
+            bundle=model.bundle if model is not None else None,
             version=key.version,
             runtime=key.runtime,
             delegate=key.delegate,
