@@ -208,4 +208,3 @@ class Registry:
     def _reply_error(self, topic: str, request: BlockRequest, status: BlockStatus, reason: str) -> None:
         reply = BlockReply(status, request.sha256, request.first, request.block_size, 0, reason.encode())
         self.session.publish(topic, reply.pack(), qos=1)
-
