@@ -27,9 +27,7 @@ import multiprocessing as mp
 import os
 import platform
 import queue
-import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -48,6 +46,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.transfer import start_broker  # noqa: E402
 from edgeagent.histogram import Histogram  # noqa: E402
 from edgeagent.protocol import (  # noqa: E402
     ModelTelemetry,
@@ -61,25 +60,6 @@ from edgeagent.protocol import (  # noqa: E402
 
 SEQ_MARK, AT_MARK = 987654321, 1234567890.25  # replaced per message in the payload bytes
 SUSTAINED_LAG_S = 2.0
-
-
-def start_broker(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    conf = workdir / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n"
-    )
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.1):
-                return proc, port
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("mosquitto did not start")
 
 
 def template(device: str, index: int) -> bytes:
@@ -238,7 +218,7 @@ def run_step(port: int, prefix: str, devices: list[str], publishers: int, rate: 
 
 def ingest_section(args: argparse.Namespace, workdir: Path) -> str:
     devices = [f"dev-{i:05d}" for i in range(args.devices)]
-    broker, port = start_broker(workdir)
+    broker, port = start_broker(workdir, "max_queued_messages 100000\n")
     try:
         # Baseline: the bare subscriber, alone on the broker.
         count = mp.Value("q", 0, lock=False)

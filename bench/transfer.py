@@ -39,13 +39,14 @@ KiB = 1024
 MiB = 1024 * KiB
 
 
-def start_broker(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_broker(workdir: Path, extra_conf: str = "") -> tuple[subprocess.Popen[bytes], int]:
+    """A Mosquitto on a free loopback port; ``extra_conf``: more mosquitto.conf lines."""
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
     conf = workdir / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra_conf}")
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(100):
         try:

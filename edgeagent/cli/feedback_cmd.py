@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from edgeagent.client import DEFAULT_SOCKET
+from edgeagent.cli.infer_cmd import add_socket_arg
 
 EPILOG = """\
 examples:
@@ -32,13 +31,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("id", help="the prediction id (the 'id' that infer prints)")
     parser.add_argument("labels", nargs="+", type=int, metavar="LABEL", help="class index, one per sample")
-    parser.add_argument(
-        "--socket",
-        type=Path,
-        default=DEFAULT_SOCKET,
-        metavar="PATH",
-        help=f"Unix socket (default {DEFAULT_SOCKET})",
-    )
+    add_socket_arg(parser)
     parser.set_defaults(handler=_feedback)
 
 

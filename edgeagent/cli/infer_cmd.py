@@ -33,13 +33,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--socket",
-        type=Path,
-        default=DEFAULT_SOCKET,
-        metavar="PATH",
-        help=f"Unix socket (default {DEFAULT_SOCKET})",
-    )
+    add_socket_arg(parser)
     parser.add_argument(
         "--input", required=True, type=Path, metavar="FILE", help="FILE.npy, FILE.npz or FILE.json"
     )
@@ -94,3 +88,14 @@ def _infer(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def add_socket_arg(parser: argparse.ArgumentParser) -> None:
+    """``--socket PATH``: the agent's inference socket (serve, infer and feedback share it)."""
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        default=DEFAULT_SOCKET,
+        metavar="PATH",
+        help=f"Unix socket (default {DEFAULT_SOCKET})",
+    )

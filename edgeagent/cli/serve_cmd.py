@@ -21,7 +21,7 @@ from devices.detect import detect
 from devices.profile import Candidate
 from edgeagent.bundle.reader import VerifiedBundle, extract_bundle
 from edgeagent.cli.bundle_cmd import add_trust_args, keyring_from_args
-from edgeagent.client import DEFAULT_SOCKET
+from edgeagent.cli.infer_cmd import add_socket_arg
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +47,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("bundles", nargs="+", type=Path, metavar="BUNDLE", help="bundle file(s) to serve")
     add_trust_args(parser)
-    parser.add_argument(
-        "--socket",
-        type=Path,
-        default=DEFAULT_SOCKET,
-        metavar="PATH",
-        help=f"Unix socket (default {DEFAULT_SOCKET})",
-    )
+    add_socket_arg(parser)
     add_profile_arg(parser)
     parser.add_argument(
         "--autotune",
