@@ -43,6 +43,7 @@ from fleet.status import render_status, status_rows
 log = logging.getLogger(__name__)
 
 DEVICE = "demo-device"
+WIDE_TERMINAL = 140  # columns the fleet table needs to be readable
 BIN = Path(sys.executable).parent
 
 
@@ -291,8 +292,11 @@ def _show_fleet(collector: Collector, say: Any, timeout_s: float = 15.0) -> None
         time.sleep(0.3)
     else:
         say("(no telemetry with the demo's requests arrived in time; the table shows what did)")
-    if say is print:  # the table is for a terminal; the lines below say the same in words
-        Console().print(render_status(rows))
+    console = Console()
+    # The table's 14 columns need a wide terminal (squeezed into 80 they are unreadable); the
+    # lines below say the same in words either way.
+    if say is print and console.is_terminal and console.width >= WIDE_TERMINAL:
+        console.print(render_status(rows))
     for r in rows:
         say(
             f"{r.device}: {r.requests} requests, p50 {r.p50_ms or 0:.3f} ms, p99 {r.p99_ms or 0:.3f} ms, "
