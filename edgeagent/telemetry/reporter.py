@@ -227,8 +227,12 @@ class TelemetryReporter:
             if not self._can_send():
                 self._spill()
                 return
-            waiting = [seq for seq in self.spool.seqs() if seq not in {f.seq for f in self._inflight}]
-            for seq in waiting[: max(FLUSH_WINDOW - len(self._inflight), 0)]:
+            room = FLUSH_WINDOW - len(self._inflight)
+            if room <= 0:
+                return
+            flying = {f.seq for f in self._inflight}
+            waiting = [seq for seq in self.spool.seqs() if seq not in flying]
+            for seq in waiting[:room]:
                 payload = self.spool.read(seq)
                 if payload is None:
                     continue
