@@ -286,6 +286,14 @@ class Throttling(_Msg):
     detail: str = ""
 
 
+class PowerMode(_Msg):
+    """The board's configured power budget (Jetson ``nvpmodel``): a setting, not throttling."""
+
+    source: str = Field(default="nvpmodel", description="Where it was read: 'nvpmodel' (Jetson).")
+    id: int = Field(ge=0, description="The mode number (``nvpmodel -m ID``).")
+    name: str | None = Field(default=None, description="Its name in nvpmodel.conf, e.g. 'MAXN' or '15W'.")
+
+
 class SystemTelemetry(_Msg):
     mem_total_mb: float
     mem_available_mb: float
@@ -298,6 +306,7 @@ class SystemTelemetry(_Msg):
         default_factory=dict, description="Thermal zone type -> degrees C (/sys/class/thermal)."
     )
     throttling: Throttling | None = None
+    power_mode: PowerMode | None = None
     disk_free_mb: float = Field(description="Free space where the store lives.")
     disk_total_mb: float
 

@@ -187,6 +187,8 @@ _TELEMETRY_GAUGES: tuple[tuple[str, str, Callable[[Telemetry], float | None]], .
      lambda t: None if t.system.throttling is None else int(t.system.throttling.throttled_now)),
     ("edge_spool_queued_messages", "Telemetry waiting in the device's on-disk spool.",
      lambda t: t.spool.queued),
+    ("edge_power_mode", "Jetson nvpmodel power mode number (nvpmodel -m N); absent elsewhere.",
+     lambda t: None if t.system.power_mode is None else t.system.power_mode.id),
 )  # fmt: skip
 
 # Per-model gauges of the newest interval: (name, help, value).

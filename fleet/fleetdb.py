@@ -33,7 +33,12 @@ import pydantic_core
 from edgeagent.errors import UsageError
 from edgeagent.protocol import Event, Reported, Telemetry
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Older schemas this edgectl still reads, and the statements that bring each one up to the next
+# when the collector (the one writer) opens it. Columns are only ever appended, so a migrated
+# table and a new one have the same column order (the inserts are positional).
+READABLE_VERSIONS = frozenset({1, 2})
+_MIGRATIONS = {1: ("ALTER TABLE telemetry ADD COLUMN power_mode TEXT",)}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -62,6 +67,7 @@ CREATE TABLE IF NOT EXISTS telemetry (
     disk_free_mb REAL, disk_total_mb REAL,
     spool_queued INTEGER, spool_dropped INTEGER, spool_dropped_total INTEGER,
     acceptance TEXT, mqtt TEXT,
+    power_mode TEXT,                      -- JSON PowerMode (schema 2), NULL where the board has none
     PRIMARY KEY (device, seq)
 );
 CREATE INDEX IF NOT EXISTS telemetry_device_at ON telemetry (device, at);
@@ -97,7 +103,7 @@ CREATE INDEX IF NOT EXISTS events_received ON events (received);
 """
 
 _TELEMETRY_SQL = (
-    "INSERT OR IGNORE INTO telemetry VALUES (" + ", ".join("?" * 27) + ")"  # noqa: S608 - placeholders only
+    "INSERT OR IGNORE INTO telemetry VALUES (" + ", ".join("?" * 28) + ")"  # noqa: S608 - placeholders only
 )
 _MODEL_SQL = "INSERT INTO model_telemetry VALUES (" + ", ".join("?" * 24) + ")"  # noqa: S608
 _EVENT_SQL = (
@@ -152,8 +158,19 @@ def open_for_writing(path: Path) -> sqlite3.Connection:
         if found is None:
             conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         elif int(found[0]) != SCHEMA_VERSION:
-            raise UsageError(f"{path}: fleet database schema {found[0]}, this edgectl knows {SCHEMA_VERSION}")
+            _migrate(conn, path, int(found[0]))
     return conn
+
+
+def _migrate(conn: sqlite3.Connection, path: Path, version: int) -> None:
+    """Bring an older database up to SCHEMA_VERSION inside the caller's transaction."""
+    if version not in _MIGRATIONS:
+        raise UsageError(f"{path}: fleet database schema {version}, this edgectl knows {SCHEMA_VERSION}")
+    while version < SCHEMA_VERSION:
+        for statement in _MIGRATIONS[version]:
+            conn.execute(statement)
+        version += 1
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
 
 def _create(conn: sqlite3.Connection) -> None:
@@ -174,8 +191,11 @@ def open_for_reading(path: Path) -> sqlite3.Connection:
         found = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     except sqlite3.Error as exc:
         raise UsageError(f"{path}: not a fleet database ({exc})") from exc
-    if found is None or int(found[0]) != SCHEMA_VERSION:
-        raise UsageError(f"{path}: not a fleet database of schema {SCHEMA_VERSION}")
+    if found is None or int(found[0]) not in READABLE_VERSIONS:
+        raise UsageError(
+            f"{path}: not a fleet database of schema {SCHEMA_VERSION}"
+            + (f" (schema {found[0]}: a newer edgectl made it)" if found else "")
+        )
     conn.row_factory = sqlite3.Row
     return conn
 
@@ -227,6 +247,7 @@ def _telemetry_row(t: Telemetry, received: float) -> tuple[Any, ...]:
         throttled, s.throttling.model_dump_json() if s.throttling else None,
         s.disk_free_mb, s.disk_total_mb, sp.queued, sp.dropped, sp.dropped_total,
         _dumps(t.acceptance) if t.acceptance else None, _dumps(t.mqtt) if t.mqtt else None,
+        s.power_mode.model_dump_json() if s.power_mode else None,
     )  # fmt: skip
 
 

@@ -53,6 +53,7 @@ class StatusRow:
     temperature_c: float | None = None  # the hottest zone
     temperature_zone: str | None = None
     throttled: bool | None = None
+    power_mode: str | None = None  # Jetson nvpmodel: its name ("15W"), or "mode N" when unnamed
     acceptance_passed: bool | None = None
     acceptance_accuracy: float | None = None
     online_accuracy: float | None = None
@@ -120,6 +121,7 @@ def _device_rows(
             "temperature_c": temps[hottest] if hottest else None,
             "temperature_zone": hottest,
             "throttled": None if latest["throttled"] is None else bool(latest["throttled"]),
+            "power_mode": _power_mode(latest),
             "telemetry_at": latest["at"],
         }
     models = sorted(set(reported_models) | set(windows) | set(acceptance))
@@ -248,6 +250,16 @@ def age(seconds: float | None) -> str:
     return f"{seconds:.0f}s"
 
 
+def _power_mode(latest: sqlite3.Row) -> str | None:
+    # sqlite3.Row: `in` would search the values, not the column names.
+    if "power_mode" not in latest.keys():  # noqa: SIM118 - a schema 1 database, not yet migrated
+        return None
+    mode: dict[str, Any] = fleetdb.loads(latest["power_mode"], {})
+    if not mode:
+        return None
+    return str(mode.get("name") or f"mode {mode.get('id')}")
+
+
 def _num(value: float | None, fmt: str = ".1f") -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
@@ -279,6 +291,8 @@ def render_status(rows: list[StatusRow], *, title: str | None = None, now: float
         online = "-" if r.online is None else ("[green]yes[/]" if r.online else "[red]no[/]")
         bundle = f"{r.bundle or '?'} {r.version}" if r.version else (r.bundle or "-")
         runtime = f"{r.runtime}/{r.delegate}" if r.runtime else "-"
+        if r.power_mode:  # the same model is several times slower in a 7 W mode than in MAXN
+            runtime += f" @{r.power_mode}"
         percentiles = "-" if r.p50_ms is None else f"{r.p50_ms:.2f}/{r.p95_ms:.2f}/{r.p99_ms:.2f}"
         temp = _num(r.temperature_c)
         if r.throttled:

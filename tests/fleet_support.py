@@ -22,6 +22,7 @@ from edgeagent.protocol import (
     Event,
     ModelStatus,
     ModelTelemetry,
+    PowerMode,
     ProcessTelemetry,
     Reported,
     SpoolTelemetry,
@@ -61,6 +62,7 @@ class FakeDevice:
     models: list[ServedModel]
     temperatures: dict[str, float] = field(default_factory=dict)
     throttling: Throttling | None = None
+    power_mode: PowerMode | None = None
     rss_mb: float = 60.0
     cpu_percent: float = 12.0
     seed: int = 0
@@ -124,7 +126,8 @@ class FakeDevice:
             system=SystemTelemetry(
                 mem_total_mb=3800, mem_available_mb=2100, cpu_percent=30.0, cpu_count=4,
                 load1=0.7, load5=0.5, load15=0.4, temperatures_c=self.temperatures,
-                throttling=self.throttling, disk_free_mb=12000, disk_total_mb=30000,
+                throttling=self.throttling, power_mode=self.power_mode,
+                disk_free_mb=12000, disk_total_mb=30000,
             ),
             spool=SpoolTelemetry(queued=0, dropped=0, dropped_total=3),
         )  # fmt: skip
@@ -151,6 +154,7 @@ def three_devices() -> list[FakeDevice]:
             ],
             temperatures={"CPU-therm": 48.0, "GPU-therm": 55.5, "SOC0-therm": 50.25},
             throttling=Throttling(source="cooling_device", throttled_now=False),
+            power_mode=PowerMode(id=2, name="15W"),
             rss_mb=310.0, cpu_percent=20.0, seed=2,
         ),
         FakeDevice(

@@ -28,10 +28,12 @@ from fleet_support import (
 )
 
 from edgeagent.cli.common import build_parser, run
+from edgeagent.errors import UsageError
 from edgeagent.protocol import Topics
 from fleet import fleetdb
 from fleet.collector import Collector, CollectorState
 from fleet.edgectl import COMMANDS, DESCRIPTION
+from fleet.status import status_rows
 
 pytestmark = pytest.mark.mosquitto
 
@@ -113,6 +115,7 @@ def test_three_devices_the_database_and_status_agree_with_what_was_sent(
         False,
     )
     assert (x86["temperature_c"], x86["throttled"]) == (None, None)
+    assert (jetson["power_mode"], pi["power_mode"], x86["power_mode"]) == ("15W", None, None)
     assert (pi["last_deployment"], pi["last_deployment_ok"]) == ("committed 1.1.0", True)
     assert (x86["last_deployment"], x86["last_deployment_ok"]) == ("failed acceptance_failed 1.2.0", False)
     assert jetson["last_deployment"] is None
@@ -130,6 +133,7 @@ def test_three_devices_the_database_and_status_agree_with_what_was_sent(
         "jetson-yard",
         "x86-lab",
         "throttled",
+        "@15W",
         "failed acceptance_failed",
         "4 devices, 3 online",
     ):
@@ -224,6 +228,40 @@ def test_retention_deletes_in_chunks(tmp_path: Path) -> None:
     assert fleetdb.delete_older_than(conn, 1006.0, chunk=4) == 5 + 10
     assert conn.execute("SELECT min(seq), count(*) FROM telemetry").fetchone() == (6, 6)
     conn.close()
+
+
+def test_a_schema_1_database_is_read_as_it_is_and_migrated_by_the_writer(tmp_path: Path) -> None:
+    # A schema 1 database is a schema 2 one without the power_mode column (appended in 2).
+    path = tmp_path / "fleet.db"
+    jetson = three_devices()[1]
+    conn = fleetdb.open_for_writing(path)
+    fleetdb.write_batch(conn, fleetdb.Batch(telemetry=[(jetson.telemetry(1, 1000.0), 1000.0)]))
+    fleetdb.write_batch(conn, fleetdb.Batch(reported=[("jetson-yard", jetson.reported(), 1000.0, True)]))
+    conn.execute("ALTER TABLE telemetry DROP COLUMN power_mode")
+    conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    conn.close()
+
+    # The views read it as it is (no power mode to show yet) ...
+    assert {r.power_mode for r in status_rows(path)} == {None}
+    # ... and the collector's writer brings it to schema 2, keeping every row.
+    conn = fleetdb.open_for_writing(path)
+    fleetdb.write_batch(conn, fleetdb.Batch(telemetry=[(jetson.telemetry(2, 1010.0), 1010.0)]))
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+    assert conn.execute("SELECT seq, power_mode IS NULL FROM telemetry ORDER BY seq").fetchall() == [
+        (1, 1),
+        (2, 0),
+    ]
+    conn.close()
+    assert {r.power_mode for r in status_rows(path)} == {"15W"}
+
+    # A database from a newer edgectl is refused with the reason, by writer and views alike.
+    with sqlite3.connect(path) as raw:
+        raw.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    raw.close()
+    with pytest.raises(UsageError, match="schema 3, this edgectl knows 2"):
+        fleetdb.open_for_writing(path)
+    with pytest.raises(UsageError, match="a newer edgectl made it"):
+        fleetdb.open_for_reading(path)
 
 
 def test_a_restart_with_the_persistent_session_loses_nothing(

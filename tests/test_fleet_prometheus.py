@@ -75,6 +75,8 @@ def test_scrape_names_labels_and_values_follow_what_was_published(mosquitto, tmp
             assert value(s, "edge_temperature_celsius", **pi_l, zone="cpu-thermal") == 71.5
             assert value(s, "edge_throttled", **pi_l) == 1
             assert value(s, "edge_throttled", device="jetson-yard") == 0
+            assert value(s, "edge_power_mode", device="jetson-yard") == 2
+            assert not [lbl for lbl, _ in s.get("edge_power_mode", []) if lbl["device"] != "jetson-yard"]
             assert {
                 lbl["zone"] for lbl, _ in s["edge_temperature_celsius"] if lbl["device"] == "jetson-yard"
             } == {"CPU-therm", "GPU-therm", "SOC0-therm"}

@@ -56,7 +56,8 @@ def test_the_page_is_self_contained_with_a_chart_per_view(fleet_db: Path) -> Non
     # Latency per device and per version for each of the three models, memory per device and per version.
     assert report.charts == 3 * 2 + 2 and page.count("<svg") == 8
     assert page.count("<polyline") >= 20
-    for text in ("1.0.0 p99", "1.1.0 p99", "pi-kitchen p50", "jetson-yard", "71.5 throttled", "agent RSS"):
+    shown = ("1.0.0 p99", "1.1.0 p99", "pi-kitchen p50", "jetson-yard", "71.5 throttled", "agent RSS")
+    for text in (*shown, "TensorrtExecutionProvider @15W"):
         assert text in page
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -16,13 +17,14 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeagent.mqtt import BrokerConfig, MqttSession
-from edgeagent.protocol import Telemetry, Topics, parse
+from edgeagent.protocol import PowerMode, Telemetry, Topics, parse
 from edgeagent.serving.stats import RequestStats, StatsKey
 from edgeagent.telemetry import (
     ActiveModel,
     Spool,
     SystemProbe,
     TelemetryReporter,
+    read_power_mode,
     read_temperatures,
     read_throttling,
     total_variation,
@@ -44,7 +46,24 @@ def raspberry_pi_root(root: Path, *, temp_milli: int = 48312, throttled: str = "
     return root
 
 
-def jetson_root(root: Path, *, cooling_state: int = 0) -> Path:
+# An Orin Nano's nvpmodel.conf, abridged: the real one also sets clocks and cores per mode.
+NVPMODEL_CONF = """\
+# Power modes for the Jetson Orin Nano
+< PARAM TYPE=FILE NAME=CPU_ONLINE >
+CORE_0 /sys/devices/system/cpu/cpu0/online
+
+< POWER_MODEL ID=0 NAME=15W >
+CPU_ONLINE CORE_0 1
+< POWER_MODEL ID=1 NAME=7W >
+CPU_ONLINE CORE_0 1
+< POWER_MODEL ID=2 NAME=MAXN_SUPER >
+CPU_ONLINE CORE_0 1
+
+< PM_CONFIG DEFAULT=0 >
+"""
+
+
+def jetson_root(root: Path, *, cooling_state: int = 0, power_mode: int | None = 1) -> Path:
     zones = [("CPU-therm", 51500), ("GPU-therm", 49000), ("CPU-therm", 52000), ("PMIC-Die", 100000)]
     for i, (kind, milli) in enumerate(zones):
         write(root, f"sys/class/thermal/thermal_zone{i}/type", kind)
@@ -56,6 +75,9 @@ def jetson_root(root: Path, *, cooling_state: int = 0) -> Path:
     write(root, "sys/class/thermal/cooling_device0/cur_state", str(cooling_state))
     write(root, "sys/class/thermal/cooling_device1/type", "pwm-fan")
     write(root, "sys/class/thermal/cooling_device1/cur_state", "3")  # a fan is not throttling
+    if power_mode is not None:
+        write(root, "etc/nvpmodel.conf", NVPMODEL_CONF)
+        write(root, "var/lib/nvpmodel/status", f"pmode:{power_mode:04d} fmode:quiet\n")
     return root
 
 
@@ -102,6 +124,35 @@ def test_jetson_throttling_from_the_cpufreq_cooling_device(tmp_path: Path) -> No
     assert idle is not None and hot is not None
     assert (idle.source, idle.throttled_now) == ("cooling_device", False)
     assert (hot.throttled_now, hot.detail) == (True, "thermal-cpufreq-0 state 2")
+
+
+def test_jetson_power_mode_from_nvpmodel_status_and_conf(tmp_path: Path) -> None:
+    root = jetson_root(tmp_path, power_mode=1)
+    names: dict[Path, tuple[int, dict[int, str]]] = {}
+    assert read_power_mode(root, names) == PowerMode(source="nvpmodel", id=1, name="7W")
+    # Switching modes rewrites the status file; the names come from the cache.
+    write(root, "var/lib/nvpmodel/status", "pmode:0002 fmode:quiet\n")
+    assert read_power_mode(root, names) == PowerMode(id=2, name="MAXN_SUPER")
+    # An edited conf (new mtime) is read again.
+    conf = root / "etc/nvpmodel.conf"
+    conf.write_text(NVPMODEL_CONF.replace("NAME=MAXN_SUPER", "NAME=25W"))
+    os.utime(conf, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert read_power_mode(root, names) == PowerMode(id=2, name="25W")
+    # NVIDIA's tools read /odm/etc before /etc.
+    write(root, "odm/etc/nvpmodel.conf", "< POWER_MODEL ID=2 NAME=ODM_MODE >\n")
+    assert read_power_mode(root, names) == PowerMode(id=2, name="ODM_MODE")
+
+
+def test_power_mode_without_a_name_or_without_nvpmodel(tmp_path: Path) -> None:
+    root = tmp_path / "nameless"
+    write(root, "var/lib/nvpmodel/status", "pmode:0003\n")  # no conf to name it
+    assert read_power_mode(root) == PowerMode(id=3, name=None)
+    write(root, "etc/nvpmodel.conf", NVPMODEL_CONF)  # a mode the conf does not list
+    assert read_power_mode(root) == PowerMode(id=3, name=None)
+    assert read_power_mode(raspberry_pi_root(tmp_path / "pi")) is None
+    assert read_power_mode(jetson_root(tmp_path / "jetson", power_mode=None)) is None
+    write(tmp_path / "garbled", "var/lib/nvpmodel/status", "\x00\xff garbage")
+    assert read_power_mode(tmp_path / "garbled") is None
 
 
 def test_probe_reads_this_machine(tmp_path: Path) -> None:

@@ -163,6 +163,7 @@ def test_three_agents_report_and_the_fleet_view_agrees(fleet, mosquitto, digits)
         assert row.rss_mb is not None and row.rss_mb > 10
         assert row.temperature_c == device.hottest_c
         assert row.throttled == device.throttled
+        assert row.power_mode == ("7W" if device.name.startswith("jetson") else None)  # nvpmodel mode 1
         assert row.acceptance_passed is True and row.acceptance_accuracy is not None
         assert row.online_accuracy == pytest.approx(correct / labelled, abs=1e-4)
         assert row.last_deployment is not None and "1.0.0" in row.last_deployment

@@ -11,13 +11,14 @@ from typing import Any
 from edgeagent.config import AgentConfig
 from edgeagent.telemetry.reporter import ActiveModel, TelemetryReporter, session_counters, total_variation
 from edgeagent.telemetry.spool import Spool
-from edgeagent.telemetry.system import SystemProbe, read_temperatures, read_throttling
+from edgeagent.telemetry.system import SystemProbe, read_power_mode, read_temperatures, read_throttling
 
 __all__ = [
     "ActiveModel",
     "Spool",
     "SystemProbe",
     "TelemetryReporter",
+    "read_power_mode",
     "read_temperatures",
     "read_throttling",
     "reporter_for",

@@ -16,11 +16,17 @@ Sources (all plain sysfs, no vendor tool):
 - Elsewhere (Jetson, x86): ``sys/class/thermal/cooling_device*/{type,cur_state}``: a CPU/GPU
   frequency cooling device (type containing ``cpufreq``, ``devfreq`` or ``gpufreq``) in a
   state above 0 is thermal throttling in progress.
+- Jetson power mode: ``var/lib/nvpmodel/status`` (``pmode:0002 fmode:quiet``, written by the
+  nvpmodel service) names the mode number; its name comes from the first of
+  ``odm/etc``, ``vendor/etc``, ``etc/nvpmodel.conf`` that exists (``< POWER_MODEL ID=2
+  NAME=15W >``), the order NVIDIA's own tools search. Not throttling: a configured budget, but
+  the same model runs at very different speeds in MAXN and in 7W, so latency needs it beside.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import resource
 import shutil
 import sys
@@ -29,7 +35,7 @@ from pathlib import Path
 
 import psutil
 
-from edgeagent.protocol import ProcessTelemetry, SystemTelemetry, Throttling
+from edgeagent.protocol import PowerMode, ProcessTelemetry, SystemTelemetry, Throttling
 
 RPI_THROTTLED = Path("sys/devices/platform/soc/soc:firmware/get_throttled")
 THERMAL = Path("sys/class/thermal")
@@ -37,6 +43,10 @@ _RPI_UNDER_VOLTAGE = 1 << 0
 _RPI_THROTTLING_NOW = (1 << 1) | (1 << 2) | (1 << 3)
 _RPI_NAMES = {0: "under-voltage", 1: "arm frequency capped", 2: "throttled", 3: "soft temperature limit"}
 _FREQ_COOLING = ("cpufreq", "devfreq", "gpufreq")
+NVPMODEL_STATUS = Path("var/lib/nvpmodel/status")
+NVPMODEL_CONFS = (Path("odm/etc/nvpmodel.conf"), Path("vendor/etc/nvpmodel.conf"), Path("etc/nvpmodel.conf"))
+_PMODE = re.compile(r"pmode:(\d+)")
+_POWER_MODEL = re.compile(r"^<\s*POWER_MODEL\s+ID=(\d+)\s+NAME=([^\s>]+)", re.MULTILINE)
 _MB = 1024 * 1024
 
 
@@ -114,6 +124,36 @@ def read_throttling(root: Path) -> Throttling | None:
     return Throttling(source="cooling_device", throttled_now=bool(active), detail=", ".join(active))
 
 
+_ModeNames = dict[Path, tuple[int, dict[int, str]]]  # nvpmodel.conf -> (mtime, mode id -> name)
+
+
+def read_power_mode(root: Path, names: _ModeNames | None = None) -> PowerMode | None:
+    """The Jetson nvpmodel mode, or None where the board has none (or it cannot be read).
+
+    ``names`` caches each nvpmodel.conf's mode names by its mtime (the file is tens of KB on
+    an Orin and changes only when someone edits it); pass the same dict on every call.
+    """
+    status = _read(root / NVPMODEL_STATUS)
+    match = _PMODE.search(status) if status else None
+    if match is None:
+        return None
+    mode = int(match.group(1))
+    for rel in NVPMODEL_CONFS:
+        path = root / rel
+        try:
+            mtime = path.stat().st_mtime_ns
+        except OSError:
+            continue
+        cached = names.get(path) if names is not None else None
+        if cached is None or cached[0] != mtime:
+            text = _read(path) or ""
+            cached = (mtime, {int(i): name for i, name in _POWER_MODEL.findall(text)})
+            if names is not None:
+                names[path] = cached
+        return PowerMode(id=mode, name=cached[1].get(mode))
+    return PowerMode(id=mode)
+
+
 @dataclass
 class SystemProbe:
     """Samples process and system figures; CPU percentages cover the time since the last sample."""
@@ -126,6 +166,7 @@ class SystemProbe:
         # The first cpu_percent(None) call only sets the baseline (psutil returns 0.0 for it).
         self._process.cpu_percent(None)
         psutil.cpu_percent(None)
+        self._power_mode_names: _ModeNames = {}
 
     def process(self) -> ProcessTelemetry:
         rss = self._process.memory_info().rss
@@ -155,6 +196,7 @@ class SystemProbe:
             load15=round(load15, 2),
             temperatures_c=read_temperatures(self.root),
             throttling=read_throttling(self.root),
+            power_mode=read_power_mode(self.root, self._power_mode_names),
             disk_free_mb=round(free_mb, 1),
             disk_total_mb=round(total_mb, 1),
         )
