@@ -117,6 +117,18 @@ class _Msg(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class _Report(_Msg):
+    """What a device tells the host (reported state, events, telemetry, command replies).
+
+    Unknown fields are ignored here, not refused: agents and the host's tools are upgraded at
+    different times, and a newer agent that adds a figure must not make an older collector
+    drop its whole report. What the host tells a device (desired state, commands) stays
+    strict, since a device must not act on an instruction it only half understands.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
@@ -164,7 +176,7 @@ class Command(_Msg):
     issued_at: float = Field(default_factory=time.time)
 
 
-class CommandReply(_Msg):
+class CommandReply(_Report):
     v: Literal[1] = PROTOCOL_VERSION
     id: str
     ok: bool
@@ -173,7 +185,7 @@ class CommandReply(_Msg):
     result: dict[str, Any] = Field(default_factory=dict)
 
 
-class ModelStatus(_Msg):
+class ModelStatus(_Report):
     """One named model as the device runs it."""
 
     bundle: BundleRef | None = Field(default=None, description="The active bundle; None = nothing active.")
@@ -186,7 +198,7 @@ class ModelStatus(_Msg):
     )
 
 
-class DeploymentOutcome(_Msg):
+class DeploymentOutcome(_Report):
     model: str
     bundle: BundleRef
     ok: bool
@@ -195,7 +207,7 @@ class DeploymentOutcome(_Msg):
     at: float = Field(default_factory=time.time)
 
 
-class Reported(_Msg):
+class Reported(_Report):
     """Retained state of a device; the last will sets ``online`` false."""
 
     v: Literal[1] = PROTOCOL_VERSION
@@ -211,7 +223,7 @@ class Reported(_Msg):
     at: float = Field(default_factory=time.time)
 
 
-class Event(_Msg):
+class Event(_Report):
     """Deployment progress and outcomes (QoS 1, not retained)."""
 
     v: Literal[1] = PROTOCOL_VERSION
@@ -229,7 +241,7 @@ class Event(_Msg):
     at: float = Field(default_factory=time.time)
 
 
-class ModelTelemetry(_Msg):
+class ModelTelemetry(_Report):
     """One interval of one (model, bundle version, runtime, delegate) as the device served it."""
 
     model: str = Field(description="Model name (the served slot).")
@@ -266,14 +278,14 @@ class ModelTelemetry(_Msg):
     )
 
 
-class ProcessTelemetry(_Msg):
+class ProcessTelemetry(_Report):
     rss_mb: float
     peak_rss_mb: float
     cpu_percent: float = Field(description="Agent process CPU over the interval, % of one core.")
     threads: int
 
 
-class Throttling(_Msg):
+class Throttling(_Report):
     """What the board says about throttling (None fields: not exposed)."""
 
     source: str = Field(
@@ -286,7 +298,7 @@ class Throttling(_Msg):
     detail: str = ""
 
 
-class PowerMode(_Msg):
+class PowerMode(_Report):
     """The board's configured power budget (Jetson ``nvpmodel``): a setting, not throttling."""
 
     source: str = Field(default="nvpmodel", description="Where it was read: 'nvpmodel' (Jetson).")
@@ -294,7 +306,7 @@ class PowerMode(_Msg):
     name: str | None = Field(default=None, description="Its name in nvpmodel.conf, e.g. 'MAXN' or '15W'.")
 
 
-class SystemTelemetry(_Msg):
+class SystemTelemetry(_Report):
     mem_total_mb: float
     mem_available_mb: float
     cpu_percent: float = Field(description="All cores, % of the whole machine over the interval.")
@@ -311,13 +323,13 @@ class SystemTelemetry(_Msg):
     disk_total_mb: float
 
 
-class SpoolTelemetry(_Msg):
+class SpoolTelemetry(_Report):
     queued: int = Field(ge=0, description="Messages waiting on disk (this one not counted).")
     dropped: int = Field(ge=0, description="Messages dropped by the spool bound since the agent started.")
     dropped_total: int = Field(ge=0, description="Dropped since the spool was created (persisted).")
 
 
-class Telemetry(_Msg):
+class Telemetry(_Report):
     """Periodic metrics of one device (QoS 1, not retained; spooled on disk while offline)."""
 
     v: Literal[1] = PROTOCOL_VERSION

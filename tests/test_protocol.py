@@ -22,9 +22,13 @@ from edgeagent.protocol import (
     BlockReply,
     BlockStatus,
     BundleRef,
+    Command,
     DesiredState,
+    Reported,
+    Telemetry,
     Topics,
     open_envelope,
+    parse,
     sign_document,
     unsigned_document,
 )
@@ -45,6 +49,32 @@ def test_topics() -> None:
             t.reported(bad)
     with pytest.raises(ValueError):
         Topics("a/#")
+
+
+def test_reports_from_a_newer_agent_keep_parsing_but_instructions_stay_strict() -> None:
+    telemetry = {
+        "v": 1, "device": "dev-1", "seq": 7, "at": 1000.0, "interval_s": 10.0,
+        "process": {"rss_mb": 50.0, "peak_rss_mb": 60.0, "cpu_percent": 1.0, "threads": 4},
+        "system": {
+            "mem_total_mb": 1000.0, "mem_available_mb": 500.0, "cpu_percent": 3.0, "cpu_count": 4,
+            "load1": 0.1, "load5": 0.1, "load15": 0.1, "disk_free_mb": 1.0, "disk_total_mb": 2.0,
+            "npu_milliwatts": 812,  # a figure some later agent adds, nested
+        },
+        "spool": {"queued": 0, "dropped": 0, "dropped_total": 0},
+        "battery_percent": 80,  # and one at the top
+    }  # fmt: skip
+    parsed = parse(Telemetry, json.dumps(telemetry).encode(), "telemetry")
+    assert (parsed.seq, parsed.system.cpu_count) == (7, 4)
+    assert "battery_percent" not in parsed.model_dump()
+    reported = {"v": 1, "device": "dev-1", "online": True, "uptime_s": 12}
+    assert parse(Reported, json.dumps(reported).encode(), "reported").online is True
+    # What the host tells a device is refused when a field is not understood.
+    desired = {"v": 1, "seq": 1, "target": "device:dev-1", "models": {}, "reboot_after": True}
+    with pytest.raises(errors.MalformedMessage, match="reboot_after"):
+        parse(DesiredState, json.dumps(desired).encode(), "desired")
+    with pytest.raises(errors.MalformedMessage, match="force"):
+        command = {"v": 1, "seq": 1, "id": "c1", "target": "device:dev-1", "name": "refresh", "force": 1}
+        parse(Command, json.dumps(command).encode(), "cmd")
 
 
 def test_block_reply_round_trip_and_corruption() -> None:
