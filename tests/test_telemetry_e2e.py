@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from fleet.collector import Collector
 from fleet.push import FleetConnection, Target, publish_desired, wait_for
 from fleet.registry import Registry
 from fleet.status import status_rows
+from tests.runtimes_support import wait_for as until
 from tests.test_deploy import Bundles
 from tests.test_telemetry import jetson_root, persistent_broker, raspberry_pi_root
 
@@ -242,7 +243,7 @@ def test_a_whole_agent_keeps_serving_through_a_broker_outage_and_loses_no_teleme
             results = wait_for(conn, [device.name], "default", bundles.refs["v1"], 120, lambda _: None)
         assert all(r.ok for r in results), results
         predictor.start()
-        until(lambda: len(telemetry_seqs()) >= 3)
+        until(lambda: len(telemetry_seqs()) >= 3, 30, "the first telemetry")
         own_mosquitto.stop()
         outage_start = time.time()
         time.sleep(3.0)  # six telemetry intervals with nowhere to go
@@ -263,7 +264,7 @@ def test_a_whole_agent_keeps_serving_through_a_broker_outage_and_loses_no_teleme
                 )
             return bool(total == served)
 
-        until(all_counted, timeout_s=60)
+        until(all_counted, 60, "every request counted")
     finally:
         stop.set()
         if predictor.is_alive():
@@ -284,12 +285,3 @@ def test_a_whole_agent_keeps_serving_through_a_broker_outage_and_loses_no_teleme
             "SELECT MAX(spool_dropped_total) FROM telemetry WHERE device = ?", (device.name,)
         )
     assert dropped == 0
-
-
-def until(predicate: Callable[[], bool], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s} s")
