@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving import machine  # noqa: E402  (bench/serving.py: this folder is on sys.path)
+from serving import machine, timed  # noqa: E402  (bench/serving.py: this folder is on sys.path)
 
 from edgeagent.client import Client  # noqa: E402
 from edgeagent.runtimes import LoadOptions, load_model  # noqa: E402
@@ -84,12 +84,7 @@ def client_cpu_us(client: Client, x: np.ndarray, n: int) -> float:
 
 
 def client_p50_us(client: Client, x: np.ndarray, n: int) -> float:
-    out = np.empty(n)
-    for i in range(n):
-        start = time.perf_counter()
-        client.predict(x, model="tiny")
-        out[i] = time.perf_counter() - start
-    return float(np.percentile(out, 50)) * 1e6
+    return float(np.percentile(timed(lambda: client.predict(x, model="tiny"), n), 50))
 
 
 def main() -> None:

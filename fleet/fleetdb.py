@@ -37,8 +37,8 @@ SCHEMA_VERSION = 2
 # Older schemas this edgectl still reads, and the statements that bring each one up to the next
 # when the collector (the one writer) opens it. Columns are only ever appended, so a migrated
 # table and a new one have the same column order (the inserts are positional).
-READABLE_VERSIONS = frozenset({1, 2})
 _MIGRATIONS = {1: ("ALTER TABLE telemetry ADD COLUMN power_mode TEXT",)}
+READABLE_VERSIONS = frozenset({*_MIGRATIONS, SCHEMA_VERSION})
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

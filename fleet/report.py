@@ -274,12 +274,7 @@ def _table(rows: list[StatusRow], now: float) -> str:
             _cell(online, cls="good" if r.online else "bad" if r.online is False else ""),
             _cell(age(None if r.last_seen is None else now - r.last_seen)),
             _cell(f"{r.bundle or '?'} {r.version}" if r.version else r.bundle, cls=""),
-            _cell(
-                (f"{r.runtime}/{r.delegate}" + (f" @{r.power_mode}" if r.power_mode else ""))
-                if r.runtime
-                else None,
-                cls="",
-            ),
+            _cell(r.runtime_label, cls=""),
             _cell(r.rps),
             _cell(r.p50_ms, ".2f"),
             _cell(r.p95_ms, ".2f"),

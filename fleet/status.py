@@ -62,6 +62,14 @@ class StatusRow:
     last_deployment_ok: bool | None = None
     telemetry_at: float | None = None  # end of the newest telemetry interval (device clock)
 
+    @property
+    def runtime_label(self) -> str | None:
+        """``runtime/delegate``, with a Jetson's power mode after it (``@15W``): the same model is
+        several times slower in a 7 W mode than in MAXN."""
+        if not self.runtime:
+            return None
+        return f"{self.runtime}/{self.delegate}" + (f" @{self.power_mode}" if self.power_mode else "")
+
     def as_json(self) -> dict[str, Any]:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
 
@@ -290,9 +298,7 @@ def render_status(rows: list[StatusRow], *, title: str | None = None, now: float
     for r in rows:
         online = "-" if r.online is None else ("[green]yes[/]" if r.online else "[red]no[/]")
         bundle = f"{r.bundle or '?'} {r.version}" if r.version else (r.bundle or "-")
-        runtime = f"{r.runtime}/{r.delegate}" if r.runtime else "-"
-        if r.power_mode:  # the same model is several times slower in a 7 W mode than in MAXN
-            runtime += f" @{r.power_mode}"
+        runtime = r.runtime_label or "-"
         percentiles = "-" if r.p50_ms is None else f"{r.p50_ms:.2f}/{r.p95_ms:.2f}/{r.p99_ms:.2f}"
         temp = _num(r.temperature_c)
         if r.throttled:

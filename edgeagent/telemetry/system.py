@@ -138,18 +138,17 @@ def read_power_mode(root: Path, names: _ModeNames | None = None) -> PowerMode | 
     if match is None:
         return None
     mode = int(match.group(1))
+    names = {} if names is None else names
     for rel in NVPMODEL_CONFS:
         path = root / rel
         try:
             mtime = path.stat().st_mtime_ns
         except OSError:
             continue
-        cached = names.get(path) if names is not None else None
+        cached = names.get(path)
         if cached is None or cached[0] != mtime:
             text = _read(path) or ""
-            cached = (mtime, {int(i): name for i, name in _POWER_MODEL.findall(text)})
-            if names is not None:
-                names[path] = cached
+            cached = names[path] = (mtime, {int(i): name for i, name in _POWER_MODEL.findall(text)})
         return PowerMode(id=mode, name=cached[1].get(mode))
     return PowerMode(id=mode)
 
