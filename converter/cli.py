@@ -122,6 +122,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="static int8 calibration",
     )
     passes.add_argument(
+        "--int8-target",
+        choices=("portable", "x86-avx2", "x86-vnni", "arm"),
+        help="ONNX int8: the CPUs the model will run on. portable (default) and x86-avx2 store 7-bit "
+        "weights, since ORT's int8 kernels saturate on x86 without VNNI; x86-vnni and arm keep 8 bits",
+    )
+    passes.add_argument(
         "--max-drop",
         type=_fraction,
         metavar="F",
@@ -280,8 +286,11 @@ def _pass_tables(args: argparse.Namespace) -> list[dict[str, Any]]:
             raise RecipeError("--max-drop searches ONNX Runtime settings; for Keras choose --quantize")
         if args.sparse:
             raise RecipeError("--sparse applies to ONNX models")
-        if args.per_channel or args.calibration != "minmax":
-            raise RecipeError("--per-channel/--calibration apply to ONNX models (TFLite int8 is per-channel)")
+        if args.per_channel or args.calibration != "minmax" or args.int8_target is not None:
+            raise RecipeError(
+                "--per-channel/--calibration/--int8-target apply to ONNX models "
+                "(TFLite int8 is per-channel and does not saturate on any CPU)"
+            )
         mode = {"int8": "int8", "dynamic": "dynamic", "fp16": "fp16", "none": "fp32"}[args.quantize]
         tables.append({"type": "tflite", "mode": mode})
         return tables
@@ -299,6 +308,8 @@ def _pass_tables(args: argparse.Namespace) -> list[dict[str, Any]]:
         search: dict[str, Any] = {"type": "search", "max_drop": args.max_drop}
         if args.quantize == "dynamic":
             search["modes"] = ["dynamic"]
+        if args.int8_target is not None:
+            search["target"] = args.int8_target
         tables.append(search)
     elif args.quantize != "none":
         table: dict[str, Any] = {
@@ -309,9 +320,15 @@ def _pass_tables(args: argparse.Namespace) -> list[dict[str, Any]]:
             table["per_channel"] = True
         if args.calibration != "minmax":
             table["calibration"] = args.calibration
+        if args.int8_target is not None:
+            if args.quantize == "fp16":
+                raise RecipeError("--int8-target applies to --quantize int8 or dynamic, not fp16")
+            table["target"] = args.int8_target
         tables.append(table)
         if args.qat is not None:
             tables.append({"type": "finetune", "epochs": args.qat, "seed": args.seed})
+    if args.int8_target is not None and not any(t["type"] in ("quantize", "search") for t in tables):
+        raise RecipeError("--int8-target applies to --quantize int8/dynamic or --max-drop")
     if args.sparse:
         if any(t["type"] in ("quantize", "search") for t in tables):
             raise RecipeError("--sparse stores fp32 weights; it cannot follow --quantize or --max-drop")

