@@ -15,9 +15,10 @@ import pytest
 
 from converter.datasets import flat
 from tests.int8_support import LEVELS, output_step, run_level
+from tests.lazy_imports import lazy, needs
 
-pytestmark = pytest.mark.torch
-torch = pytest.importorskip("torch", reason="needs the torch extra: pip install 'edgeagent[torch]'")
+torch = lazy("torch")
+pytestmark = [pytest.mark.torch, needs("torch", "needs the torch extra: pip install 'edgeagent[torch]'")]
 onnx = pytest.importorskip("onnx", reason="needs the host extra (onnx)")
 ort = pytest.importorskip("onnxruntime", reason="needs the host extra (onnxruntime)")
 

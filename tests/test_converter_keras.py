@@ -15,10 +15,13 @@ from edgeagent.bundle.reader import extract_bundle
 from edgeagent.cli.common import build_parser, run
 from edgeagent.signing import KeyRing
 from fleet.edgectl import COMMANDS, DESCRIPTION
+from tests.lazy_imports import needs
 
-pytestmark = pytest.mark.tensorflow
+pytestmark = [
+    pytest.mark.tensorflow,
+    needs("tensorflow", "needs the tensorflow extra: pip install 'edgeagent[tensorflow]'"),
+]
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-pytest.importorskip("tensorflow", reason="needs the tensorflow extra: pip install 'edgeagent[tensorflow]'")
 litert = pytest.importorskip("ai_edge_litert.interpreter", reason="needs the litert extra")
 
 
