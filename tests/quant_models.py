@@ -7,7 +7,10 @@
   (stride-2 branch upsampled and added back); symbolic inference cannot prove ``h == 2*ceil(h/2)``
   and gives up with ``Incomplete symbolic shape inference``.
 
-Both have Conv + BatchNormalization blocks, so a test can check that BatchNorm got folded.
+* :func:`conv_classifier`: the same blocks with a plain GlobalAveragePool head, which ORT
+  pre-processes fine: dynamic int8 makes it the smallest and by far the slowest.
+
+All have Conv + BatchNormalization blocks, so a test can check that BatchNorm got folded.
 """
 
 from __future__ import annotations
@@ -126,6 +129,29 @@ def dynamic_hw_detector(path: Path, seed: int = 0) -> Path:
         "dynamic_hw_detector",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1, "h", "w"])],
+        inits,
+    )
+    return _save(graph, path)
+
+
+def conv_classifier(path: Path, classes: int = 5, seed: int = 0) -> Path:
+    """x (n, 3, h, w) -> 2 conv blocks -> GlobalAveragePool -> Flatten -> MatMul."""
+    rng = np.random.default_rng(seed)
+    n1, i1, o1 = conv_bn_relu(rng, "a", "x", 3, CHANNELS)
+    n2, i2, o2 = conv_bn_relu(rng, "b", o1, CHANNELS, CHANNELS)
+    nodes = [
+        *n1,
+        *n2,
+        helper.make_node("GlobalAveragePool", [o2], ["pooled"], name="pool"),
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
+        helper.make_node("MatMul", ["flat", "fc"], ["y"], name="fc"),
+    ]
+    inits = [*i1, *i2, _init("fc", rng.normal(size=(CHANNELS, classes)).astype(np.float32))]
+    graph = helper.make_graph(
+        nodes,
+        "conv_classifier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", classes])],
         inits,
     )
     return _save(graph, path)

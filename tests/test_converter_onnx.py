@@ -307,6 +307,8 @@ def test_max_drop_that_cannot_be_met_keeps_the_float_model(
         (["--eval", "missing.npz", "--name", "m", "--version", "1.0.0"], "missing.npz: no such data file"),
         (["--dataset", "digits", "--quantize", "fp16", "--max-drop", "0.01", "--name", "m", "--version", "1"],
          "cannot be combined with --quantize fp16"),
+        (["--dataset", "digits", "--objective", "size", "--name", "m", "--version", "1"],
+         "--objective ranks the candidates of --max-drop"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line(

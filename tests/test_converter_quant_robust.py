@@ -23,7 +23,7 @@ from fleet.edgectl import COMMANDS, DESCRIPTION
 onnx = pytest.importorskip("onnx", reason="needs the host extra (onnx)")
 ort = pytest.importorskip("onnxruntime", reason="needs the host extra (onnxruntime)")
 
-from quant_models import concat_of_shape_values, dynamic_hw_detector  # noqa: E402
+from quant_models import concat_of_shape_values, conv_classifier, dynamic_hw_detector  # noqa: E402
 
 
 def edgectl(*argv: str | Path) -> int:
@@ -183,10 +183,10 @@ def test_larger_artifact_is_flagged_and_refused_under_max_drop(tmp_path: Path, c
 
 
 @pytest.fixture(scope="module")
-def conv_classifier(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The Concat classifier on 32x32 inputs, labelled by its own float predictions."""
+def conv_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A conv classifier on 32x32 inputs, labelled by its own float predictions."""
     folder = tmp_path_factory.mktemp("conv")
-    source = concat_of_shape_values(folder / "conv.onnx")
+    source = conv_classifier(folder / "conv.onnx")
     x = np.random.default_rng(2).normal(size=(100, 3, 32, 32)).astype(np.float32)
     np.savez(folder / "data.npz", x=x, y=outputs(source, x).argmax(1).astype(np.int64))
     return source, folder / "data.npz"
@@ -194,7 +194,7 @@ def conv_classifier(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
 
 @pytest.mark.parametrize("objective", ["size", "latency", "balanced", None])
 def test_max_drop_never_ships_a_candidate_slower_or_larger_than_fp32(
-    tmp_path: Path, conv_classifier: tuple[Path, Path], objective: str | None
+    tmp_path: Path, conv_model: tuple[Path, Path], objective: str | None
 ) -> None:
     """Issue 15: --max-drop chose dynamic int8 (smallest, several times slower than fp32).
 
@@ -203,7 +203,7 @@ def test_max_drop_never_ships_a_candidate_slower_or_larger_than_fp32(
     must be neither slower nor larger than the float model measured in the same run, every
     verdict must follow from the numbers, and the choice from the objective.
     """
-    source, data = conv_classifier
+    source, data = conv_model
     out = tmp_path / "out"
     flags = ["--objective", objective] if objective else []
     rc = edgectl(
