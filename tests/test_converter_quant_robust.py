@@ -94,6 +94,47 @@ def test_preprocessing_falls_back_and_still_folds_batchnorm(
     assert np.abs(got - ref).max() <= 12 * scale
 
 
+def test_a_graph_no_branch_can_handle_fails_with_every_reason(tmp_path: Path) -> None:
+    """An operator ORT does not know: each branch fails for its own, named, reason."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from converter.data import Dataset
+    from converter.model import ModelArtifact
+    from converter.passes import PassContext
+    from converter.passes.quantize import QuantizeConfig, QuantizePass
+
+    w = numpy_helper.from_array(np.ones((8, 4), np.float32), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+            helper.make_node("Mystery", ["h"], ["y"], domain="example.custom", name="mystery"),
+        ],
+        "custom",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+        [w],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("example.custom", 1)]
+    )
+    model.ir_version = 8
+    source = tmp_path / "custom.onnx"
+    onnx.save(model, str(source))
+    x = np.zeros((4, 8), np.float32)
+    data = Dataset(x=x, y=np.zeros(4, np.int64), calib=x, source="zeros")
+    with pytest.raises(PassFailed) as info:
+        QuantizePass(QuantizeConfig(mode="dynamic"), PassContext(data=data)).run(
+            ModelArtifact(source, "onnx"), tmp_path
+        )
+    message = str(info.value)
+    assert message.startswith("quantize: ORT pre-processing failed: symbolic shape inference failed: ")
+    # ORT's own wrapper only logs a failed optimisation; the chain treats it as the branch failing.
+    assert "skip_symbolic_shape failed: RuntimeError: graph optimisation failed (" in message
+    assert "ONNX shape inference failed: " in message
+    assert message.count("example.custom:Mystery(-1) is not a registered function/op") == 2
+    assert "\n" not in message
+
+
 def test_every_branch_failing_gives_each_real_reason(tmp_path: Path) -> None:
     """Pure logic of the chain: fake branches, the first two failing as ORT's did in the issue."""
     from converter.passes.preprocess import prepare

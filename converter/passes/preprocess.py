@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import tempfile
 import traceback
@@ -81,6 +82,33 @@ def _skip_symbolic(source: Path, out: Path) -> None:
     quant_pre_process(str(source), str(out), skip_symbolic_shape=True)
 
 
+class _ErrorLog(logging.Handler):
+    """Keeps what ORT's pre-processing logs at ERROR: it logs a failed optimisation and goes on."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _optimisation_must_run() -> Iterator[None]:
+    """Turn ORT's logged-and-ignored optimisation failure into an error (BatchNorm would stay unfolded)."""
+    logger = logging.getLogger("onnxruntime.quantization.shape_inference")
+    handler = _ErrorLog()
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+    if handler.messages:
+        # The last record is the traceback; its last line is the reason.
+        lines = [line for line in handler.messages[-1].strip().splitlines() if line.strip()]
+        raise RuntimeError(f"graph optimisation failed ({lines[-1] if lines else handler.messages[0]})")
+
+
 def _onnx_shape(source: Path, out: Path) -> None:
     onnx = extras.require("onnx")
     import onnxruntime as ort
@@ -126,7 +154,7 @@ def prepare(source: Path, tmp: Path, branches: tuple[tuple[str, Branch], ...] = 
         out = work / "preprocessed.onnx"
         try:
             # ORT prints progress and writes scratch files; neither belongs to the user.
-            with _inside(work), contextlib.redirect_stdout(io.StringIO()):
+            with _inside(work), contextlib.redirect_stdout(io.StringIO()), _optimisation_must_run():
                 branch(source, out)
             if not out.is_file():
                 raise RuntimeError("no output file written")
