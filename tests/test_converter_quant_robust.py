@@ -223,28 +223,36 @@ def test_larger_artifact_is_flagged_and_refused_under_max_drop(tmp_path: Path, c
         assert candidate["reason"].startswith("larger than the float model (")
 
 
-@pytest.fixture(scope="module")
-def conv_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A conv classifier on 32x32 inputs, labelled by its own float predictions."""
-    folder = tmp_path_factory.mktemp("conv")
-    source = conv_classifier(folder / "conv.onnx")
+def _labelled(source: Path) -> tuple[Path, Path]:
+    """32x32 inputs labelled by the model's own float predictions."""
     x = np.random.default_rng(2).normal(size=(100, 3, 32, 32)).astype(np.float32)
-    np.savez(folder / "data.npz", x=x, y=outputs(source, x).argmax(1).astype(np.int64))
-    return source, folder / "data.npz"
+    data = source.with_suffix(".npz")
+    np.savez(data, x=x, y=outputs(source, x).argmax(1).astype(np.int64))
+    return source, data
 
 
-@pytest.mark.parametrize("objective", ["size", "latency", "balanced", None])
+@pytest.mark.parametrize(
+    ("build", "objective"),
+    [
+        (conv_classifier, "size"),
+        (conv_classifier, "latency"),
+        (conv_classifier, "balanced"),
+        (conv_classifier, None),
+        # The search quantizes through the pre-processing fallback too.
+        (concat_of_shape_values, None),
+    ],
+)
 def test_max_drop_never_ships_a_candidate_slower_or_larger_than_fp32(
-    tmp_path: Path, conv_model: tuple[Path, Path], objective: str | None
+    tmp_path: Path, build: Any, objective: str | None
 ) -> None:
     """Issue 15: --max-drop chose dynamic int8 (smallest, several times slower than fp32).
 
-    On this conv model dynamic int8 is the smallest candidate, and ORT runs dynamic int8
+    On these conv models dynamic int8 is the smallest candidate, and ORT runs dynamic int8
     convolutions (ConvInteger) far slower than float; whichever objective, the shipped model
     must be neither slower nor larger than the float model measured in the same run, every
     verdict must follow from the numbers, and the choice from the objective.
     """
-    source, data = conv_model
+    source, data = _labelled(build(tmp_path / "conv.onnx"))
     out = tmp_path / "out"
     flags = ["--objective", objective] if objective else []
     rc = edgectl(
@@ -282,3 +290,39 @@ def test_max_drop_never_ships_a_candidate_slower_or_larger_than_fp32(
         return {"size": size, "latency": latency, "balanced": size * latency}[objective or "balanced"]
 
     assert score(chosen) == min(score(c) for c in accepted)
+
+
+def test_edgectl_converts_a_dynamic_hw_detector_to_int8(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """Issue 15's `edgectl convert … --quantize int8` on a detector, end to end through the CLI."""
+    from edgeagent.bundle.reader import extract_bundle
+    from edgeagent.signing import KeyRing
+
+    monkeypatch.chdir(tmp_path)
+    source = dynamic_hw_detector(tmp_path / "det.onnx")
+    x = np.random.default_rng(3).normal(size=(40, 3, 32, 32)).astype(np.float32)
+    y = outputs(source, x)
+    np.savez(tmp_path / "eval.npz", x=x, y=y)
+    (tmp_path / "r.toml").write_text(
+        '[data]\neval = "eval.npz"\ncalib = "eval.npz"\n[evaluate]\ntask = "regression"\n'
+        '[[passes]]\ntype = "quantize"\nmode = "static"\n'
+        # The acceptance gate is not under test here: a loose bound on the output values.
+        f'[package]\nname = "det"\nversion = "1.0.0"\natol = {0.2 * float(np.abs(y).max()):.3f}\n'
+    )
+    rc = edgectl("convert", source, "--recipe", tmp_path / "r.toml", "--unsigned", "-o", tmp_path / "out")
+    stdout = capsys.readouterr().out
+    assert rc == 0
+    assert "pre-processing: skip_symbolic_shape (after symbolic shape inference failed: " in stdout
+    assert not (tmp_path / "sym_shape_infer_temp.onnx").exists()
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    after, baseline = report["steps"][0]["after"], report["baseline"]
+    assert after["size_bytes"] < baseline["size_bytes"]
+    slower = after["latency_p50_ms"] > baseline["latency_p50_ms"]
+    assert ("warning: det-int8.onnx: slower than the source det.onnx" in stdout) == slower
+    assert "larger than" not in stdout
+    bundle = next((tmp_path / "out").glob("*.bundle"))
+    verified = extract_bundle(bundle, tmp_path / "x", KeyRing(), allow_unsigned=True)
+    shipped = tmp_path / "x" / verified.manifest.models[0].path
+    assert "BatchNormalization" not in op_counts(shipped)
+    assert outputs(shipped, x).shape == y.shape
