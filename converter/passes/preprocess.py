@@ -40,10 +40,12 @@ _OWNER = "quantize"
 
 @dataclass(frozen=True)
 class Prepared:
-    """The pre-processed file, which branch made it, and how many BatchNormalization it folded."""
+    """The pre-processed file, which branch made it, and how many of the source's BatchNormalization
+    nodes it folded (into the Conv before them)."""
 
     path: Path
     branch: str
+    batchnorms: int
     folded_batchnorms: int
     #: Why each earlier branch failed, in order (empty when the first one worked).
     failures: tuple[str, ...] = ()
@@ -53,7 +55,9 @@ class Prepared:
         text = f"pre-processing: {self.branch}"
         if self.failures:
             text += f" (after {'; '.join(self.failures)})"
-        return f"{text}; {self.folded_batchnorms} BatchNormalization folded"
+        if self.batchnorms:
+            text += f"; {self.folded_batchnorms} of {self.batchnorms} BatchNormalization folded"
+        return text
 
 
 def error_reason(exc: BaseException) -> str:
@@ -161,6 +165,6 @@ def prepare(source: Path, tmp: Path, branches: tuple[tuple[str, Branch], ...] = 
         except Exception as exc:  # ORT's shape inference raises assorted errors on odd graphs
             failures.append(f"{name} failed: {error_reason(exc)}")
             continue
-        folded = _batchnorms(source) - _batchnorms(out)
-        return Prepared(out, name, folded, tuple(failures))
+        before = _batchnorms(source)
+        return Prepared(out, name, before, before - _batchnorms(out), tuple(failures))
     raise PassFailed("ORT pre-processing failed: " + "; ".join(failures), pass_name=_OWNER)
