@@ -19,7 +19,8 @@ EPILOG = """\
 examples:
   edgectl convert mlp.onnx --dataset digits --prune 0.5 --quantize int8 \\
       --name digits --version 1.0.0 --key keys/release.key -o out/
-  edgectl convert mlp.onnx --dataset digits --max-drop 0.01 --name digits --version 1.0.1 --key K -o out/
+  edgectl convert cnn.onnx --dataset digits --max-drop 0.01 --objective latency \\
+      --name digits --version 1.0.1 --key K -o out/
   edgectl convert model.keras --eval eval.npz --calib calib.npz --prune 0.9 --quantize int8 --tflite \\
       --name kws --version 2.0.0 --key K -o out/
   edgectl convert model.onnx --recipe recipe.toml --key K -o out/
