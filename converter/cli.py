@@ -19,7 +19,8 @@ EPILOG = """\
 examples:
   edgectl convert mlp.onnx --dataset digits --prune 0.5 --quantize int8 \\
       --name digits --version 1.0.0 --key keys/release.key -o out/
-  edgectl convert mlp.onnx --dataset digits --max-drop 0.01 --name digits --version 1.0.1 --key K -o out/
+  edgectl convert cnn.onnx --dataset digits --max-drop 0.01 --objective latency \\
+      --name digits --version 1.0.1 --key K -o out/
   edgectl convert model.keras --eval eval.npz --calib calib.npz --prune 0.9 --quantize int8 --tflite \\
       --name kws --version 2.0.0 --key K -o out/
   edgectl convert model.onnx --recipe recipe.toml --key K -o out/
@@ -131,7 +132,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--max-drop",
         type=_fraction,
         metavar="F",
-        help="search int8 settings for the smallest model whose top-1 drop is <= F (e.g. 0.01)",
+        help="search int8 settings for the best model whose top-1 drop is <= F (e.g. 0.01) and that is "
+        "no larger and no slower than the float model",
+    )
+    passes.add_argument(
+        "--objective",
+        choices=("size", "latency", "balanced"),
+        help="--max-drop: what 'best' means: fewest bytes, lowest host p50, or the lowest product of "
+        "both ratios to the float model (default balanced)",
     )
     passes.add_argument(
         "--sparse",
@@ -209,12 +217,13 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
         or args.finetune is not None
         or args.qat is not None
         or args.distill is not None
+        or args.objective is not None
     )
     if args.recipe is not None:
         if pass_flags:
             raise RecipeError(
                 "give passes either in --recipe or as flags "
-                "(--distill/--prune/--finetune/--qat/--quantize/--max-drop/--sparse/--tflite)"
+                "(--distill/--prune/--finetune/--qat/--quantize/--max-drop/--objective/--sparse/--tflite)"
             )
         recipe = load_recipe(args.recipe)
     else:
@@ -275,6 +284,8 @@ def _pass_tables(args: argparse.Namespace) -> list[dict[str, Any]]:
         if args.prune is None:
             raise RecipeError("--finetune retrains after pruning: give --prune SPARSITY too")
         tables.append({"type": "finetune", "epochs": args.finetune, "seed": args.seed})
+    if args.objective is not None and args.max_drop is None:
+        raise RecipeError("--objective ranks the candidates of --max-drop: give --max-drop F too")
     if args.qat is not None and args.quantize != "int8":
         raise RecipeError("--qat fine-tunes an int8 model: give --quantize int8 too")
     if keras:
@@ -306,6 +317,8 @@ def _pass_tables(args: argparse.Namespace) -> list[dict[str, Any]]:
                 f"--max-drop searches int8 settings; it cannot be combined with --quantize {args.quantize}"
             )
         search: dict[str, Any] = {"type": "search", "max_drop": args.max_drop}
+        if args.objective is not None:
+            search["objective"] = args.objective
         if args.quantize == "dynamic":
             search["modes"] = ["dynamic"]
         if args.int8_target is not None:
@@ -388,7 +401,9 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def summary(result: ConvertResult) -> str:
-    """The steps table and what was written, as plain text."""
+    """The steps table, warnings and what was written, as plain text."""
+    from converter.report import artifact_warnings
+
     pipeline = result.pipeline
     rows = [("source", pipeline.source.path.name, pipeline.baseline)]
     rows += [(s.name, s.model.path.name, s.after) for s in pipeline.steps]
@@ -398,6 +413,7 @@ def summary(result: ConvertResult) -> str:
         sizes = f"{m.size_bytes:>10,} {m.transfer_bytes:>9,}"
         lines.append(f"{name:<9} {artifact:<32} {acc:>7} {sizes} {m.latency_p50_ms:>8.3f}")
     lines += [n for s in pipeline.steps if (n := f"{s.name}: {s.notes}") and s.notes]
+    lines += [f"warning: {w}" for w in artifact_warnings(pipeline)]
     if result.packaged is not None:
         bundle = result.packaged.bundle
         lines += [f"bundle: {bundle.path}", f"sha256: {bundle.sha256}"]

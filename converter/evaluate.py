@@ -124,3 +124,24 @@ class Evaluator:
         if self.reference is not None:
             fields["top1_agreement"] = float(np.mean(top1(self.reference) == best_k[:, 0]))
         return fields
+
+
+def regressions(model: Metrics, source: Metrics, source_name: str) -> list[str]:
+    """How ``model`` is larger on disk or slower (host p50) than ``source``; empty when it is not.
+
+    Strict comparisons on numbers measured by the same evaluator. Each reason quotes both values
+    and their ratio, so a reader can tell timing noise (1.02x) from a real regression (6x).
+    """
+    reasons = []
+    if model.size_bytes > source.size_bytes:
+        ratio = model.size_bytes / max(source.size_bytes, 1)
+        reasons.append(
+            f"larger than {source_name} ({model.size_bytes:,} vs {source.size_bytes:,} bytes, {ratio:.2f}x)"
+        )
+    if model.latency_p50_ms > source.latency_p50_ms:
+        ratio = model.latency_p50_ms / max(source.latency_p50_ms, 1e-9)
+        reasons.append(
+            f"slower than {source_name} (p50 {model.latency_p50_ms:.3f} vs {source.latency_p50_ms:.3f} ms, "
+            f"{ratio:.2f}x)"
+        )
+    return reasons

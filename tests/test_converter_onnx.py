@@ -245,27 +245,33 @@ def test_old_opset_is_upgraded_before_static_int8(tmp_path: Path, level: str) ->
     assert error <= gemm_error_bound(output.model.path, x)
 
 
-def test_max_drop_keeps_the_smallest_candidate_within_budget(
+def test_max_drop_size_objective_keeps_the_smallest_accepted_candidate(
     tmp_path: Path, model_dir: Path, keypair: Any, digits: Any
 ) -> None:
     out = tmp_path / "out"
     rc = edgectl(
-        "convert", model_dir / "mlp.onnx", "--dataset", "digits", "--max-drop", "0.01",
+        "convert", model_dir / "mlp.onnx", "--dataset", "digits", "--max-drop", "0.01", "--objective", "size",
         "--name", "m", "--version", "1.0.0", "--key", keypair.private, "-o", out,
     )  # fmt: skip
     assert rc == 0
     manifest, dest, report = unpack(out, keypair.public, tmp_path)
     step = report["steps"][0]
     candidates = step["details"]["candidates"]
-    chosen = candidates[step["details"]["chosen"]]
+    accepted = [c for c in candidates if c["verdict"] != "refused"]
     within = [c for c in candidates if c["drop"] <= 0.01 + 1e-9]
-    assert chosen in within
-    assert chosen["size_bytes"] == min(c["size_bytes"] for c in within)
-    assert len(manifest.models) == 1 and manifest.models[0].precision == "int8"
+    assert within and all(c in within for c in accepted)
     baseline = float(np.mean(logits(model_dir / "mlp.onnx", digits.x_test).argmax(1) == digits.y_test))
     shipped = float(np.mean(logits(dest / manifest.models[0].path, digits.x_test).argmax(1) == digits.y_test))
     assert baseline - shipped <= 0.01 + 1e-9
+    assert len(manifest.models) == 1
     check_report_against_artifacts(report, manifest, dest, digits)
+    if step["details"]["chosen"] is None:
+        # int8 kernels can be slower than float on tiny models: then every candidate is refused.
+        assert not accepted and manifest.models[0].path == "models/mlp.onnx"
+        return
+    chosen = candidates[step["details"]["chosen"]]
+    assert chosen["size_bytes"] == min(c["size_bytes"] for c in accepted)
+    assert manifest.models[0].precision == "int8"
 
 
 def test_max_drop_that_cannot_be_met_keeps_the_float_model(
@@ -307,6 +313,8 @@ def test_max_drop_that_cannot_be_met_keeps_the_float_model(
         (["--eval", "missing.npz", "--name", "m", "--version", "1.0.0"], "missing.npz: no such data file"),
         (["--dataset", "digits", "--quantize", "fp16", "--max-drop", "0.01", "--name", "m", "--version", "1"],
          "cannot be combined with --quantize fp16"),
+        (["--dataset", "digits", "--objective", "size", "--name", "m", "--version", "1"],
+         "--objective ranks the candidates of --max-drop"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line(

@@ -3,7 +3,8 @@
 Static quantization calibrates activation ranges on the calibration data with MinMax,
 Entropy or Percentile; weights are per-tensor or per-channel. Before quantizing, models
 below opset 13 are upgraded (ORT's QDQ and per-channel paths need opset 13) and ORT's
-pre-processing (symbolic shape inference + graph optimisation) runs. The typed options
+pre-processing (shape inference + graph optimisation, with the fallback chain of
+:mod:`converter.passes.preprocess`) runs. The typed options
 become ORT's untyped ``extra_options`` in exactly one place, :func:`ort_extra_options`.
 """
 
@@ -23,6 +24,7 @@ from converter import extras
 from converter.errors import PassFailed, RecipeError
 from converter.model import ModelArtifact, ModelKind, load_onnx
 from converter.passes.base import Pass, PassConfig, PassOutput
+from converter.passes.preprocess import prepare
 from converter.runners import fit_inputs
 
 #: ORT's QDQ and per-channel paths need at least this opset.
@@ -83,7 +85,9 @@ class QuantizeConfig(PassConfig):
     )
     nodes_to_exclude: list[str] = Field(default_factory=list, description="Node names left in float.")
     preprocess: bool = Field(
-        default=True, description="Run ORT's quant_pre_process (shape inference, optimisation) first."
+        default=True,
+        description="Run ORT's quant_pre_process (shape inference, graph optimisation such as "
+        "BatchNormalization folding) first, falling back to simpler shape inference where it fails.",
     )
 
     @model_validator(mode="after")
@@ -183,17 +187,9 @@ class QuantizePass(Pass[QuantizeConfig]):
             onnx.save(graph_model, str(source))
             notes.append(f"opset {opset} upgraded to {MIN_OPSET}")
         if self.config.preprocess:
-            from onnxruntime.quantization.shape_inference import quant_pre_process
-
-            pre = tmp / "preprocessed.onnx"
-            try:
-                with contextlib.redirect_stdout(io.StringIO()):
-                    quant_pre_process(
-                        str(source), str(pre), skip_symbolic_shape=not extras.available("sympy")
-                    )
-            except Exception as exc:  # shape inference raises assorted errors on odd graphs
-                raise PassFailed(f"ORT pre-processing failed ({exc})", pass_name=self.name) from exc
-            source = pre
+            prepared = prepare(source, tmp)
+            source = prepared.path
+            notes.append(prepared.note)
         return source, notes
 
     def _quantize(self, source: Path, out: Path) -> None:
