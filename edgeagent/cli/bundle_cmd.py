@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edgeagent.bundle.manifest import Manifest
+from edgeagent.bundle.manifest import AcceptanceGate, Manifest
 from edgeagent.bundle.reader import (
     VerifiedBundle,
     extract_bundle,
@@ -169,7 +169,6 @@ def keyring_from_args(args: argparse.Namespace) -> KeyRing:
 def _create(args: argparse.Namespace) -> int:
     # Host-only path: model inspection may import onnx/onnxruntime/LiteRT, so import here.
     from edgeagent.bundle.create import create_bundle
-    from edgeagent.bundle.manifest import AcceptanceGate
 
     budgets: dict[str, float] = {}
     for item in args.latency_budget:
@@ -268,6 +267,19 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def describe_bounds(gate: AcceptanceGate) -> str:
+    """A gate's bounds in words ("accuracy >= 0.950; p95 <= 5 ms on rpi4")."""
+    bounds = []
+    if gate.min_accuracy is not None:
+        bounds.append(f"accuracy >= {gate.min_accuracy:.3f}")
+    if gate.min_top1_agreement is not None:
+        bounds.append(f"top-1 agreement >= {gate.min_top1_agreement:.3f}")
+    if gate.atol is not None or gate.rtol is not None:
+        bounds.append(f"outputs within atol={gate.atol} rtol={gate.rtol}")
+    bounds += [f"p95 <= {ms:g} ms on {profile}" for profile, ms in sorted(gate.latency_p95_ms.items())]
+    return "; ".join(bounds) if bounds else "no bounds set"
+
+
 def render_manifest(manifest: Manifest, key: str | None, checked: bool, sha: str | None) -> str:
     """Plain-text view of a manifest for ``bundle inspect``."""
     if key is None:
@@ -303,16 +315,11 @@ def render_manifest(manifest: Manifest, key: str | None, checked: bool, sha: str
                     )
                 lines.append(f"    {kind} {spec.name}: {spec.dtype}[{shape}]{quant}")
     gate = manifest.acceptance
-    bounds = []
-    if gate.min_accuracy is not None:
-        bounds.append(f"accuracy >= {gate.min_accuracy:.3f}")
-    if gate.min_top1_agreement is not None:
-        bounds.append(f"top-1 agreement >= {gate.min_top1_agreement:.3f}")
-    if gate.atol is not None or gate.rtol is not None:
-        bounds.append(f"outputs within atol={gate.atol} rtol={gate.rtol}")
-    bounds += [f"p95 <= {ms:g} ms on {profile}" for profile, ms in sorted(gate.latency_p95_ms.items())]
     golden = f"{gate.golden} ({gate.samples} samples)" if gate.golden else "none"
-    lines.append(f"acceptance: golden {golden}; " + ("; ".join(bounds) if bounds else "no bounds set"))
+    lines.append(f"acceptance: golden {golden}; " + describe_bounds(gate))
+    for model in manifest.models:
+        if model.acceptance is not None:
+            lines.append(f"  {model.path}: {describe_bounds(model.acceptance)}")
     if manifest.labels:
         lines.append(f"labels:    {manifest.labels}")
     if manifest.compression:
