@@ -227,8 +227,10 @@ def select_runtime(
             loaded = load_candidate(bundle_dir, manifest, candidate, profile, entry)
             if isinstance(loaded, Rejection):
                 rejected.append(loaded)
-                if loaded.stage == "runtime":
-                    break  # the runtime is missing for every artifact alike
+                if loaded.stage in ("runtime", "delegate"):
+                    # A missing runtime or an unusable delegate/provider fails every artifact of
+                    # the candidate alike; the profile lists the fallback as its own candidate.
+                    break
                 continue
             model, entry, load_ms = loaded
             gate = manifest.gate_for(entry)

@@ -293,6 +293,11 @@ class Manifest(_Strict):
     def to_bytes(self) -> bytes:
         """Canonical bytes: sorted keys, two-space indent, trailing newline (these are signed)."""
         body = self.model_dump(mode="json")
+        for model in body["models"]:
+            # Absent, not null: a schema-1 manifest stays byte-identical to what agents that
+            # know only schema 1 read (their ModelEntry forbids unknown keys).
+            if model["acceptance"] is None:
+                del model["acceptance"]
         return (json.dumps(body, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 

@@ -78,8 +78,8 @@ def bench_candidate(
     loaded = load_candidate(bundle_dir, manifest, candidate, profile, entry)
     if isinstance(loaded, Rejection):
         return BenchRow(
-            str(candidate), candidate.runtime, candidate.delegate, candidate.precision, "-",
-            None, None, None, None, None, f"{loaded.stage}: {loaded.reason}",
+            str(candidate), candidate.runtime, candidate.delegate, candidate.precision,
+            loaded.artifact or "-", None, None, None, None, None, f"{loaded.stage}: {loaded.reason}",
         )  # fmt: skip
     model, entry, load_ms = loaded
     gate = manifest.gate_for(entry)  # the artifact's own gate, as selection applies it
@@ -148,6 +148,7 @@ def format_table(rows: list[BenchRow]) -> str:
         "runtime",
         "delegate",
         "precision",
+        "artifact",
         "load ms",
         "p50 ms",
         "p95 ms",
@@ -160,7 +161,7 @@ def format_table(rows: list[BenchRow]) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
     body = [
-        (r.runtime, r.delegate, r.precision, num(r.load_ms, 1),
+        (r.runtime, r.delegate, r.precision, r.artifact.rsplit("/", 1)[-1], num(r.load_ms, 1),
          num(r.p50_ms), num(r.p95_ms), num(r.p99_ms), num(r.peak_rss_mib, 0), r.verdict)
         for r in rows
     ]  # fmt: skip
@@ -168,6 +169,6 @@ def format_table(rows: list[BenchRow]) -> str:
     lines = []
     for line in [header, *body]:
         pairs = enumerate(zip(line, widths, strict=False))  # the last column is not padded
-        cells = [str(c).ljust(w) if i < 3 else str(c).rjust(w) for i, (c, w) in pairs]
+        cells = [str(c).ljust(w) if i < 4 else str(c).rjust(w) for i, (c, w) in pairs]
         lines.append("  ".join([*cells, str(line[-1])]))
     return "\n".join(lines)
