@@ -248,3 +248,46 @@ def test_gates_for_models_not_in_the_bundle_or_without_a_golden_set_are_refused(
             model_gates={models.strong: BAR},
         )  # fmt: skip
     assert not list(tmp_path.glob("*.bundle"))
+
+
+def _edgectl(*argv: str | Path) -> int:
+    from fleet.edgectl import COMMANDS as HOST_COMMANDS
+    from fleet.edgectl import DESCRIPTION as HOST_DESCRIPTION
+
+    return run(build_parser("edgectl", HOST_DESCRIPTION, HOST_COMMANDS), [str(a) for a in argv])
+
+
+def test_bundle_create_gives_a_model_its_own_gate(tmp_path: Path, keypair, models: Models, capsys) -> None:  # type: ignore[no-untyped-def]
+    base = ["bundle", "create", "--name", "digits", "--version", "1.0.0", "--model", models.weak,
+            "--model", models.strong, "--golden", models.golden, "--min-accuracy", "0.5",
+            "--key", keypair.private, "-o", tmp_path]  # fmt: skip
+    for bad, message in (
+        ("nosuch.onnx:min_accuracy=0.9", "naming one --model"),
+        (f"{models.weak.name}:accuracy=0.9", "is not BOUND=V with BOUND one of"),
+        (f"{models.weak.name}:min_accuracy=2", "less than or equal to 1"),
+    ):
+        assert _edgectl(*base, "--model-gate", bad) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not list(tmp_path.glob("*.bundle"))
+
+    gate = f"{models.weak.name}:min_accuracy=0.9,min_agreement=0.9"
+    assert _edgectl(*base, "--model-gate", gate) == 0
+    bundle = Path(capsys.readouterr().out.splitlines()[0])
+    assert _edgectl("bundle", "inspect", bundle) == 0
+    shown = capsys.readouterr().out
+    assert "samples); accuracy >= 0.500\n  models/mlp-p70.onnx: accuracy >= 0.900" in shown
+    assert "models/mlp-p70.onnx: accuracy >= 0.900; top-1 agreement >= 0.900" in shown
+    manifest = extract_bundle_of(bundle, tmp_path / "x", keypair)
+    served = prepare_served_model(tmp_path / "x", manifest, _candidates("jetson-nano"), profile="jetson-nano")
+    try:
+        assert (served.decision or {})["chosen"]["artifact"] == "models/mlp.onnx"
+    finally:
+        served.model.close()
+
+
+def extract_bundle_of(path: Path, dest: Path, keypair) -> Manifest:  # type: ignore[no-untyped-def]
+    from edgeagent.bundle.reader import extract_bundle
+    from edgeagent.signing import KeyRing
+
+    return extract_bundle(path, dest, KeyRing.from_paths([keypair.public])).manifest

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from edgeagent.bundle.manifest import AcceptanceGate, Manifest
 from edgeagent.bundle.reader import (
     VerifiedBundle,
@@ -21,6 +23,9 @@ EPILOG = """\
 examples:
   edgectl bundle create --name digits --version 1.0.0 --model mlp.onnx --model mlp_int8.tflite \\
       --golden golden.npz --min-accuracy 0.9 --key keys/release.key -o out/
+  edgectl bundle create --name digits --version 1.1.0 --model mlp.onnx --model mlp_int8.tflite \\
+      --golden golden.npz --min-accuracy 0.9 --model-gate mlp.onnx:min_accuracy=0.95 \\
+      --key keys/release.key -o out/
   edgectl bundle verify out/digits-1.0.0.bundle --trusted keys/release.pub
   edgectl bundle inspect out/digits-1.0.0.bundle --json
   edgectl bundle extract out/digits-1.0.0.bundle --trusted keys/ --to /tmp/digits
@@ -88,6 +93,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=[],
         metavar="PROFILE=MS",
         help="p95 latency budget in ms for a device profile ('*' = any); repeatable",
+    )
+    gate.add_argument(
+        "--model-gate",
+        action="append",
+        default=[],
+        metavar="FILE:BOUND=V[,BOUND=V]",
+        help="give one --model its own gate (the bounds above, overridden by these: min_accuracy, "
+        "min_agreement, atol, rtol); a device serves it only if it passes; repeatable",
     )
     create.set_defaults(handler=_create)
 
@@ -193,6 +206,7 @@ def _create(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise UsageError(f"acceptance gate: {exc}") from exc
+    own = dict(_model_gate(item, args.model, gate) for item in args.model_gate)
     created = create_bundle(
         name=args.name,
         version=args.version,
@@ -203,10 +217,41 @@ def _create(args: argparse.Namespace) -> int:
         labels=args.labels,
         description=args.description,
         gate=gate,
+        model_gates=own,
     )
     print(created.path)
     print(f"sha256: {created.sha256}")
     return 0
+
+
+_MODEL_GATE_FIELDS = {
+    "min_accuracy": "min_accuracy",
+    "min_agreement": "min_top1_agreement",
+    "atol": "atol",
+    "rtol": "rtol",
+}
+
+
+def _model_gate(item: str, models: list[Path], base: AcceptanceGate) -> tuple[Path, AcceptanceGate]:
+    """``FILE:BOUND=V,...`` → (the --model it names, the bundle gate with those bounds replaced)."""
+    name, sep, body = item.rpartition(":")
+    matches = [m for m in models if name and (str(m) == name or m.name == name)]
+    if not sep or len(matches) != 1:
+        raise UsageError(f"--model-gate {item!r}: expected FILE:BOUND=V[,BOUND=V] naming one --model")
+    fields: dict[str, float] = {}
+    for pair in body.split(","):
+        key, eq, value = pair.partition("=")
+        if not eq or key.strip() not in _MODEL_GATE_FIELDS:
+            known = ", ".join(_MODEL_GATE_FIELDS)
+            raise UsageError(f"--model-gate {item!r}: {pair!r} is not BOUND=V with BOUND one of {known}")
+        try:
+            fields[_MODEL_GATE_FIELDS[key.strip()]] = float(value)
+        except ValueError:
+            raise UsageError(f"--model-gate {item!r}: {value!r} is not a number") from None
+    try:
+        return matches[0], AcceptanceGate.model_validate({**base.model_dump(), **fields})
+    except ValidationError as exc:
+        raise UsageError(f"--model-gate {item!r}: {exc.errors()[0]['msg']}") from exc
 
 
 def _verify(args: argparse.Namespace) -> int:
