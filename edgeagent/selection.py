@@ -34,7 +34,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from devices.profile import EDGETPU_SUFFIX, Candidate
 from edgeagent.acceptance import Verdict, load_golden, run_acceptance
 from edgeagent.bundle.manifest import AcceptanceGate, Manifest, ModelEntry
-from edgeagent.errors import AcceptanceFailed, ModelLoadError, NoCandidate, RuntimeUnavailable
+from edgeagent.errors import (
+    AcceptanceFailed,
+    InferenceError,
+    InputError,
+    ModelLoadError,
+    NoCandidate,
+    RuntimeUnavailable,
+)
 from edgeagent.runtimes import LoadedModel, LoadOptions, get_adapter, load_model
 
 log = logging.getLogger(__name__)
@@ -233,20 +240,15 @@ def select_runtime(
                     break
                 continue
             model, entry, load_ms = loaded
-            gate = manifest.gate_for(entry)
-            verdict = run_acceptance(model, gate, goldens.for_gate(gate), profile=profile)
+            verdict = _judge(model, manifest, entry, goldens, profile)
+            if isinstance(verdict, str):  # the golden set did not even run
+                rejected.append(_refused(candidate, entry, verdict))
+                continue
             timings.append(_timing(candidate, entry, load_ms, verdict))
             if not verdict.passed:
                 model.close()
                 failed.append((candidate, entry, verdict))
-                rejected.append(
-                    Rejection(
-                        candidate=str(candidate),
-                        stage="acceptance",
-                        reason=f"its own gate: {verdict.reason}",
-                        artifact=entry.path,
-                    )
-                )
+                rejected.append(_refused(candidate, entry, f"its own gate: {verdict.reason}"))
                 continue
             best = _keep_faster(best, (model, entry, candidate, verdict), rejected)
             if not autotune:
@@ -265,6 +267,23 @@ def select_runtime(
         _refuse(manifest, decision, failed)
     log.info("selected %s for %s %s", decision.chosen, manifest.name, manifest.version)
     return Selection(decision=decision, model=best[0], entry=best[1], verdict=best[3])
+
+
+def _judge(
+    model: LoadedModel, manifest: Manifest, entry: ModelEntry, goldens: GoldenSets, profile: str | None
+) -> Verdict | str:
+    """``model``'s verdict against ``entry``'s own gate, or why the golden set could not run on it."""
+    gate = manifest.gate_for(entry)
+    try:
+        return run_acceptance(model, gate, goldens.for_gate(gate), profile=profile)
+    except (InferenceError, InputError) as exc:
+        # An artifact that fails on the golden set is rejected like one that misses its gate.
+        model.close()
+        return f"the golden set does not run on it: {exc}"
+
+
+def _refused(candidate: Candidate, entry: ModelEntry, reason: str) -> Rejection:
+    return Rejection(candidate=str(candidate), stage="acceptance", reason=reason, artifact=entry.path)
 
 
 def _timing(candidate: Candidate, entry: ModelEntry, load_ms: float, verdict: Verdict) -> Timing:

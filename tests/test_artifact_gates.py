@@ -291,3 +291,19 @@ def extract_bundle_of(path: Path, dest: Path, keypair) -> Manifest:  # type: ign
     from edgeagent.signing import KeyRing
 
     return extract_bundle(path, dest, KeyRing.from_paths([keypair.public])).manifest
+
+
+def test_an_artifact_the_golden_set_cannot_run_on_is_rejected_not_fatal(
+    tmp_path: Path, keypair, model_dir: Path, models: Models
+) -> None:  # type: ignore[no-untyped-def]
+    # The golden set is checked against the first model only; the CNN takes 8x8x1 images.
+    _, manifest, folder = _bundle(
+        tmp_path, keypair, [model_dir / "mlp.onnx", model_dir / "cnn.onnx"], models.golden, None
+    )
+    selection = select_runtime(folder, manifest, _candidates("generic-x86_64"), autotune=True)
+    try:
+        assert selection.entry.path == "models/mlp.onnx"
+        (refused,) = [r for r in selection.decision.rejected if r.artifact == "models/cnn.onnx"]
+        assert refused.stage == "acceptance" and "the golden set does not run on it" in refused.reason
+    finally:
+        selection.model.close()
