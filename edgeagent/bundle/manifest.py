@@ -110,13 +110,51 @@ class TensorSpec(_Strict):
     quantization: Quantization | None = Field(default=None, description="Set for quantized tensors.")
 
 
+Format = Literal["onnx", "tflite"]
+Precision = Literal["fp32", "fp16", "int8"]
+
+
+class ModelEntry(_Strict):
+    """One model artifact; a bundle may carry several (e.g. ONNX fp32 and TFLite int8)."""
+
+    path: MemberPath = Field(description="Path of the model file inside the bundle (under models/).")
+    format: Format = Field(description="Model file format.")
+    precision: Precision = Field(description="Numeric precision of the weights/compute.")
+    inputs: list[TensorSpec] = Field(min_length=1, description="Model inputs, in order.")
+    outputs: list[TensorSpec] = Field(min_length=1, description="Model outputs, in order.")
+    runtimes: list[str] = Field(
+        default_factory=list, description="Runtimes that can run it: 'onnxruntime', 'litert'."
+    )
+    delegates: list[str] = Field(
+        default_factory=list,
+        description="Delegates/execution providers it was prepared for (e.g. 'edgetpu'); empty = any.",
+    )
+    profiles: list[str] = Field(
+        default_factory=list, description="Device profiles it suits; empty = every profile."
+    )
+    acceptance: AcceptanceGate | None = Field(
+        default=None,
+        description="This artifact's own gate, from its own measured numbers (schema_version 2); "
+        "null = the bundle-level gate applies. Its golden null = the bundle-level golden set. A "
+        "device serves the artifact only if it passes it.",
+    )
+
+
+class Preprocessing(_Strict):
+    """How raw application input becomes the model's input: x' = (x * scale - mean) / std."""
+
+    scale: float = Field(default=1.0, description="Multiplier applied first (e.g. 1/255).")
+    mean: list[float] = Field(default_factory=list, description="Per-channel mean subtracted after scaling.")
+    std: list[float] = Field(default_factory=list, description="Per-channel divisor applied last.")
+    layout: str | None = Field(default=None, description="Input layout, e.g. NHWC or NCHW.")
+    notes: str = Field(default="", description="Anything else the application must do, in words.")
+
+
 class AcceptanceGate(_Strict):
     """What a device must show on the golden set before it commits to a bundle."""
 
     golden: MemberPath | None = Field(
-        default=None,
-        description="The golden .npz: arrays 'inputs', optional 'labels' and 'reference'. In a model "
-        "entry's own gate, null means the bundle-level gate's golden set.",
+        default=None, description="The golden .npz: arrays 'inputs', optional 'labels' and 'reference'."
     )
     samples: int | None = Field(default=None, ge=1, description="Number of golden samples.")
     min_accuracy: float | None = Field(
@@ -151,43 +189,8 @@ class AcceptanceGate(_Strict):
         return value
 
 
-Format = Literal["onnx", "tflite"]
-Precision = Literal["fp32", "fp16", "int8"]
-
-
-class ModelEntry(_Strict):
-    """One model artifact; a bundle may carry several (e.g. ONNX fp32 and TFLite int8)."""
-
-    path: MemberPath = Field(description="Path of the model file inside the bundle (under models/).")
-    format: Format = Field(description="Model file format.")
-    precision: Precision = Field(description="Numeric precision of the weights/compute.")
-    inputs: list[TensorSpec] = Field(min_length=1, description="Model inputs, in order.")
-    outputs: list[TensorSpec] = Field(min_length=1, description="Model outputs, in order.")
-    runtimes: list[str] = Field(
-        default_factory=list, description="Runtimes that can run it: 'onnxruntime', 'litert'."
-    )
-    delegates: list[str] = Field(
-        default_factory=list,
-        description="Delegates/execution providers it was prepared for (e.g. 'edgetpu'); empty = any.",
-    )
-    profiles: list[str] = Field(
-        default_factory=list, description="Device profiles it suits; empty = every profile."
-    )
-    acceptance: AcceptanceGate | None = Field(
-        default=None,
-        description="This artifact's own gate, from its own measured numbers (schema_version 2); "
-        "null = the bundle-level gate applies. A device serves the artifact only if it passes it.",
-    )
-
-
-class Preprocessing(_Strict):
-    """How raw application input becomes the model's input: x' = (x * scale - mean) / std."""
-
-    scale: float = Field(default=1.0, description="Multiplier applied first (e.g. 1/255).")
-    mean: list[float] = Field(default_factory=list, description="Per-channel mean subtracted after scaling.")
-    std: list[float] = Field(default_factory=list, description="Per-channel divisor applied last.")
-    layout: str | None = Field(default=None, description="Input layout, e.g. NHWC or NCHW.")
-    notes: str = Field(default="", description="Anything else the application must do, in words.")
+# ModelEntry names AcceptanceGate before it is defined (kept below for a stable layout).
+ModelEntry.model_rebuild()
 
 
 class CompressionStep(_Strict):
