@@ -10,6 +10,7 @@ jetson-nano profile (its GPU providers are absent here, so ONNX Runtime's CPU fp
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,11 @@ def test_the_bundle_holds_only_the_final_artifacts_each_with_its_own_gate(
     lowest = min(m.acceptance.min_accuracy for m in manifest.models if m.acceptance)
     assert manifest.acceptance.min_accuracy == lowest  # the bundle-level gate: the finals' floor
     assert result.packaged.intermediates == [] and result.packaged.notes == []
+    report = json.loads(next(p for p in result.reports if p.name == "report.json").read_text())
+    assert report["bundle"]["models"] == [m.path for m in manifest.models]
+    assert {name: g["min_accuracy"] for name, g in report["bundle"]["gates"].items()} == {
+        m.path.removeprefix("models/"): m.acceptance.min_accuracy for m in manifest.models if m.acceptance
+    }
 
     served = prepare_served_model(tmp_path / "b", manifest, JETSON, profile="jetson-nano")
     try:
