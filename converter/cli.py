@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from converter.api import ConvertResult
     from converter.passes import EpochLog
     from converter.recipe import Recipe
+    from edgeagent.bundle.manifest import AcceptanceGate
 
 EPILOG = """\
 examples:
@@ -174,6 +175,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--min-agreement", type=_fraction, metavar="F", help="override the derived agreement gate"
     )
     bundle.add_argument("--golden-samples", type=int, metavar="N", help="acceptance-set size (default 100)")
+    bundle.add_argument(
+        "--keep-intermediates",
+        action="store_true",
+        default=None,
+        help="also ship the models made on the way (e.g. pruned before fine-tuning); by default the "
+        "bundle holds only the final model of each format/precision",
+    )
     parser.add_argument("-o", "--out", required=True, type=Path, metavar="OUTDIR", help="output folder")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
     parser.set_defaults(handler=_convert)
@@ -245,6 +253,7 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
         "min_accuracy": args.min_accuracy,
         "min_top1_agreement": args.min_agreement,
         "golden_samples": args.golden_samples,
+        "keep_intermediates": args.keep_intermediates,
     }
     package.update({k: v for k, v in overrides.items() if v is not None})
     if not package.get("name") or not package.get("version"):
@@ -400,6 +409,12 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bounds(gate: AcceptanceGate) -> str:
+    from edgeagent.cli.bundle_cmd import describe_bounds
+
+    return describe_bounds(gate)
+
+
 def summary(result: ConvertResult) -> str:
     """The steps table, warnings and what was written, as plain text."""
     from converter.report import artifact_warnings
@@ -415,7 +430,12 @@ def summary(result: ConvertResult) -> str:
     lines += [n for s in pipeline.steps if (n := f"{s.name}: {s.notes}") and s.notes]
     lines += [f"warning: {w}" for w in artifact_warnings(pipeline)]
     if result.packaged is not None:
-        bundle = result.packaged.bundle
+        packaged = result.packaged
+        bundle = packaged.bundle
         lines += [f"bundle: {bundle.path}", f"sha256: {bundle.sha256}"]
+        for name, gate in packaged.gates.items():
+            kept = " (intermediate)" if name in packaged.intermediates else ""
+            lines.append(f"gate of {name}{kept}: {_bounds(gate)}")
+        lines += [f"note: {note}" for note in packaged.notes]
     lines += [f"report: {p}" for p in result.reports]
     return "\n".join(lines)

@@ -65,6 +65,9 @@ def report_dict(result: PipelineResult, data_source: str, packaged: Packaged | N
             "sha256": packaged.bundle.sha256,
             "models": [m.path for m in packaged.bundle.manifest.models],
             "gate": packaged.gate.model_dump(mode="json"),
+            "gates": {name: g.model_dump(mode="json") for name, g in packaged.gates.items()},
+            "intermediates": packaged.intermediates,
+            "notes": packaged.notes,
             "measured_on_golden": packaged.measured,
         }
     return body
@@ -180,13 +183,24 @@ def render_markdown(result: PipelineResult, data_source: str, packaged: Packaged
             f"`{packaged.bundle.path.name}` sha256 `{packaged.bundle.sha256}`",
             "",
             f"Models: {', '.join(f'`{m.path}`' for m in packaged.bundle.manifest.models)}.",
-            f"Acceptance set: {gate.samples} samples; gate: min accuracy {gate.min_accuracy}, "
-            f"min top-1 agreement {gate.min_top1_agreement}.",
+            f"Acceptance set: {gate.samples} samples; bundle-level gate (the final artifacts' floor): "
+            f"min accuracy {gate.min_accuracy}, min top-1 agreement {gate.min_top1_agreement}.",
+            "Each artifact carries its own gate; a device serves only one that passes it.",
         ]
         for name, measured in packaged.measured.items():
-            lines.append(
-                f"- `{name}` on the acceptance set: " + ", ".join(f"{k} {v:.4f}" for k, v in measured.items())
+            own = packaged.gates.get(name)
+            kept = " (intermediate)" if name in packaged.intermediates else ""
+            bounds = (
+                f"; its gate: min accuracy {own.min_accuracy}, min top-1 agreement {own.min_top1_agreement}"
+                if own is not None
+                else ""
             )
+            lines.append(
+                f"- `{name}`{kept} on the acceptance set: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in measured.items())
+                + bounds
+            )
+        lines += [f"- note: {note}" for note in packaged.notes]
     return "\n".join(lines) + "\n"
 
 

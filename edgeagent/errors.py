@@ -230,16 +230,19 @@ class NoCandidate(EdgeError):
 
 
 class AcceptanceFailed(EdgeError):
-    """The chosen candidate missed the bundle's acceptance gate.
+    """No candidate's artifact passed its own acceptance gate.
 
-    ``verdict`` is the :class:`edgeagent.acceptance.Verdict` (each number next to its bound).
+    ``verdict`` is the :class:`edgeagent.acceptance.Verdict` of the first one tried (each
+    number next to its bound); ``decision``, when set, the :class:`edgeagent.selection.Decision`
+    with every candidate tried and why it was rejected.
     """
 
     code = "acceptance_failed"
 
-    def __init__(self, message: str, *, verdict: object) -> None:
+    def __init__(self, message: str, *, verdict: object, decision: object = None) -> None:
         super().__init__(message)
         self.verdict = verdict
+        self.decision = decision
 
 
 class ServingError(EdgeError):

@@ -151,7 +151,7 @@ def test_onnx_cnn_from_recipe(tmp_path: Path, model_dir: Path, keypair: Any, dig
         '[data]\ndataset = "digits"\n'
         '[[passes]]\ntype = "prune"\nsparsity = 0.3\nscope = "per_layer"\n'
         '[[passes]]\ntype = "quantize"\nmode = "dynamic"\n'
-        '[package]\nname = "digits-cnn"\nversion = "2.0.0"\nartifacts = "final"\nmin_accuracy = 0.5\n'
+        '[package]\nname = "digits-cnn"\nversion = "2.0.0"\nartifacts = "last"\nmin_accuracy = 0.5\n'
     )
     out = tmp_path / "out"
     assert (

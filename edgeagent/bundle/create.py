@@ -7,12 +7,13 @@ so a mismatch is caught on the host rather than by a device's acceptance test.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgeagent.bundle.golden import load_golden
 from edgeagent.bundle.manifest import (
+    GATED_MODELS_VERSION,
     GOLDEN_PATH,
     LABELS_PATH,
     MODELS_DIR,
@@ -52,13 +53,20 @@ def create_bundle(
     gate: AcceptanceGate | None = None,
     preprocessing: Preprocessing | None = None,
     compression: Sequence[CompressionStep] = (),
+    model_gates: Mapping[Path, AcceptanceGate] | None = None,
 ) -> CreatedBundle:
     """Write ``out_dir/NAME-VERSION.bundle`` and return its path, sha256 and manifest.
 
-    ``gate`` gives the acceptance bounds; its ``golden`` and ``samples`` are filled in here.
+    ``gate`` gives the bundle-level acceptance bounds; its ``golden`` and ``samples`` are
+    filled in here. ``model_gates`` gives some models (keyed by the path in ``models``) their
+    own gate, checked on the bundle's golden set; the manifest is then schema_version 2.
     """
     if not models:
         raise UsageError("a bundle needs at least one --model")
+    own_gates = dict(model_gates or {})
+    unknown = sorted(str(p) for p in set(own_gates) - set(models))
+    if unknown:
+        raise UsageError(f"gates given for models that are not in the bundle: {', '.join(unknown)}")
     files: dict[str, Path] = {}
     entries = []
     for model_path in models:
@@ -77,6 +85,8 @@ def create_bundle(
                 runtimes=_RUNTIMES[fmt],
                 # Edge TPU artifacts are compiled for the TPU and useless anywhere else.
                 delegates=["edgetpu"] if model_path.name.endswith("_edgetpu.tflite") else [],
+                # One golden set per bundle: an artifact's own gate is checked on it.
+                acceptance=_own_gate(own_gates.get(model_path)),
             )
         )
     gate_fields = (gate or AcceptanceGate()).model_dump()
@@ -90,7 +100,7 @@ def create_bundle(
         files[LABELS_PATH] = labels
     try:
         manifest = Manifest(
-            schema_version=SCHEMA_VERSION,
+            schema_version=GATED_MODELS_VERSION if own_gates else SCHEMA_VERSION,
             name=name,
             version=version,
             description=description,
@@ -106,6 +116,12 @@ def create_bundle(
     out_path = out_dir / manifest.bundle_filename
     sha = write_bundle(manifest, files, key, out_path)
     return CreatedBundle(path=out_path, sha256=sha, manifest=manifest)
+
+
+def _own_gate(gate: AcceptanceGate | None) -> AcceptanceGate | None:
+    if gate is None:
+        return None
+    return gate.model_copy(update={"golden": None, "samples": None})
 
 
 def check_golden(path: Path, model_inputs: Sequence[TensorSpec]) -> int:

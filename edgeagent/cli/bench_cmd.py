@@ -1,7 +1,9 @@
 """``bench``: run every candidate of the device profile on a bundle and print one row each.
 
 Each candidate runs in a fresh process (so its peak RSS is its own, not the sum of the
-runtimes loaded before it): load, golden set one sample at a time, acceptance verdict.
+runtimes loaded before it): load, golden set one sample at a time, acceptance verdict
+against the artifact's own gate, as a device judges it. A candidate with several artifacts
+of its kind gets one row per artifact.
 """
 
 from __future__ import annotations
@@ -64,20 +66,23 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.set_defaults(handler=_bench)
 
 
-def bench_candidate(folder: str, manifest: Manifest, candidate: Candidate, profile: str | None) -> BenchRow:
-    """Load ``candidate`` from the extracted bundle in ``folder``, run the golden set, judge it."""
+def bench_candidate(
+    folder: str, manifest: Manifest, candidate: Candidate, profile: str | None, artifact: str | None = None
+) -> BenchRow:
+    """Load ``candidate`` (with ``artifact``, else its first) from ``folder``; judge it on the golden set."""
     from edgeagent.acceptance import load_golden, run_acceptance
     from edgeagent.selection import Rejection, load_candidate
 
     bundle_dir = Path(folder)
-    loaded = load_candidate(bundle_dir, manifest, candidate, profile)
+    entry = next((m for m in manifest.models if m.path == artifact), None)
+    loaded = load_candidate(bundle_dir, manifest, candidate, profile, entry)
     if isinstance(loaded, Rejection):
         return BenchRow(
-            str(candidate), candidate.runtime, candidate.delegate, candidate.precision, "-",
-            None, None, None, None, None, f"{loaded.stage}: {loaded.reason}",
+            str(candidate), candidate.runtime, candidate.delegate, candidate.precision,
+            loaded.artifact or "-", None, None, None, None, None, f"{loaded.stage}: {loaded.reason}",
         )  # fmt: skip
     model, entry, load_ms = loaded
-    gate = manifest.acceptance
+    gate = manifest.gate_for(entry)  # the artifact's own gate, as selection applies it
     try:
         golden = load_golden(bundle_dir / gate.golden) if gate.golden else None
         verdict = run_acceptance(model, gate, golden, profile=profile)
@@ -99,14 +104,29 @@ def bench_candidate(folder: str, manifest: Manifest, candidate: Candidate, profi
     )
 
 
-def _job(args: tuple[str, Manifest, Candidate, str | None]) -> BenchRow:
+_Job = tuple[str, Manifest, Candidate, str | None, str | None]
+
+
+def _job(args: _Job) -> BenchRow:
     return bench_candidate(*args)
+
+
+def _jobs(folder: str, manifest: Manifest, candidates: list[Candidate], profile: str | None) -> list[_Job]:
+    """One job per (candidate, artifact it could load); one per candidate without an artifact."""
+    from edgeagent.selection import find_artifacts
+
+    jobs: list[_Job] = []
+    for candidate in candidates:
+        found = find_artifacts(manifest, candidate, profile)
+        paths: list[str | None] = [None] if isinstance(found, str) else [m.path for m in found]
+        jobs += [(folder, manifest, candidate, profile, path) for path in paths]
+    return jobs
 
 
 def _bench(args: argparse.Namespace) -> int:
     profile, candidates = candidates_for(args.profile)
     with extracted(args.bundle, args) as (verified, folder):
-        jobs = [(str(folder), verified.manifest, c, profile) for c in candidates]
+        jobs = _jobs(str(folder), verified.manifest, list(candidates), profile)
         if args.in_process:
             rows = [_job(job) for job in jobs]
         else:
@@ -128,6 +148,7 @@ def format_table(rows: list[BenchRow]) -> str:
         "runtime",
         "delegate",
         "precision",
+        "artifact",
         "load ms",
         "p50 ms",
         "p95 ms",
@@ -140,7 +161,7 @@ def format_table(rows: list[BenchRow]) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
     body = [
-        (r.runtime, r.delegate, r.precision, num(r.load_ms, 1),
+        (r.runtime, r.delegate, r.precision, r.artifact.rsplit("/", 1)[-1], num(r.load_ms, 1),
          num(r.p50_ms), num(r.p95_ms), num(r.p99_ms), num(r.peak_rss_mib, 0), r.verdict)
         for r in rows
     ]  # fmt: skip
@@ -148,6 +169,6 @@ def format_table(rows: list[BenchRow]) -> str:
     lines = []
     for line in [header, *body]:
         pairs = enumerate(zip(line, widths, strict=False))  # the last column is not padded
-        cells = [str(c).ljust(w) if i < 3 else str(c).rjust(w) for i, (c, w) in pairs]
+        cells = [str(c).ljust(w) if i < 4 else str(c).rjust(w) for i, (c, w) in pairs]
         lines.append("  ".join([*cells, str(line[-1])]))
     return "\n".join(lines)
