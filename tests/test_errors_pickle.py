@@ -8,8 +8,8 @@ result thread and left the parent waiting for ever.
 from __future__ import annotations
 
 import enum
-import inspect
 import importlib
+import inspect
 import pickle
 import pkgutil
 import typing

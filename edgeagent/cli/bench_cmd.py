@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import resource
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from devices.profile import Candidate
 from edgeagent.bundle.manifest import Manifest
 from edgeagent.cli.bundle_cmd import add_trust_args
+from edgeagent.cli.isolated import one_line, run_isolated
 from edgeagent.cli.serve_cmd import add_profile_arg, candidates_for, extracted
+from edgeagent.errors import EdgeError
+
+# Per candidate: load + golden set. A TensorRT engine build on a Jetson Nano takes minutes
+# for a mid-sized model, so the default leaves room for that and still ends a hang.
+DEFAULT_TIMEOUT_S = 600.0
 
 EPILOG = """\
 examples:
@@ -37,7 +43,9 @@ class BenchRow:
     p95_ms: float | None
     p99_ms: float | None
     peak_rss_mib: float | None
-    verdict: str  # pass, fail: <reason>, or <stage>: <reason> for a candidate that did not load
+    # pass, fail: <reason>, <stage>: <reason> for a candidate that did not load, or
+    # error: <reason> for one whose run raised, crashed or timed out
+    verdict: str
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -59,7 +67,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--in-process",
         action="store_true",
-        help="run every candidate in this process (faster; peak RSS is then cumulative)",
+        help="run every candidate in this process (faster; peak RSS is then cumulative; no --timeout)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"give up on a candidate after this long and kill its process (default {DEFAULT_TIMEOUT_S:g})",
     )
     parser.set_defaults(handler=_bench)
 
@@ -99,26 +114,71 @@ def bench_candidate(folder: str, manifest: Manifest, candidate: Candidate, profi
     )
 
 
-def _job(args: tuple[str, Manifest, Candidate, str | None]) -> BenchRow:
-    return bench_candidate(*args)
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 seconds")
+    return value
+
+
+def _job(folder: str, manifest: Manifest, candidate: Candidate, profile: str | None) -> dict[str, Any]:
+    # Plain data crosses the process boundary: nothing here depends on unpickling our classes.
+    return asdict(bench_candidate(folder, manifest, candidate, profile))
+
+
+def _error_row(candidate: Candidate, reason: str) -> BenchRow:
+    return BenchRow(
+        str(candidate), candidate.runtime, candidate.delegate, candidate.precision, "-",
+        None, None, None, None, None, f"error: {reason}",
+    )  # fmt: skip
+
+
+def run_candidates(
+    folder: Path,
+    manifest: Manifest,
+    candidates: list[Candidate],
+    profile: str | None,
+    *,
+    in_process: bool,
+    timeout_s: float,
+) -> list[BenchRow]:
+    """One row per candidate, in order; a candidate that raises, crashes or hangs is an error row."""
+    rows = []
+    for candidate in candidates:
+        job = (str(folder), manifest, candidate, profile)
+        if in_process:
+            try:
+                rows.append(BenchRow(**_job(*job)))
+            except EdgeError as exc:
+                rows.append(_error_row(candidate, one_line(exc)))
+            continue
+        # A fresh process per candidate: its peak RSS is its own, and a hang or crash is its own.
+        outcome = run_isolated(_job, job, timeout_s=timeout_s)
+        if outcome.error is not None:
+            rows.append(_error_row(candidate, outcome.error))
+        else:
+            rows.append(BenchRow(**outcome.result))
+    return rows
 
 
 def _bench(args: argparse.Namespace) -> int:
     profile, candidates = candidates_for(args.profile)
     with extracted(args.bundle, args) as (verified, folder):
-        jobs = [(str(folder), verified.manifest, c, profile) for c in candidates]
-        if args.in_process:
-            rows = [_job(job) for job in jobs]
-        else:
-            # A fresh process per candidate: its peak RSS is its own.
-            with multiprocessing.get_context("spawn").Pool(processes=1, maxtasksperchild=1) as pool:
-                rows = pool.map(_job, jobs, chunksize=1)
+        rows = run_candidates(
+            folder, verified.manifest, candidates, profile, in_process=args.in_process, timeout_s=args.timeout
+        )
     if args.json:
         print(json.dumps({"bundle": verified.manifest.name, "version": verified.manifest.version,
                           "profile": profile, "rows": [asdict(r) for r in rows]}, indent=2))  # fmt: skip
     else:
         print(f"{verified.manifest.name} {verified.manifest.version} on profile {profile}")
         print(format_table(rows))
+    if not any(r.p50_ms is not None for r in rows):
+        # After the table, which says why each one did not; the CLI boundary prints this line.
+        raise EdgeError(f"no candidate of profile {profile} ran the bundle (see the table)")
     return 0
 
 
