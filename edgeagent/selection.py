@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from devices.profile import EDGETPU_SUFFIX, Candidate
 from edgeagent.acceptance import Verdict, run_acceptance
 from edgeagent.bundle.manifest import Manifest, ModelEntry
-from edgeagent.errors import ModelLoadError, NoCandidate, RuntimeUnavailable
+from edgeagent.errors import ModelLoadError, NoCandidate, RuntimeUnavailable, UsageError
 from edgeagent.runtimes import LoadedModel, LoadOptions, get_adapter, load_model
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,29 @@ def find_artifact(manifest: Manifest, candidate: Candidate, profile: str | None)
         f"no {fmt} {precision} artifact{wanted} is meant for runtime {candidate.runtime}, "
         f"delegate {candidate.delegate}, profile {profile}"
     )
+
+
+def prefer_precisions(candidates: Sequence[Candidate], precisions: Sequence[str]) -> list[Candidate]:
+    """The candidates that load an artifact of one of ``precisions``, in that order of preference.
+
+    The operator's precision override (agent.toml ``precision``/``model_precision``,
+    ``--precision``). It matches the precision of the *artifact* a candidate loads (the
+    manifest's ``precision``), so ``["fp16"]`` keeps LiteRT's fp32-from-fp16 candidate and
+    ``["fp32"]`` keeps TensorRT's fp16 engine built from an fp32 model. Within one precision
+    the profile's order stands. Empty ``precisions``: the candidates unchanged. Raises
+    :class:`~edgeagent.errors.UsageError` when the override leaves no candidate.
+    """
+    if not precisions:
+        return list(candidates)
+    rank = {precision: i for i, precision in enumerate(precisions)}
+    kept = sorted((c for c in candidates if c.loads_precision in rank), key=lambda c: rank[c.loads_precision])
+    if not kept:
+        loads = sorted({c.loads_precision for c in candidates})
+        raise UsageError(
+            f"precision override {', '.join(precisions)} leaves no candidate of the profile "
+            f"(they load {', '.join(loads) or 'nothing'})"
+        )
+    return kept
 
 
 def load_candidate(

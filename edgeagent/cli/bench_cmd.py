@@ -17,7 +17,8 @@ from devices.profile import Candidate
 from edgeagent.bundle.manifest import Manifest
 from edgeagent.cli.bundle_cmd import add_trust_args
 from edgeagent.cli.isolated import one_line, run_isolated
-from edgeagent.cli.serve_cmd import add_profile_arg, candidates_for, extracted
+from edgeagent.cli.profile_args import add_profile_args, candidates_for
+from edgeagent.cli.serve_cmd import extracted
 from edgeagent.errors import EdgeError
 
 # Per candidate: load + golden set. A TensorRT engine build on a Jetson Nano takes minutes
@@ -62,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("bundle", type=Path, metavar="BUNDLE")
     add_trust_args(parser)
-    add_profile_arg(parser)
+    add_profile_args(parser)
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument(
         "--in-process",
@@ -165,7 +166,7 @@ def run_candidates(
 
 
 def _bench(args: argparse.Namespace) -> int:
-    profile, candidates = candidates_for(args.profile)
+    profile, candidates = candidates_for(args)
     with extracted(args.bundle, args) as (verified, folder):
         rows = run_candidates(
             folder, verified.manifest, candidates, profile, in_process=args.in_process, timeout_s=args.timeout

@@ -16,7 +16,7 @@ from devices.profile import Candidate
 from edgeagent.acceptance import load_golden, run_acceptance
 from edgeagent.bundle.manifest import Manifest
 from edgeagent.errors import AcceptanceFailed
-from edgeagent.selection import select_runtime
+from edgeagent.selection import prefer_precisions, select_runtime
 from edgeagent.serving.slots import ServedModel
 
 log = logging.getLogger(__name__)
@@ -31,13 +31,17 @@ def prepare_served_model(
     name: str | None = None,
     bundle_sha256: str | None = None,
     autotune: bool = False,
+    precisions: Sequence[str] = (),
 ) -> ServedModel:
     """Select a runtime for the bundle in ``bundle_dir``, prove it on the golden set, and wrap it.
 
-    Raises NoCandidate (no runtime loads) or AcceptanceFailed (the gate was missed).
+    ``precisions`` is the operator's precision override (:func:`prefer_precisions`).
+    Raises NoCandidate (no runtime loads), UsageError (the override leaves no candidate)
+    or AcceptanceFailed (the gate was missed).
     """
     gate = manifest.acceptance
     golden = load_golden(bundle_dir / gate.golden) if gate.golden else None
+    candidates = prefer_precisions(candidates, precisions)
     selection = select_runtime(
         bundle_dir, manifest, candidates, profile=profile, autotune=autotune, golden=golden
     )
