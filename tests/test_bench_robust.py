@@ -63,6 +63,23 @@ def test_timeout_kills_the_candidate(mixed_bundle: Path, keypair, capsys) -> Non
     assert "no candidate of profile rpi4 ran" in captured.err and captured.err.count("\n") == 1
 
 
+def test_no_candidate_runs_exits_non_zero(mixed_bundle: Path, keypair, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    # A board whose only candidate is an Edge TPU, and a bundle without an Edge TPU build.
+    profile = tmp_path / "tpu-only.toml"
+    profile.write_text(
+        'name = "tpu-only"\ndescription = "Edge TPU board"\narchitectures = ["x86_64"]\n'
+        'memory_class = "small"\n[[candidates]]\nruntime = "litert"\ndelegate = "edgetpu"\n'
+        'precision = "int8"\nartifact_suffix = "_edgetpu.tflite"\n'
+    )
+    trust = ["--trusted", keypair.public]
+    assert edgeagent("bench", mixed_bundle, *trust, "--profile-file", profile) == 1
+    captured = capsys.readouterr()
+    assert "artifact: " in captured.out
+    assert (
+        captured.err == "edgeagent: error: no candidate of profile tpu-only ran the bundle (see the table)\n"
+    )
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "soon"])
 def test_bad_timeout_is_a_usage_error(mixed_bundle: Path, value: str, capsys) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(SystemExit) as exited:

@@ -19,9 +19,9 @@ import pytest
 from devices.profile import list_profiles, load_profile, resolve_candidates
 from edgeagent.bundle import AcceptanceGate
 from edgeagent.client import Client
+from edgeagent.selection import select_runtime
 from edgeagent.serving import InferenceServer
 from edgeagent.serving.loader import prepare_served_model
-from edgeagent.selection import select_runtime
 from tests.runtimes_support import extract, make_bundle, write_golden
 
 pytestmark = pytest.mark.tensorflow

@@ -1,0 +1,100 @@
+"""The operator's precision override: agent.toml ``precision``/``model_precision`` and
+``--precision``, on real bundles and runtimes (mlp.onnx fp32 + mlp_int8.tflite)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from devices.profile import load_profile, resolve_candidates
+from edgeagent.cli.agent import COMMANDS, DESCRIPTION
+from edgeagent.cli.common import build_parser, run
+from edgeagent.config import ConfigError, load_config
+from edgeagent.errors import UsageError
+from edgeagent.selection import prefer_precisions
+from edgeagent.serving.loader import prepare_served_model
+from tests.runtimes_support import extract, golden_arrays, make_bundle, write_golden
+
+X86 = list(load_profile("generic-x86_64").candidates)
+
+
+def edgeagent(*argv: str | Path) -> int:
+    return run(build_parser("edgeagent", DESCRIPTION, COMMANDS), [str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def digits_bundle(tmp_path_factory, keypair, model_dir, digits):  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("precision")
+    golden = write_golden(root / "golden.npz", golden_arrays(digits, model_dir, images=False))
+    created = make_bundle(
+        root / "out", keypair, [model_dir / "mlp.onnx", model_dir / "mlp_int8.tflite"], golden
+    )
+    return created, extract(created, root / "bundle", keypair), root / "bundle"
+
+
+def test_order_follows_the_list_then_the_profile() -> None:
+    ordered = [str(c) for c in prefer_precisions(X86, ["fp32", "int8"])]
+    assert ordered == [
+        "onnxruntime/CPUExecutionProvider/fp32",
+        "litert/xnnpack/fp32",
+        "onnxruntime/CPUExecutionProvider/int8",
+        "litert/xnnpack/int8",
+    ]
+    assert prefer_precisions(X86, []) == X86
+
+
+def test_the_artifact_precision_is_what_matches() -> None:
+    assert [str(c) for c in prefer_precisions(X86, ["fp16"])] == ["litert/xnnpack/fp32 (from fp16)"]
+    nano = [str(c) for c in prefer_precisions(load_profile("jetson-nano").candidates, ["fp32"])]
+    assert nano[0] == "onnxruntime/TensorrtExecutionProvider/fp16 (from fp32)"
+
+
+def test_an_override_that_leaves_nothing_is_one_line() -> None:
+    edgetpu_only = resolve_candidates(load_profile("coral-usb"))
+    with pytest.raises(
+        UsageError, match=r"^precision override fp32 leaves no candidate of the profile \(they load int8\)$"
+    ):
+        prefer_precisions(edgetpu_only, ["fp32"])
+
+
+def test_served_model_follows_the_override(digits_bundle) -> None:  # type: ignore[no-untyped-def]
+    _, verified, folder = digits_bundle
+    default = prepare_served_model(folder, verified.manifest, X86, profile="generic-x86_64")
+    fp32 = prepare_served_model(folder, verified.manifest, X86, profile="generic-x86_64", precisions=["fp32"])
+    try:
+        assert (default.model.runtime, default.model.precision) == ("litert", "int8")
+        assert (fp32.model.runtime, fp32.model.precision) == ("onnxruntime", "fp32")
+    finally:
+        default.model.close()
+        fp32.model.close()
+    with pytest.raises(UsageError, match="precision override fp16 leaves"):
+        prepare_served_model(
+            folder, verified.manifest, X86[:2], profile="generic-x86_64", precisions=["fp16"]
+        )
+
+
+def test_bench_precision_flag(digits_bundle, keypair, capsys) -> None:  # type: ignore[no-untyped-def]
+    created, _, _ = digits_bundle
+    argv = ["bench", created.path, "--trusted", keypair.public, "--profile", "generic-x86_64", "--in-process"]
+    assert edgeagent(*argv, "--precision", "fp32", "--json") == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["candidate"] for r in rows] == ["onnxruntime/CPUExecutionProvider/fp32", "litert/xnnpack/fp32"]
+    for bad in ("fp64", "fp32,fp32", ""):
+        with pytest.raises(SystemExit) as exited:
+            edgeagent(*argv, "--precision", bad)
+        assert exited.value.code == 2
+
+
+def test_config_per_model_wins_over_device_wide(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text('precision = ["fp32", "int8"]\n[model_precision]\ndetector = ["fp16"]\n')
+    config = load_config(path, environ={})
+    assert config.precision_for("detector") == ["fp16"]
+    assert config.precision_for("classifier") == ["fp32", "int8"]
+    from_env = load_config(path, environ={"EDGEAGENT_PRECISION": "int8"})
+    assert from_env.precision_for("classifier") == ["int8"]
+    path.write_text('precision = ["fp32", "fp32"]\n')
+    with pytest.raises(ConfigError, match=r"agent.toml: precision: .* names a precision twice"):
+        load_config(path, environ={})
