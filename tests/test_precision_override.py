@@ -6,15 +6,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from devices.detect import detect
 from devices.profile import load_profile, resolve_candidates
+from edgeagent.agent import Agent
 from edgeagent.cli.agent import COMMANDS, DESCRIPTION
 from edgeagent.cli.common import build_parser, run
-from edgeagent.config import ConfigError, load_config
+from edgeagent.client import Client
+from edgeagent.config import AgentConfig, ConfigError, load_config
 from edgeagent.errors import UsageError
 from edgeagent.selection import prefer_precisions
 from edgeagent.serving.loader import prepare_served_model
+from edgeagent.signing import KeyRing, load_public_key
+from edgeagent.store import Store
 from tests.runtimes_support import extract, golden_arrays, make_bundle, write_golden
 
 X86 = list(load_profile("generic-x86_64").candidates)
@@ -98,3 +104,35 @@ def test_config_per_model_wins_over_device_wide(tmp_path: Path) -> None:
     path.write_text('precision = ["fp32", "fp32"]\n')
     with pytest.raises(ConfigError, match=r"agent.toml: precision: .* names a precision twice"):
         load_config(path, environ={})
+
+
+@pytest.mark.parametrize(
+    ("settings", "runtime"),
+    [
+        ({}, "litert"),  # the profile's order: int8 first
+        ({"precision": ["fp32"]}, "onnxruntime"),
+        ({"precision": ["fp32"], "model_precision": {"digits": ["int8", "fp32"]}}, "litert"),
+    ],
+)
+def test_the_agent_serves_installed_models_with_the_override(  # type: ignore[no-untyped-def]
+    tmp_path: Path, digits_bundle, keypair, settings, runtime
+) -> None:
+    created, _, _ = digits_bundle
+    config = AgentConfig(
+        state_dir=tmp_path / "state",
+        socket_path=tmp_path / "agent.sock",
+        profile="generic-x86_64",
+        **settings,
+    )
+    trusted = KeyRing([load_public_key(keypair.public)])
+    store = Store(config.state_dir)
+    store.install(created.path, created.sha256, trusted)
+    store.set_link("digits", "current", created.sha256)
+    detection = detect(Path("/"), override=config.profile)
+    agent = Agent(config, detection, trusted=trusted).start()
+    try:
+        with Client(config.socket_path) as client:
+            reply = client.predict(np.zeros((1, 64), np.float32), model="digits")
+        assert reply.runtime == runtime
+    finally:
+        agent.close()
