@@ -1,9 +1,10 @@
 """Hardware profiles: what a kind of board is, and in which order to try runtimes on it.
 
-A profile is a TOML data file in ``devices/profiles/`` (shipped as package data), validated
-by :class:`Profile`. Its ordered :class:`Candidate` list is hardware policy expressed as
-plain data: the runtime adapters read (runtime, delegate, precision, artifact, threads)
-and never ask which board they are on.
+A profile is a TOML data file in ``devices/profiles/`` (shipped as package data) or in an
+operator's folder (``/etc/edgeagent/profiles/`` by default, where a file replaces the shipped
+profile of the same name), validated by :class:`Profile`. Its ordered :class:`Candidate`
+list is hardware policy expressed as plain data: the runtime adapters read (runtime,
+delegate, precision, artifact, threads) and never ask which board they are on.
 
 An *accessory* profile (the Coral USB accelerator) describes hardware that sits on some
 host board. Its candidates go first and the host board's candidates follow

@@ -178,9 +178,10 @@ class AgentConfig(BaseModel):
     @field_validator("profile")
     @classmethod
     def _known_profile(cls, value: str | None, info: ValidationInfo) -> str | None:
-        folder = info.data.get("profiles_dir")  # validated first: it is declared first
-        known = list_profiles(folder)
-        if value is not None and value not in known:
+        if value is None:
+            return value
+        known = list_profiles(info.data.get("profiles_dir"))  # validated before: declared before
+        if value not in known:
             raise ValueError(str(UnknownProfile(value, known)))
         return value
 

@@ -2,6 +2,8 @@
 
 Each candidate runs in a fresh process (so its peak RSS is its own, not the sum of the
 runtimes loaded before it): load, golden set one sample at a time, acceptance verdict.
+Whatever goes wrong there (an error, a crash, a run past ``--timeout``) is that
+candidate's row (:mod:`edgeagent.cli.isolated`); the exit status is 1 when none ran.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ EPILOG = """\
 examples:
   edgeagent bench digits-1.0.0.bundle --trusted /etc/edgeagent/keys/
   edgeagent bench digits-1.0.0.bundle --trusted keys/release.pub --profile rpi4 --json
+  edgeagent bench face-1.0.0.bundle --trusted keys/ --profile-file ./myboard.toml --precision fp16,fp32
 """
 
 
@@ -56,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description=(
             "Verify the bundle, then for every candidate of the device profile: load it, run the golden "
             "set one sample at a time, and report load time, p50/p95/p99 latency, peak RSS and the "
-            "acceptance verdict. Candidates that cannot run say why."
+            "acceptance verdict. Candidates that cannot run say why; exit status 1 when none ran."
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
