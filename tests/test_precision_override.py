@@ -136,3 +136,44 @@ def test_the_agent_serves_installed_models_with_the_override(  # type: ignore[no
         assert reply.runtime == runtime
     finally:
         agent.close()
+
+
+# --- the bundle author's preference: manifest serve_precision (edgectl bundle create --precision)
+
+
+def test_bundle_preference_applies_and_the_device_override_wins(
+    tmp_path: Path, keypair, model_dir, digits
+) -> None:  # type: ignore[no-untyped-def]
+    golden = write_golden(tmp_path / "golden.npz", golden_arrays(digits, model_dir, images=False))
+    models = [model_dir / "mlp.onnx", model_dir / "mlp_int8.tflite"]
+    created = make_bundle(tmp_path / "out", keypair, models, golden, serve_precision=["fp32"])
+    verified = extract(created, tmp_path / "bundle", keypair)
+    assert verified.manifest.serve_precision == ["fp32"]
+    folder = tmp_path / "bundle"
+    author = prepare_served_model(folder, verified.manifest, X86, profile="generic-x86_64")
+    device = prepare_served_model(
+        folder, verified.manifest, X86, profile="generic-x86_64", precisions=["int8"]
+    )
+    try:
+        assert (author.model.runtime, author.model.precision) == ("onnxruntime", "fp32")
+        assert (device.model.runtime, device.model.precision) == ("litert", "int8")
+    finally:
+        author.model.close()
+        device.model.close()
+
+
+def test_a_bundle_without_preference_keeps_its_manifest_bytes(digits_bundle) -> None:  # type: ignore[no-untyped-def]
+    _, verified, folder = digits_bundle
+    assert verified.manifest.serve_precision == []
+    assert b"serve_precision" not in (folder / "manifest.json").read_bytes()
+
+
+def test_bundle_create_precision_flag(tmp_path: Path, keypair, model_dir, capsys) -> None:  # type: ignore[no-untyped-def]
+    base = ["bundle", "create", "--name", "digits", "--version", "1.0.0", "--key", keypair.private]
+    base += ["--model", model_dir / "mlp.onnx", "--model", model_dir / "mlp_int8.tflite", "-o", tmp_path]
+    assert edgeagent(*base, "--precision", "fp16") == 2
+    assert "serve_precision lists fp16 but no model artifact has it" in capsys.readouterr().err
+    assert edgeagent(*base, "--precision", "fp32,int8") == 0
+    bundle = capsys.readouterr().out.splitlines()[0]
+    assert edgeagent("bundle", "inspect", bundle) == 0
+    assert "serve precision: fp32, int8 (the author's preference)" in capsys.readouterr().out

@@ -52,10 +52,12 @@ def create_bundle(
     gate: AcceptanceGate | None = None,
     preprocessing: Preprocessing | None = None,
     compression: Sequence[CompressionStep] = (),
+    serve_precision: Sequence[str] = (),
 ) -> CreatedBundle:
     """Write ``out_dir/NAME-VERSION.bundle`` and return its path, sha256 and manifest.
 
     ``gate`` gives the acceptance bounds; its ``golden`` and ``samples`` are filled in here.
+    ``serve_precision`` is the author's precision preference (manifest ``serve_precision``).
     """
     if not models:
         raise UsageError("a bundle needs at least one --model")
@@ -100,6 +102,7 @@ def create_bundle(
             preprocessing=preprocessing or Preprocessing(),
             acceptance=AcceptanceGate.model_validate(gate_fields),
             compression=list(compression),
+            serve_precision=list(serve_precision),
         )
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise UsageError(_first_error(exc)) from exc

@@ -211,6 +211,14 @@ class Manifest(_Strict):
     compression: list[CompressionStep] = Field(
         default_factory=list, description="The converter's report, one entry per pass."
     )
+    serve_precision: list[Precision] = Field(
+        default_factory=list,
+        description=(
+            "The bundle author's precision preference: artifact precisions a device may serve, most "
+            "preferred first (`edgectl bundle create --precision`); empty = the device profile's order. "
+            "A device's own override wins."
+        ),
+    )
 
     @field_validator("version")
     @classmethod
@@ -237,6 +245,12 @@ class Manifest(_Strict):
             raise ValueError(f"referenced but not listed in files: {missing}")
         if self.acceptance.needs_golden and self.acceptance.golden is None:
             raise ValueError("acceptance bounds on accuracy/agreement need a golden set (acceptance.golden)")
+        if len(set(self.serve_precision)) != len(self.serve_precision):
+            raise ValueError(f"serve_precision {self.serve_precision} names a precision twice")
+        carried = {m.precision for m in self.models}
+        absent = [p for p in self.serve_precision if p not in carried]
+        if absent:
+            raise ValueError(f"serve_precision lists {', '.join(absent)} but no model artifact has it")
         return self
 
     @property
@@ -251,7 +265,9 @@ class Manifest(_Strict):
 
     def to_bytes(self) -> bytes:
         """Canonical bytes: sorted keys, two-space indent, trailing newline (these are signed)."""
-        body = self.model_dump(mode="json")
+        # Left out when empty, so bundles that do not use it keep their bytes (and sha256),
+        # and agents that predate the field still read them.
+        body = self.model_dump(mode="json", exclude=set() if self.serve_precision else {"serve_precision"})
         return (json.dumps(body, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 

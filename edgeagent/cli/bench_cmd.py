@@ -169,7 +169,11 @@ def run_candidates(
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from edgeagent.selection import prefer_precisions
+
     profile, candidates = candidates_for(args)
+    # Only --precision: bench shows every candidate, whatever the bundle's serve_precision says.
+    candidates = prefer_precisions(candidates, args.precision)
     with extracted(args.bundle, args) as (verified, folder):
         rows = run_candidates(
             folder, verified.manifest, candidates, profile, in_process=args.in_process, timeout_s=args.timeout

@@ -47,7 +47,7 @@ def add_profile_args(parser: argparse.ArgumentParser, *, precision: bool = True)
     if precision:
         parser.add_argument(
             "--precision",
-            type=_precisions,
+            type=precision_list,
             default=[],
             metavar="LIST",
             help=(
@@ -57,7 +57,8 @@ def add_profile_args(parser: argparse.ArgumentParser, *, precision: bool = True)
         )
 
 
-def _precisions(text: str) -> list[str]:
+def precision_list(text: str) -> list[str]:
+    """argparse type of ``--precision``: 'fp32,int8' -> ['fp32', 'int8']."""
     names = [p.strip() for p in text.split(",") if p.strip()]
     unknown = [p for p in names if p not in PRECISIONS]
     if unknown or not names:
@@ -74,8 +75,6 @@ def detection_from_args(args: argparse.Namespace, root: Path = Path("/")) -> Det
 
 
 def candidates_for(args: argparse.Namespace) -> tuple[str, list[Candidate]]:
-    """(profile name, ordered candidates) for the flags, precision override applied."""
-    from edgeagent.selection import prefer_precisions  # numpy and the runtimes: not for --help
-
+    """(profile name, ordered candidates) for the flags (before any precision override)."""
     detection = detection_from_args(args)
-    return detection.profile, prefer_precisions(detection.candidates, getattr(args, "precision", []))
+    return detection.profile, list(detection.candidates)

@@ -92,6 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
                 profile=profile,
                 bundle_sha256=verified.sha256,
                 autotune=args.autotune,
+                precisions=args.precision,
             )
             server.activate(served)
             chosen = served.model

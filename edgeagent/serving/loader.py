@@ -35,13 +35,14 @@ def prepare_served_model(
 ) -> ServedModel:
     """Select a runtime for the bundle in ``bundle_dir``, prove it on the golden set, and wrap it.
 
-    ``precisions`` is the operator's precision override (:func:`prefer_precisions`).
-    Raises NoCandidate (no runtime loads), UsageError (the override leaves no candidate)
-    or AcceptanceFailed (the gate was missed).
+    ``precisions`` is the device's precision override (:func:`prefer_precisions`); when it
+    is empty the bundle author's ``serve_precision`` applies, and when that is empty too
+    the profile's order. Raises NoCandidate (no runtime loads), UsageError (the override
+    leaves no candidate) or AcceptanceFailed (the gate was missed).
     """
     gate = manifest.acceptance
     golden = load_golden(bundle_dir / gate.golden) if gate.golden else None
-    candidates = prefer_precisions(candidates, precisions)
+    candidates = prefer_precisions(candidates, precisions or manifest.serve_precision)
     selection = select_runtime(
         bundle_dir, manifest, candidates, profile=profile, autotune=autotune, golden=golden
     )
