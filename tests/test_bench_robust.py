@@ -10,12 +10,15 @@ regression into a failure instead of a hung run.
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
 
 from edgeagent.cli.agent import COMMANDS, DESCRIPTION
 from edgeagent.cli.common import build_parser, run
+from edgeagent.cli.isolated import Outcome, run_isolated
 from tests.runtimes_support import golden_arrays, make_bundle, write_golden
 
 pytestmark = pytest.mark.timeout(120)
@@ -86,3 +89,32 @@ def test_bad_timeout_is_a_usage_error(mixed_bundle: Path, value: str, capsys) ->
         edgeagent("bench", mixed_bundle, "--timeout", value)
     assert exited.value.code == 2
     assert "--timeout" in capsys.readouterr().err
+
+
+# --- the isolation itself, with jobs that misbehave in ways a runtime can ----------------------
+
+
+class _Unpicklable(Exception):
+    def __init__(self, message: str, *, code: str) -> None:  # the shape that hung bench
+        super().__init__(message)
+        self.code = code
+
+
+def _raises_unpicklable() -> None:
+    raise _Unpicklable("bad\nshape", code="bad_shape")
+
+
+def _crashes() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _returns(value: int) -> dict[str, int]:
+    return {"value": value}
+
+
+def test_isolated_outcomes() -> None:
+    assert run_isolated(_returns, (3,), timeout_s=60) == Outcome(result={"value": 3})
+    raised = run_isolated(_raises_unpicklable, (), timeout_s=60)
+    assert raised.error == "_Unpicklable: bad shape"
+    crashed = run_isolated(_crashes, (), timeout_s=60)
+    assert crashed.error == "worker died without an answer (killed by SIGKILL)"

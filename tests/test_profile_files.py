@@ -181,3 +181,19 @@ def test_every_shipped_litert_cpu_profile_serves_fp16_weight_artifacts() -> None
         for runtime, delegate, precision, loads in list(keys):
             if (runtime, delegate, precision, loads) == ("litert", "xnnpack", "fp32", "fp32"):
                 assert ("litert", "xnnpack", "fp32", "fp16") in keys, name
+
+
+def test_the_agent_does_not_start_on_a_bad_profile_file(profiles_dir: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    bad = profiles_dir / "myboard.toml"
+    bad.write_text(BAD_FILES["misspelt key"][0])
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'profiles_dir = "{profiles_dir}"\nprofile = "myboard"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'socket_path = "{tmp_path / "agent.sock"}"\n'
+    )
+    assert edgeagent("run", "--config", config) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"edgeagent: error: profile file {bad}: [[candidates]] #1 threds: Extra inputs are not permitted"
+    ]
+    assert not (tmp_path / "agent.sock").exists()
