@@ -5,7 +5,7 @@
     edgeagent.errors.EdgeError      (the project's root: the CLI prints it as one line)
     └── DeviceError                 root of this package; every error carries a one-line message
         ├── UnknownProfile          a profile name that no shipped profile file defines
-        ├── ProfileInvalid          a profile file is not TOML or fails the schema (a packaging bug)
+        ├── ProfileInvalid          a profile file cannot be read, is not TOML, or fails the schema
         └── DetectionError          the root filesystem given to detection cannot be read
 
 ``DeviceError`` subclasses :class:`edgeagent.errors.EdgeError` so that both command-line
@@ -32,11 +32,17 @@ class UnknownProfile(DeviceError):
 
 
 class ProfileInvalid(DeviceError):
-    """A shipped profile file cannot be parsed or fails the schema."""
+    """A profile file cannot be read or parsed, or fails the schema.
 
-    def __init__(self, message: str, *, profile: str) -> None:
-        super().__init__(f"device profile {profile!r}: {message}")
+    ``path`` names an operator's file (a profiles folder, ``--profile-file``); ``profile``
+    a shipped profile (a packaging bug). The message names the file and the field.
+    """
+
+    def __init__(self, message: str, *, profile: str | None = None, path: str | None = None) -> None:
+        where = f"profile file {path}" if path is not None else f"device profile {profile!r}"
+        super().__init__(f"{where}: {message}")
         self.profile = profile
+        self.path = path
 
 
 class DetectionError(DeviceError):

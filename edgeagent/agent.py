@@ -450,7 +450,13 @@ class Agent:
         folder = self.store.bundle_dir(sha)
         manifest = parse_manifest((folder / MANIFEST_NAME).read_bytes())
         return prepare_served_model(
-            folder, manifest, self.candidates, profile=self.detection.profile, name=name, bundle_sha256=sha
+            folder,
+            manifest,
+            self.candidates,
+            profile=self.detection.profile,
+            name=name,
+            bundle_sha256=sha,
+            precisions=self.config.precision_for(name),
         )
 
     def _rollback(self, name: str, journal: Journal) -> None:

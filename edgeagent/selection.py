@@ -41,6 +41,7 @@ from edgeagent.errors import (
     ModelLoadError,
     NoCandidate,
     RuntimeUnavailable,
+    UsageError,
 )
 from edgeagent.runtimes import LoadedModel, LoadOptions, get_adapter, load_model
 
@@ -141,6 +142,29 @@ def _suits(entry: ModelEntry, candidate: Candidate, profile: str | None) -> bool
     if entry.delegates and candidate.delegate not in entry.delegates:
         return False
     return not (entry.profiles and profile not in entry.profiles)
+
+
+def prefer_precisions(candidates: Sequence[Candidate], precisions: Sequence[str]) -> list[Candidate]:
+    """The candidates that load an artifact of one of ``precisions``, in that order of preference.
+
+    The operator's precision override (agent.toml ``precision``/``model_precision``,
+    ``--precision``). It matches the precision of the *artifact* a candidate loads (the
+    manifest's ``precision``), so ``["fp16"]`` keeps LiteRT's fp32-from-fp16 candidate and
+    ``["fp32"]`` keeps TensorRT's fp16 engine built from an fp32 model. Within one precision
+    the profile's order stands. Empty ``precisions``: the candidates unchanged. Raises
+    :class:`~edgeagent.errors.UsageError` when the override leaves no candidate.
+    """
+    if not precisions:
+        return list(candidates)
+    rank = {precision: i for i, precision in enumerate(precisions)}
+    kept = sorted((c for c in candidates if c.loads_precision in rank), key=lambda c: rank[c.loads_precision])
+    if not kept:
+        loads = sorted({c.loads_precision for c in candidates})
+        raise UsageError(
+            f"precision override {', '.join(precisions)} leaves no candidate of the profile "
+            f"(they load {', '.join(loads) or 'nothing'})"
+        )
+    return kept
 
 
 def load_candidate(

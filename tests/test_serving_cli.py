@@ -85,6 +85,7 @@ def test_bench_prints_one_row_per_candidate(bundle: Path, keypair, capsys) -> No
         "litert/xnnpack/int8",
         "onnxruntime/CPUExecutionProvider/fp32",
         "litert/xnnpack/fp32",
+        "litert/xnnpack/fp32 (from fp16)",
     ]
     assert rows["onnxruntime/CPUExecutionProvider/int8"]["verdict"].startswith("artifact: ")
     for name in ("litert/xnnpack/int8", "onnxruntime/CPUExecutionProvider/fp32"):

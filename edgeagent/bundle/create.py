@@ -54,12 +54,14 @@ def create_bundle(
     preprocessing: Preprocessing | None = None,
     compression: Sequence[CompressionStep] = (),
     model_gates: Mapping[Path, AcceptanceGate] | None = None,
+    serve_precision: Sequence[str] = (),
 ) -> CreatedBundle:
     """Write ``out_dir/NAME-VERSION.bundle`` and return its path, sha256 and manifest.
 
     ``gate`` gives the bundle-level acceptance bounds; its ``golden`` and ``samples`` are
     filled in here. ``model_gates`` gives some models (keyed by the path in ``models``) their
     own gate, checked on the bundle's golden set; the manifest is then schema_version 2.
+    ``serve_precision`` is the author's precision preference (manifest ``serve_precision``).
     """
     if not models:
         raise UsageError("a bundle needs at least one --model")
@@ -110,6 +112,7 @@ def create_bundle(
             preprocessing=preprocessing or Preprocessing(),
             acceptance=AcceptanceGate.model_validate(gate_fields),
             compression=list(compression),
+            serve_precision=list(serve_precision),
         )
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise UsageError(_first_error(exc)) from exc

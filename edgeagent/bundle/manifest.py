@@ -231,6 +231,14 @@ class Manifest(_Strict):
     compression: list[CompressionStep] = Field(
         default_factory=list, description="The converter's report, one entry per pass."
     )
+    serve_precision: list[Precision] = Field(
+        default_factory=list,
+        description=(
+            "The bundle author's precision preference: artifact precisions a device may serve, most "
+            "preferred first (`edgectl bundle create --precision`); empty = the device profile's order. "
+            "A device's own override wins."
+        ),
+    )
 
     @field_validator("version")
     @classmethod
@@ -268,6 +276,12 @@ class Manifest(_Strict):
         for model, gate in zip(self.models, gates, strict=True):
             if gate.needs_golden and gate.golden is None:
                 raise ValueError(f"{model.path}: its acceptance bounds need a golden set, and none is named")
+        if len(set(self.serve_precision)) != len(self.serve_precision):
+            raise ValueError(f"serve_precision {self.serve_precision} names a precision twice")
+        carried = {m.precision for m in self.models}
+        absent = [p for p in self.serve_precision if p not in carried]
+        if absent:
+            raise ValueError(f"serve_precision lists {', '.join(absent)} but no model artifact has it")
         return self
 
     def gate_for(self, model: ModelEntry) -> AcceptanceGate:
@@ -295,7 +309,9 @@ class Manifest(_Strict):
 
     def to_bytes(self) -> bytes:
         """Canonical bytes: sorted keys, two-space indent, trailing newline (these are signed)."""
-        body = self.model_dump(mode="json")
+        # Left out when empty, so bundles that do not use it keep their bytes (and sha256),
+        # and agents that predate the field still read them.
+        body = self.model_dump(mode="json", exclude=set() if self.serve_precision else {"serve_precision"})
         for model in body["models"]:
             # Absent, not null: a schema-1 manifest stays byte-identical to what agents that
             # know only schema 1 read (their ModelEntry forbids unknown keys).

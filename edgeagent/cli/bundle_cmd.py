@@ -16,6 +16,7 @@ from edgeagent.bundle.reader import (
     read_manifest_unverified,
     verify_bundle,
 )
+from edgeagent.cli.profile_args import precision_list
 from edgeagent.errors import UsageError
 from edgeagent.signing import KeyRing, SigningKey
 
@@ -75,6 +76,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     create.add_argument("-o", "--out", required=True, type=Path, metavar="OUTDIR", help="output folder")
     create.add_argument("--description", default="", help="free text shown by inspect")
+    create.add_argument(
+        "--precision",
+        type=precision_list,
+        default=[],
+        metavar="LIST",
+        help=(
+            "artifact precisions devices should serve, most preferred first, e.g. 'fp32,int8' "
+            "(default: each device's profile order; a device's own override wins)"
+        ),
+    )
     gate = create.add_argument_group("acceptance gate (checked on the device before it switches over)")
     gate.add_argument(
         "--min-accuracy", type=_fraction, metavar="F", help="min top-1 accuracy on golden labels, 0-1"
@@ -218,6 +229,7 @@ def _create(args: argparse.Namespace) -> int:
         description=args.description,
         gate=gate,
         model_gates=own,
+        serve_precision=args.precision,
     )
     print(created.path)
     print(f"sha256: {created.sha256}")
@@ -339,6 +351,8 @@ def render_manifest(manifest: Manifest, key: str | None, checked: bool, sha: str
     if sha:
         lines.append(f"sha256:    {sha}")
     lines.append(f"signature: {sig}")
+    if manifest.serve_precision:
+        lines.append(f"serve precision: {', '.join(manifest.serve_precision)} (the author's preference)")
     sizes = {f.path: f.size for f in manifest.files}
     lines.append("models:")
     for model in manifest.models:

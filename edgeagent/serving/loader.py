@@ -18,7 +18,7 @@ from typing import Any
 from devices.profile import Candidate
 from edgeagent.acceptance import load_golden
 from edgeagent.bundle.manifest import AcceptanceGate, Manifest
-from edgeagent.selection import select_runtime
+from edgeagent.selection import prefer_precisions, select_runtime
 from edgeagent.serving.slots import ServedModel
 
 log = logging.getLogger(__name__)
@@ -33,13 +33,18 @@ def prepare_served_model(
     name: str | None = None,
     bundle_sha256: str | None = None,
     autotune: bool = False,
+    precisions: Sequence[str] = (),
 ) -> ServedModel:
     """Select a runtime and an artifact that passes its own gate on the golden set, and wrap it.
 
-    Raises NoCandidate (no runtime loads) or AcceptanceFailed (no loaded artifact met its gate).
+    ``precisions`` is the device's precision override (:func:`prefer_precisions`); when it
+    is empty the bundle author's ``serve_precision`` applies, and when that is empty too
+    the profile's order. Raises NoCandidate (no runtime loads), UsageError (the override
+    leaves no candidate) or AcceptanceFailed (no loaded artifact met its own gate).
     """
     gate = manifest.acceptance
     golden = load_golden(bundle_dir / gate.golden) if gate.golden else None
+    candidates = prefer_precisions(candidates, precisions or manifest.serve_precision)
     selection = select_runtime(
         bundle_dir, manifest, candidates, profile=profile, autotune=autotune, golden=golden
     )
