@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from devices.profile import EDGETPU_SUFFIX, Candidate
 from edgeagent.acceptance import Verdict, run_acceptance
+from edgeagent.bundle.golden import GoldenSet
 from edgeagent.bundle.manifest import Manifest, ModelEntry
 from edgeagent.errors import ModelLoadError, NoCandidate, RuntimeUnavailable
 from edgeagent.runtimes import LoadedModel, LoadOptions, get_adapter, load_model
@@ -154,7 +154,7 @@ def select_runtime(
     *,
     profile: str | None = None,
     autotune: bool = False,
-    golden: dict[str, np.ndarray] | None = None,
+    golden: GoldenSet | None = None,
 ) -> Selection:
     """Choose and load the candidate that serves ``manifest`` (extracted in ``bundle_dir``).
 
