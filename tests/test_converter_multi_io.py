@@ -1,0 +1,111 @@
+"""The converter on a model with two integer inputs, end to end: convert (static int8 where it
+applies) -> bundle -> verify -> acceptance -> serve -> client frames and HTTP JSON, every output
+equal to a bare ONNX Runtime session on the served artifact. Real runtimes, a generated model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from devices.profile import load_profile
+from edgeagent.bundle.golden import load_golden
+from edgeagent.bundle.reader import extract_bundle
+from edgeagent.client import Client
+from edgeagent.serving import InferenceServer
+from edgeagent.serving.loader import prepare_served_model
+from edgeagent.signing import KeyRing
+from tests.multi_io_models import ort_outputs, token_data, token_model
+from tests.test_converter_onnx import edgectl
+
+onnx = pytest.importorskip("onnx", reason="needs the host extra (onnx)")
+
+PROFILE = "generic-x86_64"
+
+
+def _data(tmp: Path, model: Path) -> tuple[Path, Path]:
+    """eval.npz (tokens, mask, y = the fp32 model's classes) and calib.npz (tokens, mask)."""
+    feeds = token_data(120, seed=1)
+    labels = ort_outputs(model, feeds)["logits"].argmax(1)
+    np.savez(tmp / "eval.npz", **feeds, y=labels)
+    np.savez(tmp / "calib.npz", **token_data(64, seed=2))
+    return tmp / "eval.npz", tmp / "calib.npz"
+
+
+def _quantized_initializers(path: Path) -> dict[str, str]:
+    """Quantized initializers (int8/uint8) by name -> dtype."""
+    graph = onnx.load(str(path)).graph
+    types = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.data_type).name for i in graph.initializer}
+    return {k: v for k, v in types.items() if v in ("int8", "uint8")}
+
+
+def test_integer_two_input_model_converts_bundles_and_serves_like_the_bare_runtime(
+    tmp_path: Path, keypair: Any, capsys: Any
+) -> None:
+    model = token_model(tmp_path / "tokens.onnx")
+    eval_npz, calib_npz = _data(tmp_path, model)
+    out = tmp_path / "out"
+    rc = edgectl(
+        "convert", model, "--eval", eval_npz, "--calib", calib_npz, "--quantize", "int8",
+        "--name", "tokens", "--version", "1.0.0", "--key", keypair.private, "-o", out,
+    )  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert edgectl("bundle", "verify", out / "tokens-1.0.0.bundle", "--trusted", keypair.public) == 0
+    dest = tmp_path / "bundle"
+    verified = extract_bundle(out / "tokens-1.0.0.bundle", dest, KeyRing.from_paths([keypair.public]))
+    manifest = verified.manifest
+    assert [m.precision for m in manifest.models] == ["int8"]
+    int8 = dest / manifest.models[0].path
+    # int8 where it applies: the MatMul weight (fused with its bias into a Gemm) is stored as int8;
+    # the integer inputs are untouched (still int32, not quantized or cast).
+    assert _quantized_initializers(int8)["weight_quantized"] == "int8"
+    assert [(s.name, s.dtype) for s in manifest.models[0].inputs] == [("tokens", "int32"), ("mask", "int32")]
+    golden = load_golden(dest / "acceptance" / "golden.npz")
+    assert {k: v.dtype.name for k, v in golden.inputs.items()} == {"tokens": "int32", "mask": "int32"}
+    assert list(golden.reference) == ["logits"] and golden.labels is not None
+    reference = ort_outputs(model, dict(golden.inputs))["logits"]
+    np.testing.assert_allclose(golden.reference["logits"], reference, rtol=1e-5, atol=1e-5)
+    gate = manifest.acceptance
+    assert gate.min_accuracy is not None and gate.min_top1_agreement is not None
+
+    candidates = list(load_profile(PROFILE).candidates)
+    served = prepare_served_model(dest, manifest, candidates, profile=PROFILE, bundle_sha256=verified.sha256)
+    assert served.verdict is not None and served.verdict["passed"], served.verdict
+    assert served.verdict["samples"] == len(golden)
+    feeds = token_data(7, seed=11)
+    expected = ort_outputs(dest / "models" / served.model.path.name, feeds)
+    with InferenceServer(tmp_path / "agent.sock") as server:
+        server.activate(served)
+        for framed, binary in ((True, True), (False, True), (False, False)):
+            with Client(server.socket_path, framed=framed) as client:
+                got = client.predict(feeds, binary=binary).outputs
+            assert list(got) == ["logits"]
+            assert got["logits"].dtype == np.float32
+            assert np.array_equal(got["logits"], expected["logits"]), (framed, binary)
+
+
+def test_float_token_ids_are_refused_in_one_line(tmp_path: Path, keypair: Any, capsys: Any) -> None:
+    """The converter cast every evaluation array to float32 (ORT then failed with a traceback)."""
+    model = token_model(tmp_path / "tokens.onnx")
+    feeds = token_data(20)
+    np.savez(
+        tmp_path / "eval.npz", tokens=feeds["tokens"].astype(np.float32), mask=feeds["mask"], y=np.zeros(20)
+    )
+    rc = edgectl(
+        "convert", model, "--eval", tmp_path / "eval.npz", "--quantize", "dynamic",
+        "--name", "t", "--version", "1.0.0", "--key", keypair.private, "-o", tmp_path / "out",
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc != 0 and err.count("\n") == 1, err
+    assert "'tokens': the data holds float32 but the model takes int32" in err
+    np.savez(tmp_path / "eval.npz", tokens=feeds["tokens"], y=np.zeros(20))
+    rc = edgectl(
+        "convert", model, "--eval", tmp_path / "eval.npz", "--quantize", "dynamic",
+        "--name", "t", "--version", "1.0.0", "--key", keypair.private, "-o", tmp_path / "out",
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc != 0 and "the data has inputs ['tokens'] but the model takes ['tokens', 'mask']" in err
+    assert not list((tmp_path / "out").glob("*.bundle"))
