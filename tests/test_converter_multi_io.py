@@ -17,7 +17,7 @@ from edgeagent.client import Client
 from edgeagent.serving import InferenceServer
 from edgeagent.serving.loader import prepare_served_model
 from edgeagent.signing import KeyRing
-from tests.multi_io_models import ort_outputs, token_data, token_model
+from tests.multi_io_models import ort_outputs, token_data, token_model, two_output_model
 from tests.test_converter_onnx import edgectl
 
 onnx = pytest.importorskip("onnx", reason="needs the host extra (onnx)")
@@ -109,3 +109,36 @@ def test_float_token_ids_are_refused_in_one_line(tmp_path: Path, keypair: Any, c
     err = capsys.readouterr().err
     assert rc != 0 and "the data has inputs ['tokens'] but the model takes ['tokens', 'mask']" in err
     assert not list((tmp_path / "out").glob("*.bundle"))
+
+
+def test_every_output_of_a_two_output_model_is_in_the_golden_set_and_checked(tmp_path: Path) -> None:
+    """Only the first output was kept as reference, so a device could not check a second one."""
+    from converter.api import convert
+    from converter.recipe import recipe_from_dict
+
+    model = two_output_model(tmp_path / "two.onnx")
+    x = np.random.default_rng(0).normal(size=(80, 4)).astype(np.float32)
+    np.savez(tmp_path / "eval.npz", x=x, y=ort_outputs(model, {"x": x})["logits"].argmax(1))
+    recipe = recipe_from_dict(
+        {
+            "data": {"eval": str(tmp_path / "eval.npz")},
+            "passes": [],  # the source itself is packaged: fp32, so a tight bound holds
+            "package": {"name": "two", "version": "1.0.0", "atol": 1e-5},
+        }
+    )
+    result = convert(model, recipe, tmp_path / "out")
+    assert result.packaged is not None
+    golden = load_golden(tmp_path / "out" / "package" / "golden.npz")
+    assert list(golden.inputs) == ["x"] and list(golden.reference) == ["logits", "embedding"]
+    expected = ort_outputs(model, dict(golden.inputs))
+    for name, array in expected.items():
+        np.testing.assert_allclose(golden.reference[name], array, rtol=1e-6, atol=1e-6)
+    dest = tmp_path / "bundle"
+    created = result.packaged.bundle
+    verified = extract_bundle(created.path, dest, KeyRing([]), allow_unsigned=True)
+    served = prepare_served_model(
+        dest, verified.manifest, list(load_profile(PROFILE).candidates), profile=PROFILE
+    )
+    checks = {c["name"]: c for c in served.verdict["checks"]} if served.verdict else {}
+    assert {"tolerance_ratio[logits]", "tolerance_ratio[embedding]"} <= set(checks)
+    assert all(c["passed"] for c in checks.values())

@@ -279,8 +279,24 @@ def test_serve_starts_on_a_two_input_model_and_infer_prints_every_output(  # typ
         assert edgeagent("infer", "--socket", sock, "--input", as_json) == 0
         reply = json.loads(capsys.readouterr().out)
         assert np.array_equal(np.asarray(reply["outputs"]["logits"], np.float32), expected)
+        golden = _golden(tmp_path / "golden.npz", model, feeds)  # its inputs only: input.<name>
+        assert edgeagent("infer", "--socket", sock, "--input", golden) == 0
+        reply = json.loads(capsys.readouterr().out)
+        assert np.array_equal(np.asarray(reply["outputs"]["logits"], np.float32), expected)
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert b"acceptance passed" in out
+
+
+def test_bench_runs_a_two_input_model(tmp_path: Path, keypair, capsys) -> None:  # type: ignore[no-untyped-def]
+    model = token_model(tmp_path / "tokens.onnx")
+    golden = _golden(tmp_path / "golden.npz", model, token_data(8))
+    bundle = make_bundle(
+        tmp_path / "out", keypair, [model], golden, name="tokens", gate=AcceptanceGate(atol=1e-5)
+    )
+    argv = ("bench", bundle.path, "--trusted", keypair.public, "--profile", CANDIDATES_PROFILE, "--json")
+    assert edgeagent(*argv, "--in-process") == 0
+    rows = {r["candidate"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert rows["onnxruntime/CPUExecutionProvider/fp32"]["verdict"] == "pass"
