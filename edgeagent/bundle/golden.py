@@ -50,6 +50,15 @@ class GoldenSet:
     def __len__(self) -> int:
         return int(next(iter(self.inputs.values())).shape[0])
 
+    @property
+    def only_input(self) -> np.ndarray:
+        """The input array of a one-input golden set (UsageError when it has several)."""
+        if len(self.inputs) != 1:
+            raise UsageError(
+                f"the golden set has {len(self.inputs)} inputs ({', '.join(self.inputs)}), not one"
+            )
+        return next(iter(self.inputs.values()))
+
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray], where: str = "the golden set") -> GoldenSet:
         """A validated set from ``.npz`` arrays keyed as in the file (legacy keys included)."""
