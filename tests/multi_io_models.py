@@ -111,3 +111,38 @@ def ort_outputs(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarra
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds), strict=True))
+
+
+def token_tflite(path: Path, *, seed: int = 0) -> Path:
+    """:func:`token_model`'s computation as a float TFLite model (int32 ``tokens`` and ``mask``)."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    table = tf.constant(rng.normal(0, 1, (VOCAB, DIM)).astype(np.float32))
+    weight = tf.constant(rng.normal(0, 1, (DIM, CLASSES)).astype(np.float32))
+    spec = tf.TensorSpec([None, SEQ], tf.int32)
+
+    @tf.function(input_signature=[spec, spec])
+    def forward(tokens: tf.Tensor, mask: tf.Tensor) -> dict[str, tf.Tensor]:
+        maskf = tf.cast(mask, tf.float32)[:, :, None]
+        summed = tf.reduce_sum(tf.gather(table, tokens) * maskf, axis=1)
+        count = tf.maximum(tf.reduce_sum(maskf, axis=1), 1.0)
+        return {"logits": tf.matmul(summed / count, weight)}
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([forward.get_concrete_function()])
+    path.write_bytes(converter.convert())
+    return path
+
+
+def litert_outputs(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every output of a TFLite model for ``feeds`` (by input name) from a bare interpreter."""
+    from edgeagent.modelinfo import tflite_interpreter_class
+
+    interpreter = tflite_interpreter_class()(model_path=str(path))
+    for detail in interpreter.get_input_details():
+        interpreter.resize_tensor_input(detail["index"], feeds[detail["name"]].shape)
+    interpreter.allocate_tensors()
+    for detail in interpreter.get_input_details():
+        interpreter.set_tensor(detail["index"], feeds[detail["name"]])
+    interpreter.invoke()
+    return {d["name"]: interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()}

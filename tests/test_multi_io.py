@@ -300,3 +300,34 @@ def test_bench_runs_a_two_input_model(tmp_path: Path, keypair, capsys) -> None: 
     assert edgeagent(*argv, "--in-process") == 0
     rows = {r["candidate"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
     assert rows["onnxruntime/CPUExecutionProvider/fp32"]["verdict"] == "pass"
+
+
+def test_litert_two_integer_inputs_serve_like_the_bare_interpreter(tmp_path: Path, keypair) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("tensorflow", reason="builds the TFLite model with TensorFlow")
+    from tests.multi_io_models import litert_outputs, token_tflite
+
+    model = token_tflite(tmp_path / "tokens.tflite")
+    feeds = token_data(12, seed=4)
+    reference = litert_outputs(model, feeds)
+    golden = tmp_path / "golden.npz"
+    save_golden(golden, GoldenSet(feeds, None, reference))
+    created = make_bundle(
+        tmp_path / "out", keypair, [model], golden, name="tokens", gate=AcceptanceGate(atol=1e-5)
+    )
+    assert [(s.name, s.dtype) for s in created.manifest.models[0].inputs] == [
+        ("tokens", "int32"),
+        ("mask", "int32"),
+    ]
+    verified = extract(created, tmp_path / "bundle", keypair)
+    served = _prepare(tmp_path / "bundle", verified)
+    assert served.model.runtime == "litert" and served.verdict is not None and served.verdict["passed"]
+    sample = token_data(3, seed=8)
+    expected = litert_outputs(model, sample)
+    with InferenceServer(tmp_path / "agent.sock") as server:
+        server.activate(served)
+        for framed, binary in ((True, True), (False, False)):
+            with Client(server.socket_path, framed=framed) as client:
+                got = client.predict(sample, binary=binary).outputs
+            assert list(got) == list(expected)
+            for name, array in expected.items():
+                assert got[name].dtype == array.dtype and np.array_equal(got[name], array)
