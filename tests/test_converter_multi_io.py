@@ -142,3 +142,38 @@ def test_every_output_of_a_two_output_model_is_in_the_golden_set_and_checked(tmp
     checks = {c["name"]: c for c in served.verdict["checks"]} if served.verdict else {}
     assert {"tolerance_ratio[logits]", "tolerance_ratio[embedding]"} <= set(checks)
     assert all(c["passed"] for c in checks.values())
+
+
+@pytest.mark.parametrize(
+    ("feeds", "fitted", "message"),
+    [
+        ({"x": np.zeros((3, 8, 8, 1))}, {"input": ((3, 64), "float32")}, None),  # 'x' = the only input
+        ({"tokens": np.zeros((3, 8), np.int64), "mask": np.ones((3, 8), bool)}, None, None),
+        ({"tokens": np.zeros((3, 8), np.float32)}, None, "the data has inputs \\['tokens'\\]"),
+        ({"tokens": np.zeros((3, 8), np.float64), "mask": np.ones((3, 8), np.int32)}, None, "holds float64"),
+        (
+            {"tokens": np.zeros((3, 8), np.int32), "mask": np.ones((3, 5), np.int32)},
+            None,
+            "'mask': data samples",
+        ),
+    ],
+)
+def test_fit_feeds_keeps_dtypes_and_names_what_does_not_fit(feeds, fitted, message) -> None:  # type: ignore[no-untyped-def]
+    from converter.errors import DataError
+    from converter.feeds import InputSpec, fit_feeds
+
+    specs = (
+        [InputSpec("input", np.dtype("float32"), (64,))]
+        if "x" in feeds
+        else [InputSpec("tokens", np.dtype("int32"), (None,)), InputSpec("mask", np.dtype("int32"), (8,))]
+    )
+    if message is not None:
+        with pytest.raises(DataError, match=message):
+            fit_feeds(specs, feeds)
+        return
+    out = fit_feeds(specs, feeds)
+    assert list(out) == [s.name for s in specs]
+    for spec in specs:
+        assert out[spec.name].dtype == spec.dtype
+    if fitted:
+        assert {k: (v.shape, v.dtype.name) for k, v in out.items()} == fitted
