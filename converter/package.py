@@ -3,7 +3,8 @@
 By default the bundle carries the final artifacts only: for each (format, precision) the
 passes produced, the last one (after pruning, fine-tuning, quantization); intermediates are
 kept only with ``keep_intermediates``. The acceptance set is a seeded sample of the
-evaluation data: inputs, labels and the source (fp32) model's reference outputs.
+evaluation data: every input by name (in the dtypes the first artifact takes), labels and
+every output of the source (fp32) model.
 
 Every artifact carries its own gate, derived from what it measurably does on exactly that
 sample — its accuracy minus ``accuracy_margin`` and its top-1 agreement with the reference
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -25,10 +26,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from converter.data import Dataset
 from converter.errors import RecipeError
 from converter.evaluate import top1
+from converter.feeds import fit_feeds, take
 from converter.model import ModelArtifact
 from converter.pipeline import PipelineResult, StepRecord
-from converter.runners import fit_inputs, open_runner
+from converter.runners import open_runner
 from edgeagent.bundle.create import CreatedBundle, create_bundle
+from edgeagent.bundle.golden import GoldenSet, save_golden
 from edgeagent.bundle.manifest import AcceptanceGate, BundleName, CompressionStep, Preprocessing, is_semver
 from edgeagent.modelinfo import inspect_model
 from edgeagent.signing import SigningKey
@@ -158,24 +161,22 @@ def package(
     work = out_dir / "package"
     work.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(config.seed)
-    n = min(config.golden_samples, len(data.x))
-    index = np.sort(rng.choice(len(data.x), size=n, replace=False))
+    n = min(config.golden_samples, len(data))
+    index = np.sort(rng.choice(len(data), size=n, replace=False))
     labels = np.asarray(data.y)[index]
-    reference = result.reference[index]
+    reference = take(result.reference, index)
+    first_reference = next(iter(reference.values()))
     runners = [open_runner(model) for model in artifacts]
-    inputs = fit_inputs(data.x[index], runners[0].sample_shape)
-    golden_arrays: dict[str, Any] = {"inputs": inputs, "reference": reference}
+    inputs = fit_feeds(runners[0].inputs, take(data.inputs, index))
     # The evaluator measured accuracy exactly when the task is classification.
     classification = result.baseline.accuracy is not None
-    if classification:
-        golden_arrays["labels"] = labels.astype(np.int64)
     golden = work / "golden.npz"
-    np.savez(golden, **golden_arrays)
+    save_golden(golden, GoldenSet(inputs, labels.astype(np.int64) if classification else None, reference))
 
     measured: dict[str, dict[str, float]] = {}
     for model, runner in zip(artifacts, runners, strict=True):
-        outputs = runner.predict(fit_inputs(inputs, runner.sample_shape))
-        row = {"top1_agreement": float(np.mean(top1(outputs) == top1(reference)))}
+        outputs = np.asarray(runner.run(inputs)[0])
+        row = {"top1_agreement": float(np.mean(top1(outputs) == top1(first_reference)))}
         if classification:
             row["accuracy"] = float(np.mean(top1(outputs) == labels))
         measured[model.path.name] = row

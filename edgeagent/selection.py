@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NoReturn
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from devices.profile import EDGETPU_SUFFIX, Candidate
 from edgeagent.acceptance import Verdict, load_golden, run_acceptance
+from edgeagent.bundle.golden import GoldenSet
 from edgeagent.bundle.manifest import AcceptanceGate, Manifest, ModelEntry
 from edgeagent.errors import (
     AcceptanceFailed,
@@ -48,8 +48,6 @@ from edgeagent.runtimes import LoadedModel, LoadOptions, get_adapter, load_model
 log = logging.getLogger(__name__)
 
 Stage = Literal["artifact", "runtime", "delegate", "load", "acceptance", "slower"]
-#: A loaded golden set, as :func:`edgeagent.acceptance.load_golden` returns it.
-Golden = dict[str, np.ndarray]
 
 
 class _Frozen(BaseModel):
@@ -206,11 +204,11 @@ def load_candidate(
 class GoldenSets:
     """The golden sets a bundle's gates name, each loaded once (``known``: already loaded ones)."""
 
-    def __init__(self, bundle_dir: Path, known: dict[str, Golden] | None = None) -> None:
+    def __init__(self, bundle_dir: Path, known: dict[str, GoldenSet] | None = None) -> None:
         self.bundle_dir = bundle_dir
-        self.loaded: dict[str, Golden] = dict(known or {})
+        self.loaded: dict[str, GoldenSet] = dict(known or {})
 
-    def for_gate(self, gate: AcceptanceGate) -> Golden | None:
+    def for_gate(self, gate: AcceptanceGate) -> GoldenSet | None:
         if gate.golden is None:
             return None
         if gate.golden not in self.loaded:
@@ -228,7 +226,7 @@ def select_runtime(
     *,
     profile: str | None = None,
     autotune: bool = False,
-    golden: Golden | None = None,
+    golden: GoldenSet | None = None,
 ) -> Selection:
     """Choose and load the candidate that serves ``manifest`` (extracted in ``bundle_dir``).
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from converter.datasets import flat
+from edgeagent.bundle.golden import load_golden
 from edgeagent.bundle.reader import extract_bundle
 from edgeagent.cli.common import build_parser, run
 from edgeagent.signing import KeyRing
@@ -80,7 +81,13 @@ def check_report_against_artifacts(report: dict[str, Any], manifest: Any, dest: 
 
 def check_golden_and_gate(manifest: Any, dest: Path, source: Path) -> None:
     """The acceptance set carries the source model's outputs, and every artifact passes its gate."""
-    golden = np.load(dest / "acceptance" / "golden.npz")
+    loaded = load_golden(dest / "acceptance" / "golden.npz")
+    assert list(loaded.inputs) == ["input"] and list(loaded.reference) == ["logits"]  # named as in the model
+    golden = {
+        "inputs": loaded.inputs["input"],
+        "labels": loaded.labels,
+        "reference": loaded.reference["logits"],
+    }
     np.testing.assert_allclose(golden["reference"], logits(source, golden["inputs"]), rtol=1e-5, atol=1e-5)
     gate = manifest.acceptance
     assert gate.samples == len(golden["inputs"]) == 100
@@ -191,7 +198,7 @@ def test_quantize_modes_track_the_float_model(
     from converter.passes import PassContext
     from converter.passes.quantize import QuantizeConfig, QuantizePass
 
-    data = Dataset(x=digits.x_test, y=digits.y_test, calib=digits.x_calib, source="digits")
+    data = Dataset(inputs={"x": digits.x_test}, y=digits.y_test, calib={"x": digits.x_calib}, source="digits")
     config = QuantizeConfig(mode=mode, per_channel=per_channel, calibration=calibration)  # type: ignore[arg-type]
     output = QuantizePass(config, PassContext(data=data)).run(
         ModelArtifact(model_dir / "cnn.onnx", "onnx"), tmp_path
@@ -231,7 +238,7 @@ def test_old_opset_is_upgraded_before_static_int8(tmp_path: Path, level: str) ->
     source = tmp_path / "old.onnx"
     onnx.save(model, str(source))
     x = rng.normal(size=(64, 8)).astype(np.float32)
-    data = Dataset(x=x, y=np.zeros(64, dtype=np.int64), calib=x, source="random")
+    data = Dataset(inputs={"x": x}, y=np.zeros(64, dtype=np.int64), calib={"x": x}, source="random")
     output = QuantizePass(QuantizeConfig(), PassContext(data=data)).run(
         ModelArtifact(source, "onnx"), tmp_path
     )

@@ -266,7 +266,7 @@ def test_regression_task_reports_mse(model_dir: Path, digits: object) -> None:
     model = ModelArtifact(model_dir / "mlp.onnx", "onnx")
     x = digits.x_test  # type: ignore[attr-defined]
     targets = OnnxRunner(model).predict(x.reshape(len(x), 64))
-    data = Dataset(x=x, y=targets + 0.5, calib=None, source="self")
+    data = Dataset(inputs={"x": x}, y=targets + 0.5, calib=None, source="self")
     metrics = Evaluator(data, EvaluateConfig(task="regression", latency_runs=5)).evaluate(model).metrics
     assert metrics.accuracy is None
     assert metrics.mse == pytest.approx(0.25, rel=1e-5)

@@ -50,7 +50,7 @@ def quantize(source: Path, x: np.ndarray, out: Path, **config: Any) -> Any:
     from converter.passes.quantize import QuantizeConfig, QuantizePass
 
     out.mkdir(exist_ok=True)
-    data = Dataset(x=x, y=np.zeros(len(x), dtype=np.int64), calib=x, source="random")
+    data = Dataset(inputs={"x": x}, y=np.zeros(len(x), dtype=np.int64), calib={"x": x}, source="random")
     return QuantizePass(QuantizeConfig(**config), PassContext(data=data)).run(
         ModelArtifact(source, "onnx"), out
     )

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import io
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -22,10 +21,11 @@ from pydantic import Field, model_validator
 
 from converter import extras
 from converter.errors import PassFailed, RecipeError
+from converter.feeds import Feeds, fit_feeds, rows, sample, take
 from converter.model import ModelArtifact, ModelKind, load_onnx
 from converter.passes.base import Pass, PassConfig, PassOutput
 from converter.passes.preprocess import prepare
-from converter.runners import fit_inputs
+from converter.runners import OnnxRunner
 
 #: ORT's QDQ and per-channel paths need at least this opset.
 MIN_OPSET = 13
@@ -165,7 +165,7 @@ class QuantizePass(Pass[QuantizeConfig]):
         if c.mode == "dynamic":
             return f"dynamic int8, {weights} weights; {bits}"
         data = self.context.data
-        samples = len(data.calib) if data is not None and data.calib is not None else 0
+        samples = rows(data.calib) if data is not None and data.calib is not None else 0
         return f"static int8 QDQ, {weights} weights, {c.calibration} calibration on {samples} samples; {bits}"
 
     def _prepare(self, source: Path, tmp: Path) -> tuple[Path, list[str]]:
@@ -209,7 +209,8 @@ class QuantizePass(Pass[QuantizeConfig]):
         data = self.context.data
         if data is None or data.calib is None:
             raise RecipeError(
-                "static int8 needs calibration data: --calib FILE.npz (array 'x') or --dataset digits",
+                "static int8 needs calibration data: --calib FILE.npz (one array per input name, "
+                "or 'x') or --dataset digits",
                 where="quantize",
             )
         methods = {
@@ -233,26 +234,20 @@ class QuantizePass(Pass[QuantizeConfig]):
 
 
 class _CalibrationReader:
-    """Feeds calibration rows to ORT one batch at a time (ORT wants a CalibrationDataReader)."""
+    """Feeds calibration rows to ORT one batch at a time (ORT wants a CalibrationDataReader).
 
-    def __init__(self, base: type[Any], model: Path, calib: np.ndarray[Any, Any], batch: int) -> None:
-        import onnxruntime as ort
+    Every input is fed in the dtype the model declares: ORT calibrates the float tensors, and
+    integer inputs (token ids, masks) pass through as integers, never cast to float.
+    """
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = extras.THREADS
-        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-        spec = session.get_inputs()[0]
-        name = spec.name
-        sample_shape = tuple(d if isinstance(d, int) and d > 0 else None for d in spec.shape[1:])
-        x = fit_inputs(calib, sample_shape)
-        fixed_batch = isinstance(spec.shape[0], int) and spec.shape[0] > 0
-        step = 1 if fixed_batch else batch
-
-        def batches() -> Iterator[dict[str, Any]]:
-            for i in range(0, len(x), step):
-                yield {name: x[i : i + step]}
-
-        iterator = batches()
+    def __init__(self, base: type[Any], model: Path, calib: Feeds, batch: int) -> None:
+        runner = OnnxRunner(ModelArtifact(model, "onnx"))
+        feeds = fit_feeds(runner.inputs, calib)
+        if not runner.batch_dynamic or any(s.scalar for s in runner.inputs):
+            chunks = [sample(runner.inputs, feeds, i) for i in range(rows(feeds))]
+        else:
+            chunks = [take(feeds, slice(i, i + batch)) for i in range(0, rows(feeds), batch)]
+        iterator = iter(chunks)
 
         class Reader(base):  # type: ignore[misc]
             def get_next(self) -> dict[str, Any] | None:

@@ -1,8 +1,9 @@
 """Build a bundle from model files, an optional golden set and labels (host side).
 
 The model specs come from the model files themselves (:mod:`edgeagent.modelinfo`);
-the golden set is checked against the first model's input before anything is written,
-so a mismatch is caught on the host rather than by a device's acceptance test.
+the golden set is checked against every model's inputs and outputs (names, per-sample
+shapes, dtypes) before anything is written, so a mismatch is caught on the host rather
+than by a device's acceptance test.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeagent.bundle.golden import load_golden
+import numpy as np
+
+from edgeagent.bundle.golden import load_golden, match_inputs, match_outputs
 from edgeagent.bundle.manifest import (
     GATED_MODELS_VERSION,
     GOLDEN_PATH,
@@ -93,7 +96,7 @@ def create_bundle(
         )
     gate_fields = (gate or AcceptanceGate()).model_dump()
     if golden is not None:
-        samples = check_golden(golden, entries[0].inputs)
+        samples = check_golden(golden, entries)
         files[GOLDEN_PATH] = golden
         gate_fields.update(golden=GOLDEN_PATH, samples=samples)
     if labels is not None:
@@ -127,21 +130,46 @@ def _own_gate(gate: AcceptanceGate | None) -> AcceptanceGate | None:
     return gate.model_copy(update={"golden": None, "samples": None})
 
 
-def check_golden(path: Path, model_inputs: Sequence[TensorSpec]) -> int:
-    """Validate a golden ``.npz`` against the first model's input; return its number of samples."""
+def check_golden(path: Path, models: Sequence[ModelEntry]) -> int:
+    """Validate a golden ``.npz`` against every model's inputs and outputs; return its sample count."""
     golden = load_golden(path)
-    if len(model_inputs) == 1:
-        expected = model_inputs[0].shape[1:]
-        sample = list(golden.inputs.shape[1:])
-        mismatch = len(expected) != len(sample) or any(
-            e is not None and e != s for e, s in zip(expected, sample, strict=True)
-        )
-        if mismatch:
-            raise UsageError(
-                f"{path}: golden inputs have sample shape {sample} but the model's "
-                f"{model_inputs[0].name!r} takes {expected} per sample"
-            )
+    for model in models:
+        where = f"{path}: for {model.path}"
+        try:
+            inputs = match_inputs(golden.inputs, [s.name for s in model.inputs])
+            references = match_outputs(golden.reference, [s.name for s in model.outputs])
+        except UsageError as exc:
+            raise UsageError(f"{where}: {exc}") from exc
+        for spec in model.inputs:
+            _check_array(where, "input", spec, inputs[spec.name], caller=True)
+        by_name = {s.name: s for s in model.outputs}
+        for name, array in references.items():
+            _check_array(where, "output", by_name[name], array, caller=False)
     return len(golden)
+
+
+def _check_array(where: str, kind: str, spec: TensorSpec, array: np.ndarray, *, caller: bool) -> None:
+    """One golden array (N rows) against the tensor it feeds (``caller``) or is compared with."""
+    expected = spec.shape[1:] if spec.shape else []
+    sample = list(array.shape[1:])
+    mismatch = len(expected) != len(sample) or any(
+        e is not None and e != s for e, s in zip(expected, sample, strict=True)
+    )
+    if mismatch:
+        what = "a scalar" if not spec.shape else f"{expected} per sample"
+        raise UsageError(
+            f"{where}: golden {kind} {spec.name!r} has sample shape {sample} but the model's is {what}"
+        )
+    if not caller:
+        return
+    # Quantized inputs take float values (the runtime quantizes them); others their own dtype.
+    quantized = spec.quantization is not None and spec.dtype in ("int8", "uint8", "int16")
+    want = np.dtype("float32") if quantized else np.dtype(spec.dtype)
+    if not np.can_cast(array.dtype, want, casting="same_kind"):
+        raise UsageError(
+            f"{where}: golden input {spec.name!r} is {array.dtype} but the model takes {want}; "
+            f"store it as {want}"
+        )
 
 
 def _first_error(exc: ValueError) -> str:

@@ -154,7 +154,9 @@ class AcceptanceGate(_Strict):
     """What a device must show on the golden set before it commits to a bundle."""
 
     golden: MemberPath | None = Field(
-        default=None, description="The golden .npz: arrays 'inputs', optional 'labels' and 'reference'."
+        default=None,
+        description="The golden .npz: 'input.<name>' per model input, optional 'output.<name>' "
+        "reference outputs and 'labels' (legacy files: 'inputs' and 'reference').",
     )
     samples: int | None = Field(default=None, ge=1, description="Number of golden samples.")
     min_accuracy: float | None = Field(

@@ -68,7 +68,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--golden",
         type=Path,
         metavar="FILE.npz",
-        help="acceptance set: arrays 'inputs', optional 'labels' (int) and 'reference' (outputs)",
+        help="acceptance set: 'input.<name>' per model input (or 'inputs' for a one-input model), "
+        "optional 'labels' (int) and 'output.<name>' reference outputs",
     )
     create.add_argument("--labels", type=Path, metavar="FILE", help="class names, one per line")
     create.add_argument(
