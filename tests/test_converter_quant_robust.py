@@ -69,7 +69,7 @@ def test_preprocessing_falls_back_and_still_folds_batchnorm(
     source = build(tmp_path / "model.onnx")
     rng = np.random.default_rng(1)
     calib = rng.normal(size=(64, 3, 16, 16)).astype(np.float32)
-    data = Dataset(x=calib, y=np.zeros(64, np.int64), calib=calib, source="random")
+    data = Dataset(inputs={"x": calib}, y=np.zeros(64, np.int64), calib={"x": calib}, source="random")
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
@@ -121,7 +121,7 @@ def test_a_graph_no_branch_can_handle_fails_with_every_reason(tmp_path: Path) ->
     source = tmp_path / "custom.onnx"
     onnx.save(model, str(source))
     x = np.zeros((4, 8), np.float32)
-    data = Dataset(x=x, y=np.zeros(4, np.int64), calib=x, source="zeros")
+    data = Dataset(inputs={"x": x}, y=np.zeros(4, np.int64), calib={"x": x}, source="zeros")
     with pytest.raises(PassFailed) as info:
         QuantizePass(QuantizeConfig(mode="dynamic"), PassContext(data=data)).run(
             ModelArtifact(source, "onnx"), tmp_path
