@@ -135,6 +135,7 @@ np.savez(sys.argv[1] + ".out.npz", **out)
 @pytest.mark.skipif(
     not x86_avx2_available(), reason="needs x86-64 and qemu-x86_64 (apt-get install qemu-user)"
 )
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_on_an_avx2_cpu_without_vnni_only_the_7bit_model_keeps_its_numerics(
     gemm: tuple[Path, np.ndarray], tmp_path: Path
