@@ -23,9 +23,9 @@ pytestmark = pytest.mark.slow
 
 
 def wheelhouse(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(SCRIPT), *map(str, args)], cwd=ROOT, capture_output=True, text=True, check=False
-    )
+    env = {**os.environ, "PYTHON": sys.executable}  # this interpreter's pip builds and downloads
+    argv = [str(SCRIPT), *map(str, args)]
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=env, check=False)
 
 
 @pytest.mark.timeout(600)
