@@ -17,22 +17,26 @@ from edgeagent.bundle.reader import (
 from edgeagent.errors import UsageError
 from edgeagent.signing import KeyRing, SigningKey
 
-EPILOG = """\
-examples:
+CREATE_EXAMPLE = """\
   edgectl bundle create --name digits --version 1.0.0 --model mlp.onnx --model mlp_int8.tflite \\
       --golden golden.npz --min-accuracy 0.9 --key keys/release.key -o out/
-  edgectl bundle verify out/digits-1.0.0.bundle --trusted keys/release.pub
-  edgectl bundle inspect out/digits-1.0.0.bundle --json
-  edgectl bundle extract out/digits-1.0.0.bundle --trusted keys/ --to /tmp/digits
+"""
+EXAMPLES = """\
+  {prog} bundle verify out/digits-1.0.0.bundle --trusted keys/release.pub
+  {prog} bundle inspect out/digits-1.0.0.bundle --json
+  {prog} bundle extract out/digits-1.0.0.bundle --trusted keys/ --to /tmp/digits
 """
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    # The examples name the program they are shown by; bundles are created on the host (edgectl).
+    prog = subparsers._prog_prefix.split()[0]
+    epilog = "examples:\n" + (CREATE_EXAMPLE if prog == "edgectl" else "") + EXAMPLES.format(prog=prog)
     bundle = subparsers.add_parser(
         "bundle",
         help="create, verify, inspect or extract a signed model bundle",
         description="A bundle is one signed, reproducible file: models, acceptance test, report.",
-        epilog=EPILOG,
+        epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = bundle.add_subparsers(dest="bundle_command", metavar="ACTION", required=True)
@@ -45,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "a signed bundle. Input/output names, shapes and dtypes are read from the model files. "
             "The same inputs give a byte-identical bundle (set SOURCE_DATE_EPOCH to stamp a date)."
         ),
-        epilog=EPILOG,
+        epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     create.add_argument("--name", required=True, help="bundle name, e.g. 'digits'")
