@@ -161,6 +161,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     bundle.add_argument("--golden-samples", type=int, metavar="N", help="acceptance-set size (default 100)")
     parser.add_argument("-o", "--out", required=True, type=Path, metavar="OUTDIR", help="output folder")
+    parser.add_argument(
+        "--force", action="store_true", help="replace an earlier conversion in OUTDIR (else it must be empty)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress display")
     parser.set_defaults(handler=_convert)
 
@@ -354,6 +357,7 @@ class RichProgress:
 
 def _convert(args: argparse.Namespace) -> int:
     from converter.api import convert
+    from converter.outdir import fresh_output
     from edgeagent.errors import UsageError
     from edgeagent.signing import SigningKey
 
@@ -365,7 +369,8 @@ def _convert(args: argparse.Namespace) -> int:
         raise UsageError("give --key KEY to sign the bundle (or --unsigned for a local experiment)")
     key = SigningKey.load(args.key) if args.key is not None else None
     progress = None if args.quiet or not sys.stderr.isatty() else RichProgress()
-    result = convert(model, recipe, args.out, key, progress)
+    with fresh_output(args.out, force=args.force):
+        result = convert(model, recipe, args.out, key, progress)
     print(summary(result))
     return 0
 

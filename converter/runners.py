@@ -92,6 +92,12 @@ class OnnxRunner:
         self.input_name = inputs[0].name
         shape = inputs[0].shape
         self.batch_dynamic = not isinstance(shape[0], int) or shape[0] <= 0
+        if not self.batch_dynamic and shape[0] != 1:
+            # Evaluation and latency run one sample at a time; ORT would refuse it in 35 lines.
+            raise ModelLoadError(
+                f"{model.path}: input {self.input_name!r} has a fixed batch of {shape[0]}; the converter "
+                "needs a batch of 1 or a dynamic batch (export with a dynamic first dimension)"
+            )
         self.sample_shape = tuple(d if isinstance(d, int) and d > 0 else None for d in shape[1:])
 
     def predict(self, x: FloatArray) -> FloatArray:

@@ -4,7 +4,7 @@
 
     edgeagent.errors.EdgeError      (the project's root: the CLI prints it as one line)
     └── DeviceError                 root of this package; every error carries a one-line message
-        ├── UnknownProfile          a profile name that no shipped profile file defines
+        ├── UnknownProfile          a profile name that no shipped profile file defines (also a UsageError)
         ├── ProfileInvalid          a profile file is not TOML or fails the schema (a packaging bug)
         └── DetectionError          the root filesystem given to detection cannot be read
 
@@ -15,15 +15,15 @@ does not make ``devices`` depend on the rest of ``edgeagent``.
 
 from __future__ import annotations
 
-from edgeagent.errors import EdgeError
+from edgeagent.errors import EdgeError, UsageError
 
 
 class DeviceError(EdgeError):
     """Root of every error raised on purpose by :mod:`devices`."""
 
 
-class UnknownProfile(DeviceError):
-    """No profile of that name ships with this version."""
+class UnknownProfile(DeviceError, UsageError):
+    """No profile of that name ships with this version (a usage error: exit 2)."""
 
     def __init__(self, name: str, known: list[str]) -> None:
         super().__init__(f"unknown device profile {name!r} (known: {', '.join(known)})")

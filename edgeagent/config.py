@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from devices.errors import UnknownProfile
 from devices.profile import list_profiles
-from edgeagent.errors import EdgeError
+from edgeagent.errors import UsageError
+from edgeagent.validation import problems
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -36,7 +37,7 @@ CONFIG_ENV = "EDGEAGENT_CONFIG"
 ENV_PREFIX = "EDGEAGENT_"
 
 
-class ConfigError(EdgeError):
+class ConfigError(UsageError):
     """The agent configuration cannot be read or is invalid; the message names the key."""
 
     def __init__(self, message: str, *, path: str | None = None, key: str | None = None) -> None:
@@ -214,11 +215,5 @@ def _validate(data: Mapping[str, Any], *, path: Path, from_env: set[str]) -> Age
         key = ".".join(str(p) for p in first["loc"]) or "(top level)"
         top = str(first["loc"][0]) if first["loc"] else ""
         source = f"{ENV_PREFIX}{top.upper()}" if top in from_env else str(path)
-        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        if first["type"] == "extra_forbidden":
-            known = ", ".join(AgentConfig.model_fields)
-            message = f"{source}: unknown key {key!r} (known: {known}){more}"
-        else:
-            reason = first["msg"].removeprefix("Value error, ")
-            message = f"{source}: {key}: {reason}{more}"
+        message = f"{source}: {problems(exc, known=AgentConfig.model_fields)}"
         raise ConfigError(message, path=str(path), key=key) from exc

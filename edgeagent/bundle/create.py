@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from edgeagent.bundle.golden import load_golden
 from edgeagent.bundle.manifest import (
     GOLDEN_PATH,
@@ -28,6 +30,7 @@ from edgeagent.bundle.writer import file_entries, write_bundle
 from edgeagent.errors import UsageError
 from edgeagent.modelinfo import inspect_model
 from edgeagent.signing import SigningKey
+from edgeagent.validation import problems
 
 _RUNTIMES = {"onnx": ["onnxruntime"], "tflite": ["litert"]}
 
@@ -126,9 +129,6 @@ def check_golden(path: Path, model_inputs: Sequence[TensorSpec]) -> int:
 
 
 def _first_error(exc: ValueError) -> str:
-    errors = getattr(exc, "errors", None)
-    if callable(errors):
-        first = errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "bundle"
-        return f"invalid {where}: {first['msg']}"
+    if isinstance(exc, ValidationError):
+        return f"invalid bundle: {problems(exc)}"
     return str(exc)
