@@ -7,6 +7,7 @@ so a mismatch is caught on the host rather than by a device's acceptance test.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from edgeagent.bundle.writer import file_entries, write_bundle
 from edgeagent.errors import UsageError
 from edgeagent.modelinfo import inspect_model
 from edgeagent.signing import SigningKey
+from edgeagent.storage import hash_file
 from edgeagent.validation import problems
 
 _RUNTIMES = {"onnx": ["onnxruntime"], "tflite": ["litert"]}
@@ -107,8 +109,29 @@ def create_bundle(
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise UsageError(_first_error(exc)) from exc
     out_path = out_dir / manifest.bundle_filename
+    if out_path.exists():
+        return _same_as_existing(manifest, files, key, out_path)
     sha = write_bundle(manifest, files, key, out_path)
     return CreatedBundle(path=out_path, sha256=sha, manifest=manifest)
+
+
+def _same_as_existing(
+    manifest: Manifest, files: dict[str, Path], key: SigningKey | None, out: Path
+) -> CreatedBundle:
+    """Rebuilding an existing name-version is fine when the bytes agree; anything else is refused.
+
+    A name-version names one bundle everywhere (registry, devices' stores, events): silently
+    replacing it would leave two different files under one name.
+    """
+    _, existing = hash_file(out)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".rebuild-") as tmp:
+        sha = write_bundle(manifest, files, key, Path(tmp) / out.name)
+    if sha != existing:
+        raise UsageError(
+            f"{out} already exists with different content (sha256 {existing[:12]}…, this build {sha[:12]}…); "
+            "bump --version, or remove the old bundle"
+        )
+    return CreatedBundle(path=out, sha256=sha, manifest=manifest)
 
 
 def check_golden(path: Path, model_inputs: Sequence[TensorSpec]) -> int:
