@@ -333,6 +333,8 @@ def _show_reported(reported: Reported, say: Any) -> None:
 
 def demo_main(keep: bool, workdir: Path | None, broker_kind: str = "auto") -> int:
     if workdir is not None:
+        if workdir.exists() and not workdir.is_dir():
+            raise UsageError(f"{workdir}: exists and is not a folder; the demo needs a fresh folder")
         if workdir.exists() and any(workdir.iterdir()):
             raise UsageError(f"{workdir} is not empty; the demo needs a fresh folder")
         workdir.mkdir(parents=True, exist_ok=True)
