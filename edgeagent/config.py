@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from devices.errors import UnknownProfile
 from devices.profile import list_profiles
+from edgeagent.defaults import CONFIG_ENV, DEFAULT_CONFIG_PATH
 from edgeagent.errors import UsageError
 from edgeagent.validation import problems
 
@@ -32,8 +33,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 devices only
     import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
-DEFAULT_CONFIG_PATH = Path("/etc/edgeagent/agent.toml")
-CONFIG_ENV = "EDGEAGENT_CONFIG"
 ENV_PREFIX = "EDGEAGENT_"
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from edgeagent.defaults import DEFAULT_PREFIX
 from edgeagent.errors import UsageError
-from edgeagent.protocol import DEFAULT_PREFIX
 
 if TYPE_CHECKING:
     from rich.console import Console

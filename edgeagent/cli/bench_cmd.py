@@ -12,11 +12,14 @@ import multiprocessing
 import resource
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from devices.profile import Candidate
-from edgeagent.bundle.manifest import Manifest
 from edgeagent.cli.bundle_cmd import add_trust_args
 from edgeagent.cli.serve_cmd import add_profile_arg, candidates_for, extracted
+
+if TYPE_CHECKING:  # pydantic models: imported by the handlers, not at --help time
+    from devices.profile import Candidate
+    from edgeagent.bundle.manifest import Manifest
 
 EPILOG = """\
 examples:

@@ -5,17 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from edgeagent.bundle.manifest import Manifest
-from edgeagent.bundle.reader import (
-    VerifiedBundle,
-    extract_bundle,
-    read_manifest_unverified,
-    verify_bundle,
-)
 from edgeagent.errors import UsageError
-from edgeagent.signing import KeyRing, SigningKey
+
+if TYPE_CHECKING:  # pydantic, numpy, cryptography: imported by the handlers, not at --help time
+    from edgeagent.bundle.manifest import Manifest
+    from edgeagent.bundle.reader import VerifiedBundle
+    from edgeagent.signing import KeyRing
 
 CREATE_EXAMPLE = """\
   edgectl bundle create --name digits --version 1.0.0 --model mlp.onnx --model mlp_int8.tflite \\
@@ -162,6 +159,8 @@ def _fraction(text: str) -> float:
 
 
 def keyring_from_args(args: argparse.Namespace) -> KeyRing:
+    from edgeagent.signing import KeyRing
+
     if not args.trusted and not getattr(args, "allow_unsigned", False):
         raise UsageError("give at least one --trusted public key (or --allow-unsigned)")
     for path in args.trusted:
@@ -174,6 +173,7 @@ def _create(args: argparse.Namespace) -> int:
     # Host-only path: model inspection may import onnx/onnxruntime/LiteRT, so import here.
     from edgeagent.bundle.create import create_bundle
     from edgeagent.bundle.manifest import AcceptanceGate
+    from edgeagent.signing import SigningKey
 
     budgets: dict[str, float] = {}
     for item in args.latency_budget:
@@ -215,6 +215,8 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from edgeagent.bundle.reader import verify_bundle
+
     result = verify_bundle(args.bundle, keyring_from_args(args), allow_unsigned=args.allow_unsigned)
     if args.json:
         print(json.dumps(_summary(result), indent=2))
@@ -227,6 +229,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
+    from edgeagent.bundle.reader import extract_bundle
+
     result = extract_bundle(args.bundle, args.to, keyring_from_args(args), allow_unsigned=args.allow_unsigned)
     print(f"{result.sha256}  {args.bundle}")
     count = len(result.manifest.files) + 1 + (result.signed_by is not None)
@@ -235,6 +239,9 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from edgeagent.bundle.reader import read_manifest_unverified, verify_bundle
+    from edgeagent.signing import KeyRing
+
     if args.trusted:
         result = verify_bundle(args.bundle, KeyRing.from_paths(args.trusted))
         manifest, key, checked, sha = result.manifest, result.signed_by, True, result.sha256

@@ -6,10 +6,12 @@ import argparse
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from devices.detect import detect
-from edgeagent.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, AgentConfig, load_config
-from edgeagent.service import AgentService
+from edgeagent.defaults import CONFIG_ENV, DEFAULT_CONFIG_PATH
+
+if TYPE_CHECKING:  # pydantic: imported by the handler, not at --help time
+    from edgeagent.config import AgentConfig
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,10 @@ def _say_what_runs(explicit: Path | None, config: AgentConfig) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from devices.detect import detect
+    from edgeagent.config import load_config
+    from edgeagent.service import AgentService
+
     config = load_config(args.config)
     if not args.verbose:  # -v on the command line wins over the file
         logging.getLogger().setLevel(config.log_level)

@@ -16,12 +16,14 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
-from devices.detect import detect
-from devices.profile import Candidate
-from edgeagent.bundle.reader import VerifiedBundle, extract_bundle
 from edgeagent.cli.bundle_cmd import add_trust_args, keyring_from_args
 from edgeagent.cli.infer_cmd import add_socket_arg
+
+if TYPE_CHECKING:  # pydantic models: imported by the handlers, not at --help time
+    from devices.profile import Candidate
+    from edgeagent.bundle.reader import VerifiedBundle
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,8 @@ def add_profile_arg(parser: argparse.ArgumentParser) -> None:
 
 def candidates_for(profile: str | None) -> tuple[str, list[Candidate]]:
     """(profile name, ordered candidates) for ``profile``, or for the detected hardware."""
+    from devices.detect import detect
+
     detection = detect(Path("/"), override=profile)
     return detection.profile, list(detection.candidates)
 
@@ -74,6 +78,8 @@ def candidates_for(profile: str | None) -> tuple[str, list[Candidate]]:
 @contextlib.contextmanager
 def extracted(bundle: Path, args: argparse.Namespace) -> Iterator[tuple[VerifiedBundle, Path]]:
     """Verify and extract ``bundle`` into a temporary folder, removed afterwards."""
+    from edgeagent.bundle.reader import extract_bundle
+
     ring = keyring_from_args(args)
     workdir = Path(tempfile.mkdtemp(prefix="edgeagent-"))
     try:

@@ -15,10 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from devices.detect import detect
-from devices.errors import DeviceError
 from edgeagent.errors import EdgeError, UsageError
-from edgeagent.storage import atomic_write_bytes
 
 UNIT_NAME = "edgeagent.service"
 DEFAULT_EXEC = Path("/usr/bin/edgeagent")
@@ -179,6 +176,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def _dropins(root: Path) -> tuple[_Copy, ...]:
     """Drop-ins for the hardware detection finds under ``root`` (none if detection fails)."""
+    from devices.detect import detect  # pydantic: not at --help time
+    from devices.errors import DeviceError
+
     try:
         detection = detect(root)
     except DeviceError as exc:
@@ -203,6 +203,8 @@ def _system_commands(live: bool) -> list[list[str]]:
 
 
 def _write(dest: Path, data: bytes) -> None:
+    from edgeagent.storage import atomic_write_bytes
+
     try:
         atomic_write_bytes(dest, data, mode=0o644)
     except PermissionError as exc:
