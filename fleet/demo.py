@@ -92,7 +92,7 @@ def embedded_broker(workdir: Path, say: Any, kind: str = "auto") -> Iterator[tup
         from amqtt.broker import Broker
     except ImportError as exc:
         raise UsageError(
-            "the demo needs a broker: apt-get install mosquitto, or pip install 'edgeagent[dev]' for amqtt"
+            "the demo needs a broker: apt-get install mosquitto, or pip install 'edgeagent[demo]' for amqtt"
         ) from exc
     loop = asyncio.new_event_loop()
     config = {

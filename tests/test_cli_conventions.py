@@ -121,3 +121,13 @@ def test_journal_stream_of_another_file_is_not_the_journal(tmp_path: Path) -> No
         assert under_journald({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}, a)  # type: ignore[arg-type]
         assert not under_journald({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}, b)  # type: ignore[arg-type]
         assert not under_journald({}, a)  # type: ignore[arg-type]
+
+
+def test_amqtt_is_only_in_the_demo_extra() -> None:
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert not [d for d in extras["host"] if d.startswith("amqtt")]  # host users never need it
+    assert [d for d in extras["demo"] if d.startswith("amqtt")]
+    assert "demo" in extras["dev"][0]  # the tests run the demo on amqtt too
+    assert 'ensure_venv "host,litert,demo"' in (ROOT / "scripts" / "demo.sh").read_text()
