@@ -1,5 +1,9 @@
 """Line charts as inline SVG: a self-contained HTML report needs no plotting library, no
-script and no network, and the browser draws it at any zoom."""
+script and no network, and the browser draws it at any zoom.
+
+Shared by the fleet report and the converter's report (standard library only, so it lives in
+the shared core that both may import).
+"""
 
 from __future__ import annotations
 
@@ -44,8 +48,20 @@ def nice_ticks(high: float, count: int = 5) -> list[float]:
 
 
 def _time_label(t: float, step: float) -> str:
+    """``t`` (UTC) to the resolution of ``step`` s: no seconds for minute steps, no time for days."""
     fmt = "%m-%d" if step >= 86400 else "%H:%M" if step >= 60 else "%H:%M:%S"
     return time.strftime(fmt, time.gmtime(t))
+
+
+def _time_ticks(t0: float, t1: float, resolution: float) -> tuple[list[float], float]:
+    """Tick times and their step: round times at least ``resolution`` apart, at most 7 of them;
+    a span too short for two round ticks gets its two ends."""
+    steps = [s for s in _TIME_STEPS if s >= resolution] or [_TIME_STEPS[-1]]
+    step = next((s for s in steps if (t1 - t0) / s <= 7), steps[-1])
+    ticks = [float(t) for t in range(math.ceil(t0 / step) * step, int(t1) + 1, step)]
+    if len(ticks) < 2:
+        return [t0, t1], max(resolution, 1.0)
+    return ticks, step
 
 
 def _fmt(value: float) -> str:
@@ -60,10 +76,14 @@ def line_chart(
     width: int = 640,
     height: int = 250,
     gap_s: float | None = None,
+    slice_s: float | None = None,
 ) -> str:
     """An ``<svg>`` element: time on x (UTC), ``y_label`` on y from 0, a legend on the right.
 
     Points further apart than ``gap_s`` are not joined, so an offline stretch shows as a gap.
+    ``slice_s``: each point stands for a time slice of that many seconds centred on it (a
+    report's buckets): the axis spans whole slices, its labels go no finer than a slice, and a
+    lone point is drawn across its slice, so a short run is a line rather than a dot.
     """
     left, right, top, bottom = 56, 170, 28, 34
     plot_w, plot_h = width - left - right, height - top - bottom
@@ -79,7 +99,8 @@ def line_chart(
             'text-anchor="middle">no data in this period</text></svg>'
         )
         return "".join(out)
-    t0, t1 = min(p[0] for p in points), max(p[0] for p in points)
+    half = (slice_s or 0.0) / 2
+    t0, t1 = min(p[0] for p in points) - half, max(p[0] for p in points) + half
     if t1 - t0 < 1:
         t0, t1 = t0 - 30, t1 + 30
     yticks = nice_ticks(max(p[1] for p in points) * 1.05)
@@ -97,10 +118,7 @@ def line_chart(
             f'<line x1="{left}" x2="{left + plot_w}" y1="{y(v):.1f}" y2="{y(v):.1f}" class="grid"/>'
             f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{_fmt(v)}</text>'
         )
-    step = next((s for s in _TIME_STEPS if (t1 - t0) / s <= 7), _TIME_STEPS[-1])
-    ticks = [t for t in range(math.ceil(t0 / step) * step, int(t1) + 1, step)]
-    if len(ticks) < 2:  # a span shorter than the smallest step: label its ends, to the second
-        ticks, step = [round(t0), round(t1)], 1
+    ticks, step = _time_ticks(t0, t1, slice_s or 1.0)
     for tick in ticks:
         out.append(
             f'<line x1="{x(tick):.1f}" x2="{x(tick):.1f}" y1="{top + plot_h}" y2="{top + plot_h + 4}" '
@@ -118,7 +136,13 @@ def line_chart(
         out.append(f'<g class="series"><title>{html.escape(s.name)}</title>')
         for segment in _segments(sorted(s.points), gap_s):
             coords = " ".join(f"{x(t):.1f},{y(v):.1f}" for t, v in segment)
-            if len(segment) == 1:
+            if len(segment) == 1 and half:
+                ((t, v),) = segment
+                out.append(
+                    f'<line x1="{x(t - half):.1f}" x2="{x(t + half):.1f}" y1="{y(v):.1f}" y2="{y(v):.1f}" '
+                    f'stroke="{color}" stroke-width="1.8"{dash}/>'
+                )
+            elif len(segment) == 1:
                 out.append(
                     f'<circle cx="{x(segment[0][0]):.1f}" cy="{y(segment[0][1]):.1f}" r="2.5" '
                     f'fill="{color}"/>'
