@@ -174,3 +174,92 @@ def _segments(points: list[tuple[float, float]], gap_s: float | None) -> list[li
         else:
             segments.append([(t, v)])
     return segments
+
+
+#: Styles a chart needs when it is a file of its own rather than inline in a styled page.
+STANDALONE_CSS = (
+    "svg{font:11px system-ui,sans-serif;fill:#222} .title{font-size:13px;font-weight:600} "
+    ".plot{fill:#fafafa;stroke:#ccc} .grid{stroke:#e4e4e4} .axis{stroke:#999} .empty{fill:#999}"
+)
+
+
+def _axis_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """Round ticks (1, 2, 5 x 10^k) covering ``low``..``high``; from 0 when ``low`` is near it."""
+    if low > 0 and low < (high - low):  # a range that nearly reaches 0 reads better from 0
+        low = 0.0
+    span = high - low if high > low else abs(high) or 1.0
+    raw = span / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    first = math.floor(low / step) * step
+    return [first + i * step for i in range(math.ceil((high - first) / step - 1e-9) + 1)]
+
+
+def xy_chart(
+    title: str,
+    points: list[tuple[str, float, float]],
+    *,
+    x_label: str,
+    y_label: str,
+    width: int = 420,
+    height: int = 280,
+) -> str:
+    """An ``<svg>`` of labelled points (label, x, y) joined in the given order (e.g. one per step)."""
+    left, right, top, bottom = 56, 16, 28, 40
+    plot_w, plot_h = width - left - right, height - top - bottom
+    xs, ys = [p[1] for p in points], [p[2] for p in points]
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}">',
+        f'<text x="{left}" y="18" class="title">{html.escape(title)}</text>',
+    ]
+    if not points:
+        out.append(f'<text x="{left}" y="{top + plot_h / 2}" class="empty">no data</text></svg>')
+        return "".join(out)
+    xticks = _axis_ticks(min(xs), max(xs) * 1.08 or 1.0)
+    yticks = _axis_ticks(min(ys) - 0.02 * abs(min(ys)), max(ys) * 1.01 or 1.0)
+
+    def x(v: float) -> float:
+        return left + (v - xticks[0]) / (xticks[-1] - xticks[0]) * plot_w
+
+    def y(v: float) -> float:
+        return top + plot_h - (v - yticks[0]) / (yticks[-1] - yticks[0]) * plot_h
+
+    out.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" class="plot"/>')
+    for v in yticks:
+        out.append(
+            f'<line x1="{left}" x2="{left + plot_w}" y1="{y(v):.1f}" y2="{y(v):.1f}" class="grid"/>'
+            f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{_fmt(v)}</text>'
+        )
+    for v in xticks:
+        tick = f'x1="{x(v):.1f}" x2="{x(v):.1f}" y1="{top + plot_h}" y2="{top + plot_h + 4}"'
+        out.append(
+            f'<line {tick} class="axis"/>'
+            f'<text x="{x(v):.1f}" y="{top + plot_h + 16}" text-anchor="middle">{_fmt(v)}</text>'
+        )
+    out.append(
+        f'<text x="14" y="{top + plot_h / 2}" transform="rotate(-90 14 {top + plot_h / 2})" '
+        f'text-anchor="middle">{html.escape(y_label)}</text>'
+        f'<text x="{left + plot_w}" y="{height - 6}" text-anchor="end">{html.escape(x_label)}</text>'
+    )
+    coords = " ".join(f"{x(a):.1f},{y(b):.1f}" for _, a, b in points)
+    out.append(f'<polyline points="{coords}" fill="none" stroke="{PALETTE[0]}" stroke-width="1.5"/>')
+    for label, a, b in points:
+        out.append(
+            f'<circle cx="{x(a):.1f}" cy="{y(b):.1f}" r="3" fill="{PALETTE[0]}"><title>{html.escape(label)}: '
+            f"{_fmt(a)}, {_fmt(b)}</title></circle>"
+            f'<text x="{x(a) + 5:.1f}" y="{y(b) - 5:.1f}">{html.escape(label)}</text>'
+        )
+    out.append("</svg>")
+    return "".join(out)
+
+
+def side_by_side(charts: list[str], width: int, height: int) -> str:
+    """One standalone SVG document holding ``charts`` (each ``width`` x ``height``) in a row."""
+    total = width * len(charts)
+    inner = "".join(f'<g transform="translate({i * width} 0)">{c}</g>' for i, c in enumerate(charts))
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{total}" height="{height}" '
+        f'viewBox="0 0 {total} {height}"><style>{STANDALONE_CSS}</style>'
+        f'<rect width="{total}" height="{height}" fill="#fff"/>{inner}</svg>\n'
+    )

@@ -140,7 +140,7 @@ def test_onnx_mlp_prune_and_static_int8(
     )
     assert agree >= 0.97
     assert (out / "report.md").read_text().count("| prune |") == 1
-    assert (out / "report.png").stat().st_size > 1000
+    assert (out / "report.svg").read_text().startswith("<svg")  # report.png: tests/test_converter_chart.py
 
 
 def test_onnx_cnn_from_recipe(tmp_path: Path, model_dir: Path, keypair: Any, digits: Any) -> None:
