@@ -40,7 +40,7 @@ class Recipe(BaseModel):
     package: PackageConfig | None = Field(default=None, description="Bundle settings; none = no bundle.")
 
 
-def first_error(exc: ValidationError, prefix: str = "", known: Iterable[str] | None = None) -> RecipeError:
+def recipe_error(exc: ValidationError, prefix: str = "", known: Iterable[str] | None = None) -> RecipeError:
     """A RecipeError naming every invalid field of a pydantic error (unknown keys first)."""
     return RecipeError(problems(exc, prefix, known))
 
@@ -56,7 +56,7 @@ def parse_pass(index: int, table: dict[str, Any]) -> PassSpec:
     try:
         return PassSpec(name, cls.config_class.model_validate(fields))
     except ValidationError as exc:
-        raise first_error(exc, f"passes[{index}]", cls.config_class.model_fields) from exc
+        raise recipe_error(exc, f"passes[{index}]", cls.config_class.model_fields) from exc
 
 
 def recipe_from_dict(body: dict[str, Any], base: Path | None = None) -> Recipe:
@@ -66,7 +66,7 @@ def recipe_from_dict(body: dict[str, Any], base: Path | None = None) -> Recipe:
     try:
         recipe = Recipe.model_validate({**body, "passes": []})
     except ValidationError as exc:
-        raise first_error(exc) from exc
+        raise recipe_error(exc) from exc
     recipe = recipe.model_copy(update={"passes": passes})
     return _resolve(recipe, base) if base is not None else recipe
 

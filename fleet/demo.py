@@ -43,7 +43,7 @@ from fleet.status import render_status, status_rows
 log = logging.getLogger(__name__)
 
 DEVICE = "demo-device"
-WIDE_TERMINAL = 140  # columns the fleet table needs to be readable
+WIDE_TERMINAL = 100  # columns the fleet table's default view needs
 BIN = Path(sys.executable).parent
 
 
@@ -293,8 +293,8 @@ def _show_fleet(collector: Collector, say: Any, timeout_s: float = 15.0) -> None
     else:
         say("(no telemetry with the demo's requests arrived in time; the table shows what did)")
     console = Console()
-    # The table's 14 columns need a wide terminal (squeezed into 80 they are unreadable); the
-    # lines below say the same in words either way.
+    # The table needs 100 columns (squeezed into 80 it is unreadable); the lines below say the
+    # same in words either way.
     if say is print and console.is_terminal and console.width >= WIDE_TERMINAL:
         console.print(render_status(rows))
     for r in rows:

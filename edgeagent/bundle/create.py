@@ -107,7 +107,7 @@ def create_bundle(
             compression=list(compression),
         )
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
-        raise UsageError(_first_error(exc)) from exc
+        raise UsageError(_invalid_bundle(exc)) from exc
     out_path = out_dir / manifest.bundle_filename
     if out_path.exists():
         return _same_as_existing(manifest, files, key, out_path)
@@ -151,7 +151,7 @@ def check_golden(path: Path, model_inputs: Sequence[TensorSpec]) -> int:
     return len(golden)
 
 
-def _first_error(exc: ValueError) -> str:
+def _invalid_bundle(exc: ValueError) -> str:
     if isinstance(exc, ValidationError):
         return f"invalid bundle: {problems(exc)}"
     return str(exc)
