@@ -131,3 +131,10 @@ def test_amqtt_is_only_in_the_demo_extra() -> None:
     assert [d for d in extras["demo"] if d.startswith("amqtt")]
     assert "demo" in extras["dev"][0]  # the tests run the demo on amqtt too
     assert 'ensure_venv "host,litert,demo"' in (ROOT / "scripts" / "demo.sh").read_text()
+
+
+def test_help_texts_name_their_own_program_and_no_future_work() -> None:
+    device_bundle = program("edgeagent", "bundle", "--help").stdout
+    assert "edgeagent bundle verify" in device_bundle and "edgectl" not in device_bundle
+    assert "edgectl bundle create" in program("edgectl", "bundle", "--help").stdout
+    assert "as they land" not in program("edgectl", "--help").stdout
