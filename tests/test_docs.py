@@ -66,3 +66,14 @@ def test_docs_snippet_runs(
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_profile_names_in_the_docs_exist() -> None:
+    # docs/telemetry.md once showed "raspberrypi5"; the profile is rpi5.
+    from devices.profile import list_profiles
+
+    pages = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
+    text = "\n".join(page.read_text() for page in pages)
+    named = set(re.findall(r'"profile": "([\w-]+)"|profile = "([\w-]+)"|--profile ([\w-]+)', text))
+    names = {n for group in named for n in group if n}
+    assert names and names <= set(list_profiles()), names - set(list_profiles())
