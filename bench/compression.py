@@ -77,7 +77,7 @@ def measure(kind: str, epochs: int, runs: int, rounds: int) -> list[tuple[str, M
     splits = load_digits_splits(seed=0)
     x_train = flat(splits.x_train) if kind == "mlp" else splits.x_train.transpose(0, 3, 1, 2).copy()
     net = train(kind, x_train, splits.y_train, epochs, seed=0)
-    data = Dataset(x=splits.x_test, y=splits.y_test, calib=splits.x_calib, source="digits")
+    data = Dataset(inputs={"x": splits.x_test}, y=splits.y_test, calib={"x": splits.x_calib}, source="digits")
     evaluator = Evaluator(data, EvaluateConfig(latency_runs=10, latency_warmup=0))
     with tempfile.TemporaryDirectory(prefix="bench-compression-") as tmp:
         work = Path(tmp)

@@ -14,12 +14,14 @@ if TYPE_CHECKING:
     from converter.api import ConvertResult
     from converter.passes import EpochLog
     from converter.recipe import Recipe
+    from edgeagent.bundle.manifest import AcceptanceGate
 
 EPILOG = """\
 examples:
   edgectl convert mlp.onnx --dataset digits --prune 0.5 --quantize int8 \\
       --name digits --version 1.0.0 --key keys/release.key -o out/
-  edgectl convert mlp.onnx --dataset digits --max-drop 0.01 --name digits --version 1.0.1 --key K -o out/
+  edgectl convert cnn.onnx --dataset digits --max-drop 0.01 --objective latency \\
+      --name digits --version 1.0.1 --key K -o out/
   edgectl convert model.keras --eval eval.npz --calib calib.npz --prune 0.9 --quantize int8 --tflite \\
       --name kws --version 2.0.0 --key K -o out/
   edgectl convert model.onnx --recipe recipe.toml --key K -o out/
@@ -122,10 +124,23 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="static int8 calibration",
     )
     passes.add_argument(
+        "--int8-target",
+        choices=("portable", "x86-avx2", "x86-vnni", "arm"),
+        help="ONNX int8: the CPUs the model will run on. portable (default) and x86-avx2 store 7-bit "
+        "weights, since ORT's int8 kernels saturate on x86 without VNNI; x86-vnni and arm keep 8 bits",
+    )
+    passes.add_argument(
         "--max-drop",
         type=_fraction,
         metavar="F",
-        help="search int8 settings for the smallest model whose top-1 drop is <= F (e.g. 0.01)",
+        help="search int8 settings for the best model whose top-1 drop is <= F (e.g. 0.01) and that is "
+        "no larger and no slower than the float model",
+    )
+    passes.add_argument(
+        "--objective",
+        choices=("size", "latency", "balanced"),
+        help="--max-drop: what 'best' means: fewest bytes, lowest host p50, or the lowest product of "
+        "both ratios to the float model (default balanced)",
     )
     passes.add_argument(
         "--sparse",
@@ -160,6 +175,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--min-agreement", type=_fraction, metavar="F", help="override the derived agreement gate"
     )
     bundle.add_argument("--golden-samples", type=int, metavar="N", help="acceptance-set size (default 100)")
+    bundle.add_argument(
+        "--keep-intermediates",
+        action="store_true",
+        default=None,
+        help="also ship the models made on the way (e.g. pruned before fine-tuning); by default the "
+        "bundle holds only the final model of each format/precision",
+    )
     parser.add_argument("-o", "--out", required=True, type=Path, metavar="OUTDIR", help="output folder")
     parser.add_argument(
         "--force", action="store_true", help="replace an earlier conversion in OUTDIR (else it must be empty)"
@@ -206,12 +228,13 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
         or args.finetune is not None
         or args.qat is not None
         or args.distill is not None
+        or args.objective is not None
     )
     if args.recipe is not None:
         if pass_flags:
             raise RecipeError(
                 "give passes either in --recipe or as flags "
-                "(--distill/--prune/--finetune/--qat/--quantize/--max-drop/--sparse/--tflite)"
+                "(--distill/--prune/--finetune/--qat/--quantize/--max-drop/--objective/--sparse/--tflite)"
             )
         recipe = load_recipe(args.recipe)
     else:
@@ -233,6 +256,7 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
         "min_accuracy": args.min_accuracy,
         "min_top1_agreement": args.min_agreement,
         "golden_samples": args.golden_samples,
+        "keep_intermediates": args.keep_intermediates,
     }
     package.update({k: v for k, v in overrides.items() if v is not None})
     if not package.get("name") or not package.get("version"):
@@ -272,6 +296,8 @@ def _pass_tables(args: argparse.Namespace) -> list[dict[str, Any]]:
         if args.prune is None:
             raise RecipeError("--finetune retrains after pruning: give --prune SPARSITY too")
         tables.append({"type": "finetune", "epochs": args.finetune, "seed": args.seed})
+    if args.objective is not None and args.max_drop is None:
+        raise RecipeError("--objective ranks the candidates of --max-drop: give --max-drop F too")
     if args.qat is not None and args.quantize != "int8":
         raise RecipeError("--qat fine-tunes an int8 model: give --quantize int8 too")
     if keras:
@@ -283,8 +309,11 @@ def _pass_tables(args: argparse.Namespace) -> list[dict[str, Any]]:
             raise RecipeError("--max-drop searches ONNX Runtime settings; for Keras choose --quantize")
         if args.sparse:
             raise RecipeError("--sparse applies to ONNX models")
-        if args.per_channel or args.calibration != "minmax":
-            raise RecipeError("--per-channel/--calibration apply to ONNX models (TFLite int8 is per-channel)")
+        if args.per_channel or args.calibration != "minmax" or args.int8_target is not None:
+            raise RecipeError(
+                "--per-channel/--calibration/--int8-target apply to ONNX models "
+                "(TFLite int8 is per-channel and does not saturate on any CPU)"
+            )
         mode = {"int8": "int8", "dynamic": "dynamic", "fp16": "fp16", "none": "fp32"}[args.quantize]
         tables.append({"type": "tflite", "mode": mode})
         return tables
@@ -300,8 +329,12 @@ def _pass_tables(args: argparse.Namespace) -> list[dict[str, Any]]:
                 f"--max-drop searches int8 settings; it cannot be combined with --quantize {args.quantize}"
             )
         search: dict[str, Any] = {"type": "search", "max_drop": args.max_drop}
+        if args.objective is not None:
+            search["objective"] = args.objective
         if args.quantize == "dynamic":
             search["modes"] = ["dynamic"]
+        if args.int8_target is not None:
+            search["target"] = args.int8_target
         tables.append(search)
     elif args.quantize != "none":
         table: dict[str, Any] = {
@@ -312,9 +345,15 @@ def _pass_tables(args: argparse.Namespace) -> list[dict[str, Any]]:
             table["per_channel"] = True
         if args.calibration != "minmax":
             table["calibration"] = args.calibration
+        if args.int8_target is not None:
+            if args.quantize == "fp16":
+                raise RecipeError("--int8-target applies to --quantize int8 or dynamic, not fp16")
+            table["target"] = args.int8_target
         tables.append(table)
         if args.qat is not None:
             tables.append({"type": "finetune", "epochs": args.qat, "seed": args.seed})
+    if args.int8_target is not None and not any(t["type"] in ("quantize", "search") for t in tables):
+        raise RecipeError("--int8-target applies to --quantize int8/dynamic or --max-drop")
     if args.sparse:
         if any(t["type"] in ("quantize", "search") for t in tables):
             raise RecipeError("--sparse stores fp32 weights; it cannot follow --quantize or --max-drop")
@@ -375,8 +414,16 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bounds(gate: AcceptanceGate) -> str:
+    from edgeagent.cli.bundle_cmd import describe_bounds
+
+    return describe_bounds(gate)
+
+
 def summary(result: ConvertResult) -> str:
-    """The steps table and what was written, as plain text."""
+    """The steps table, warnings and what was written, as plain text."""
+    from converter.report import artifact_warnings
+
     pipeline = result.pipeline
     rows = [("source", pipeline.source.path.name, pipeline.baseline)]
     rows += [(s.name, s.model.path.name, s.after) for s in pipeline.steps]
@@ -386,8 +433,14 @@ def summary(result: ConvertResult) -> str:
         sizes = f"{m.size_bytes:>10,} {m.transfer_bytes:>9,}"
         lines.append(f"{name:<9} {artifact:<32} {acc:>7} {sizes} {m.latency_p50_ms:>8.3f}")
     lines += [n for s in pipeline.steps if (n := f"{s.name}: {s.notes}") and s.notes]
+    lines += [f"warning: {w}" for w in artifact_warnings(pipeline)]
     if result.packaged is not None:
-        bundle = result.packaged.bundle
+        packaged = result.packaged
+        bundle = packaged.bundle
         lines += [f"bundle: {bundle.path}", f"sha256: {bundle.sha256}"]
+        for name, gate in packaged.gates.items():
+            kept = " (intermediate)" if name in packaged.intermediates else ""
+            lines.append(f"gate of {name}{kept}: {_bounds(gate)}")
+        lines += [f"note: {note}" for note in packaged.notes]
     lines += [f"report: {p}" for p in result.reports]
     return "\n".join(lines)

@@ -1,10 +1,13 @@
 """Evaluation and calibration data: ``.npz`` files or the built-in ``digits`` set.
 
-An evaluation file is an ``.npz`` with ``x`` (N, ...) float inputs and ``y`` (N,) integer
-class ids (classification) or (N, ...) float targets (regression). A calibration file needs
-only ``x``. A training file (``finetune``, ``distill``) is shaped like an evaluation file;
-the digits data set provides its train split. Inputs are float32 in the form the model takes
-after preprocessing.
+An evaluation file is an ``.npz`` with the model's inputs and ``y`` (N,) integer class ids
+(classification) or (N, ...) float targets (regression). Inputs are one array per input name
+(``tokens``, ``mask``; ``input.<name>`` also works, e.g. for an input called ``y``), N rows
+each, in the dtype the model declares (token ids as integers) and the form the model takes
+after preprocessing; a one-input model's input may be called ``x`` whatever its name. A
+calibration file holds the inputs alone (a ``y`` in it is ignored). A training file
+(``finetune``, ``distill``: one-input models) holds ``x`` and ``y``; the digits data set
+provides its train split.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from converter.errors import DataError
+from converter.feeds import ONLY, Feeds, check_rows, single, take
 from edgeagent.bundle.manifest import Preprocessing
 
 
@@ -33,12 +37,14 @@ class DataConfig(BaseModel):
         "calibration split calibrates). Exclusive with `eval`.",
     )
     eval: Path | None = Field(
-        default=None, description="Evaluation .npz with arrays 'x' (inputs) and 'y' (labels or targets)."
+        default=None,
+        description="Evaluation .npz: one array per model input name ('x' for a one-input model) "
+        "and 'y' (labels or targets).",
     )
     calib: Path | None = Field(
         default=None,
-        description="Calibration .npz with array 'x' (representative inputs, no labels needed). "
-        "Needed for static int8 unless `dataset` provides it.",
+        description="Calibration .npz: one array per model input name ('x' for a one-input model), "
+        "representative inputs, no labels needed. Needed for static int8 unless `dataset` provides it.",
     )
     train: Path | None = Field(
         default=None,
@@ -63,17 +69,29 @@ class DataConfig(BaseModel):
 
 @dataclass(frozen=True)
 class Dataset:
-    """Loaded data: evaluation inputs/targets, optional calibration inputs, and what they are."""
+    """Loaded data: evaluation inputs/targets, optional calibration inputs, and what they are.
 
-    x: npt.NDArray[np.float32]
+    ``inputs`` and ``calib`` are named (:mod:`converter.feeds`); ``x`` is the only input of a
+    one-input model's data, for the passes that train or convert one-input models.
+    """
+
+    inputs: Feeds
     y: npt.NDArray[Any]
-    calib: npt.NDArray[np.float32] | None
+    calib: Feeds | None
     source: str
     labels: list[str] | None = None
     #: Training inputs and labels (finetune, distill); None when no training data was given.
     train_x: npt.NDArray[np.float32] | None = None
     train_y: npt.NDArray[Any] | None = None
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
+
+    @property
+    def x(self) -> npt.NDArray[np.float32]:
+        """The evaluation inputs of a one-input model as float32; DataError when there are several."""
+        return np.asarray(single(self.inputs, "this step"), dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.y)
 
 
 def load_npz(path: Path, keys: tuple[str, ...]) -> dict[str, npt.NDArray[Any]]:
@@ -92,19 +110,48 @@ def load_npz(path: Path, keys: tuple[str, ...]) -> dict[str, npt.NDArray[Any]]:
         raise DataError(f"{path}: not a readable .npz ({exc})", path=str(path)) from exc
 
 
+def load_inputs(path: Path) -> tuple[Feeds, npt.NDArray[Any] | None]:
+    """(inputs by name, 'y' or None) of a data ``.npz``."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: np.asarray(data[k]) for k in data.files}
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: no such data file", path=str(path)) from exc
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: not a readable .npz ({exc})", path=str(path)) from exc
+    y = arrays.pop("y", None)
+    inputs = {k.removeprefix("input."): v for k, v in arrays.items()}
+    if not inputs:
+        raise DataError(
+            f"{path}: needs the model's inputs (one array per input name, or 'x'), found {sorted(arrays)}",
+            path=str(path),
+        )
+    check_rows(inputs, str(path))
+    return inputs, y
+
+
+def _load_eval(path: Path) -> tuple[Feeds, npt.NDArray[Any]]:
+    inputs, y = load_inputs(path)
+    if y is None:
+        raise DataError(
+            f"{path}: needs 'y' (labels or targets) beside the inputs {sorted(inputs)}", path=str(path)
+        )
+    n = len(next(iter(inputs.values())))
+    if len(y) != n:
+        raise DataError(f"{path}: the inputs have {n} rows and 'y' {len(y)}", path=str(path))
+    return inputs, y
+
+
 def load_data(config: DataConfig) -> Dataset | None:
     """Load what ``config`` names; None when it names no evaluation data."""
     calib = None
     if config.calib is not None:
-        calib = load_npz(config.calib, ("x",))["x"].astype(np.float32)
+        calib, _ = load_inputs(config.calib)
     if config.dataset == "digits":
         dataset = _digits(calib)
     elif config.eval is not None:
-        arrays = load_npz(config.eval, ("x", "y"))
-        x, y = arrays["x"].astype(np.float32), arrays["y"]
-        if len(x) == 0 or len(x) != len(y):
-            raise DataError(f"{config.eval}: 'x' has {len(x)} rows and 'y' {len(y)}", path=str(config.eval))
-        dataset = Dataset(x=x, y=y, calib=calib, source=str(config.eval))
+        inputs, y = _load_eval(config.eval)
+        dataset = Dataset(inputs=inputs, y=y, calib=calib, source=str(config.eval))
     else:
         return None
     if config.train is not None:
@@ -116,9 +163,10 @@ def load_data(config: DataConfig) -> Dataset | None:
             )
         dataset = _replace(dataset, train_x=tx, train_y=ty)
     if dataset.calib is not None:
-        dataset = _replace(dataset, calib=dataset.calib[: config.calibration_samples])
+        dataset = _replace(dataset, calib=take(dataset.calib, slice(0, config.calibration_samples)))
     if config.eval_samples is not None:
-        dataset = _replace(dataset, x=dataset.x[: config.eval_samples], y=dataset.y[: config.eval_samples])
+        keep = slice(0, config.eval_samples)
+        dataset = _replace(dataset, inputs=take(dataset.inputs, keep), y=dataset.y[keep])
     return dataset
 
 
@@ -128,7 +176,7 @@ def _replace(dataset: Dataset, **changes: Any) -> Dataset:
     return replace(dataset, **changes)
 
 
-def _digits(calib: npt.NDArray[np.float32] | None) -> Dataset:
+def _digits(calib: Feeds | None) -> Dataset:
     from converter.datasets import load_digits_splits
 
     try:
@@ -136,9 +184,9 @@ def _digits(calib: npt.NDArray[np.float32] | None) -> Dataset:
     except ImportError as exc:
         raise DataError(str(exc)) from exc
     return Dataset(
-        x=splits.x_test,
+        inputs={ONLY: splits.x_test},
         y=splits.y_test,
-        calib=splits.x_calib if calib is None else calib,
+        calib={ONLY: splits.x_calib} if calib is None else calib,
         source="digits (scikit-learn, test split, seed 0)",
         labels=[str(i) for i in range(10)],
         train_x=splits.x_train,

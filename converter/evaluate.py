@@ -1,5 +1,7 @@
 """The one evaluator every pass is measured by: accuracy, size, transfer size, host latency.
 
+* every input of the model is fed from the named evaluation data (:mod:`converter.feeds`);
+  accuracy and agreement judge the first output, every output is kept as the reference;
 * accuracy: top-1 and top-k for classifiers (labels are integer class ids), MSE for regressors;
 * ``top1_agreement``: fraction of samples whose top-1 matches the reference (input) model's;
 * size: bytes on disk; transfer size: bytes after the transfer codec (xz by default: LZMA2
@@ -19,8 +21,9 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
 from converter.data import Dataset
+from converter.feeds import fit_feeds, take
 from converter.model import ModelArtifact
-from converter.runners import FloatArray, fit_inputs, open_runner, time_invocations
+from converter.runners import FloatArray, open_runner, time_invocations
 
 Codec = Literal["xz", "zlib"]
 
@@ -75,7 +78,8 @@ def top1(outputs: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
 @dataclass
 class Evaluation:
     metrics: Metrics
-    outputs: FloatArray
+    #: Every output on the evaluation data, by output name in the model's order.
+    outputs: dict[str, npt.NDArray[Any]]
 
 
 class Evaluator:
@@ -84,15 +88,18 @@ class Evaluator:
     def __init__(self, data: Dataset, config: EvaluateConfig | None = None) -> None:
         self.data = data
         self.config = config or EvaluateConfig()
-        self.reference: FloatArray | None = None
+        self.reference: FloatArray | None = None  # the first model's first output
 
     def evaluate(self, model: ModelArtifact) -> Evaluation:
         runner = open_runner(model)
-        x = fit_inputs(self.data.x, runner.sample_shape)
-        outputs = runner.predict(x)
+        feeds = fit_feeds(runner.inputs, self.data.inputs)
+        every = runner.run(feeds)
+        outputs = np.asarray(every[0], dtype=np.float32)
         if self.reference is None:
             self.reference = outputs
-        times = time_invocations(runner, x[:1], self.config.latency_runs, self.config.latency_warmup)
+        times = time_invocations(
+            runner, take(feeds, slice(0, 1)), self.config.latency_runs, self.config.latency_warmup
+        )
         fields: dict[str, Any] = {}
         if self.config.task == "classification":
             fields = self._classification(outputs)
@@ -100,7 +107,7 @@ class Evaluator:
             target = np.asarray(self.data.y, dtype=np.float32).reshape(outputs.shape)
             fields = {"mse": float(np.mean((outputs - target) ** 2))}
         metrics = Metrics(
-            samples=len(x),
+            samples=len(outputs),
             size_bytes=model.size_bytes(),
             transfer_bytes=compressed_size(model.read_bytes(), self.config.transfer_codec),
             transfer_codec=self.config.transfer_codec,
@@ -108,7 +115,7 @@ class Evaluator:
             latency_p95_ms=float(np.percentile(times, 95)),
             **fields,
         )
-        return Evaluation(metrics=metrics, outputs=outputs)
+        return Evaluation(metrics=metrics, outputs=dict(zip(runner.output_names, every, strict=True)))
 
     def _classification(self, outputs: FloatArray) -> dict[str, Any]:
         labels = np.asarray(self.data.y).reshape(-1).astype(np.int64)
@@ -124,3 +131,24 @@ class Evaluator:
         if self.reference is not None:
             fields["top1_agreement"] = float(np.mean(top1(self.reference) == best_k[:, 0]))
         return fields
+
+
+def regressions(model: Metrics, source: Metrics, source_name: str) -> list[str]:
+    """How ``model`` is larger on disk or slower (host p50) than ``source``; empty when it is not.
+
+    Strict comparisons on numbers measured by the same evaluator. Each reason quotes both values
+    and their ratio, so a reader can tell timing noise (1.02x) from a real regression (6x).
+    """
+    reasons = []
+    if model.size_bytes > source.size_bytes:
+        ratio = model.size_bytes / max(source.size_bytes, 1)
+        reasons.append(
+            f"larger than {source_name} ({model.size_bytes:,} vs {source.size_bytes:,} bytes, {ratio:.2f}x)"
+        )
+    if model.latency_p50_ms > source.latency_p50_ms:
+        ratio = model.latency_p50_ms / max(source.latency_p50_ms, 1e-9)
+        reasons.append(
+            f"slower than {source_name} (p50 {model.latency_p50_ms:.3f} vs {source.latency_p50_ms:.3f} ms, "
+            f"{ratio:.2f}x)"
+        )
+    return reasons

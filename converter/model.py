@@ -79,10 +79,15 @@ def detect(path: Path) -> ModelArtifact:
 
 
 def check_one_input(path: Path, count: int) -> None:
-    """The converter handles single-input models; say so for any other."""
+    """Training, distillation and the TFLite conversion handle one-input models; say so for any other.
+
+    (Evaluation, quantization and packaging take any number of named inputs.)
+    """
     if count != 1:
         raise ModelLoadError(
-            f"{path}: the converter handles models with one input, not {count}", path=str(path)
+            f"{path}: this step (fine-tuning, distillation, TFLite conversion) handles models with "
+            f"one input, not {count}",
+            path=str(path),
         )
 
 

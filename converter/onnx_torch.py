@@ -67,6 +67,22 @@ def _int_range(dtype: np.dtype[Any]) -> tuple[int, int]:
     return int(info.min), int(info.max)
 
 
+def _weight_range(stored: npt.NDArray[Any]) -> tuple[int, int]:
+    """The integers a quantized weight may take while it trains.
+
+    Weights stored in ORT's 7-bit range (``reduce_range``: int8 in [-64, 64], uint8 in [0, 127])
+    stay there, so training cannot bring back the 8-bit weights that saturate ORT's int8 kernels
+    on x86 without VNNI. Full-range quantization always reaches past 7 bits (the largest weight
+    of each tensor or channel maps to the end of the range), so the stored values tell them apart.
+    """
+    low, high = _int_range(stored.dtype)
+    # ORT's own reduced ranges: 2 * 255 * 64 still fits the int16 sum of a VPMADDUBSW pair.
+    narrow = (-64, 64) if low < 0 else (0, 127)
+    if stored.size and narrow[0] <= int(stored.min()) and int(stored.max()) <= narrow[1]:
+        return narrow
+    return low, high
+
+
 def _ops() -> dict[str, Op]:
     torch = extras.torch()
     functional = torch.nn.functional
@@ -241,6 +257,7 @@ class QuantizedWeight:
     zero_point: npt.NDArray[Any]
     axis: int
     dtype: np.dtype[Any]
+    bounds: tuple[int, int]  # the integers the weight may take (see _weight_range)
 
     def _shape(self, ndim: int) -> list[int]:
         shape = [1] * ndim
@@ -252,7 +269,7 @@ class QuantizedWeight:
         """``value`` (dequantized floats) as the stored integers, rounded half to even like ONNX."""
         shape = self._shape(value.ndim)
         scale, zero = self.scale.reshape(shape), self.zero_point.astype(np.float64).reshape(shape)
-        low, high = _int_range(self.dtype)
+        low, high = self.bounds
         return np.clip(np.round(value / scale) + zero, low, high).astype(self.dtype)
 
     def dequantize(self, stored: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
@@ -277,6 +294,7 @@ def _quantized_weights(graph: Any, initializers: dict[str, npt.NDArray[Any]]) ->
             zero_point=np.zeros((), data.dtype) if zero is None else np.asarray(zero),
             axis=int(_attrs(node).get("axis", 1)),
             dtype=data.dtype,
+            bounds=_weight_range(data),
         )
     return found
 
@@ -321,7 +339,7 @@ def onnx_module(path: Path) -> Any:
     def _node(node: Any) -> tuple[str, list[str], str, dict[str, Any]]:
         if node.op_type == "DequantizeLinear" and node.input[0] in quantized:
             weight = quantized[node.input[0]]
-            attrs = {**_attrs(node), "_range": _int_range(weight.dtype)}
+            attrs = {**_attrs(node), "_range": weight.bounds}
             return _FAKE_QUANT, list(node.input), node.output[0], attrs
         return node.op_type, list(node.input), node.output[0], _attrs(node)
 

@@ -1,16 +1,24 @@
 """``package``: the pipeline's artifacts as a signed bundle with its own acceptance test.
 
-The acceptance set is a seeded sample of the evaluation data: inputs, labels and the source
-(fp32) model's reference outputs. The gate is derived from what the packaged artifacts
-measurably do on exactly that sample — the lowest accuracy minus ``accuracy_margin`` and the
-lowest top-1 agreement with the reference minus ``agreement_margin`` — unless overridden.
+By default the bundle carries the final artifacts only: for each (format, precision) the
+passes produced, the last one (after pruning, fine-tuning, quantization); intermediates are
+kept only with ``keep_intermediates``. The acceptance set is a seeded sample of the
+evaluation data: every input by name (in the dtypes the first artifact takes), labels and
+every output of the source (fp32) model.
+
+Every artifact carries its own gate, derived from what it measurably does on exactly that
+sample — its accuracy minus ``accuracy_margin`` and its top-1 agreement with the reference
+minus ``agreement_margin`` — unless overridden. The bundle-level gate is the lowest of the
+final artifacts' gates, and a kept intermediate's gate is never below it, so a device (which
+serves only an artifact that passes its own gate) never serves an intermediate that does
+worse than what the pipeline delivered.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -18,10 +26,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from converter.data import Dataset
 from converter.errors import RecipeError
 from converter.evaluate import top1
+from converter.feeds import fit_feeds, take
+from converter.model import ModelArtifact
 from converter.pipeline import PipelineResult, StepRecord
-from converter.runners import fit_inputs, open_runner
+from converter.runners import open_runner
 from edgeagent.bundle.create import CreatedBundle, create_bundle
+from edgeagent.bundle.golden import GoldenSet, save_golden
 from edgeagent.bundle.manifest import AcceptanceGate, BundleName, CompressionStep, Preprocessing, is_semver
+from edgeagent.modelinfo import inspect_model
 from edgeagent.signing import SigningKey
 
 
@@ -33,10 +45,16 @@ class PackageConfig(BaseModel):
     name: BundleName
     version: str = Field(description="Semantic version, e.g. 1.0.0.")
     description: str = Field(default="", description="Free text shown by `edgectl bundle inspect`.")
-    artifacts: Literal["all", "final"] = Field(
-        default="all",
-        description="'all': every deployable model the passes produced (a device picks the best it can "
-        "run); 'final': only the last one.",
+    artifacts: Literal["final", "last"] = Field(
+        default="final",
+        description="'final': the last model the passes produced of each format and precision (e.g. "
+        "the fine-tuned fp32 and the int8 made from it); 'last': only the pipeline's last model.",
+    )
+    keep_intermediates: bool = Field(
+        default=False,
+        description="Also ship the models the passes produced on the way (e.g. pruned before "
+        "fine-tuning), each gated no lower than the final artifacts: for inspection, never served "
+        "when worse.",
     )
     golden_samples: int = Field(
         default=100, ge=1, description="Size of the acceptance set (capped by the data)."
@@ -74,6 +92,13 @@ class PackageConfig(BaseModel):
         default=None, description="How raw input becomes model input (digits sets this itself)."
     )
 
+    @field_validator("artifacts", mode="before")
+    @classmethod
+    def _no_all(cls, value: object) -> object:
+        if value == "all":
+            raise ValueError("artifacts = 'all' is now keep_intermediates = true (artifacts = 'final')")
+        return value
+
     @field_validator("version")
     @classmethod
     def _semver(cls, value: str) -> str:
@@ -86,9 +111,16 @@ class PackageConfig(BaseModel):
 @dataclass
 class Packaged:
     bundle: CreatedBundle
+    #: The bundle-level gate (the lowest of the final artifacts' own gates).
     gate: AcceptanceGate
     #: Per packaged artifact: accuracy and top-1 agreement measured on the acceptance set.
     measured: dict[str, dict[str, float]]
+    #: Per packaged artifact (file name): its own gate, as the manifest carries it.
+    gates: dict[str, AcceptanceGate] = field(default_factory=dict)
+    #: File names of the intermediates shipped (``keep_intermediates``), after the finals.
+    intermediates: list[str] = field(default_factory=list)
+    #: What the user should know about the packaged set (e.g. an intermediate never served).
+    notes: list[str] = field(default_factory=list)
 
 
 def compression_steps(steps: list[StepRecord]) -> list[CompressionStep]:
@@ -124,54 +156,118 @@ def package(
     out_dir: Path,
 ) -> Packaged:
     """Write ``out_dir/NAME-VERSION.bundle`` holding the artifacts, acceptance set and report."""
-    artifacts = result.artifacts()
-    if config.artifacts == "final":
-        artifacts = artifacts[-1:]
-    if not artifacts:
-        raise RecipeError(
-            f"{result.final.path.name} is a {result.final.kind} model, which no device runs: "
-            "add the tflite pass (--tflite)"
-        )
+    finals, intermediates = choose_artifacts(result, config)
+    artifacts = finals + intermediates
     work = out_dir / "package"
     work.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(config.seed)
-    n = min(config.golden_samples, len(data.x))
-    index = np.sort(rng.choice(len(data.x), size=n, replace=False))
+    n = min(config.golden_samples, len(data))
+    index = np.sort(rng.choice(len(data), size=n, replace=False))
     labels = np.asarray(data.y)[index]
-    reference = result.reference[index]
-    runners = [open_runner(model) for model, _ in artifacts]
-    inputs = fit_inputs(data.x[index], runners[0].sample_shape)
-    golden_arrays: dict[str, Any] = {"inputs": inputs, "reference": reference}
+    reference = take(result.reference, index)
+    first_reference = next(iter(reference.values()))
+    runners = [open_runner(model) for model in artifacts]
+    inputs = fit_feeds(runners[0].inputs, take(data.inputs, index))
     # The evaluator measured accuracy exactly when the task is classification.
     classification = result.baseline.accuracy is not None
-    if classification:
-        golden_arrays["labels"] = labels.astype(np.int64)
     golden = work / "golden.npz"
-    np.savez(golden, **golden_arrays)
+    save_golden(golden, GoldenSet(inputs, labels.astype(np.int64) if classification else None, reference))
 
     measured: dict[str, dict[str, float]] = {}
-    for (model, _), runner in zip(artifacts, runners, strict=True):
-        outputs = runner.predict(fit_inputs(inputs, runner.sample_shape))
-        row = {"top1_agreement": float(np.mean(top1(outputs) == top1(reference)))}
+    for model, runner in zip(artifacts, runners, strict=True):
+        outputs = np.asarray(runner.run(inputs)[0])
+        row = {"top1_agreement": float(np.mean(top1(outputs) == top1(first_reference)))}
         if classification:
             row["accuracy"] = float(np.mean(top1(outputs) == labels))
         measured[model.path.name] = row
-    gate = _gate(config, measured, classification)
+    floor = _gate(config, [measured[m.path.name] for m in finals], classification)
+    gates = {m.path.name: _gate(config, [measured[m.path.name]], classification) for m in finals}
+    for model in intermediates:
+        gates[model.path.name] = _at_least(_gate(config, [measured[model.path.name]], classification), floor)
     label_file = _labels(config, data, work)
     bundle = create_bundle(
         name=config.name,
         version=config.version,
-        models=[model.path for model, _ in artifacts],
+        models=[model.path for model in artifacts],
         key=key,
         out_dir=out_dir,
         golden=golden,
         labels=label_file,
         description=config.description,
-        gate=gate,
+        gate=floor,
         preprocessing=config.preprocessing or data.preprocessing,
         compression=compression_steps(result.steps),
+        model_gates={model.path: gates[model.path.name] for model in artifacts},
     )
-    return Packaged(bundle=bundle, gate=bundle.manifest.acceptance, measured=measured)
+    return Packaged(
+        bundle=bundle,
+        gate=bundle.manifest.acceptance,
+        measured=measured,
+        gates={e.path.rsplit("/", 1)[-1]: bundle.manifest.gate_for(e) for e in bundle.manifest.models},
+        intermediates=[m.path.name for m in intermediates],
+        notes=[
+            _never_served(m.path.name, measured, gates) for m in intermediates if _below(m, measured, gates)
+        ],
+    )
+
+
+def choose_artifacts(
+    result: PipelineResult, config: PackageConfig
+) -> tuple[list[ModelArtifact], list[ModelArtifact]]:
+    """(final artifacts in pipeline order, intermediates to ship as well) for ``config``."""
+    produced = [model for model, _ in result.artifacts()]
+    if not produced:
+        raise RecipeError(
+            f"{result.final.path.name} is a {result.final.kind} model, which no device runs: "
+            "add the tflite pass (--tflite)"
+        )
+    if config.artifacts == "last":
+        finals = produced[-1:]
+    else:
+        # A later model of the same format and precision supersedes an earlier one (the pruned
+        # fp32 by the fine-tuned fp32): only the last of each kind is what the device should run.
+        last_of_kind = {_kind(model): model for model in produced}
+        finals = [model for model in produced if last_of_kind[_kind(model)] == model]
+    intermediates = [m for m in produced if m not in finals] if config.keep_intermediates else []
+    return finals, intermediates
+
+
+def _kind(model: ModelArtifact) -> tuple[str, str]:
+    fmt, precision, _, _ = inspect_model(model.path)
+    return fmt, precision
+
+
+def _at_least(gate: AcceptanceGate, floor: AcceptanceGate) -> AcceptanceGate:
+    """``gate`` with each data bound raised to ``floor``'s where that is higher."""
+
+    def higher(a: float | None, b: float | None) -> float | None:
+        return b if a is None else a if b is None else max(a, b)
+
+    return gate.model_copy(
+        update={
+            "min_accuracy": higher(gate.min_accuracy, floor.min_accuracy),
+            "min_top1_agreement": higher(gate.min_top1_agreement, floor.min_top1_agreement),
+        }
+    )
+
+
+def _below(
+    model: ModelArtifact, measured: dict[str, dict[str, float]], gates: dict[str, AcceptanceGate]
+) -> bool:
+    row, gate = measured[model.path.name], gates[model.path.name]
+    return (gate.min_accuracy is not None and row.get("accuracy", 1.0) < gate.min_accuracy) or (
+        gate.min_top1_agreement is not None and row["top1_agreement"] < gate.min_top1_agreement
+    )
+
+
+def _never_served(name: str, measured: dict[str, dict[str, float]], gates: dict[str, AcceptanceGate]) -> str:
+    numbers = ", ".join(f"{k} {v:.4f}" for k, v in sorted(measured[name].items()))
+    gate = gates[name]
+    return (
+        f"{name} is kept for inspection only: it measured {numbers}, below its gate (accuracy >= "
+        f"{gate.min_accuracy}, top-1 agreement >= {gate.min_top1_agreement}, the final artifacts' floor); "
+        "no device will serve it"
+    )
 
 
 def _floor(value: float) -> float:
@@ -179,16 +275,15 @@ def _floor(value: float) -> float:
     return max(0.0, float(np.floor(value * 10_000) / 10_000))
 
 
-def _gate(
-    config: PackageConfig, measured: dict[str, dict[str, float]], classification: bool
-) -> AcceptanceGate:
+def _gate(config: PackageConfig, measured: list[dict[str, float]], classification: bool) -> AcceptanceGate:
+    """The gate the lowest of ``measured`` (one row per artifact) passes, less the margins."""
     min_accuracy = config.min_accuracy
     if min_accuracy is None and classification:
-        min_accuracy = _floor(min(m["accuracy"] for m in measured.values()) - config.accuracy_margin)
+        min_accuracy = _floor(min(m["accuracy"] for m in measured) - config.accuracy_margin)
     agreement = config.min_top1_agreement
     # Top-1 agreement means nothing for a regressor: bound its outputs with atol/rtol instead.
     if agreement is None and classification:
-        agreement = _floor(min(m["top1_agreement"] for m in measured.values()) - config.agreement_margin)
+        agreement = _floor(min(m["top1_agreement"] for m in measured) - config.agreement_margin)
     return AcceptanceGate(
         golden="acceptance/golden.npz",
         min_accuracy=min_accuracy,

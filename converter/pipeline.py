@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy.typing as npt
+
 from converter.data import Dataset
 from converter.evaluate import Evaluator, Metrics
 from converter.model import ModelArtifact
 from converter.passes import EpochLog, PassConfig, PassContext, pass_class
-from converter.runners import FloatArray
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,8 @@ class PipelineResult:
     source: ModelArtifact
     baseline: Metrics
     steps: list[StepRecord]
-    #: The source model's outputs on the evaluation data (the fp32 reference).
-    reference: FloatArray
+    #: The source model's outputs on the evaluation data by output name (the fp32 reference).
+    reference: dict[str, npt.NDArray[Any]]
 
     @property
     def final(self) -> ModelArtifact:

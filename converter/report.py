@@ -15,13 +15,26 @@ from pathlib import Path
 from typing import Any
 
 from converter import extras
-from converter.evaluate import Metrics
+from converter.evaluate import Metrics, regressions
 from converter.package import Packaged
 from converter.pipeline import PipelineResult
 from edgeagent.storage import atomic_write_bytes
 from edgeagent.svgchart import side_by_side, xy_chart
 
 CHART_W, CHART_H = 420, 280
+
+
+def artifact_warnings(result: PipelineResult) -> list[str]:
+    """One line per produced artifact that is larger or slower (host p50) than the source model."""
+    source = result.source.path.name
+    lines = []
+    for model, metrics in result.artifacts():
+        if model == result.source:
+            continue
+        reasons = regressions(metrics, result.baseline, f"the source {source}")
+        if reasons:
+            lines.append(f"{model.path.name}: {'; '.join(reasons)}")
+    return lines
 
 
 def report_dict(result: PipelineResult, data_source: str, packaged: Packaged | None) -> dict[str, Any]:
@@ -35,6 +48,7 @@ def report_dict(result: PipelineResult, data_source: str, packaged: Packaged | N
             "threads": extras.THREADS,
         },
         "baseline": result.baseline.model_dump(mode="json"),
+        "warnings": artifact_warnings(result),
         "steps": [
             {
                 "name": s.name,
@@ -57,6 +71,9 @@ def report_dict(result: PipelineResult, data_source: str, packaged: Packaged | N
             "sha256": packaged.bundle.sha256,
             "models": [m.path for m in packaged.bundle.manifest.models],
             "gate": packaged.gate.model_dump(mode="json"),
+            "gates": {name: g.model_dump(mode="json") for name, g in packaged.gates.items()},
+            "intermediates": packaged.intermediates,
+            "notes": packaged.notes,
             "measured_on_golden": packaged.measured,
         }
     return body
@@ -103,6 +120,31 @@ def _training_lines(details: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _candidate_lines(details: dict[str, Any]) -> list[str]:
+    """The search's candidates: settings, measurements and the verdict with its reason."""
+    candidates = details.get("candidates")
+    if not candidates:
+        return []
+    ref = details["reference"]
+    lines = [
+        f"Objective `{details['objective']}`; float model `{ref['artifact']}`: {ref['size_bytes']:,} bytes, "
+        f"{ref['transfer_bytes']:,} transfer bytes, p50 {ref['latency_p50_ms']:.3f} ms.",
+        "",
+        "| # | mode | per-channel | calibration | excluded | top-1 | drop | bytes | transfer bytes "
+        "| p50 ms | verdict | reason |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for j, c in enumerate(candidates):
+        verdict = f"**{c['verdict']}**" if c["verdict"] == "chosen" else c["verdict"]
+        lines.append(
+            f"| {j} | {c['mode']} | {c['per_channel']} | {c['calibration'] or '-'} "
+            f"| {', '.join(c['excluded_nodes']) or '-'} | {_pct(c['accuracy'])} | {_pct(c['drop'])} "
+            f"| {c['size_bytes']:,} | {c['transfer_bytes']:,} | {c['latency_p50_ms']:.3f} | {verdict} "
+            f"| {c['reason'] or '-'} |"
+        )
+    return lines
+
+
 def render_markdown(result: PipelineResult, data_source: str, packaged: Packaged | None) -> str:
     """The report as Markdown: the steps table, then per-step details."""
     m0 = result.baseline
@@ -121,6 +163,10 @@ def render_markdown(result: PipelineResult, data_source: str, packaged: Packaged
         _row("source", result.source.path.name, m0, None),
     ]
     lines += [_row(s.name, s.model.path.name, s.after, s.sparsity) for s in result.steps]
+    warnings = artifact_warnings(result)
+    if warnings:
+        lines += ["", "**Warnings**: artifacts that are larger or slower than the source.", ""]
+        lines += [f"- {w}" for w in warnings]
     for i, step in enumerate(result.steps, 1):
         lines += ["", f"## {i}. {step.name}", "", f"`{json.dumps(step.params, sort_keys=True)}`", ""]
         if step.notes:
@@ -133,20 +179,7 @@ def render_markdown(result: PipelineResult, data_source: str, packaged: Packaged
                 for name, t in tensors.items()
             ]
         lines += _training_lines(step.details)
-        candidates = step.details.get("candidates")
-        if candidates:
-            chosen = step.details.get("chosen")
-            lines += [
-                "| # | mode | per-channel | calibration | excluded | top-1 | drop | bytes | p50 ms |",
-                "|---|---|---|---|---|---:|---:|---:|---:|",
-            ]
-            for j, c in enumerate(candidates):
-                mark = " **chosen**" if j == chosen else ""
-                lines.append(
-                    f"| {j}{mark} | {c['mode']} | {c['per_channel']} | {c['calibration'] or '-'} "
-                    f"| {', '.join(c['excluded_nodes']) or '-'} | {_pct(c['accuracy'])} | {_pct(c['drop'])} "
-                    f"| {c['size_bytes']:,} | {c['latency_p50_ms']:.3f} |"
-                )
+        lines += _candidate_lines(step.details)
     if packaged is not None:
         gate = packaged.gate
         lines += [
@@ -156,13 +189,24 @@ def render_markdown(result: PipelineResult, data_source: str, packaged: Packaged
             f"`{packaged.bundle.path.name}` sha256 `{packaged.bundle.sha256}`",
             "",
             f"Models: {', '.join(f'`{m.path}`' for m in packaged.bundle.manifest.models)}.",
-            f"Acceptance set: {gate.samples} samples; gate: min accuracy {gate.min_accuracy}, "
-            f"min top-1 agreement {gate.min_top1_agreement}.",
+            f"Acceptance set: {gate.samples} samples; bundle-level gate (the final artifacts' floor): "
+            f"min accuracy {gate.min_accuracy}, min top-1 agreement {gate.min_top1_agreement}.",
+            "Each artifact carries its own gate; a device serves only one that passes it.",
         ]
         for name, measured in packaged.measured.items():
-            lines.append(
-                f"- `{name}` on the acceptance set: " + ", ".join(f"{k} {v:.4f}" for k, v in measured.items())
+            own = packaged.gates.get(name)
+            kept = " (intermediate)" if name in packaged.intermediates else ""
+            bounds = (
+                f"; its gate: min accuracy {own.min_accuracy}, min top-1 agreement {own.min_top1_agreement}"
+                if own is not None
+                else ""
             )
+            lines.append(
+                f"- `{name}`{kept} on the acceptance set: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in measured.items())
+                + bounds
+            )
+        lines += [f"- note: {note}" for note in packaged.notes]
     return "\n".join(lines) + "\n"
 
 

@@ -1,36 +1,55 @@
 """Run a model of any kind on the host: ONNX Runtime, LiteRT, Keras, a SavedModel or a torch program.
 
-Every runner takes float32 inputs shaped like the evaluation data (one row per sample) and
-returns float32 outputs; quantized TFLite inputs/outputs are (de)quantized here with the
-tensor's own scale and zero point, as a device's runtime adapter does.
+Every runner takes named inputs (:mod:`converter.feeds`: one array per input, one row per
+sample, in the dtype the model declares) and returns every output in the model's order.
+Quantized TFLite inputs/outputs are (de)quantized here with the tensor's own scale and zero
+point, as a device's runtime adapter does, so such a runner takes and returns float32.
+ONNX and TFLite runners take any number of inputs; Keras, SavedModel and torch programs
+(host-side sources and teachers) take one. ``predict(x)`` is the one-input shortcut the
+training passes use: float32 rows in, the first output as float32 out.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from converter import extras
-from converter.errors import DataError, ModelLoadError
+from converter.errors import ModelLoadError
+from converter.feeds import Feeds, InputSpec, fit_feeds, fit_shape, rows, sample, stack_rows
 from converter.model import ModelArtifact, check_one_input, load_keras, load_torch_program
 
 FloatArray = npt.NDArray[np.float32]
 
 
 class Runner(Protocol):
-    #: Per-sample input shape (no batch dimension); None where the model leaves a dim dynamic.
-    sample_shape: tuple[int | None, ...]
+    inputs: tuple[InputSpec, ...]
+    output_names: tuple[str, ...]
 
-    def predict(self, x: FloatArray) -> FloatArray:
-        """Outputs for a batch ``x`` of shape (N, *sample_shape)."""
+    @property
+    def sample_shape(self) -> tuple[int | None, ...]:
+        """Per-sample shape of a one-input model (no batch dimension); None where a dim is dynamic."""
         ...
 
-    def invoke_one(self, x: FloatArray) -> None:
-        """Run one sample of shape (1, *sample_shape); used for latency."""
+    def run(self, feeds: Mapping[str, npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
+        """Every output for the N samples of ``feeds`` (fitted to the inputs with :func:`fit_feeds`)."""
+        ...
+
+    def predict(self, x: npt.NDArray[Any]) -> FloatArray:
+        """One-input models: the first output for a batch ``x`` of shape (N, *sample_shape)."""
+        ...
+
+    def first_sample(self, feeds: Mapping[str, npt.NDArray[Any]]) -> Feeds:
+        """Sample 0 of ``feeds``, fitted, as :meth:`invoke_one` takes it."""
+        ...
+
+    def invoke_one(self, one: Feeds) -> None:
+        """Run one sample from :meth:`first_sample`; used for latency."""
         ...
 
 
@@ -47,37 +66,71 @@ def open_runner(model: ModelArtifact) -> Runner:
 
 
 def fit_inputs(x: npt.NDArray[Any], sample_shape: tuple[int | None, ...]) -> FloatArray:
-    """Reshape data rows to the model's per-sample shape when only the layout differs.
+    """Float32 rows reshaped to a one-input model's per-sample shape (see :func:`fit_shape`)."""
+    return fit_shape(np.asarray(x, dtype=np.float32), sample_shape)
 
-    Digits images (N, 8, 8, 1) feed an MLP that takes (N, 64): same elements per sample, so
-    the rows are reshaped (row-major). Anything else that does not fit is a :class:`DataError`.
+
+def time_invocations(
+    runner: Runner, sample: Mapping[str, npt.NDArray[Any]] | npt.NDArray[Any], runs: int, warmup: int
+) -> list[float]:
+    """Wall-clock milliseconds of ``runs`` single-sample invocations after ``warmup`` untimed ones.
+
+    ``sample`` holds at least one row per input (an array for a one-input model); row 0 runs.
     """
-    x = np.asarray(x, dtype=np.float32)
-    if x.shape[1:] == sample_shape or (None in sample_shape and len(sample_shape) == x.ndim - 1):
-        return x
-    want = int(np.prod([d for d in sample_shape if d is not None]))
-    have = int(np.prod(x.shape[1:]))
-    if None not in sample_shape and want == have:
-        return x.reshape((len(x), *[int(d) for d in sample_shape if d is not None]))
-    raise DataError(
-        f"data samples have shape {list(x.shape[1:])} but the model takes {list(sample_shape)} per sample"
-    )
-
-
-def time_invocations(runner: Runner, sample: FloatArray, runs: int, warmup: int) -> list[float]:
-    """Wall-clock milliseconds of ``runs`` single-sample invocations after ``warmup`` untimed ones."""
+    feeds = sample if isinstance(sample, Mapping) else {runner.inputs[0].name: sample}
+    one = runner.first_sample(feeds)
     for _ in range(warmup):
-        runner.invoke_one(sample)
+        runner.invoke_one(one)
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        runner.invoke_one(sample)
+        runner.invoke_one(one)
         times.append((time.perf_counter() - start) * 1000.0)
     return times
 
 
-class OnnxRunner:
+class _Base:
+    """Batching and fitting shared by the runners; subclasses set the specs and ``_call``."""
+
+    inputs: tuple[InputSpec, ...]
+    output_names: tuple[str, ...]
+    path: Path
+    batch_dynamic: bool
+
+    def _call(self, feeds: Feeds) -> list[npt.NDArray[Any]]:
+        raise NotImplementedError
+
+    @property
+    def sample_shape(self) -> tuple[int | None, ...]:
+        check_one_input(self.path, len(self.inputs))
+        return self.inputs[0].shape
+
+    def run(self, feeds: Mapping[str, npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
+        fitted = fit_feeds(self.inputs, feeds)
+        if self.batch_dynamic and not any(s.scalar for s in self.inputs):
+            return self._call(fitted)
+        # A fixed batch (a TFLite artifact: what a device runs) or a scalar input: one sample at a time.
+        return stack_rows([self._call(sample(self.inputs, fitted, i)) for i in range(rows(fitted))])
+
+    def predict(self, x: npt.NDArray[Any]) -> FloatArray:
+        check_one_input(self.path, len(self.inputs))
+        return np.asarray(self.run({self.inputs[0].name: x})[0], dtype=np.float32)
+
+    def first_sample(self, feeds: Mapping[str, npt.NDArray[Any]]) -> Feeds:
+        return sample(self.inputs, fit_feeds(self.inputs, {k: v[:1] for k, v in feeds.items()}), 0)
+
+    def invoke_one(self, one: Feeds) -> None:
+        self._call(one)
+
+
+def _dims(shape: Any) -> tuple[int | None, ...]:
+    return tuple(int(d) if isinstance(d, (int, np.integer)) and d > 0 else None for d in shape)
+
+
+class OnnxRunner(_Base):
     def __init__(self, model: ModelArtifact) -> None:
+        from edgeagent.modelinfo import ORT_TYPES
+
         ort = extras.require("onnxruntime")
         options = ort.SessionOptions()
         options.intra_op_num_threads = extras.THREADS
@@ -87,33 +140,37 @@ class OnnxRunner:
             self.session = ort.InferenceSession(str(model.path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises Fail/InvalidGraph/NotImplemented from C++
             raise ModelLoadError(f"{model.path}: onnxruntime cannot load it ({exc})") from exc
-        inputs = self.session.get_inputs()
-        check_one_input(model.path, len(inputs))
-        self.input_name = inputs[0].name
-        shape = inputs[0].shape
-        self.batch_dynamic = not isinstance(shape[0], int) or shape[0] <= 0
-        if not self.batch_dynamic and shape[0] != 1:
+        self.path = model.path
+        args = self.session.get_inputs()
+        unknown = [a for a in args if a.type not in ORT_TYPES]
+        if unknown:
+            raise ModelLoadError(
+                f"{model.path}: input {unknown[0].name!r} has unsupported type {unknown[0].type}"
+            )
+        self.inputs = tuple(
+            InputSpec(a.name, np.dtype(ORT_TYPES[a.type]), _dims(a.shape[1:]), scalar=not a.shape)
+            for a in args
+        )
+        self.output_names = tuple(o.name for o in self.session.get_outputs())
+        batched = [a.shape for a in args if a.shape]
+        self.batch_dynamic = all(not isinstance(s[0], int) or s[0] <= 0 for s in batched)
+        fixed = next((a for a in args if a.shape and isinstance(a.shape[0], int) and a.shape[0] > 1), None)
+        if fixed is not None:
             # Evaluation and latency run one sample at a time; ORT would refuse it in 35 lines.
             raise ModelLoadError(
-                f"{model.path}: input {self.input_name!r} has a fixed batch of {shape[0]}; the converter "
+                f"{model.path}: input {fixed.name!r} has a fixed batch of {fixed.shape[0]}; the converter "
                 "needs a batch of 1 or a dynamic batch (export with a dynamic first dimension)"
             )
-        self.sample_shape = tuple(d if isinstance(d, int) and d > 0 else None for d in shape[1:])
 
-    def predict(self, x: FloatArray) -> FloatArray:
-        if self.batch_dynamic:
-            out = self.session.run(None, {self.input_name: x})[0]
-        else:
-            out = np.concatenate(
-                [self.session.run(None, {self.input_name: x[i : i + 1]})[0] for i in range(len(x))]
-            )
-        return np.asarray(out, dtype=np.float32)
-
-    def invoke_one(self, x: FloatArray) -> None:
-        self.session.run(None, {self.input_name: x})
+    def _call(self, feeds: Feeds) -> list[npt.NDArray[Any]]:
+        return list(self.session.run(list(self.output_names), feeds))
 
 
-class TfliteRunner:
+class TfliteRunner(_Base):
+    """The artifact's batch is fixed to 1 (what a device runs), so one invocation per sample."""
+
+    batch_dynamic = False
+
     def __init__(self, model: ModelArtifact) -> None:
         from edgeagent.modelinfo import tflite_interpreter_class
 
@@ -123,54 +180,81 @@ class TfliteRunner:
             self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise ModelLoadError(f"{model.path}: LiteRT cannot load it ({exc})") from exc
-        inputs = self.interpreter.get_input_details()
-        check_one_input(model.path, len(inputs))
-        self.input = inputs[0]
-        self.output = self.interpreter.get_output_details()[0]
-        self.sample_shape: tuple[int | None, ...] = tuple(int(d) for d in self.input["shape"][1:])
+        self.path = model.path
+        self._in = self.interpreter.get_input_details()
+        self._out = self.interpreter.get_output_details()
+        self.inputs = tuple(
+            InputSpec(
+                str(d["name"]),
+                np.dtype(np.float32) if _quantized(d) else np.dtype(d["dtype"]),
+                tuple(int(x) for x in d["shape"][1:]),
+                scalar=len(d["shape"]) == 0,
+            )
+            for d in self._in
+        )
+        self.output_names = tuple(str(d["name"]) for d in self._out)
 
-    def _quantize(self, x: FloatArray) -> npt.NDArray[Any]:
-        dtype = np.dtype(self.input["dtype"])
-        scale, zero_point = self.input["quantization"]
-        if dtype.kind in "iu" and scale:
-            info = np.iinfo(dtype)
-            return np.asarray(np.clip(np.round(x / scale + zero_point), info.min, info.max).astype(dtype))
-        return np.asarray(x.astype(dtype))
-
-    def _dequantize(self, y: npt.NDArray[Any]) -> FloatArray:
-        scale, zero_point = self.output["quantization"]
-        if y.dtype.kind in "iu" and scale:
-            return np.asarray((y.astype(np.float32) - zero_point) * scale, dtype=np.float32)
-        return y.astype(np.float32)
-
-    def _invoke(self, x: FloatArray) -> FloatArray:
-        self.interpreter.set_tensor(self.input["index"], self._quantize(x))
+    def _call(self, feeds: Feeds) -> list[npt.NDArray[Any]]:
+        for detail, spec in zip(self._in, self.inputs, strict=True):
+            self.interpreter.set_tensor(detail["index"], _quantize(detail, feeds[spec.name]))
         self.interpreter.invoke()
-        return self._dequantize(self.interpreter.get_tensor(self.output["index"]))
-
-    def predict(self, x: FloatArray) -> FloatArray:
-        # The artifact's batch is fixed to 1 (what a device runs), so one invoke per sample.
-        return np.concatenate([self._invoke(x[i : i + 1]) for i in range(len(x))])
-
-    def invoke_one(self, x: FloatArray) -> None:
-        self._invoke(x)
+        return [_dequantize(d, self.interpreter.get_tensor(d["index"])) for d in self._out]
 
 
-class KerasRunner:
+def _quantized(detail: Mapping[str, Any]) -> bool:
+    scale, _ = detail["quantization"]
+    return bool(scale) and np.dtype(detail["dtype"]).kind in "iu"
+
+
+def _quantize(detail: Mapping[str, Any], x: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    dtype = np.dtype(detail["dtype"])
+    if _quantized(detail):
+        scale, zero_point = detail["quantization"]
+        info = np.iinfo(dtype)
+        return np.asarray(np.clip(np.round(x / scale + zero_point), info.min, info.max).astype(dtype))
+    return np.asarray(x, dtype=dtype)
+
+
+def _dequantize(detail: Mapping[str, Any], y: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    if _quantized(detail):
+        scale, zero_point = detail["quantization"]
+        return np.asarray((y.astype(np.float32) - zero_point) * scale, dtype=np.float32)
+    return y
+
+
+class _OneInput(_Base):
+    """Keras, SavedModel and torch sources: one float input, the first output; batching their own."""
+
+    output_names: tuple[str, ...] = ("output",)
+    batch_dynamic = True
+
+    def _setup(self, path: Path, sample_shape: tuple[int | None, ...]) -> None:
+        self.path = path
+        self.inputs = (InputSpec("x", np.dtype(np.float32), sample_shape),)
+
+    def _predict(self, x: FloatArray) -> FloatArray:
+        raise NotImplementedError
+
+    def run(self, feeds: Mapping[str, npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
+        return [self._predict(fit_feeds(self.inputs, feeds)["x"])]
+
+    def _call(self, feeds: Feeds) -> list[npt.NDArray[Any]]:
+        return [self._predict(feeds["x"])]
+
+
+class KerasRunner(_OneInput):
     def __init__(self, model: ModelArtifact) -> None:
         self.model = load_keras(model.path)
+        check_one_input(model.path, len(self.model.inputs))
         shape = self.model.inputs[0].shape
-        self.sample_shape = tuple(None if d is None else int(d) for d in shape[1:])
+        self._setup(model.path, tuple(None if d is None else int(d) for d in shape[1:]))
 
-    def predict(self, x: FloatArray) -> FloatArray:
+    def _predict(self, x: FloatArray) -> FloatArray:
         out = [np.asarray(self.model(x[i : i + 256], training=False)) for i in range(0, len(x), 256)]
         return np.concatenate(out).astype(np.float32)
 
-    def invoke_one(self, x: FloatArray) -> None:
-        self.model(x, training=False)
 
-
-class SavedModelRunner:
+class SavedModelRunner(_OneInput):
     def __init__(self, model: ModelArtifact) -> None:
         tf = extras.tensorflow()
         try:
@@ -182,23 +266,20 @@ class SavedModelRunner:
         specs = self.fn.structured_input_signature[1]
         check_one_input(model.path, len(specs))
         self.input_key, spec = next(iter(specs.items()))
-        self.sample_shape = tuple(None if d is None else int(d) for d in spec.shape[1:])
+        self._setup(model.path, tuple(None if d is None else int(d) for d in spec.shape[1:]))
         self.batch = spec.shape[0]
 
-    def _call(self, x: FloatArray) -> FloatArray:
+    def _signature(self, x: FloatArray) -> FloatArray:
         outputs = self.fn(**{self.input_key: x})
         return np.asarray(next(iter(outputs.values())), dtype=np.float32)
 
-    def predict(self, x: FloatArray) -> FloatArray:
+    def _predict(self, x: FloatArray) -> FloatArray:
         if self.batch is None:
-            return self._call(x)
-        return np.concatenate([self._call(x[i : i + 1]) for i in range(len(x))])
-
-    def invoke_one(self, x: FloatArray) -> None:
-        self._call(x)
+            return self._signature(x)
+        return np.concatenate([self._signature(x[i : i + 1]) for i in range(len(x))])
 
 
-class TorchRunner:
+class TorchRunner(_OneInput):
     """A ``torch.export`` program (``.pt2``); a dynamic batch dimension is used as such."""
 
     def __init__(self, model: ModelArtifact) -> None:
@@ -211,24 +292,21 @@ class TorchRunner:
         fixed = [d if isinstance(d, int) else None for d in shape]
         # A batch size fixed at export time is run sample by sample in chunks of that size.
         self.batch = fixed[0]
-        self.sample_shape = tuple(fixed[1:])
+        self._setup(model.path, tuple(fixed[1:]))
         self.module = program.module()
 
-    def _call(self, x: FloatArray) -> FloatArray:
+    def _forward(self, x: FloatArray) -> FloatArray:
         with self.torch.no_grad():
             out = self.module(self.torch.from_numpy(np.ascontiguousarray(x)))
         return np.asarray(out.detach().numpy(), dtype=np.float32)
 
-    def predict(self, x: FloatArray) -> FloatArray:
+    def _predict(self, x: FloatArray) -> FloatArray:
         step = self.batch or 512
         if self.batch is None or len(x) % step == 0:
-            return np.concatenate([self._call(x[i : i + step]) for i in range(0, len(x), step)])
-        rows = []
+            return np.concatenate([self._forward(x[i : i + step]) for i in range(0, len(x), step)])
+        parts = []
         for i in range(0, len(x), step):
             chunk = x[i : i + step]
             padded = np.concatenate([chunk, np.repeat(chunk[-1:], step - len(chunk), axis=0)])
-            rows.append(self._call(padded)[: len(chunk)])
-        return np.concatenate(rows)
-
-    def invoke_one(self, x: FloatArray) -> None:
-        self.predict(x)
+            parts.append(self._forward(padded)[: len(chunk)])
+        return np.concatenate(parts)

@@ -150,13 +150,18 @@ _BOARD_RULES = (
 _L4T_LINE = re.compile(r"#\s*R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)(?:.*?BOARD:\s*([\w-]+))?")
 
 
-def detect(root: Path = Path("/"), override: str | None = None) -> Detection:
+def detect(
+    root: Path = Path("/"), override: str | Profile | None = None, *, profiles_dir: Path | None = None
+) -> Detection:
     """Detect the device profile from the files under ``root``.
 
-    ``override`` names a profile to use whatever the hardware says (the operator's
-    ``profile`` setting); detection still runs so the evidence and notes are reported.
+    ``override`` names a profile (or is one, loaded from ``--profile-file``) to use whatever
+    the hardware says (the operator's ``profile`` setting); detection still runs so the
+    evidence and notes are reported. Profiles are looked up in ``profiles_dir`` first, then
+    among the shipped ones (:func:`~devices.profile.load_profile`).
     Raises :class:`~devices.errors.DetectionError` when ``root`` is not a readable folder
-    or no profile fits, and :class:`~devices.errors.UnknownProfile` for a bad override.
+    or no profile fits, :class:`~devices.errors.UnknownProfile` for a bad override name and
+    :class:`~devices.errors.ProfileInvalid` for a bad profile file.
     """
     if not root.is_dir():
         raise DetectionError(f"detection root {root} is not a directory", root=str(root))
@@ -167,14 +172,16 @@ def detect(root: Path = Path("/"), override: str | None = None) -> Detection:
     notes = [arch_note] if arch_note else []
 
     edgetpu = _edgetpu_kind(evidence)
+    chosen: Profile | None = None
     if override is not None:
-        chosen = load_profile(override)  # an unknown name fails before anything else
+        # An unknown name or a bad file fails before anything else.
+        chosen = override if isinstance(override, Profile) else load_profile(override, profiles_dir)
         try:
             board, _, _ = _match_board(evidence, architecture, root)
             alone = _describe(board, edgetpu)
         except DetectionError as exc:  # the override is how an operator gets past this
             board, alone = None, f"no profile ({exc})"
-        profile_name, host_name = override, board if chosen.accessory else None
+        profile_name, host_name = chosen.name, board if chosen.accessory else None
         source: Literal["detected", "fallback", "override"] = "override"
         reason = f"set by the operator; detection alone gives {alone}"
     else:
@@ -186,8 +193,8 @@ def detect(root: Path = Path("/"), override: str | None = None) -> Detection:
         elif set(evidence.usb_ids) & CORAL_USB_IDS:
             notes.append("a Coral USB accelerator is attached too; the Dev Board's own Edge TPU is used")
 
-    profile = load_profile(profile_name)
-    host = load_profile(host_name) if host_name else None
+    profile = chosen or load_profile(profile_name, profiles_dir)
+    host = load_profile(host_name, profiles_dir) if host_name else None
     notes.extend(_notes(profile, host, evidence, architecture))
     return Detection(
         profile=profile_name,

@@ -4,8 +4,9 @@
 
     edgeagent.errors.EdgeError      (the project's root: the CLI prints it as one line)
     └── DeviceError                 root of this package; every error carries a one-line message
-        ├── UnknownProfile          a profile name that no shipped profile file defines (also a UsageError)
-        ├── ProfileInvalid          a profile file is not TOML or fails the schema (a packaging bug)
+        ├── UnknownProfile          a profile name that no shipped profile file defines (a UsageError: exit 2)
+        ├── ProfileInvalid          a profile file cannot be read, is not TOML, or fails the schema
+        │                           (a UsageError: exit 2, like agent.toml)
         └── DetectionError          the root filesystem given to detection cannot be read
 
 ``DeviceError`` subclasses :class:`edgeagent.errors.EdgeError` so that both command-line
@@ -23,7 +24,7 @@ class DeviceError(EdgeError):
 
 
 class UnknownProfile(DeviceError, UsageError):
-    """No profile of that name ships with this version (a usage error: exit 2)."""
+    """No profile of that name ships with this version."""
 
     def __init__(self, name: str, known: list[str]) -> None:
         super().__init__(f"unknown device profile {name!r} (known: {', '.join(known)})")
@@ -31,12 +32,18 @@ class UnknownProfile(DeviceError, UsageError):
         self.known = known
 
 
-class ProfileInvalid(DeviceError):
-    """A shipped profile file cannot be parsed or fails the schema."""
+class ProfileInvalid(DeviceError, UsageError):
+    """A profile file cannot be read or parsed, or fails the schema.
 
-    def __init__(self, message: str, *, profile: str) -> None:
-        super().__init__(f"device profile {profile!r}: {message}")
+    ``path`` names an operator's file (a profiles folder, ``--profile-file``); ``profile``
+    a shipped profile (a packaging bug). The message names the file and the field.
+    """
+
+    def __init__(self, message: str, *, profile: str | None = None, path: str | None = None) -> None:
+        where = f"profile file {path}" if path is not None else f"device profile {profile!r}"
+        super().__init__(f"{where}: {message}")
         self.profile = profile
+        self.path = path
 
 
 class DetectionError(DeviceError):

@@ -1,9 +1,10 @@
 """Hardware profiles: what a kind of board is, and in which order to try runtimes on it.
 
-A profile is a TOML data file in ``devices/profiles/`` (shipped as package data), validated
-by :class:`Profile`. Its ordered :class:`Candidate` list is hardware policy expressed as
-plain data: the runtime adapters read (runtime, delegate, precision, artifact, threads)
-and never ask which board they are on.
+A profile is a TOML data file in ``devices/profiles/`` (shipped as package data) or in an
+operator's folder (``/etc/edgeagent/profiles/`` by default, where a file replaces the shipped
+profile of the same name), validated by :class:`Profile`. Its ordered :class:`Candidate`
+list is hardware policy expressed as plain data: the runtime adapters read (runtime,
+delegate, precision, artifact, threads) and never ask which board they are on.
 
 An *accessory* profile (the Coral USB accelerator) describes hardware that sits on some
 host board. Its candidates go first and the host board's candidates follow
@@ -14,8 +15,12 @@ when a bundle has no Edge TPU artifact.
 from __future__ import annotations
 
 import functools
+import logging
+import re
 import sys
+from collections.abc import Iterable
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -30,16 +35,24 @@ else:  # pragma: no cover - exercised on 3.10 devices only
 if TYPE_CHECKING:
     from importlib.abc import Traversable
 
+log = logging.getLogger(__name__)
+
+# Where an operator adds or replaces profiles without editing the package (agent.toml
+# `profiles_dir`, `--profiles-dir`). A file there named like a shipped profile replaces it.
+DEFAULT_PROFILES_DIR = Path("/etc/edgeagent/profiles")  # also in edgeagent/defaults.py (for --help)
+
 Runtime = Literal["litert", "onnxruntime"]
 Precision = Literal["fp32", "fp16", "int8"]
 Architecture = Literal["aarch64", "x86_64"]
 MemoryClass = Literal["small", "medium", "large"]
 Accelerator = Literal["edgetpu", "nvidia-gpu", "nvidia-dla"]
 
+_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+_NAME_RE = re.compile(_NAME_PATTERN)
 ProfileName = Annotated[
     str,
     Field(
-        pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$",
+        pattern=_NAME_PATTERN,
         description="Profile name: lowercase letters, digits, '-' or '_'; the file is <name>.toml.",
     ),
 ]
@@ -201,41 +214,105 @@ class Profile(_Strict):
         return self
 
 
-def _profiles_dir() -> Traversable:
+def _shipped_dir() -> Traversable:
     return resources.files("devices").joinpath("profiles")
 
 
-@functools.cache
-def list_profiles() -> list[str]:
-    """Names of every shipped profile, sorted."""
-    names = (entry.name for entry in _profiles_dir().iterdir())
-    return sorted(name.removesuffix(".toml") for name in names if name.endswith(".toml"))
+def _toml_names(entries: Iterable[str]) -> set[str]:
+    return {name.removesuffix(".toml") for name in entries if name.endswith(".toml")}
 
 
 @functools.cache
-def load_profile(name: str) -> Profile:
-    """Load and validate the shipped profile ``name``.
+def _shipped_names() -> frozenset[str]:
+    return frozenset(_toml_names(entry.name for entry in _shipped_dir().iterdir()))
+
+
+def _local_names(profiles_dir: Path | None) -> set[str]:
+    """Profile names defined by ``<name>.toml`` files in ``profiles_dir`` (none if it is absent)."""
+    if profiles_dir is None or not profiles_dir.is_dir():
+        return set()
+    try:
+        names = _toml_names(entry.name for entry in profiles_dir.iterdir())
+    except OSError as exc:
+        raise ProfileInvalid(f"cannot list the folder ({exc.strerror})", path=str(profiles_dir)) from exc
+    valid = {n for n in names if _NAME_RE.fullmatch(n)}
+    for bad in sorted(names - valid):
+        log.warning("ignoring %s: not a profile name (lowercase letters, digits, '-', '_')", f"{bad}.toml")
+    return valid
+
+
+def list_profiles(profiles_dir: Path | None = None) -> list[str]:
+    """Names of every shipped profile and of every ``*.toml`` in ``profiles_dir``, sorted."""
+    return sorted(_shipped_names() | _local_names(profiles_dir))
+
+
+def load_profile(name: str, profiles_dir: Path | None = None) -> Profile:
+    """Load and validate the profile ``name``: ``profiles_dir/<name>.toml`` if that file
+    exists (a local profile replaces a shipped one of the same name), else the shipped one.
 
     Raises :class:`UnknownProfile` for a name no file defines and :class:`ProfileInvalid`
-    for a file that is not TOML or fails the schema.
+    for a file that is not TOML or fails the schema (naming the file and the field).
     """
-    known = list_profiles()
-    if name not in known:
-        raise UnknownProfile(name, known)
-    text = _profiles_dir().joinpath(f"{name}.toml").read_text(encoding="utf-8")
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ProfileInvalid(f"not valid TOML ({exc})", profile=name) from exc
-    try:
-        profile = Profile.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise ProfileInvalid(f"{where}: {first['msg']}", profile=name) from exc
+    if profiles_dir is not None and name in _local_names(profiles_dir):
+        return _load_local(profiles_dir / f"{name}.toml", name)
+    if name not in _shipped_names():
+        raise UnknownProfile(name, list_profiles(profiles_dir))
+    return _load_shipped(name)
+
+
+def load_profile_file(path: Path) -> Profile:
+    """Load and validate the profile in the file ``path`` (any file name; ``--profile-file``)."""
+    return _load_local(path, None)
+
+
+@functools.cache
+def _load_shipped(name: str) -> Profile:
+    text = _shipped_dir().joinpath(f"{name}.toml").read_text(encoding="utf-8")
+    profile = _parse(text, name=name, path=None)
     if profile.name != name:
         raise ProfileInvalid(f"file {name}.toml says name = {profile.name!r}", profile=name)
     return profile
+
+
+def _load_local(path: Path, name: str | None) -> Profile:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProfileInvalid("no such file", path=str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ProfileInvalid(f"cannot read it ({reason})", path=str(path)) from exc
+    profile = _parse(text, name=name or path.stem, path=path)
+    if name is not None and profile.name != name:
+        raise ProfileInvalid(f"name: {profile.name!r} differs from the file name {name}.toml", path=str(path))
+    return profile
+
+
+def _parse(text: str, *, name: str, path: Path | None) -> Profile:
+    where_file = {"profile": name} if path is None else {"path": str(path)}
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileInvalid(f"not valid TOML ({exc})", **where_file) from exc
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as exc:
+        # Every problem, not the first and a count: the one the operator typed may be the second.
+        problems = "; ".join(
+            f"{_field(e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
+        )
+        raise ProfileInvalid(problems, **where_file) from exc
+
+
+def _field(loc: tuple[int | str, ...]) -> str:
+    """A pydantic location as a TOML reader counts it: ``[[candidates]] #2 delegate``."""
+    parts: list[str] = []
+    for part in loc:
+        if isinstance(part, int) and parts:
+            parts[-1] = f"[[{parts[-1]}]] #{part + 1}"
+        else:
+            parts.append(str(part))
+    return " ".join(parts) or "(top level)"
 
 
 def resolve_candidates(profile: Profile, host: Profile | None = None) -> list[Candidate]:

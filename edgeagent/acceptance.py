@@ -1,8 +1,10 @@
 """On-device acceptance: run a bundle's golden set on a loaded model and judge it against the gate.
 
-The golden ``.npz`` holds ``inputs`` (N, ...), optionally ``labels`` (N,) and ``reference``
-(N, ...) outputs of the original float model. Each sample runs on its own (batch 1), as
-requests do, so the same pass yields the accuracy numbers and the per-request latency.
+The golden ``.npz`` (:mod:`edgeagent.bundle.golden`) holds one array per model input, and
+optionally ``labels`` (N,) and the original float model's outputs. Each sample runs on its
+own (batch 1, every input fed), as requests do, so the same pass yields the accuracy numbers
+and the per-request latency. Accuracy and top-1 agreement judge the first output; the
+tolerance bounds judge every output the golden set has a reference for.
 The :class:`Verdict` lists every number next to its bound; ``reason`` names the first
 bound that was missed, in words an event can carry ("accuracy 0.912 < min_accuracy 0.950").
 """
@@ -10,6 +12,7 @@ bound that was missed, in words an event can carry ("accuracy 0.912 < min_accura
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -17,7 +20,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgeagent.bundle import golden as bundle_golden
+from edgeagent.bundle.golden import GoldenSet, match_inputs, match_outputs
 from edgeagent.bundle.manifest import AcceptanceGate
+from edgeagent.errors import UsageError
 from edgeagent.runtimes.model import LoadedModel
 
 WARMUP_RUNS = 3
@@ -32,7 +37,10 @@ class _Frozen(BaseModel):
 class Check(_Frozen):
     """One number of the verdict against its bound."""
 
-    name: str = Field(description="accuracy, top1_agreement, tolerance_ratio or latency_p95_ms.")
+    name: str = Field(
+        description="accuracy, top1_agreement, tolerance_ratio (tolerance_ratio[<output>] for each "
+        "output of a model with several) or latency_p95_ms."
+    )
     value: float | None = Field(description="What was measured; None when it could not be.")
     op: Literal[">=", "<="] = Field(description="How value must compare with bound to pass.")
     bound: float = Field(description="The gate's bound.")
@@ -77,42 +85,36 @@ class Verdict(_Frozen):
     )
 
 
-def load_golden(path: Path) -> dict[str, np.ndarray]:
-    """The arrays of a golden ``.npz`` (``inputs``, optional ``labels``, ``reference``), validated."""
-    golden = bundle_golden.load_golden(path)
-    arrays = {"inputs": golden.inputs, "labels": golden.labels, "reference": golden.reference}
-    return {k: v for k, v in arrays.items() if v is not None}
+def load_golden(path: Path) -> GoldenSet:
+    """The golden set of a bundle, validated (see :mod:`edgeagent.bundle.golden`)."""
+    return bundle_golden.load_golden(path)
 
 
 def run_acceptance(
     model: LoadedModel,
     gate: AcceptanceGate,
-    golden: dict[str, np.ndarray] | None,
+    golden: GoldenSet | Mapping[str, np.ndarray] | None,
     *,
     profile: str | None = None,
 ) -> Verdict:
-    """Run ``golden`` (from :func:`load_golden`; None when the bundle has none) on ``model``."""
-    if golden is not None:
-        inputs = golden["inputs"]
-    else:
-        spec = model.inputs[0]
-        shape = [1 if d is None else d for d in spec.shape]
-        inputs = np.zeros([SYNTHETIC_RUNS, *shape[1:]], model.caller_dtype(spec.name))
-    for i in range(min(WARMUP_RUNS, len(inputs))):
-        model.predict(inputs[i : i + 1])
-    times = np.empty(len(inputs))
-    outputs = []
-    for i in range(len(inputs)):
+    """Run ``golden`` (a :class:`GoldenSet`, or its ``.npz`` arrays; None when the bundle has none)."""
+    if golden is not None and not isinstance(golden, GoldenSet):
+        golden = GoldenSet.from_arrays(golden)
+    samples = _golden_samples(model, golden) if golden is not None else _synthetic_samples(model)
+    for feeds in samples[:WARMUP_RUNS]:
+        model.predict(feeds)
+    times = np.empty(len(samples))
+    results = []
+    for i, feeds in enumerate(samples):
         start = time.perf_counter()
-        result = model.predict(inputs[i : i + 1])
+        result = model.predict(feeds)
         times[i] = time.perf_counter() - start
-        outputs.append(result[0])
+        results.append(result)
     times_ms = times * 1e3
     p50, p95, p99 = (float(v) for v in np.percentile(times_ms, [50, 95, 99]))
     latency = Latency(runs=len(times), p50_ms=p50, p95_ms=p95, p99_ms=p99, max_ms=float(times_ms.max()))
-    checks = []
-    if golden is not None:
-        checks = _data_checks(gate, golden, np.concatenate(outputs))
+    outputs = {name: _rows([r[k] for r in results]) for k, name in enumerate(model.output_names)}
+    checks = _data_checks(gate, golden, outputs) if golden is not None else []
     budget = gate.latency_p95_ms.get(profile or "", gate.latency_p95_ms.get("*"))
     if budget is not None:
         checks.append(
@@ -126,7 +128,7 @@ def run_acceptance(
             )
         )
     failed = [c for c in checks if not c.passed]
-    predicted_classes = _class_counts(outputs) if golden is not None else None
+    predicted_classes = _class_counts([r[0] for r in results]) if golden is not None else None
     return Verdict(
         passed=not failed,
         reason="; ".join(c.sentence() for c in failed) or None,
@@ -134,11 +136,35 @@ def run_acceptance(
         delegate=model.delegate,
         precision=model.precision,
         profile=profile,
-        samples=len(inputs) if golden is not None else 0,
+        samples=len(samples) if golden is not None else 0,
         checks=checks,
         latency=latency,
         predicted_classes=predicted_classes,
     )
+
+
+def _golden_samples(model: LoadedModel, golden: GoldenSet) -> list[dict[str, np.ndarray]]:
+    """One feed per golden sample with every input of the model (a scalar input as a 0-d array)."""
+    inputs = match_inputs(golden.inputs, [s.name for s in model.inputs])
+    scalar = {s.name for s in model.inputs if not s.shape}
+    return [
+        {name: (a[i] if name in scalar else a[i : i + 1]) for name, a in inputs.items()}
+        for i in range(len(golden))
+    ]
+
+
+def _synthetic_samples(model: LoadedModel) -> list[dict[str, np.ndarray]]:
+    """Latency-only gates: zeros for every input, dynamic dimensions as 1 (a zero token id is valid)."""
+    feeds = {
+        spec.name: np.zeros([1 if d is None else d for d in spec.shape], model.caller_dtype(spec.name))
+        for spec in model.inputs
+    }
+    return [feeds] * SYNTHETIC_RUNS
+
+
+def _rows(parts: list[np.ndarray]) -> np.ndarray:
+    """Per-sample outputs as one (N, ...) array (a scalar output: (N,))."""
+    return np.stack(parts) if parts[0].ndim == 0 else np.concatenate(parts)
 
 
 def _class_counts(outputs: list[np.ndarray]) -> dict[str, int] | None:
@@ -149,12 +175,19 @@ def _class_counts(outputs: list[np.ndarray]) -> dict[str, int] | None:
     return {str(int(c)): int(n) for c, n in zip(classes, counts, strict=True)}
 
 
-def _data_checks(gate: AcceptanceGate, golden: dict[str, np.ndarray], outputs: np.ndarray) -> list[Check]:
+def _data_checks(gate: AcceptanceGate, golden: GoldenSet, outputs: dict[str, np.ndarray]) -> list[Check]:
     checks = []
-    n = len(outputs)
-    predicted = outputs.reshape(n, -1).argmax(axis=1)
-    labels = golden.get("labels")
-    reference = golden.get("reference")
+    first = next(iter(outputs.values()))
+    n = len(first)
+    predicted = first.reshape(n, -1).argmax(axis=1)
+    labels = golden.labels
+    try:
+        references = match_outputs(golden.reference, list(outputs))
+    except UsageError as exc:
+        references, missing = {}, str(exc)
+    else:
+        missing = "the golden set has no reference outputs"
+    reference = references.get(next(iter(outputs)))
     if gate.min_accuracy is not None:
         if labels is None:
             checks.append(_missing("accuracy", ">=", gate.min_accuracy, "the golden set has no 'labels'"))
@@ -172,9 +205,8 @@ def _data_checks(gate: AcceptanceGate, golden: dict[str, np.ndarray], outputs: n
             )
     if gate.min_top1_agreement is not None:
         if reference is None:
-            checks.append(
-                _missing("top1_agreement", ">=", gate.min_top1_agreement, "the golden set has no 'reference'")
-            )
+            why = missing if not references else "the golden set has no reference for the first output"
+            checks.append(_missing("top1_agreement", ">=", gate.min_top1_agreement, why))
         else:
             agreement = float(np.mean(predicted == reference.reshape(n, -1).argmax(axis=1)))
             checks.append(
@@ -188,17 +220,22 @@ def _data_checks(gate: AcceptanceGate, golden: dict[str, np.ndarray], outputs: n
                 )
             )
     if gate.atol is not None or gate.rtol is not None:
-        checks.append(_tolerance_check(gate.atol or 0.0, gate.rtol or 0.0, outputs, reference))
+        if not references:
+            checks.append(_missing("tolerance_ratio", "<=", 1.0, missing))
+        # One check per compared output; a single-output model keeps the plain name.
+        for name, ref in references.items():
+            label = "tolerance_ratio" if len(outputs) == 1 else f"tolerance_ratio[{name}]"
+            checks.append(_tolerance_check(label, gate.atol or 0.0, gate.rtol or 0.0, outputs[name], ref))
     return checks
 
 
-def _tolerance_check(atol: float, rtol: float, outputs: np.ndarray, reference: np.ndarray | None) -> Check:
+def _tolerance_check(
+    name: str, atol: float, rtol: float, outputs: np.ndarray, reference: np.ndarray
+) -> Check:
     """max |out - ref| / (atol + rtol * |ref|) over every element: <= 1 is numpy's allclose."""
-    if reference is None:
-        return _missing("tolerance_ratio", "<=", 1.0, "the golden set has no 'reference'")
     if reference.shape != outputs.shape:
         return _missing(
-            "tolerance_ratio",
+            name,
             "<=",
             1.0,
             f"reference shape {list(reference.shape)} != output {list(outputs.shape)}",
@@ -209,7 +246,7 @@ def _tolerance_check(atol: float, rtol: float, outputs: np.ndarray, reference: n
         ratio = np.where(error == 0, 0.0, error / allowed)
     worst = float(np.nanmax(ratio)) if ratio.size else 0.0
     return Check(
-        name="tolerance_ratio",
+        name=name,
         value=worst,
         op="<=",
         bound=1.0,

@@ -46,7 +46,7 @@ from edgeagent.protocol import (
     parse,
 )
 from edgeagent.protocol import Event as EventMsg
-from edgeagent.serving.loader import prepare_served_model
+from edgeagent.serving.loader import prepare_served_model, served_gate
 from edgeagent.serving.server import InferenceServer
 from edgeagent.signing import KeyRing
 from edgeagent.storage import atomic_write_bytes
@@ -286,7 +286,7 @@ class Agent:
             if (only is not None and name != only) or served.bundle_sha256 is None:
                 continue
             folder = self.store.bundle_dir(served.bundle_sha256)
-            gate = parse_manifest((folder / MANIFEST_NAME).read_bytes()).acceptance
+            gate = served_gate(parse_manifest((folder / MANIFEST_NAME).read_bytes()), served.decision)
             golden = load_golden(folder / gate.golden) if gate.golden else None
             verdict = run_acceptance(served.model, gate, golden, profile=self.detection.profile)
             results[name] = verdict.model_dump(mode="json")
@@ -450,7 +450,13 @@ class Agent:
         folder = self.store.bundle_dir(sha)
         manifest = parse_manifest((folder / MANIFEST_NAME).read_bytes())
         return prepare_served_model(
-            folder, manifest, self.candidates, profile=self.detection.profile, name=name, bundle_sha256=sha
+            folder,
+            manifest,
+            self.candidates,
+            profile=self.detection.profile,
+            name=name,
+            bundle_sha256=sha,
+            precisions=self.config.precision_for(name),
         )
 
     def _rollback(self, name: str, journal: Journal) -> None:

@@ -183,13 +183,7 @@ class Client:
         reply_type = headers.get("content-type", "")
         if reply_type == JSON:
             doc = json.loads(payload)
-            outs = doc["outputs"]
-            names = doc.get("output_names") or ["output"]
-            outputs = (
-                {k: np.asarray(v) for k, v in outs.items()}
-                if isinstance(outs, dict)
-                else {names[0]: np.asarray(outs)}
-            )
+            outputs = _json_outputs(doc)
             return ClientPrediction(
                 outputs,
                 doc["id"],
@@ -415,6 +409,16 @@ class Client:
         if headers.get("connection", "").lower() == "close":
             self.close()
         return int(status), headers, payload
+
+
+def _json_outputs(doc: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A JSON reply's outputs by name, in the dtypes the server reports (older servers: none)."""
+    outs = doc["outputs"]
+    names = doc.get("output_names") or ["output"]
+    dtypes = dict(zip(names, doc.get("output_dtypes") or [], strict=False))
+    if not isinstance(outs, dict):
+        outs = {names[0]: outs}
+    return {k: np.asarray(v, dtype=dtypes.get(k)) for k, v in outs.items()}
 
 
 def _header_fields(lines: str) -> dict[str, str]:

@@ -20,10 +20,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from devices.errors import UnknownProfile
-from devices.profile import list_profiles
+from devices.profile import DEFAULT_PROFILES_DIR, Precision, list_profiles
 from edgeagent.defaults import CONFIG_ENV, DEFAULT_CONFIG_PATH
 from edgeagent.errors import UsageError
 from edgeagent.validation import problems
@@ -72,9 +72,26 @@ class AgentConfig(BaseModel):
         default=Path("/var/lib/edgeagent"),
         description="The store: downloads, verified bundles, per-model current/previous links, journal.",
     )
+    profiles_dir: Path = Field(
+        default=DEFAULT_PROFILES_DIR,
+        description=(
+            "Folder of local device profiles (<name>.toml); one named like a shipped profile replaces it."
+        ),
+    )
     profile: str | None = Field(
         default=None,
         description="Device profile to use instead of detecting one (`edgeagent detect`); unset = detect.",
+    )
+    precision: list[Precision] = Field(
+        default_factory=list,
+        description=(
+            "Artifact precisions every model may be served from, most preferred first (e.g. fp32, int8); "
+            "empty = the profile's order."
+        ),
+    )
+    model_precision: dict[str, list[Precision]] = Field(
+        default_factory=dict,
+        description="Per model name, the same list; wins over `precision` for that model.",
     )
     detect_root: Path = Field(
         default=Path("/"),
@@ -160,10 +177,31 @@ class AgentConfig(BaseModel):
 
     @field_validator("profile")
     @classmethod
-    def _known_profile(cls, value: str | None) -> str | None:
-        if value is not None and value not in list_profiles():
-            raise ValueError(str(UnknownProfile(value, list_profiles())))
+    def _known_profile(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return value
+        known = list_profiles(info.data.get("profiles_dir"))  # validated before: declared before
+        if value not in known:
+            raise ValueError(str(UnknownProfile(value, known)))
         return value
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        # EDGEAGENT_PRECISION=fp32,int8 arrives as one string.
+        return [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else value
+
+    @field_validator("precision", "model_precision")
+    @classmethod
+    def _no_repeats(cls, value: list[str] | dict[str, list[str]]) -> list[str] | dict[str, list[str]]:
+        for listed in value.values() if isinstance(value, dict) else [value]:
+            if len(set(listed)) != len(listed):
+                raise ValueError(f"{listed} names a precision twice")
+        return value
+
+    def precision_for(self, model: str) -> list[Precision]:
+        """The precision override for the model served as ``model`` (empty: none)."""
+        return self.model_precision.get(model, self.precision)
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:

@@ -12,3 +12,4 @@ DEFAULT_CONFIG_PATH = Path("/etc/edgeagent/agent.toml")
 CONFIG_ENV = "EDGEAGENT_CONFIG"
 DEFAULT_PREFIX = "edge"  # first level of every MQTT topic
 DEFAULT_SOCKET = Path("/run/edgeagent/agent.sock")  # socket_path in agent.toml, by default
+DEFAULT_PROFILES_DIR = Path("/etc/edgeagent/profiles")  # an operator's own device profiles

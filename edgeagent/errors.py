@@ -44,6 +44,16 @@ boundary that calls them, with ``raise ... from exc``.
 
 from __future__ import annotations
 
+from typing import Any
+
+
+def _rebuild(cls: type[EdgeError], args: tuple[Any, ...], state: dict[str, Any]) -> EdgeError:
+    """Unpickle an :class:`EdgeError` without calling its ``__init__`` (see ``__reduce__``)."""
+    exc = cls.__new__(cls, *args)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
 
 class EdgeError(Exception):
     """Root of every error raised on purpose by edgeagent."""
@@ -54,6 +64,13 @@ class EdgeError(Exception):
         if not message:
             raise ValueError("an EdgeError needs a message")
         super().__init__(message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception's own pickling calls ``cls(*args)``, which fails for every subclass with
+        # keyword-only fields (``InputError(message, code=...)``) or a reworded message; a
+        # worker process that raised one then hung its parent. Rebuild from the final message
+        # and the instance fields instead, whatever the constructor's signature.
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
 
 
 class UsageError(EdgeError):
@@ -230,16 +247,19 @@ class NoCandidate(EdgeError):
 
 
 class AcceptanceFailed(EdgeError):
-    """The chosen candidate missed the bundle's acceptance gate.
+    """No candidate's artifact passed its own acceptance gate.
 
-    ``verdict`` is the :class:`edgeagent.acceptance.Verdict` (each number next to its bound).
+    ``verdict`` is the :class:`edgeagent.acceptance.Verdict` of the first one tried (each
+    number next to its bound); ``decision``, when set, the :class:`edgeagent.selection.Decision`
+    with every candidate tried and why it was rejected.
     """
 
     code = "acceptance_failed"
 
-    def __init__(self, message: str, *, verdict: object) -> None:
+    def __init__(self, message: str, *, verdict: object, decision: object = None) -> None:
         super().__init__(message)
         self.verdict = verdict
+        self.decision = decision
 
 
 class ServingError(EdgeError):

@@ -9,12 +9,14 @@ Candidates are the device profile's ordered (runtime, delegate/provider, precisi
 3. it loads, and the delegate/provider it asked for is the one in use (a
    :class:`~edgeagent.runtimes.base.Fallback` rejects the candidate: the profile lists the
    CPU path as a later candidate of its own);
-4. with ``autotune``, its golden-set run passes the acceptance gate.
+4. the artifact passes its OWN acceptance gate on the golden set (a bundle may give each
+   artifact its own gate; one that fails is closed and the next artifact or candidate is
+   tried), so a weak artifact is never served however highly the profile ranks it.
 
-Without ``autotune`` the first candidate that loads wins (profile order is the policy);
-with it every candidate is loaded and the one with the lowest p50 latency wins. Either
-way the :class:`Decision` records the choice, every rejected candidate with the stage
-and reason, and the timings measured.
+Without ``autotune`` the first candidate whose artifact loads and passes wins (profile
+order is the policy); with it every candidate is loaded and the passing one with the
+lowest p50 latency wins. Either way the :class:`Decision` records the choice, every
+rejected candidate with the stage and reason, and the timings measured.
 """
 
 from __future__ import annotations
@@ -24,15 +26,23 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from devices.profile import EDGETPU_SUFFIX, Candidate
-from edgeagent.acceptance import Verdict, run_acceptance
-from edgeagent.bundle.manifest import Manifest, ModelEntry
-from edgeagent.errors import ModelLoadError, NoCandidate, RuntimeUnavailable
+from edgeagent.acceptance import Verdict, load_golden, run_acceptance
+from edgeagent.bundle.golden import GoldenSet
+from edgeagent.bundle.manifest import AcceptanceGate, Manifest, ModelEntry
+from edgeagent.errors import (
+    AcceptanceFailed,
+    InferenceError,
+    InputError,
+    ModelLoadError,
+    NoCandidate,
+    RuntimeUnavailable,
+    UsageError,
+)
 from edgeagent.runtimes import LoadedModel, LoadOptions, get_adapter, load_model
 
 log = logging.getLogger(__name__)
@@ -50,6 +60,9 @@ class Rejection(_Frozen):
     candidate: str = Field(description="runtime/delegate/precision as the profile names it.")
     stage: Stage = Field(description="artifact, runtime, delegate, load, acceptance, or slower (autotune).")
     reason: str
+    artifact: str | None = Field(
+        default=None, description="Model path inside the bundle, once one was picked for the candidate."
+    )
 
 
 class Timing(_Frozen):
@@ -58,9 +71,9 @@ class Timing(_Frozen):
     candidate: str
     artifact: str = Field(description="Model path inside the bundle.")
     load_ms: float
-    p50_ms: float | None = Field(default=None, description="Golden-set p50 (autotune only).")
-    p95_ms: float | None = Field(default=None, description="Golden-set p95 (autotune only).")
-    accepted: bool | None = Field(default=None, description="Acceptance verdict (autotune only).")
+    p50_ms: float | None = Field(default=None, description="Golden-set p50 of the acceptance run.")
+    p95_ms: float | None = Field(default=None, description="Golden-set p95 of the acceptance run.")
+    accepted: bool | None = Field(default=None, description="Whether it passed its own gate.")
 
 
 class Chosen(_Frozen):
@@ -91,28 +104,18 @@ class Selection:
     decision: Decision
     model: LoadedModel
     entry: ModelEntry
-    verdict: Verdict | None  # the chosen candidate's acceptance verdict (autotune only)
+    verdict: Verdict  # the chosen artifact's acceptance verdict against its own gate
 
 
-def find_artifact(manifest: Manifest, candidate: Candidate, profile: str | None) -> ModelEntry | str:
-    """The bundle's model entry for ``candidate``, or the reason there is none."""
+def find_artifacts(manifest: Manifest, candidate: Candidate, profile: str | None) -> list[ModelEntry] | str:
+    """Every model entry of the bundle for ``candidate``, in manifest order, or why there is none."""
     fmt, precision = candidate.artifact_format, candidate.loads_precision
     same_kind = [m for m in manifest.models if m.format == fmt and m.precision == precision]
     if not same_kind:
         return f"the bundle has no {fmt} {precision} artifact"
-    for entry in same_kind:
-        if entry.runtimes and candidate.runtime not in entry.runtimes:
-            continue
-        compiled_for_tpu = entry.path.endswith(EDGETPU_SUFFIX)
-        if candidate.artifact_suffix is not None and not entry.path.endswith(candidate.artifact_suffix):
-            continue
-        if candidate.artifact_suffix is None and compiled_for_tpu:
-            continue  # an Edge TPU build runs only on the Edge TPU
-        if entry.delegates and candidate.delegate not in entry.delegates:
-            continue
-        if entry.profiles and profile not in entry.profiles:
-            continue
-        return entry
+    found = [entry for entry in same_kind if _suits(entry, candidate, profile)]
+    if found:
+        return found
     wanted = f" ending in {candidate.artifact_suffix}" if candidate.artifact_suffix else ""
     return (
         f"no {fmt} {precision} artifact{wanted} is meant for runtime {candidate.runtime}, "
@@ -120,12 +123,58 @@ def find_artifact(manifest: Manifest, candidate: Candidate, profile: str | None)
     )
 
 
+def find_artifact(manifest: Manifest, candidate: Candidate, profile: str | None) -> ModelEntry | str:
+    """The bundle's first model entry for ``candidate``, or the reason there is none."""
+    found = find_artifacts(manifest, candidate, profile)
+    return found if isinstance(found, str) else found[0]
+
+
+def _suits(entry: ModelEntry, candidate: Candidate, profile: str | None) -> bool:
+    if entry.runtimes and candidate.runtime not in entry.runtimes:
+        return False
+    compiled_for_tpu = entry.path.endswith(EDGETPU_SUFFIX)
+    if candidate.artifact_suffix is not None and not entry.path.endswith(candidate.artifact_suffix):
+        return False
+    if candidate.artifact_suffix is None and compiled_for_tpu:
+        return False  # an Edge TPU build runs only on the Edge TPU
+    if entry.delegates and candidate.delegate not in entry.delegates:
+        return False
+    return not (entry.profiles and profile not in entry.profiles)
+
+
+def prefer_precisions(candidates: Sequence[Candidate], precisions: Sequence[str]) -> list[Candidate]:
+    """The candidates that load an artifact of one of ``precisions``, in that order of preference.
+
+    The operator's precision override (agent.toml ``precision``/``model_precision``,
+    ``--precision``). It matches the precision of the *artifact* a candidate loads (the
+    manifest's ``precision``), so ``["fp16"]`` keeps LiteRT's fp32-from-fp16 candidate and
+    ``["fp32"]`` keeps TensorRT's fp16 engine built from an fp32 model. Within one precision
+    the profile's order stands. Empty ``precisions``: the candidates unchanged. Raises
+    :class:`~edgeagent.errors.UsageError` when the override leaves no candidate.
+    """
+    if not precisions:
+        return list(candidates)
+    rank = {precision: i for i, precision in enumerate(precisions)}
+    kept = sorted((c for c in candidates if c.loads_precision in rank), key=lambda c: rank[c.loads_precision])
+    if not kept:
+        loads = sorted({c.loads_precision for c in candidates})
+        raise UsageError(
+            f"precision override {', '.join(precisions)} leaves no candidate of the profile "
+            f"(they load {', '.join(loads) or 'nothing'})"
+        )
+    return kept
+
+
 def load_candidate(
-    bundle_dir: Path, manifest: Manifest, candidate: Candidate, profile: str | None
+    bundle_dir: Path,
+    manifest: Manifest,
+    candidate: Candidate,
+    profile: str | None,
+    entry: ModelEntry | None = None,
 ) -> tuple[LoadedModel, ModelEntry, float] | Rejection:
-    """Load ``candidate`` from an extracted bundle: (model, entry, load ms) or the rejection."""
+    """Load ``candidate`` with ``entry`` (else its first artifact): (model, entry, load ms) or a rejection."""
     name = str(candidate)
-    found = find_artifact(manifest, candidate, profile)
+    found = entry if entry is not None else find_artifact(manifest, candidate, profile)
     if isinstance(found, str):
         return Rejection(candidate=name, stage="artifact", reason=found)
     reason = get_adapter(candidate.runtime).unavailable_reason()
@@ -138,13 +187,36 @@ def load_candidate(
     try:
         model = load_model(bundle_dir / found.path, candidate.runtime, options, precision=candidate.precision)
     except (ModelLoadError, RuntimeUnavailable) as exc:
-        return Rejection(candidate=name, stage="load", reason=str(exc))
+        return Rejection(candidate=name, stage="load", reason=str(exc), artifact=found.path)
     load_ms = (time.perf_counter() - start) * 1e3
     if model.fallbacks:
         model.close()
         why = "; ".join(f.reason for f in model.fallbacks)
-        return Rejection(candidate=name, stage="delegate", reason=f"{candidate.delegate} not usable: {why}")
+        return Rejection(
+            candidate=name,
+            stage="delegate",
+            reason=f"{candidate.delegate} not usable: {why}",
+            artifact=found.path,
+        )
     return model, found, load_ms
+
+
+class GoldenSets:
+    """The golden sets a bundle's gates name, each loaded once (``known``: already loaded ones)."""
+
+    def __init__(self, bundle_dir: Path, known: dict[str, GoldenSet] | None = None) -> None:
+        self.bundle_dir = bundle_dir
+        self.loaded: dict[str, GoldenSet] = dict(known or {})
+
+    def for_gate(self, gate: AcceptanceGate) -> GoldenSet | None:
+        if gate.golden is None:
+            return None
+        if gate.golden not in self.loaded:
+            self.loaded[gate.golden] = load_golden(self.bundle_dir / gate.golden)
+        return self.loaded[gate.golden]
+
+
+_Best = tuple[LoadedModel, ModelEntry, Candidate, Verdict]
 
 
 def select_runtime(
@@ -154,93 +226,143 @@ def select_runtime(
     *,
     profile: str | None = None,
     autotune: bool = False,
-    golden: dict[str, np.ndarray] | None = None,
+    golden: GoldenSet | None = None,
 ) -> Selection:
     """Choose and load the candidate that serves ``manifest`` (extracted in ``bundle_dir``).
 
-    Raises :class:`~edgeagent.errors.NoCandidate` (carrying the decision) when none survives.
+    Every artifact that loads runs the golden set against its own gate
+    (:meth:`~edgeagent.bundle.manifest.Manifest.gate_for`); only one that passes can be
+    chosen. ``golden`` is the bundle-level golden set when the caller has loaded it already.
+
+    Raises :class:`~edgeagent.errors.AcceptanceFailed` when artifacts loaded but none passed
+    its gate, :class:`~edgeagent.errors.NoCandidate` when none loaded (both carry the decision).
     """
+    known = {manifest.acceptance.golden: golden} if golden is not None and manifest.acceptance.golden else {}
+    goldens = GoldenSets(bundle_dir, known)
     rejected: list[Rejection] = []
     timings: list[Timing] = []
     untried: list[str] = []
-    best: tuple[LoadedModel, ModelEntry, Candidate, Verdict | None] | None = None
+    failed: list[tuple[Candidate, ModelEntry, Verdict]] = []
+    best: _Best | None = None
     for candidate in candidates:
+        found = find_artifacts(manifest, candidate, profile)
+        if isinstance(found, str):
+            rejected.append(Rejection(candidate=str(candidate), stage="artifact", reason=found))
+            continue
         if best is not None and not autotune:
-            found = find_artifact(manifest, candidate, profile)
-            if isinstance(found, str):
-                rejected.append(Rejection(candidate=str(candidate), stage="artifact", reason=found))
-            else:
-                untried.append(str(candidate))
+            untried.append(str(candidate))
             continue
-        loaded = load_candidate(bundle_dir, manifest, candidate, profile)
-        if isinstance(loaded, Rejection):
-            rejected.append(loaded)
-            continue
-        model, entry, load_ms = loaded
-        if not autotune:
-            timings.append(Timing(candidate=str(candidate), artifact=entry.path, load_ms=load_ms))
-            best = (model, entry, candidate, None)
-            continue
-        verdict = run_acceptance(model, manifest.acceptance, golden, profile=profile)
-        timings.append(
-            Timing(
-                candidate=str(candidate),
-                artifact=entry.path,
-                load_ms=load_ms,
-                p50_ms=verdict.latency.p50_ms,
-                p95_ms=verdict.latency.p95_ms,
-                accepted=verdict.passed,
-            )
-        )
-        if not verdict.passed:
-            model.close()
-            rejected.append(
-                Rejection(candidate=str(candidate), stage="acceptance", reason=verdict.reason or "")
-            )
-        elif best is None or best[3] is None or verdict.latency.p50_ms < best[3].latency.p50_ms:
-            if best is not None:
-                best[0].close()
-                rejected.append(_slower(best, verdict))
-            best = (model, entry, candidate, verdict)
-        else:
-            model.close()
-            rejected.append(_slower((model, entry, candidate, verdict), best[3]))
-    chosen = None
-    if best is not None:
-        model, entry, candidate, _ = best
-        chosen = Chosen(
-            candidate=str(candidate),
-            runtime=model.runtime,
-            delegate=model.delegate,
-            precision=candidate.precision,
-            artifact=entry.path,
-        )
+        for entry in found:
+            loaded = load_candidate(bundle_dir, manifest, candidate, profile, entry)
+            if isinstance(loaded, Rejection):
+                rejected.append(loaded)
+                if loaded.stage in ("runtime", "delegate"):
+                    # A missing runtime or an unusable delegate/provider fails every artifact of
+                    # the candidate alike; the profile lists the fallback as its own candidate.
+                    break
+                continue
+            model, entry, load_ms = loaded
+            verdict = _judge(model, manifest, entry, goldens, profile)
+            if isinstance(verdict, str):  # the golden set did not even run
+                rejected.append(_refused(candidate, entry, verdict))
+                continue
+            timings.append(_timing(candidate, entry, load_ms, verdict))
+            if not verdict.passed:
+                model.close()
+                failed.append((candidate, entry, verdict))
+                rejected.append(_refused(candidate, entry, f"its own gate: {verdict.reason}"))
+                continue
+            best = _keep_faster(best, (model, entry, candidate, verdict), rejected)
+            if not autotune:
+                break
     decision = Decision(
         bundle=manifest.name,
         version=manifest.version,
         profile=profile,
         mode="autotune" if autotune else "first",
-        chosen=chosen,
+        chosen=_chosen(best),
         rejected=rejected,
         untried=untried,
         timings=timings,
     )
     if best is None:
-        summary = "; ".join(f"{r.candidate}: {r.reason}" for r in rejected) or "the profile lists none"
-        raise NoCandidate(
-            f"no runtime can serve {manifest.name} {manifest.version} here ({summary})", decision=decision
-        )
+        _refuse(manifest, decision, failed)
     log.info("selected %s for %s %s", decision.chosen, manifest.name, manifest.version)
     return Selection(decision=decision, model=best[0], entry=best[1], verdict=best[3])
 
 
-def _slower(
-    loser: tuple[LoadedModel, ModelEntry, Candidate, Verdict | None], winner: Verdict | None
-) -> Rejection:
-    loser_p50 = loser[3].latency.p50_ms if loser[3] else float("nan")
-    winner_p50 = winner.latency.p50_ms if winner else float("nan")
+def _judge(
+    model: LoadedModel, manifest: Manifest, entry: ModelEntry, goldens: GoldenSets, profile: str | None
+) -> Verdict | str:
+    """``model``'s verdict against ``entry``'s own gate, or why the golden set could not run on it."""
+    gate = manifest.gate_for(entry)
+    try:
+        return run_acceptance(model, gate, goldens.for_gate(gate), profile=profile)
+    except (InferenceError, InputError) as exc:
+        # An artifact that fails on the golden set is rejected like one that misses its gate.
+        model.close()
+        return f"the golden set does not run on it: {exc}"
+
+
+def _refused(candidate: Candidate, entry: ModelEntry, reason: str) -> Rejection:
+    return Rejection(candidate=str(candidate), stage="acceptance", reason=reason, artifact=entry.path)
+
+
+def _timing(candidate: Candidate, entry: ModelEntry, load_ms: float, verdict: Verdict) -> Timing:
+    return Timing(
+        candidate=str(candidate),
+        artifact=entry.path,
+        load_ms=load_ms,
+        p50_ms=verdict.latency.p50_ms,
+        p95_ms=verdict.latency.p95_ms,
+        accepted=verdict.passed,
+    )
+
+
+def _keep_faster(best: _Best | None, new: _Best, rejected: list[Rejection]) -> _Best:
+    """The faster of ``best`` and ``new`` (both passed their gates); the other is closed and recorded."""
+    if best is None:
+        return new
+    if new[3].latency.p50_ms < best[3].latency.p50_ms:
+        best[0].close()
+        rejected.append(_slower(best, new[3]))
+        return new
+    new[0].close()
+    rejected.append(_slower(new, best[3]))
+    return best
+
+
+def _chosen(best: _Best | None) -> Chosen | None:
+    if best is None:
+        return None
+    model, entry, candidate, _ = best
+    return Chosen(
+        candidate=str(candidate),
+        runtime=model.runtime,
+        delegate=model.delegate,
+        precision=candidate.precision,
+        artifact=entry.path,
+    )
+
+
+def _refuse(
+    manifest: Manifest, decision: Decision, failed: list[tuple[Candidate, ModelEntry, Verdict]]
+) -> NoReturn:
+    what = f"{manifest.name} {manifest.version}"
+    if failed:
+        # Artifacts ran but none met its own gate: an acceptance failure, which rolls back.
+        reasons = "; ".join(f"{v.reason} ({c}, {e.path})" for c, e, v in failed)
+        message = f"{what} failed acceptance: {reasons}"
+        raise AcceptanceFailed(message, verdict=failed[0][2], decision=decision)
+    summary = "; ".join(f"{r.candidate}: {r.reason}" for r in decision.rejected) or "the profile lists none"
+    raise NoCandidate(f"no runtime can serve {what} here ({summary})", decision=decision)
+
+
+def _slower(loser: _Best, winner: Verdict) -> Rejection:
     return Rejection(
         candidate=str(loser[2]),
         stage="slower",
-        reason=f"p50 {loser_p50:.3f} ms vs {winner_p50:.3f} ms for the chosen candidate",
+        reason=f"p50 {loser[3].latency.p50_ms:.3f} ms vs {winner.latency.p50_ms:.3f} ms "
+        "for the chosen candidate",
+        artifact=loser[1].path,
     )

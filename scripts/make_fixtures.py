@@ -449,11 +449,16 @@ DEMO_MODEL = Path(__file__).resolve().parents[1] / "fleet" / "assets" / "digits_
 
 def write_golden(out: Path, inputs: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> None:
     """golden_mlp.npz (first test samples, labels, mlp.onnx logits) and labels.txt for the demo."""
-    from edgeagent.bundle.golden import GoldenSet, save_golden
+    from edgeagent.bundle.golden import UNNAMED, GoldenSet, save_golden
 
+    # Unnamed (the legacy 'inputs'/'reference' keys): the committed file stays byte-identical.
     save_golden(
         out / "golden_mlp.npz",
-        GoldenSet(inputs.astype(np.float32), labels.astype(np.int64), reference.astype(np.float32)),
+        GoldenSet(
+            {UNNAMED: inputs.astype(np.float32)},
+            labels.astype(np.int64),
+            {UNNAMED: reference.astype(np.float32)},
+        ),
     )
     (out / "labels.txt").write_text("".join(f"{i}\n" for i in range(10)), encoding="utf-8")
     print(f"wrote {out / 'golden_mlp.npz'} ({len(inputs)} samples) and {out / 'labels.txt'}")

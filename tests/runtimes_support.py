@@ -46,6 +46,7 @@ def make_bundle(
     name: str = "digits",
     version: str = "1.0.0",
     gate: AcceptanceGate | None = None,
+    serve_precision: Sequence[str] = (),
 ) -> CreatedBundle:
     out_dir.mkdir(parents=True, exist_ok=True)
     return create_bundle(
@@ -56,6 +57,7 @@ def make_bundle(
         out_dir=out_dir,
         golden=golden,
         gate=gate or AcceptanceGate(min_accuracy=0.9, min_top1_agreement=0.9),
+        serve_precision=serve_precision,
     )
 
 

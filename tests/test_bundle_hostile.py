@@ -245,7 +245,7 @@ CASES: dict[str, Case] = {
         errors.SchemaViolation,
     ),
     "unknown schema_version": Case(
-        lambda k, o: _signed_raw(json.dumps(_manifest_body({}, schema_version=2)).encode(), k),
+        lambda k, o: _signed_raw(json.dumps(_manifest_body({}, schema_version=99)).encode(), k),
         errors.UnknownSchemaVersion,
     ),
     "garbage where the end marker belongs": Case(_garbage_after_last_member, errors.TruncatedBundle),

@@ -138,3 +138,10 @@ def test_help_texts_name_their_own_program_and_no_future_work() -> None:
     assert "edgeagent bundle verify" in device_bundle and "edgectl" not in device_bundle
     assert "edgectl bundle create" in program("edgectl", "bundle", "--help").stdout
     assert "as they land" not in program("edgectl", "--help").stdout
+
+
+def test_the_help_time_defaults_agree_with_the_modules_that_use_them() -> None:
+    from devices.profile import DEFAULT_PROFILES_DIR
+    from edgeagent import defaults
+
+    assert defaults.DEFAULT_PROFILES_DIR == DEFAULT_PROFILES_DIR

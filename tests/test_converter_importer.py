@@ -14,26 +14,32 @@ from typing import Any
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.torch
-torch = pytest.importorskip("torch", reason="needs the torch extra: pip install 'edgeagent[torch]'")
+from tests.lazy_imports import lazy, needs
+
+torch = lazy("torch")
+pytestmark = [pytest.mark.torch, needs("torch", "needs the torch extra: pip install 'edgeagent[torch]'")]
 onnx = pytest.importorskip("onnx", reason="needs the host extra (onnx)")
 ort = pytest.importorskip("onnxruntime", reason="needs the host extra (onnxruntime)")
-nn = torch.nn
 
 
-class Residual(nn.Module):  # type: ignore[misc, name-defined]
+def residual() -> Any:
     """Add and Mul of two branches, a Clip (ReLU6), a view-style Reshape."""
+    nn = torch.nn
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+    class Residual(nn.Module):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
 
-    def forward(self, x: Any) -> Any:
-        x = x.view(x.shape[0], -1)
-        return torch.sigmoid(self.a(x) + x * self.b(x)).clamp(0.0, 6.0).softmax(-1)
+        def forward(self, x: Any) -> Any:
+            x = x.view(x.shape[0], -1)
+            return torch.sigmoid(self.a(x) + x * self.b(x)).clamp(0.0, 6.0).softmax(-1)
+
+    return Residual()
 
 
 def conv_stack() -> Any:
+    nn = torch.nn
     return nn.Sequential(
         nn.Conv2d(2, 8, 3, stride=2, padding=1),
         nn.BatchNorm2d(8),
@@ -49,6 +55,7 @@ def conv_stack() -> Any:
 
 
 def mlp_batch_norm() -> Any:
+    nn = torch.nn
     return nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 3))
 
 
@@ -60,7 +67,7 @@ CASES: list[tuple[str, Callable[[], Any], tuple[int, ...], set[str]]] = [
         {"Conv", "BatchNormalization", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "Gemm"},
     ),
     ("mlp-bn", mlp_batch_norm, (4, 4), {"Flatten", "BatchNormalization", "Relu", "Gemm"}),
-    ("residual", Residual, (4, 4), {"Reshape", "Add", "Mul", "Sigmoid", "Clip", "Softmax"}),
+    ("residual", residual, (4, 4), {"Reshape", "Add", "Mul", "Sigmoid", "Clip", "Softmax"}),
 ]
 
 
@@ -69,7 +76,7 @@ def export(module: Any, sample: tuple[int, ...], path: Path) -> Path:
     torch.manual_seed(0)
     module.eval()
     for m in module.modules():  # non-trivial statistics, so that using them wrongly shows
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
     with warnings.catch_warnings():

@@ -11,14 +11,18 @@ import numpy as np
 import pytest
 
 from converter.datasets import flat
+from edgeagent.bundle.golden import load_golden
 from edgeagent.bundle.reader import extract_bundle
 from edgeagent.cli.common import build_parser, run
 from edgeagent.signing import KeyRing
 from fleet.edgectl import COMMANDS, DESCRIPTION
+from tests.lazy_imports import needs
 
-pytestmark = pytest.mark.tensorflow
+pytestmark = [
+    pytest.mark.tensorflow,
+    needs("tensorflow", "needs the tensorflow extra: pip install 'edgeagent[tensorflow]'"),
+]
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-pytest.importorskip("tensorflow", reason="needs the tensorflow extra: pip install 'edgeagent[tensorflow]'")
 litert = pytest.importorskip("ai_edge_litert.interpreter", reason="needs the litert extra")
 
 
@@ -116,11 +120,12 @@ def test_seed_workflow_keras_prune90_full_int8(
     assert abs(after["accuracy"] - keras_acc) <= 0.03
     assert after["size_bytes"] < report["baseline"]["size_bytes"] / 4
 
-    golden = np.load(tmp_path / "x" / "acceptance" / "golden.npz")
-    assert golden["inputs"].shape == (100, 64)
-    gy, _ = litert_logits(tflite, golden["inputs"])
-    assert manifest.acceptance.min_accuracy is not None
-    assert manifest.acceptance.min_accuracy <= float(np.mean(gy.argmax(1) == golden["labels"]))
+    golden = load_golden(tmp_path / "x" / "acceptance" / "golden.npz")
+    (inputs,) = golden.inputs.values()  # named after the TFLite artifact's input
+    assert inputs.shape == (100, 64)
+    gy, _ = litert_logits(tflite, inputs)
+    assert manifest.acceptance.min_accuracy is not None and golden.labels is not None
+    assert manifest.acceptance.min_accuracy <= float(np.mean(gy.argmax(1) == golden.labels))
 
 
 @pytest.mark.parametrize(
@@ -136,7 +141,7 @@ def test_tflite_modes(
     from converter.passes.tflite import TfliteConfig, TflitePass
     from edgeagent.modelinfo import inspect_model
 
-    data = Dataset(x=digits.x_test, y=digits.y_test, calib=digits.x_calib, source="digits")
+    data = Dataset(inputs={"x": digits.x_test}, y=digits.y_test, calib={"x": digits.x_calib}, source="digits")
     output = TflitePass(TfliteConfig(mode=mode), PassContext(data=data)).run(  # type: ignore[arg-type]
         ModelArtifact(keras_mlp, "keras"), tmp_path
     )

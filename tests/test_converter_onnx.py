@@ -15,10 +15,13 @@ import numpy as np
 import pytest
 
 from converter.datasets import flat
+from edgeagent.bundle.golden import load_golden
 from edgeagent.bundle.reader import extract_bundle
 from edgeagent.cli.common import build_parser, run
 from edgeagent.signing import KeyRing
 from fleet.edgectl import COMMANDS, DESCRIPTION
+from tests.int8_support import LEVELS, run_level
+from tests.test_int8_portability import gemm_error_bound
 
 onnx = pytest.importorskip("onnx", reason="needs the host extra (onnx)")
 ort = pytest.importorskip("onnxruntime", reason="needs the host extra (onnxruntime)")
@@ -78,7 +81,13 @@ def check_report_against_artifacts(report: dict[str, Any], manifest: Any, dest: 
 
 def check_golden_and_gate(manifest: Any, dest: Path, source: Path) -> None:
     """The acceptance set carries the source model's outputs, and every artifact passes its gate."""
-    golden = np.load(dest / "acceptance" / "golden.npz")
+    loaded = load_golden(dest / "acceptance" / "golden.npz")
+    assert list(loaded.inputs) == ["input"] and list(loaded.reference) == ["logits"]  # named as in the model
+    golden = {
+        "inputs": loaded.inputs["input"],
+        "labels": loaded.labels,
+        "reference": loaded.reference["logits"],
+    }
     np.testing.assert_allclose(golden["reference"], logits(source, golden["inputs"]), rtol=1e-5, atol=1e-5)
     gate = manifest.acceptance
     assert gate.samples == len(golden["inputs"]) == 100
@@ -149,7 +158,7 @@ def test_onnx_cnn_from_recipe(tmp_path: Path, model_dir: Path, keypair: Any, dig
         '[data]\ndataset = "digits"\n'
         '[[passes]]\ntype = "prune"\nsparsity = 0.3\nscope = "per_layer"\n'
         '[[passes]]\ntype = "quantize"\nmode = "dynamic"\n'
-        '[package]\nname = "digits-cnn"\nversion = "2.0.0"\nartifacts = "final"\nmin_accuracy = 0.5\n'
+        '[package]\nname = "digits-cnn"\nversion = "2.0.0"\nartifacts = "last"\nmin_accuracy = 0.5\n'
     )
     out = tmp_path / "out"
     assert (
@@ -189,7 +198,7 @@ def test_quantize_modes_track_the_float_model(
     from converter.passes import PassContext
     from converter.passes.quantize import QuantizeConfig, QuantizePass
 
-    data = Dataset(x=digits.x_test, y=digits.y_test, calib=digits.x_calib, source="digits")
+    data = Dataset(inputs={"x": digits.x_test}, y=digits.y_test, calib={"x": digits.x_calib}, source="digits")
     config = QuantizeConfig(mode=mode, per_channel=per_channel, calibration=calibration)  # type: ignore[arg-type]
     output = QuantizePass(config, PassContext(data=data)).run(
         ModelArtifact(model_dir / "cnn.onnx", "onnx"), tmp_path
@@ -202,7 +211,8 @@ def test_quantize_modes_track_the_float_model(
     np.testing.assert_allclose(got, ref, atol=tolerance * np.abs(ref).max())
 
 
-def test_old_opset_is_upgraded_before_static_int8(tmp_path: Path) -> None:
+@pytest.mark.parametrize("level", LEVELS)
+def test_old_opset_is_upgraded_before_static_int8(tmp_path: Path, level: str) -> None:
     from onnx import TensorProto, helper, numpy_helper
 
     from converter.data import Dataset
@@ -228,7 +238,7 @@ def test_old_opset_is_upgraded_before_static_int8(tmp_path: Path) -> None:
     source = tmp_path / "old.onnx"
     onnx.save(model, str(source))
     x = rng.normal(size=(64, 8)).astype(np.float32)
-    data = Dataset(x=x, y=np.zeros(64, dtype=np.int64), calib=x, source="random")
+    data = Dataset(inputs={"x": x}, y=np.zeros(64, dtype=np.int64), calib={"x": x}, source="random")
     output = QuantizePass(QuantizeConfig(), PassContext(data=data)).run(
         ModelArtifact(source, "onnx"), tmp_path
     )
@@ -236,30 +246,39 @@ def test_old_opset_is_upgraded_before_static_int8(tmp_path: Path) -> None:
     upgraded = onnx.load(str(output.model.path))
     assert next(o.version for o in upgraded.opset_import if o.domain in ("", "ai.onnx")) >= 13
     assert "QuantizeLinear" in op_counts(output.model.path)
-    np.testing.assert_allclose(logits(output.model.path, x), logits(source, x), atol=0.1)
+    # Within the quantized model's own worst-case error, at either ORT optimisation level (the
+    # fused int8 kernels saturated on x86 without VNNI with 8-bit weights: 1.09 off).
+    error = np.abs(run_level(output.model.path, x, level) - logits(source, x)).max()
+    assert error <= gemm_error_bound(output.model.path, x)
 
 
-def test_max_drop_keeps_the_smallest_candidate_within_budget(
+def test_max_drop_size_objective_keeps_the_smallest_accepted_candidate(
     tmp_path: Path, model_dir: Path, keypair: Any, digits: Any
 ) -> None:
     out = tmp_path / "out"
     rc = edgectl(
-        "convert", model_dir / "mlp.onnx", "--dataset", "digits", "--max-drop", "0.01",
+        "convert", model_dir / "mlp.onnx", "--dataset", "digits", "--max-drop", "0.01", "--objective", "size",
         "--name", "m", "--version", "1.0.0", "--key", keypair.private, "-o", out,
     )  # fmt: skip
     assert rc == 0
     manifest, dest, report = unpack(out, keypair.public, tmp_path)
     step = report["steps"][0]
     candidates = step["details"]["candidates"]
-    chosen = candidates[step["details"]["chosen"]]
+    accepted = [c for c in candidates if c["verdict"] != "refused"]
     within = [c for c in candidates if c["drop"] <= 0.01 + 1e-9]
-    assert chosen in within
-    assert chosen["size_bytes"] == min(c["size_bytes"] for c in within)
-    assert len(manifest.models) == 1 and manifest.models[0].precision == "int8"
+    assert within and all(c in within for c in accepted)
     baseline = float(np.mean(logits(model_dir / "mlp.onnx", digits.x_test).argmax(1) == digits.y_test))
     shipped = float(np.mean(logits(dest / manifest.models[0].path, digits.x_test).argmax(1) == digits.y_test))
     assert baseline - shipped <= 0.01 + 1e-9
+    assert len(manifest.models) == 1
     check_report_against_artifacts(report, manifest, dest, digits)
+    if step["details"]["chosen"] is None:
+        # int8 kernels can be slower than float on tiny models: then every candidate is refused.
+        assert not accepted and manifest.models[0].path == "models/mlp.onnx"
+        return
+    chosen = candidates[step["details"]["chosen"]]
+    assert chosen["size_bytes"] == min(c["size_bytes"] for c in accepted)
+    assert manifest.models[0].precision == "int8"
 
 
 def test_max_drop_that_cannot_be_met_keeps_the_float_model(
@@ -301,6 +320,8 @@ def test_max_drop_that_cannot_be_met_keeps_the_float_model(
         (["--eval", "missing.npz", "--name", "m", "--version", "1.0.0"], "missing.npz: no such data file"),
         (["--dataset", "digits", "--quantize", "fp16", "--max-drop", "0.01", "--name", "m", "--version", "1"],
          "cannot be combined with --quantize fp16"),
+        (["--dataset", "digits", "--objective", "size", "--name", "m", "--version", "1"],
+         "--objective ranks the candidates of --max-drop"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line(

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from converter.datasets import flat
+from tests.lazy_imports import lazy, needs
 
-pytestmark = pytest.mark.torch
-torch = pytest.importorskip("torch", reason="needs the torch extra: pip install 'edgeagent[torch]'")
+torch = lazy("torch")
+pytestmark = [pytest.mark.torch, needs("torch", "needs the torch extra: pip install 'edgeagent[torch]'")]
 ort = pytest.importorskip("onnxruntime", reason="needs the host extra")
 
 

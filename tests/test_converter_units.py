@@ -12,10 +12,13 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from converter.errors import ConverterError, MissingExtra, RecipeError
+from converter.evaluate import Metrics, regressions
 from converter.extras import require
 from converter.passes import REGISTRY, pass_class
+from converter.passes.preprocess import error_reason
 from converter.passes.prune import PruneConfig, magnitude_threshold, prune_arrays
 from converter.passes.quantize import QuantizeConfig, ort_extra_options
+from converter.passes.search import Objective, SearchConfig, rank
 from converter.passes.tflite import TfliteConfig
 from converter.recipe import load_recipe, recipe_from_dict
 from edgeagent.errors import EdgeError, UsageError
@@ -148,6 +151,66 @@ def test_tflite_int8_io_only_for_int8() -> None:
         TfliteConfig(mode="fp16", int8_io=False)
 
 
+def _metrics(size: int, p50: float) -> Metrics:
+    return Metrics(
+        samples=1,
+        size_bytes=size,
+        transfer_bytes=size,
+        transfer_codec="xz",
+        latency_p50_ms=p50,
+        latency_p95_ms=p50,
+    )
+
+
+@pytest.mark.parametrize(
+    ("objective", "winner"),
+    [
+        ("size", "small-slow"),  # fewest bytes
+        ("latency", "big-fast"),  # lowest p50
+        ("balanced", "middle"),  # lowest size ratio x p50 ratio
+    ],
+)
+def test_objectives_rank_accepted_candidates(objective: Objective, winner: str) -> None:
+    reference = _metrics(1000, 1.0)
+    candidates = {
+        "small-slow": _metrics(300, 0.9),  # size x p50 ratios: 0.3 x 0.9 = 0.27
+        "middle": _metrics(400, 0.4),  # 0.4 x 0.4 = 0.16
+        "big-fast": _metrics(900, 0.2),  # 0.9 x 0.2 = 0.18
+    }
+    best = min(candidates, key=lambda name: rank(objective, candidates[name], reference))
+    assert best == winner
+
+
+def test_regressions_quote_both_numbers_and_only_what_is_worse() -> None:
+    source = _metrics(1000, 1.0)
+    assert regressions(_metrics(1000, 1.0), source, "the source") == []
+    assert regressions(_metrics(999, 0.5), source, "the source") == []
+    assert regressions(_metrics(1290, 2.0), source, "the source m.onnx") == [
+        "larger than the source m.onnx (1,290 vs 1,000 bytes, 1.29x)",
+        "slower than the source m.onnx (p50 2.000 vs 1.000 ms, 2.00x)",
+    ]
+
+
+def test_error_reason_is_never_empty() -> None:
+    assert error_reason(ValueError("bad shape\nmore detail")) == "ValueError: bad shape"
+    assert error_reason(AssertionError()) == "AssertionError()"
+    try:
+        raise AssertionError
+    except AssertionError as exc:
+        assert error_reason(exc).startswith("AssertionError() in test_error_reason_is_never_empty (")
+
+
+def test_search_objective_in_a_recipe(tmp_path: Path) -> None:
+    path = tmp_path / "r.toml"
+    path.write_text('[[passes]]\ntype = "search"\nmax_drop = 0.01\nobjective = "latency"\n')
+    config = load_recipe(path).passes[0].config
+    assert isinstance(config, SearchConfig) and config.objective == "latency"
+    assert SearchConfig(max_drop=0.01).objective == "balanced"
+    path.write_text('[[passes]]\ntype = "search"\nmax_drop = 0.01\nobjective = "speed"\n')
+    with pytest.raises(RecipeError, match=r"passes\[0\]\.objective: Input should be 'size', 'latency' or"):
+        load_recipe(path)
+
+
 # ---------------------------------------------------------------------------------------- recipes
 
 
@@ -203,7 +266,7 @@ def test_regression_task_reports_mse(model_dir: Path, digits: object) -> None:
     model = ModelArtifact(model_dir / "mlp.onnx", "onnx")
     x = digits.x_test  # type: ignore[attr-defined]
     targets = OnnxRunner(model).predict(x.reshape(len(x), 64))
-    data = Dataset(x=x, y=targets + 0.5, calib=None, source="self")
+    data = Dataset(inputs={"x": x}, y=targets + 0.5, calib=None, source="self")
     metrics = Evaluator(data, EvaluateConfig(task="regression", latency_runs=5)).evaluate(model).metrics
     assert metrics.accuracy is None
     assert metrics.mse == pytest.approx(0.25, rel=1e-5)

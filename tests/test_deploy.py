@@ -248,7 +248,7 @@ class Load:
 
 def test_push_upgrade_and_rollback(mosquitto, bundles: Bundles, device) -> None:  # type: ignore[no-untyped-def]
     agent, watcher = device
-    x = bundles.golden.inputs[:1]
+    x = bundles.golden.only_input[:1]
     result = _push(mosquitto, bundles, agent.device, bundles.refs["v1"])
     assert result.ok, result.detail
     assert "accuracy" in result.detail
@@ -278,7 +278,7 @@ def test_push_upgrade_and_rollback(mosquitto, bundles: Bundles, device) -> None:
 
 def test_bad_input_is_refused_and_the_model_keeps_serving(mosquitto, bundles: Bundles, device) -> None:  # type: ignore[no-untyped-def]
     agent, watcher = device
-    x = bundles.golden.inputs[:1]
+    x = bundles.golden.only_input[:1]
     assert _push(mosquitto, bundles, agent.device, bundles.refs["v1"]).ok
     watcher.wait_active(bundles.refs["v1"])
     topics = Topics(PREFIX)
@@ -351,7 +351,7 @@ def test_killed_at_every_state_resumes(
         # Restart without the crash point: the deployment completes from the journal.
         agent.start(env={"EDGE_TEST_CRASH_AT": f"{state}:1", "EDGE_TEST_CRASH_COUNTER": str(counter)})
         watcher.wait_active(bundles.refs["v2"], timeout=60)
-        assert agent.predict(bundles.golden.inputs[:1]).version == "1.1.0"
+        assert agent.predict(bundles.golden.only_input[:1]).version == "1.1.0"
         assert not list((tmp_path / "state" / "bundles").glob(".*partial*"))
     finally:
         agent.stop()
@@ -382,7 +382,7 @@ def test_killed_while_rolling_back_resumes_the_rollback(
         outcome = watcher.wait_event(lambda e: e["kind"] == "outcome")
         assert outcome["ok"] is False and outcome["code"] == "acceptance_failed"
         assert agent.current() == bundles.refs["v1"].sha256
-        assert agent.predict(bundles.golden.inputs[:1]).version == "1.0.0"
+        assert agent.predict(bundles.golden.only_input[:1]).version == "1.0.0"
     finally:
         agent.stop()
         watcher.close()

@@ -52,7 +52,11 @@ def test_first_candidate_that_loads_wins_and_the_rest_is_recorded(bundle) -> Non
         assert rejected.candidate == "onnxruntime/CPUExecutionProvider/int8"
         assert (rejected.stage, rejected.reason) == ("artifact", "the bundle has no onnx int8 artifact")
         assert decision.untried == ["onnxruntime/CPUExecutionProvider/fp32"]
-        assert [r.candidate for r in decision.rejected[1:]] == ["litert/xnnpack/fp32"]  # no tflite fp32
+        # no tflite fp32 and no tflite fp16
+        assert [r.candidate for r in decision.rejected[1:]] == [
+            "litert/xnnpack/fp32",
+            "litert/xnnpack/fp32 (from fp16)",
+        ]
         assert decision.timings[0].load_ms > 0
         assert selection.model.delegate == "xnnpack"
     finally:

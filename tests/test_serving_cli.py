@@ -85,6 +85,7 @@ def test_bench_prints_one_row_per_candidate(bundle: Path, keypair, capsys) -> No
         "litert/xnnpack/int8",
         "onnxruntime/CPUExecutionProvider/fp32",
         "litert/xnnpack/fp32",
+        "litert/xnnpack/fp32 (from fp16)",
     ]
     assert rows["onnxruntime/CPUExecutionProvider/int8"]["verdict"].startswith("artifact: ")
     for name in ("litert/xnnpack/int8", "onnxruntime/CPUExecutionProvider/fp32"):
@@ -99,7 +100,7 @@ def test_bench_table_in_process(bundle: Path, keypair, capsys) -> None:  # type:
     assert rc == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("digits 1.0.0 on profile coral-usb")
-    assert lines[1].split()[:4] == ["runtime", "delegate", "precision", "load"]
+    assert lines[1].split()[:5] == ["runtime", "delegate", "precision", "artifact", "load"]
     edgetpu = next(line for line in lines if " edgetpu " in line)
     assert "artifact: " in edgetpu  # no _edgetpu.tflite in this bundle
     assert sum(line.rstrip().endswith("pass") for line in lines) == 2

@@ -195,6 +195,8 @@ _OPTION = re.compile(r"^# (\w+) = (.+)$", re.MULTILINE)
 EXAMPLE_VALUES = (
     "device_id",
     "profile",
+    "precision",
+    "model_precision",
     "broker_url",
     "tls_ca_file",
     "tls_cert_file",

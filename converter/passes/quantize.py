@@ -3,7 +3,8 @@
 Static quantization calibrates activation ranges on the calibration data with MinMax,
 Entropy or Percentile; weights are per-tensor or per-channel. Before quantizing, models
 below opset 13 are upgraded (ORT's QDQ and per-channel paths need opset 13) and ORT's
-pre-processing (symbolic shape inference + graph optimisation) runs. The typed options
+pre-processing (shape inference + graph optimisation, with the fallback chain of
+:mod:`converter.passes.preprocess`) runs. The typed options
 become ORT's untyped ``extra_options`` in exactly one place, :func:`ort_extra_options`.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import io
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -21,14 +21,22 @@ from pydantic import Field, model_validator
 
 from converter import extras
 from converter.errors import PassFailed, RecipeError
+from converter.feeds import Feeds, fit_feeds, rows, sample, take
 from converter.model import ModelArtifact, ModelKind, load_onnx
 from converter.passes.base import Pass, PassConfig, PassOutput
-from converter.runners import fit_inputs
+from converter.passes.preprocess import prepare
+from converter.runners import OnnxRunner
 
 #: ORT's QDQ and per-channel paths need at least this opset.
 MIN_OPSET = 13
 
 QuantMode = Literal["static", "dynamic", "fp16"]
+#: The CPU class an int8 model is built for. ORT's x86 u8s8 kernels without VNNI (AVX2 alone)
+#: add pairs of u8*s8 products in int16 (VPMADDUBSW), which saturates with 8-bit weights: the
+#: same model gives logits off by ~1.0 there and ~0.1 on VNNI x86 or ARM (sdot/udot do not).
+Int8Target = Literal["portable", "x86-avx2", "x86-vnni", "arm"]
+#: Targets whose int8 weights get ORT's 7-bit range (``reduce_range``), which cannot saturate.
+SATURATING_TARGETS: frozenset[str] = frozenset({"portable", "x86-avx2"})
 Calibration = Literal["minmax", "entropy", "percentile"]
 IntType = Literal["int8", "uint8"]
 
@@ -60,8 +68,16 @@ class QuantizeConfig(PassConfig):
         description="Static mode: store biases as int32 (with their own scales) rather than float32; "
         "false gives a smaller file for models whose biases are a visible part of it.",
     )
-    reduce_range: bool = Field(
-        default=False, description="7-bit weights, for old x86 CPUs without VNNI that can overflow."
+    target: Int8Target = Field(
+        default="portable",
+        description="int8 modes: the CPU class the model will run on. 'portable' (any device) and "
+        "'x86-avx2' (x86 without VNNI) store 7-bit weights, which ORT's u8s8 kernels cannot "
+        "saturate; 'x86-vnni' and 'arm' keep full 8-bit weights.",
+    )
+    reduce_range: bool | None = Field(
+        default=None,
+        description="7-bit weights (ORT's reduce_range); default: chosen by `target`. Forcing false "
+        "on a 'portable' or 'x86-avx2' target gives numerics that differ by CPU generation.",
     )
     op_types: list[str] = Field(
         default_factory=list,
@@ -69,13 +85,17 @@ class QuantizeConfig(PassConfig):
     )
     nodes_to_exclude: list[str] = Field(default_factory=list, description="Node names left in float.")
     preprocess: bool = Field(
-        default=True, description="Run ORT's quant_pre_process (shape inference, optimisation) first."
+        default=True,
+        description="Run ORT's quant_pre_process (shape inference, graph optimisation such as "
+        "BatchNormalization folding) first, falling back to simpler shape inference where it fails.",
     )
 
     @model_validator(mode="after")
     def _consistent(self) -> QuantizeConfig:
         if self.mode == "fp16" and (self.per_channel or self.nodes_to_exclude or self.op_types):
             raise ValueError("per_channel, op_types and nodes_to_exclude apply to int8 modes, not fp16")
+        if self.mode == "fp16" and (self.target != "portable" or self.reduce_range is not None):
+            raise ValueError("target and reduce_range apply to int8 modes, not fp16")
         if self.mode != "static" and (
             self.calibration != "minmax" or self.activation_symmetric or not self.quantize_bias
         ):
@@ -85,6 +105,13 @@ class QuantizeConfig(PassConfig):
         if self.calibration != "percentile" and self.percentile != 99.999:
             raise ValueError("percentile applies to calibration='percentile' only")
         return self
+
+    @property
+    def weights_7bit(self) -> bool:
+        """Whether int8 weights use ORT's 7-bit range: explicit ``reduce_range``, else the target's."""
+        if self.reduce_range is not None:
+            return self.reduce_range
+        return self.target in SATURATING_TARGETS
 
     @property
     def tag(self) -> str:
@@ -134,11 +161,12 @@ class QuantizePass(Pass[QuantizeConfig]):
     def _describe(self) -> str:
         c = self.config
         weights = "per-channel" if c.per_channel else "per-tensor"
+        bits = f"{'7-bit' if c.weights_7bit else '8-bit'} weights for target {c.target}"
         if c.mode == "dynamic":
-            return f"dynamic int8, {weights} weights"
+            return f"dynamic int8, {weights} weights; {bits}"
         data = self.context.data
-        samples = len(data.calib) if data is not None and data.calib is not None else 0
-        return f"static int8 QDQ, {weights} weights, {c.calibration} calibration on {samples} samples"
+        samples = rows(data.calib) if data is not None and data.calib is not None else 0
+        return f"static int8 QDQ, {weights} weights, {c.calibration} calibration on {samples} samples; {bits}"
 
     def _prepare(self, source: Path, tmp: Path) -> tuple[Path, list[str]]:
         """Upgrade to opset 13+ and run ORT's pre-processing; returns the file to quantize."""
@@ -159,17 +187,9 @@ class QuantizePass(Pass[QuantizeConfig]):
             onnx.save(graph_model, str(source))
             notes.append(f"opset {opset} upgraded to {MIN_OPSET}")
         if self.config.preprocess:
-            from onnxruntime.quantization.shape_inference import quant_pre_process
-
-            pre = tmp / "preprocessed.onnx"
-            try:
-                with contextlib.redirect_stdout(io.StringIO()):
-                    quant_pre_process(
-                        str(source), str(pre), skip_symbolic_shape=not extras.available("sympy")
-                    )
-            except Exception as exc:  # shape inference raises assorted errors on odd graphs
-                raise PassFailed(f"ORT pre-processing failed ({exc})", pass_name=self.name) from exc
-            source = pre
+            prepared = prepare(source, tmp)
+            source = prepared.path
+            notes.append(prepared.note)
         return source, notes
 
     def _quantize(self, source: Path, out: Path) -> None:
@@ -177,7 +197,7 @@ class QuantizePass(Pass[QuantizeConfig]):
         types = {"int8": q.QuantType.QInt8, "uint8": q.QuantType.QUInt8}
         common: dict[str, Any] = {
             "per_channel": self.config.per_channel,
-            "reduce_range": self.config.reduce_range,
+            "reduce_range": self.config.weights_7bit,
             "weight_type": types[self.config.weight_type],
             "nodes_to_exclude": self.config.nodes_to_exclude,
             "op_types_to_quantize": self.config.op_types or None,
@@ -189,7 +209,8 @@ class QuantizePass(Pass[QuantizeConfig]):
         data = self.context.data
         if data is None or data.calib is None:
             raise RecipeError(
-                "static int8 needs calibration data: --calib FILE.npz (array 'x') or --dataset digits",
+                "static int8 needs calibration data: --calib FILE.npz (one array per input name, "
+                "or 'x') or --dataset digits",
                 where="quantize",
             )
         methods = {
@@ -213,26 +234,20 @@ class QuantizePass(Pass[QuantizeConfig]):
 
 
 class _CalibrationReader:
-    """Feeds calibration rows to ORT one batch at a time (ORT wants a CalibrationDataReader)."""
+    """Feeds calibration rows to ORT one batch at a time (ORT wants a CalibrationDataReader).
 
-    def __init__(self, base: type[Any], model: Path, calib: np.ndarray[Any, Any], batch: int) -> None:
-        import onnxruntime as ort
+    Every input is fed in the dtype the model declares: ORT calibrates the float tensors, and
+    integer inputs (token ids, masks) pass through as integers, never cast to float.
+    """
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = extras.THREADS
-        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-        spec = session.get_inputs()[0]
-        name = spec.name
-        sample_shape = tuple(d if isinstance(d, int) and d > 0 else None for d in spec.shape[1:])
-        x = fit_inputs(calib, sample_shape)
-        fixed_batch = isinstance(spec.shape[0], int) and spec.shape[0] > 0
-        step = 1 if fixed_batch else batch
-
-        def batches() -> Iterator[dict[str, Any]]:
-            for i in range(0, len(x), step):
-                yield {name: x[i : i + step]}
-
-        iterator = batches()
+    def __init__(self, base: type[Any], model: Path, calib: Feeds, batch: int) -> None:
+        runner = OnnxRunner(ModelArtifact(model, "onnx"))
+        feeds = fit_feeds(runner.inputs, calib)
+        if not runner.batch_dynamic or any(s.scalar for s in runner.inputs):
+            chunks = [sample(runner.inputs, feeds, i) for i in range(rows(feeds))]
+        else:
+            chunks = [take(feeds, slice(i, i + batch)) for i in range(0, rows(feeds), batch)]
+        iterator = iter(chunks)
 
         class Reader(base):  # type: ignore[misc]
             def get_next(self) -> dict[str, Any] | None:

@@ -23,6 +23,7 @@ from pydantic import Field, model_validator
 
 from converter import extras
 from converter.errors import ModelLoadError, PassFailed, RecipeError
+from converter.feeds import single
 from converter.model import ModelArtifact, ModelKind, check_one_input, load_keras
 from converter.passes.base import Pass, PassConfig, PassOutput
 from converter.runners import fit_inputs
@@ -122,7 +123,8 @@ class TflitePass(Pass[TfliteConfig]):
                 "full-int8 TFLite needs calibration data: --calib FILE.npz (array 'x') or --dataset digits",
                 where="tflite",
             )
-        calib = data.calib if sample_shape is None else fit_inputs(data.calib, sample_shape)
+        only = np.asarray(single(data.calib, "the tflite pass"), dtype=np.float32)
+        calib = only if sample_shape is None else fit_inputs(only, sample_shape)
         batch = self.config.batch_size
 
         def representative() -> Iterator[list[np.ndarray[Any, Any]]]:

@@ -1,21 +1,24 @@
 """Build a bundle from model files, an optional golden set and labels (host side).
 
 The model specs come from the model files themselves (:mod:`edgeagent.modelinfo`);
-the golden set is checked against the first model's input before anything is written,
-so a mismatch is caught on the host rather than by a device's acceptance test.
+the golden set is checked against every model's inputs and outputs (names, per-sample
+shapes, dtypes) before anything is written, so a mismatch is caught on the host rather
+than by a device's acceptance test.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from pydantic import ValidationError
 
-from edgeagent.bundle.golden import load_golden
+from edgeagent.bundle.golden import load_golden, match_inputs, match_outputs
 from edgeagent.bundle.manifest import (
+    GATED_MODELS_VERSION,
     GOLDEN_PATH,
     LABELS_PATH,
     MODELS_DIR,
@@ -57,13 +60,22 @@ def create_bundle(
     gate: AcceptanceGate | None = None,
     preprocessing: Preprocessing | None = None,
     compression: Sequence[CompressionStep] = (),
+    model_gates: Mapping[Path, AcceptanceGate] | None = None,
+    serve_precision: Sequence[str] = (),
 ) -> CreatedBundle:
     """Write ``out_dir/NAME-VERSION.bundle`` and return its path, sha256 and manifest.
 
-    ``gate`` gives the acceptance bounds; its ``golden`` and ``samples`` are filled in here.
+    ``gate`` gives the bundle-level acceptance bounds; its ``golden`` and ``samples`` are
+    filled in here. ``model_gates`` gives some models (keyed by the path in ``models``) their
+    own gate, checked on the bundle's golden set; the manifest is then schema_version 2.
+    ``serve_precision`` is the author's precision preference (manifest ``serve_precision``).
     """
     if not models:
         raise UsageError("a bundle needs at least one --model")
+    own_gates = dict(model_gates or {})
+    unknown = sorted(str(p) for p in set(own_gates) - set(models))
+    if unknown:
+        raise UsageError(f"gates given for models that are not in the bundle: {', '.join(unknown)}")
     files: dict[str, Path] = {}
     entries = []
     for model_path in models:
@@ -82,11 +94,13 @@ def create_bundle(
                 runtimes=_RUNTIMES[fmt],
                 # Edge TPU artifacts are compiled for the TPU and useless anywhere else.
                 delegates=["edgetpu"] if model_path.name.endswith("_edgetpu.tflite") else [],
+                # One golden set per bundle: an artifact's own gate is checked on it.
+                acceptance=_own_gate(own_gates.get(model_path)),
             )
         )
     gate_fields = (gate or AcceptanceGate()).model_dump()
     if golden is not None:
-        samples = check_golden(golden, entries[0].inputs)
+        samples = check_golden(golden, entries)
         files[GOLDEN_PATH] = golden
         gate_fields.update(golden=GOLDEN_PATH, samples=samples)
     if labels is not None:
@@ -95,7 +109,7 @@ def create_bundle(
         files[LABELS_PATH] = labels
     try:
         manifest = Manifest(
-            schema_version=SCHEMA_VERSION,
+            schema_version=GATED_MODELS_VERSION if own_gates else SCHEMA_VERSION,
             name=name,
             version=version,
             description=description,
@@ -105,6 +119,7 @@ def create_bundle(
             preprocessing=preprocessing or Preprocessing(),
             acceptance=AcceptanceGate.model_validate(gate_fields),
             compression=list(compression),
+            serve_precision=list(serve_precision),
         )
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
         raise UsageError(_invalid_bundle(exc)) from exc
@@ -134,21 +149,52 @@ def _same_as_existing(
     return CreatedBundle(path=out, sha256=sha, manifest=manifest)
 
 
-def check_golden(path: Path, model_inputs: Sequence[TensorSpec]) -> int:
-    """Validate a golden ``.npz`` against the first model's input; return its number of samples."""
+def _own_gate(gate: AcceptanceGate | None) -> AcceptanceGate | None:
+    if gate is None:
+        return None
+    return gate.model_copy(update={"golden": None, "samples": None})
+
+
+def check_golden(path: Path, models: Sequence[ModelEntry]) -> int:
+    """Validate a golden ``.npz`` against every model's inputs and outputs; return its sample count."""
     golden = load_golden(path)
-    if len(model_inputs) == 1:
-        expected = model_inputs[0].shape[1:]
-        sample = list(golden.inputs.shape[1:])
-        mismatch = len(expected) != len(sample) or any(
-            e is not None and e != s for e, s in zip(expected, sample, strict=True)
-        )
-        if mismatch:
-            raise UsageError(
-                f"{path}: golden inputs have sample shape {sample} but the model's "
-                f"{model_inputs[0].name!r} takes {expected} per sample"
-            )
+    for model in models:
+        where = f"{path}: for {model.path}"
+        try:
+            inputs = match_inputs(golden.inputs, [s.name for s in model.inputs])
+            references = match_outputs(golden.reference, [s.name for s in model.outputs])
+        except UsageError as exc:
+            raise UsageError(f"{where}: {exc}") from exc
+        for spec in model.inputs:
+            _check_array(where, "input", spec, inputs[spec.name], caller=True)
+        by_name = {s.name: s for s in model.outputs}
+        for name, array in references.items():
+            _check_array(where, "output", by_name[name], array, caller=False)
     return len(golden)
+
+
+def _check_array(where: str, kind: str, spec: TensorSpec, array: np.ndarray, *, caller: bool) -> None:
+    """One golden array (N rows) against the tensor it feeds (``caller``) or is compared with."""
+    expected = spec.shape[1:] if spec.shape else []
+    sample = list(array.shape[1:])
+    mismatch = len(expected) != len(sample) or any(
+        e is not None and e != s for e, s in zip(expected, sample, strict=True)
+    )
+    if mismatch:
+        what = "a scalar" if not spec.shape else f"{expected} per sample"
+        raise UsageError(
+            f"{where}: golden {kind} {spec.name!r} has sample shape {sample} but the model's is {what}"
+        )
+    if not caller:
+        return
+    # Quantized inputs take float values (the runtime quantizes them); others their own dtype.
+    quantized = spec.quantization is not None and spec.dtype in ("int8", "uint8", "int16")
+    want = np.dtype("float32") if quantized else np.dtype(spec.dtype)
+    if not np.can_cast(array.dtype, want, casting="same_kind"):
+        raise UsageError(
+            f"{where}: golden input {spec.name!r} is {array.dtype} but the model takes {want}; "
+            f"store it as {want}"
+        )
 
 
 def _invalid_bundle(exc: ValueError) -> str:

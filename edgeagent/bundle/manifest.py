@@ -26,7 +26,11 @@ from edgeagent.errors import MalformedManifest, SchemaViolation, UnknownSchemaVe
 from edgeagent.validation import problems
 
 SCHEMA_VERSION = 1
-SUPPORTED_SCHEMA_VERSIONS = frozenset({SCHEMA_VERSION})
+#: The first version whose model entries may carry their own acceptance gate
+#: (``models[].acceptance``). A writer uses it only for manifests that need it, so bundles
+#: without per-artifact gates stay readable by agents that know only version 1.
+GATED_MODELS_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = frozenset({SCHEMA_VERSION, GATED_MODELS_VERSION})
 
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
@@ -129,6 +133,12 @@ class ModelEntry(_Strict):
     profiles: list[str] = Field(
         default_factory=list, description="Device profiles it suits; empty = every profile."
     )
+    acceptance: AcceptanceGate | None = Field(
+        default=None,
+        description="This artifact's own gate, from its own measured numbers (schema_version 2); "
+        "null = the bundle-level gate applies. Its golden null = the bundle-level golden set. A "
+        "device serves the artifact only if it passes it.",
+    )
 
 
 class Preprocessing(_Strict):
@@ -145,7 +155,9 @@ class AcceptanceGate(_Strict):
     """What a device must show on the golden set before it commits to a bundle."""
 
     golden: MemberPath | None = Field(
-        default=None, description="The golden .npz: arrays 'inputs', optional 'labels' and 'reference'."
+        default=None,
+        description="The golden .npz: 'input.<name>' per model input, optional 'output.<name>' "
+        "reference outputs and 'labels' (legacy files: 'inputs' and 'reference').",
     )
     samples: int | None = Field(default=None, ge=1, description="Number of golden samples.")
     min_accuracy: float | None = Field(
@@ -180,6 +192,10 @@ class AcceptanceGate(_Strict):
         return value
 
 
+# ModelEntry names AcceptanceGate before it is defined (kept below for a stable layout).
+ModelEntry.model_rebuild()
+
+
 class CompressionStep(_Strict):
     """One converter pass as measured by the evaluator (numbers before -> after)."""
 
@@ -200,7 +216,9 @@ class CompressionStep(_Strict):
 class Manifest(_Strict):
     """``manifest.json``: what the bundle is and what it contains."""
 
-    schema_version: Literal[1] = Field(description="Version of this schema; readers refuse unknown ones.")
+    schema_version: Literal[1, 2] = Field(
+        description="Version of this schema; readers refuse unknown ones. 2 adds models[].acceptance."
+    )
     name: BundleName
     version: str = Field(description="Semantic version of the bundle (semver 2.0.0).")
     description: str = Field(default="", max_length=4096, description="Free text for people.")
@@ -208,9 +226,21 @@ class Manifest(_Strict):
     models: list[ModelEntry] = Field(min_length=1, description="The model artifacts.")
     labels: MemberPath | None = Field(default=None, description="Class names, one per line.")
     preprocessing: Preprocessing = Field(default_factory=Preprocessing)
-    acceptance: AcceptanceGate = Field(default_factory=AcceptanceGate)
+    acceptance: AcceptanceGate = Field(
+        default_factory=AcceptanceGate,
+        description="The bundle-level gate: the gate of every model entry without its own, and "
+        "the golden set an entry's gate without one uses.",
+    )
     compression: list[CompressionStep] = Field(
         default_factory=list, description="The converter's report, one entry per pass."
+    )
+    serve_precision: list[Precision] = Field(
+        default_factory=list,
+        description=(
+            "The bundle author's precision preference: artifact precisions a device may serve, most "
+            "preferred first (`edgectl bundle create --precision`); empty = the device profile's order. "
+            "A device's own override wins."
+        ),
     )
 
     @field_validator("version")
@@ -231,14 +261,44 @@ class Manifest(_Strict):
         if reserved:
             raise ValueError(f"files must not list {sorted(reserved)}")
         listed = set(paths)
+        gated = [i for i, m in enumerate(self.models) if m.acceptance is not None]
+        if gated and self.schema_version < GATED_MODELS_VERSION:
+            raise ValueError(
+                f"models[{gated[0]}].acceptance needs schema_version {GATED_MODELS_VERSION} "
+                f"(this manifest says {self.schema_version})"
+            )
+        gates = [self.gate_for(m) for m in self.models]
         referenced = [m.path for m in self.models]
         referenced += [p for p in (self.labels, self.acceptance.golden) if p is not None]
-        missing = [p for p in referenced if p not in listed]
+        referenced += [g.golden for g in gates if g.golden is not None]
+        missing = sorted({p for p in referenced if p not in listed})
         if missing:
             raise ValueError(f"referenced but not listed in files: {missing}")
         if self.acceptance.needs_golden and self.acceptance.golden is None:
             raise ValueError("acceptance bounds on accuracy/agreement need a golden set (acceptance.golden)")
+        for model, gate in zip(self.models, gates, strict=True):
+            if gate.needs_golden and gate.golden is None:
+                raise ValueError(f"{model.path}: its acceptance bounds need a golden set, and none is named")
+        if len(set(self.serve_precision)) != len(self.serve_precision):
+            raise ValueError(f"serve_precision {self.serve_precision} names a precision twice")
+        carried = {m.precision for m in self.models}
+        absent = [p for p in self.serve_precision if p not in carried]
+        if absent:
+            raise ValueError(f"serve_precision lists {', '.join(absent)} but no model artifact has it")
         return self
+
+    def gate_for(self, model: ModelEntry) -> AcceptanceGate:
+        """The gate ``model`` must pass on a device: its own, or the bundle-level one.
+
+        An entry's own gate without a golden set uses the bundle-level golden set.
+        """
+        own = model.acceptance
+        if own is None:
+            return self.acceptance
+        if own.golden is None and self.acceptance.golden is not None:
+            shared = {"golden": self.acceptance.golden, "samples": self.acceptance.samples}
+            return own.model_copy(update=shared)
+        return own
 
     @property
     def bundle_filename(self) -> str:
@@ -252,7 +312,14 @@ class Manifest(_Strict):
 
     def to_bytes(self) -> bytes:
         """Canonical bytes: sorted keys, two-space indent, trailing newline (these are signed)."""
-        body = self.model_dump(mode="json")
+        # Left out when empty, so bundles that do not use it keep their bytes (and sha256),
+        # and agents that predate the field still read them.
+        body = self.model_dump(mode="json", exclude=set() if self.serve_precision else {"serve_precision"})
+        for model in body["models"]:
+            # Absent, not null: a schema-1 manifest stays byte-identical to what agents that
+            # know only schema 1 read (their ModelEntry forbids unknown keys).
+            if model["acceptance"] is None:
+                del model["acceptance"]
         return (json.dumps(body, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 

@@ -7,16 +7,20 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgeagent.cli.profile_args import precision_list
 from edgeagent.errors import UsageError
 
 if TYPE_CHECKING:  # pydantic, numpy, cryptography: imported by the handlers, not at --help time
-    from edgeagent.bundle.manifest import Manifest
+    from edgeagent.bundle.manifest import AcceptanceGate, Manifest
     from edgeagent.bundle.reader import VerifiedBundle
     from edgeagent.signing import KeyRing
 
 CREATE_EXAMPLE = """\
   edgectl bundle create --name digits --version 1.0.0 --model mlp.onnx --model mlp_int8.tflite \\
       --golden golden.npz --min-accuracy 0.9 --key keys/release.key -o out/
+  edgectl bundle create --name digits --version 1.1.0 --model mlp.onnx --model mlp_int8.tflite \\
+      --golden golden.npz --min-accuracy 0.9 --model-gate mlp.onnx:min_accuracy=0.95 \\
+      --key keys/release.key -o out/
 """
 EXAMPLES = """\
   {prog} bundle verify out/digits-1.0.0.bundle --trusted keys/release.pub
@@ -63,7 +67,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--golden",
         type=Path,
         metavar="FILE.npz",
-        help="acceptance set: arrays 'inputs', optional 'labels' (int) and 'reference' (outputs)",
+        help="acceptance set: 'input.<name>' per model input (or 'inputs' for a one-input model), "
+        "optional 'labels' (int) and 'output.<name>' reference outputs",
     )
     create.add_argument("--labels", type=Path, metavar="FILE", help="class names, one per line")
     create.add_argument(
@@ -71,6 +76,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     create.add_argument("-o", "--out", required=True, type=Path, metavar="OUTDIR", help="output folder")
     create.add_argument("--description", default="", help="free text shown by inspect")
+    create.add_argument(
+        "--precision",
+        type=precision_list,
+        default=[],
+        metavar="LIST",
+        help=(
+            "artifact precisions devices should serve, most preferred first, e.g. 'fp32,int8' "
+            "(default: each device's profile order; a device's own override wins)"
+        ),
+    )
     gate = create.add_argument_group("acceptance gate (checked on the device before it switches over)")
     gate.add_argument(
         "--min-accuracy", type=_fraction, metavar="F", help="min top-1 accuracy on golden labels, 0-1"
@@ -89,6 +104,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=[],
         metavar="PROFILE=MS",
         help="p95 latency budget in ms for a device profile ('*' = any); repeatable",
+    )
+    gate.add_argument(
+        "--model-gate",
+        action="append",
+        default=[],
+        metavar="FILE:BOUND=V[,BOUND=V]",
+        help="give one --model its own gate (the bounds above, overridden by these: min_accuracy, "
+        "min_agreement, atol, rtol); a device serves it only if it passes; repeatable",
     )
     create.set_defaults(handler=_create)
 
@@ -198,6 +221,7 @@ def _create(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise UsageError(f"acceptance gate: {exc}") from exc
+    own = dict(_model_gate(item, args.model, gate) for item in args.model_gate)
     created = create_bundle(
         name=args.name,
         version=args.version,
@@ -208,10 +232,47 @@ def _create(args: argparse.Namespace) -> int:
         labels=args.labels,
         description=args.description,
         gate=gate,
+        model_gates=own,
+        serve_precision=args.precision,
     )
     print(created.path)
     print(f"sha256: {created.sha256}")
     return 0
+
+
+_MODEL_GATE_FIELDS = {
+    "min_accuracy": "min_accuracy",
+    "min_agreement": "min_top1_agreement",
+    "atol": "atol",
+    "rtol": "rtol",
+}
+
+
+def _model_gate(item: str, models: list[Path], base: AcceptanceGate) -> tuple[Path, AcceptanceGate]:
+    """``FILE:BOUND=V,...`` → (the --model it names, the bundle gate with those bounds replaced)."""
+    from pydantic import ValidationError
+
+    from edgeagent.bundle.manifest import AcceptanceGate
+    from edgeagent.validation import problems
+
+    name, sep, body = item.rpartition(":")
+    matches = [m for m in models if name and (str(m) == name or m.name == name)]
+    if not sep or len(matches) != 1:
+        raise UsageError(f"--model-gate {item!r}: expected FILE:BOUND=V[,BOUND=V] naming one --model")
+    fields: dict[str, float] = {}
+    for pair in body.split(","):
+        key, eq, value = pair.partition("=")
+        if not eq or key.strip() not in _MODEL_GATE_FIELDS:
+            known = ", ".join(_MODEL_GATE_FIELDS)
+            raise UsageError(f"--model-gate {item!r}: {pair!r} is not BOUND=V with BOUND one of {known}")
+        try:
+            fields[_MODEL_GATE_FIELDS[key.strip()]] = float(value)
+        except ValueError:
+            raise UsageError(f"--model-gate {item!r}: {value!r} is not a number") from None
+    try:
+        return matches[0], AcceptanceGate.model_validate({**base.model_dump(), **fields})
+    except ValidationError as exc:
+        raise UsageError(f"--model-gate {item!r}: {problems(exc)}") from exc
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -279,6 +340,19 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def describe_bounds(gate: AcceptanceGate) -> str:
+    """A gate's bounds in words ("accuracy >= 0.950; p95 <= 5 ms on rpi4")."""
+    bounds = []
+    if gate.min_accuracy is not None:
+        bounds.append(f"accuracy >= {gate.min_accuracy:.3f}")
+    if gate.min_top1_agreement is not None:
+        bounds.append(f"top-1 agreement >= {gate.min_top1_agreement:.3f}")
+    if gate.atol is not None or gate.rtol is not None:
+        bounds.append(f"outputs within atol={gate.atol} rtol={gate.rtol}")
+    bounds += [f"p95 <= {ms:g} ms on {profile}" for profile, ms in sorted(gate.latency_p95_ms.items())]
+    return "; ".join(bounds) if bounds else "no bounds set"
+
+
 def render_manifest(manifest: Manifest, key: str | None, checked: bool, sha: str | None) -> str:
     """Plain-text view of a manifest for ``bundle inspect``."""
     if key is None:
@@ -293,6 +367,8 @@ def render_manifest(manifest: Manifest, key: str | None, checked: bool, sha: str
     if sha:
         lines.append(f"sha256:    {sha}")
     lines.append(f"signature: {sig}")
+    if manifest.serve_precision:
+        lines.append(f"serve precision: {', '.join(manifest.serve_precision)} (the author's preference)")
     sizes = {f.path: f.size for f in manifest.files}
     lines.append("models:")
     for model in manifest.models:
@@ -314,16 +390,11 @@ def render_manifest(manifest: Manifest, key: str | None, checked: bool, sha: str
                     )
                 lines.append(f"    {kind} {spec.name}: {spec.dtype}[{shape}]{quant}")
     gate = manifest.acceptance
-    bounds = []
-    if gate.min_accuracy is not None:
-        bounds.append(f"accuracy >= {gate.min_accuracy:.3f}")
-    if gate.min_top1_agreement is not None:
-        bounds.append(f"top-1 agreement >= {gate.min_top1_agreement:.3f}")
-    if gate.atol is not None or gate.rtol is not None:
-        bounds.append(f"outputs within atol={gate.atol} rtol={gate.rtol}")
-    bounds += [f"p95 <= {ms:g} ms on {profile}" for profile, ms in sorted(gate.latency_p95_ms.items())]
     golden = f"{gate.golden} ({gate.samples} samples)" if gate.golden else "none"
-    lines.append(f"acceptance: golden {golden}; " + ("; ".join(bounds) if bounds else "no bounds set"))
+    lines.append(f"acceptance: golden {golden}; " + describe_bounds(gate))
+    for model in manifest.models:
+        if model.acceptance is not None:
+            lines.append(f"  {model.path}: {describe_bounds(model.acceptance)}")
     if manifest.labels:
         lines.append(f"labels:    {manifest.labels}")
     if manifest.compression:

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edgeagent.cli.profile_args import add_profile_args, detection_from_args
+
 if TYPE_CHECKING:  # pydantic models: imported by the handlers, not at --help time
     from devices.detect import Detection
 
@@ -15,6 +17,7 @@ examples:
   edgeagent detect --json               # the same, machine-readable
   edgeagent detect --root /mnt/sdcard   # a mounted SD-card image or another root filesystem
   edgeagent detect --profile rpi4       # what an operator override would give
+  edgeagent detect --profile-file ./myboard.toml   # check a profile you wrote
 
 The agent runs the same detection at start, and `profile = "..."` in agent.toml overrides it.
 """
@@ -32,15 +35,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--root", type=Path, default=Path("/"), help="root filesystem to inspect (default /)")
-    parser.add_argument("--profile", metavar="NAME", help="use this profile instead of the detected one")
+    add_profile_args(parser, precision=False)
     parser.add_argument("--json", action="store_true", help="print the detection as JSON")
     parser.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from devices.detect import detect
-
-    detection = detect(args.root, override=args.profile)
+    detection = detection_from_args(args, args.root)
     if args.json:
         print(detection.model_dump_json(indent=2))
     else:

@@ -17,8 +17,11 @@ examples:
   edgeagent infer --socket /tmp/edge.sock --input batch.json --model classifier
   edgeagent infer --input sample_int8.npy --raw        # quantized integers in and out
 
-input files: .npy (one array), .npz (arrays named after the model's inputs), .json (a nested
-list, or {"inputs": [[...]]} / {"inputs": {"name": [[...]]}})
+input files: .npy (one array), .npz (one array per model input, named after it; a golden set's
+'input.<name>' arrays work too), .json (a nested list, or {"inputs": [[...]]} /
+{"inputs": {"name": [[...]], ...}}). Each input is converted to the dtype the model declares
+(token ids stay integers; a float array for an integer input is refused). Every output is printed,
+by name, in the model's order.
 """
 
 
@@ -45,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def read_input(path: Path) -> tuple[Any, bool]:
-    """(inputs, binary): an array or {name: array} for .npy/.npz, nested lists for .json."""
+    """(inputs, binary): an array or {name: array} for .npy/.npz, arrays from nested lists for .json."""
     import numpy as np
 
     if not path.is_file():
@@ -56,7 +59,9 @@ def read_input(path: Path) -> tuple[Any, bool]:
             return np.load(path, allow_pickle=False), True
         if suffix == ".npz":
             with np.load(path, allow_pickle=False) as data:
-                return {k: data[k] for k in data.files}, True
+                arrays = {k: data[k] for k in data.files}
+            golden = {k.removeprefix("input."): v for k, v in arrays.items() if k.startswith("input.")}
+            return golden or arrays, True  # a golden set: its inputs only (not labels, outputs)
         if suffix == ".json":
             doc = json.loads(path.read_text(encoding="utf-8"))
             inputs = doc["inputs"] if isinstance(doc, dict) and "inputs" in doc else doc

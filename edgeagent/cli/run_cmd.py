@@ -71,7 +71,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.verbose:  # -v on the command line wins over the file
         logging.getLogger().setLevel(config.log_level)
     _say_what_runs(args.config, config)
-    detection = detect(config.detect_root, override=config.profile)
+    detection = detect(config.detect_root, override=config.profile, profiles_dir=config.profiles_dir)
     log.info(
         "device %s: profile %s (%s: %s); candidates %s",
         config.device_id,

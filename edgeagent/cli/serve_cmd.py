@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 
 from edgeagent.cli.bundle_cmd import add_trust_args, keyring_from_args
 from edgeagent.cli.infer_cmd import add_socket_arg
+from edgeagent.cli.profile_args import add_profile_args, candidates_for
 
 if TYPE_CHECKING:  # pydantic models: imported by the handlers, not at --help time
-    from devices.profile import Candidate
     from edgeagent.bundle.reader import VerifiedBundle
 
 log = logging.getLogger(__name__)
@@ -50,29 +50,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("bundles", nargs="+", type=Path, metavar="BUNDLE", help="bundle file(s) to serve")
     add_trust_args(parser)
     add_socket_arg(parser)
-    add_profile_arg(parser)
+    add_profile_args(parser)
     parser.add_argument(
         "--autotune",
         action="store_true",
         help="load every candidate, run the golden set on each, keep the fastest that passes",
     )
     parser.set_defaults(handler=_serve)
-
-
-def add_profile_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--profile",
-        metavar="NAME",
-        help="device profile whose candidates to try (default: detect this hardware; see 'edgeagent detect')",
-    )
-
-
-def candidates_for(profile: str | None) -> tuple[str, list[Candidate]]:
-    """(profile name, ordered candidates) for ``profile``, or for the detected hardware."""
-    from devices.detect import detect
-
-    detection = detect(Path("/"), override=profile)
-    return detection.profile, list(detection.candidates)
 
 
 @contextlib.contextmanager
@@ -95,7 +79,7 @@ def _serve(args: argparse.Namespace) -> int:
     from edgeagent.serving import InferenceServer
     from edgeagent.serving.loader import prepare_served_model
 
-    profile, candidates = candidates_for(args.profile)
+    profile, candidates = candidates_for(args)
     server = InferenceServer(args.socket)
     stop = threading.Event()
 
@@ -113,6 +97,7 @@ def _serve(args: argparse.Namespace) -> int:
                 profile=profile,
                 bundle_sha256=verified.sha256,
                 autotune=args.autotune,
+                precisions=args.precision,
             )
             server.activate(served)
             chosen = served.model

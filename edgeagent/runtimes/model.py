@@ -11,7 +11,9 @@ once for every runtime:
   through unchanged;
 * **batching**: a model whose batch dimension is fixed to 1 (typical TFLite) runs a batch of
   N samples as N invocations; a model with a dynamic batch runs it in one. A single sample
-  given without its batch dimension is accepted and gets one.
+  given without its batch dimension is accepted and gets one. A scalar (rank-0) input, such
+  as a sample rate, has no batch dimension: it takes one value (or a batch of one, ``[v]``)
+  that applies to every sample of the batch.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class _InputPlan:
     dims: tuple[int | None, ...]  # dimensions after the batch one
     fixed_batch: int | None
     affine: _Affine | None  # set when the model takes quantized integers
+    scalar: bool  # rank 0: no batch dimension
 
     def batch_ok(self, n: int, dynamic: bool) -> bool:
         return n > 0 and (dynamic or self.fixed_batch in (None, 1, n))
@@ -92,7 +95,9 @@ class LoadedModel:
             _Affine.of(o.quantization) if _is_quantized(o) and o.quantization else None for o in self.outputs
         )
         self._batch_dynamic = session.batch_dynamic
-        only = self._plans[0] if len(self._plans) == 1 else None
+        batched = [p for p in self._plans if not p.scalar]
+        self._fixed_batch = batched[0].fixed_batch if batched else None
+        only = self._plans[0] if len(self._plans) == 1 and not self._plans[0].scalar else None
         # The fast path of predict: single input, fully known sample shape.
         self._fast = only if only is not None and None not in only.dims else None
 
@@ -135,10 +140,13 @@ class LoadedModel:
             prepared, batch = {fast.spec.name: feeds}, feeds.shape[0]
         else:
             prepared, batch = self._prepare(feeds, raw)
-        if self._batch_dynamic or batch == self._plans[0].fixed_batch:
+        if self._batch_dynamic or batch == self._fixed_batch:
             outputs = self.session.run(prepared)
         else:  # fixed batch of 1 (checked in _prepare): one invocation per sample
-            runs = [self.session.run({k: v[i : i + 1] for k, v in prepared.items()}) for i in range(batch)]
+            runs = [
+                self.session.run({k: v if v.ndim == 0 else v[i : i + 1] for k, v in prepared.items()})
+                for i in range(batch)
+            ]
             outputs = [np.concatenate(parts) for parts in zip(*runs, strict=True)]
         if raw:
             return outputs
@@ -169,6 +177,9 @@ class LoadedModel:
         batch: int | None = None
         for plan in self._plans:
             array = _convert(plan, feeds[plan.spec.name], raw)
+            prepared[plan.spec.name] = array
+            if plan.scalar:  # applies to the whole batch; does not decide its size
+                continue
             n = int(array.shape[0])
             if batch is not None and n != batch:
                 raise InputError(
@@ -183,7 +194,8 @@ class LoadedModel:
                     code="bad_shape",
                     tensor=plan.spec.name,
                 )
-            prepared[plan.spec.name] = array
+        if batch is None:  # every input is a scalar: one sample
+            return prepared, 1
         if not batch:
             raise InputError("the batch is empty", code="bad_shape")
         return prepared, batch
@@ -214,7 +226,7 @@ def _plan(spec: TensorSpec) -> _InputPlan:
     dims = tuple(spec.shape[1:]) if spec.shape else ()
     fixed = spec.shape[0] if spec.shape else None
     affine = _Affine.of(spec.quantization) if _is_quantized(spec) and spec.quantization else None
-    return _InputPlan(spec, np.dtype(spec.dtype), dims, fixed, affine)
+    return _InputPlan(spec, np.dtype(spec.dtype), dims, fixed, affine, scalar=not spec.shape)
 
 
 def _convert(plan: _InputPlan, value: Any, raw: bool) -> np.ndarray:
@@ -226,10 +238,20 @@ def _convert(plan: _InputPlan, value: Any, raw: bool) -> np.ndarray:
         raise InputError(
             f"input {name!r} is not a rectangular array ({exc})", code="bad_shape", tensor=name
         ) from exc
-    if array.ndim == len(plan.dims):  # one sample without its batch dimension
+    if plan.scalar:
+        if array.shape == (1,):  # a batch of one value
+            array = array.reshape(())
+        if array.ndim:
+            raise InputError(
+                f"input {name!r} is a scalar; send one value, not shape {list(array.shape)}",
+                code="bad_shape",
+                tensor=name,
+            )
+    elif array.ndim == len(plan.dims):  # one sample without its batch dimension
         array = array[np.newaxis]
-    if array.ndim != len(plan.dims) + 1 or any(
-        want is not None and want != got for want, got in zip(plan.dims, array.shape[1:], strict=True)
+    if not plan.scalar and (
+        array.ndim != len(plan.dims) + 1
+        or any(want is not None and want != got for want, got in zip(plan.dims, array.shape[1:], strict=True))
     ):
         expected = ["N", *("?" if d is None else d for d in plan.dims)]
         raise InputError(

@@ -2,8 +2,10 @@
 
 This is the validating step of a deployment: the deployment flow and ``edgeagent serve``
 call :func:`prepare_served_model`, then hand the result to
-:meth:`~edgeagent.serving.server.InferenceServer.activate`. A candidate that fails
-acceptance is closed and the error carries the verdict (every number and its bound).
+:meth:`~edgeagent.serving.server.InferenceServer.activate`. Selection runs acceptance on
+every artifact it loads, against that artifact's own gate, and keeps only one that passes;
+when none does, the error carries the first verdict (every number and its bound) and the
+decision (every candidate tried and why it was rejected).
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from devices.profile import Candidate
-from edgeagent.acceptance import load_golden, run_acceptance
-from edgeagent.bundle.manifest import Manifest
-from edgeagent.errors import AcceptanceFailed
-from edgeagent.selection import select_runtime
+from edgeagent.acceptance import load_golden
+from edgeagent.bundle.manifest import AcceptanceGate, Manifest
+from edgeagent.selection import prefer_precisions, select_runtime
 from edgeagent.serving.slots import ServedModel
 
 log = logging.getLogger(__name__)
@@ -31,28 +33,27 @@ def prepare_served_model(
     name: str | None = None,
     bundle_sha256: str | None = None,
     autotune: bool = False,
+    precisions: Sequence[str] = (),
 ) -> ServedModel:
-    """Select a runtime for the bundle in ``bundle_dir``, prove it on the golden set, and wrap it.
+    """Select a runtime and an artifact that passes its own gate on the golden set, and wrap it.
 
-    Raises NoCandidate (no runtime loads) or AcceptanceFailed (the gate was missed).
+    ``precisions`` is the device's precision override (:func:`prefer_precisions`); when it
+    is empty the bundle author's ``serve_precision`` applies, and when that is empty too
+    the profile's order. Raises NoCandidate (no runtime loads), UsageError (the override
+    leaves no candidate) or AcceptanceFailed (no loaded artifact met its own gate).
     """
     gate = manifest.acceptance
     golden = load_golden(bundle_dir / gate.golden) if gate.golden else None
+    candidates = prefer_precisions(candidates, precisions or manifest.serve_precision)
     selection = select_runtime(
         bundle_dir, manifest, candidates, profile=profile, autotune=autotune, golden=golden
     )
-    verdict = selection.verdict or run_acceptance(selection.model, gate, golden, profile=profile)
-    if not verdict.passed:
-        selection.model.close()
-        raise AcceptanceFailed(
-            f"{manifest.name} {manifest.version} on {verdict.runtime}/{verdict.delegate} failed acceptance: "
-            f"{verdict.reason}",
-            verdict=verdict,
-        )
+    verdict = selection.verdict
     log.info(
-        "%s %s accepted on %s/%s: %s",
+        "%s %s (%s) accepted on %s/%s: %s",
         manifest.name,
         manifest.version,
+        selection.entry.path,
         verdict.runtime,
         verdict.delegate,
         ", ".join(f"{c.name}={c.value:.4g}" for c in verdict.checks if c.value is not None)
@@ -67,3 +68,10 @@ def prepare_served_model(
         decision=selection.decision.model_dump(mode="json"),
         verdict=verdict.model_dump(mode="json"),
     )
+
+
+def served_gate(manifest: Manifest, decision: dict[str, Any] | None) -> AcceptanceGate:
+    """The gate of the artifact a served model's ``decision`` chose (re-runs judge it by its own gate)."""
+    chosen = (decision or {}).get("chosen") or {}
+    entry = next((m for m in manifest.models if m.path == chosen.get("artifact")), None)
+    return manifest.gate_for(entry) if entry is not None else manifest.acceptance

@@ -3,9 +3,13 @@
 Content types (the response uses the request's type unless ``Accept`` names another one):
 
 * ``application/json``: ``{"inputs": [[...]]}`` for a single-input model, or
-  ``{"inputs": {"name": [[...]], ...}}``; optional ``"raw": true``. The reply is
-  ``{"id", "model", "version", "runtime", "delegate", "latency_ms", "output_names", "outputs"}``
-  where ``outputs`` is a nested list (one output) or ``{"name": [...]}`` (several).
+  ``{"inputs": {"name": [[...]], ...}}`` (every input by name); numbers and booleans, a
+  bare number for a scalar input; each input is converted to the dtype the model declares
+  (integers to an int32 input, booleans to a bool one; never a float to an integer input).
+  Optional ``"raw": true``. The reply is ``{"id", "model", "version", "runtime", "delegate",
+  "latency_ms", "output_names", "output_dtypes", "outputs"}`` where ``outputs`` is a nested
+  list (one output) or ``{"name": [...]}`` (several, in the model's order) and
+  ``output_dtypes`` the numpy dtype of each output (JSON numbers do not carry one).
 * ``application/x-npy``: one ``.npy`` array for a single-input model. The reply is the
   ``.npy`` of the only output (``application/x-npz`` when there are several) and the
   metadata in ``X-Prediction-Id``, ``X-Model``, ``X-Model-Version``, ``X-Runtime``,
@@ -89,9 +93,11 @@ def _decode_json(body: bytes) -> tuple[np.ndarray | dict[str, Any], bool | None]
 
 
 def _json_array(value: Any, name: str | None) -> np.ndarray:
-    if not isinstance(value, (list, int, float)) or isinstance(value, bool):
+    if not isinstance(value, (list, int, float)):  # bool is an int
         raise InputError(
-            f"input {name or 'inputs'} must be a (nested) list of numbers", code="bad_body", tensor=name
+            f"input {name or 'inputs'} must be a (nested) list of numbers or booleans",
+            code="bad_body",
+            tensor=name,
         )
     try:
         array = np.asarray(value)
@@ -99,7 +105,7 @@ def _json_array(value: Any, name: str | None) -> np.ndarray:
         raise InputError(
             f"input {name or 'inputs'} is not a rectangular array", code="bad_shape", tensor=name
         ) from exc
-    if array.dtype.kind not in "iuf":
+    if array.dtype.kind not in "biuf":
         raise InputError(f"input {name or 'inputs'} holds non-numbers", code="bad_dtype", tensor=name)
     return array
 
@@ -239,6 +245,7 @@ def encode_outputs(
             else {n: a.tolist() for n, a in zip(names, arrays, strict=True)}
         )
         doc = {**meta, "id": pid, "latency_ms": round(latency_ms, 4), "output_names": list(names)}
+        doc["output_dtypes"] = [a.dtype.name for a in arrays]
         doc["outputs"] = outputs
         return JSON, json.dumps(doc).encode(), ""
     headers = f"X-Prediction-Id: {pid}\r\nX-Latency-Ms: {latency_ms:.4f}\r\n{static_headers}"
