@@ -145,3 +145,25 @@ def test_the_help_time_defaults_agree_with_the_modules_that_use_them() -> None:
     from edgeagent import defaults
 
     assert defaults.DEFAULT_PROFILES_DIR == DEFAULT_PROFILES_DIR
+
+
+def test_the_error_line_follows_the_log_format(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.toml"
+    done = program("edgeagent", "run", "--config", str(missing), "--log-format", "json")
+    record = json.loads(done.stderr)
+    assert done.returncode == 2
+    assert (record["level"], record["logger"]) == ("error", "edgeagent")
+    assert record["message"] == f"error: config file {missing} does not exist"
+    with (tmp_path / "journal").open("w") as journal:
+        st = os.fstat(journal.fileno())
+        proc = subprocess.run(
+            [sys.executable, "-m", MODULES["edgeagent"], "run", "--config", str(missing)],
+            stderr=journal,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},
+            check=False,
+            timeout=60,
+        )
+    assert proc.returncode == 2
+    assert (
+        tmp_path / "journal"
+    ).read_text() == f"<3>edgeagent: error: config file {missing} does not exist\n"
