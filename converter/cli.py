@@ -183,6 +183,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "bundle holds only the final model of each format/precision",
     )
     parser.add_argument("-o", "--out", required=True, type=Path, metavar="OUTDIR", help="output folder")
+    parser.add_argument(
+        "--force", action="store_true", help="replace an earlier conversion in OUTDIR (else it must be empty)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress display")
     parser.set_defaults(handler=_convert)
 
@@ -393,6 +396,7 @@ class RichProgress:
 
 def _convert(args: argparse.Namespace) -> int:
     from converter.api import convert
+    from converter.outdir import fresh_output
     from edgeagent.errors import UsageError
     from edgeagent.signing import SigningKey
 
@@ -404,7 +408,8 @@ def _convert(args: argparse.Namespace) -> int:
         raise UsageError("give --key KEY to sign the bundle (or --unsigned for a local experiment)")
     key = SigningKey.load(args.key) if args.key is not None else None
     progress = None if args.quiet or not sys.stderr.isatty() else RichProgress()
-    result = convert(model, recipe, args.out, key, progress)
+    with fresh_output(args.out, force=args.force):
+        result = convert(model, recipe, args.out, key, progress)
     print(summary(result))
     return 0
 

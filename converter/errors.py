@@ -7,6 +7,7 @@
         ├── RecipeError                 a recipe or flag combination is invalid (also a UsageError: exit 2)
         ├── MissingExtra                an optional dependency is not installed (also a UsageError)
         ├── ModelLoadError              the input model cannot be read or is of an unsupported kind
+        │   └── ModelPathError          no such file, not a model folder, unknown suffix (a UsageError)
         ├── DataError                   evaluation/calibration data is missing, unreadable or misshapen
         │                               (also a UsageError)
         └── PassFailed                  a pass (or the library it wraps) failed; ``pass_name`` says which
@@ -47,6 +48,10 @@ class ModelLoadError(ConverterError):
     def __init__(self, message: str, *, path: str | None = None) -> None:
         super().__init__(message)
         self.path = path
+
+
+class ModelPathError(ModelLoadError, UsageError):
+    """The input path names no model: missing, a folder that is not a SavedModel, an unknown suffix."""
 
 
 class DataError(ConverterError, UsageError):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from converter import extras
-from converter.errors import ModelLoadError
+from converter.errors import ModelLoadError, ModelPathError
 
 ModelKind = Literal["onnx", "tflite", "keras", "savedmodel", "torch"]
 
@@ -58,9 +58,9 @@ def detect(path: Path) -> ModelArtifact:
     if path.is_dir():
         if (path / "saved_model.pb").is_file():
             return ModelArtifact(path, "savedmodel")
-        raise ModelLoadError(f"{path}: a folder, but not a SavedModel (no saved_model.pb)", path=str(path))
+        raise ModelPathError(f"{path}: a folder, but not a SavedModel (no saved_model.pb)", path=str(path))
     if not path.is_file():
-        raise ModelLoadError(f"{path}: no such model file", path=str(path))
+        raise ModelPathError(f"{path}: no such model file", path=str(path))
     suffix = path.suffix.lower()
     kinds: dict[str, ModelKind] = {
         ".onnx": "onnx",
@@ -70,7 +70,7 @@ def detect(path: Path) -> ModelArtifact:
         ".pt2": "torch",
     }
     if suffix not in kinds:
-        raise ModelLoadError(
+        raise ModelPathError(
             f"{path}: unknown model type {suffix or '(no suffix)'}; "
             "expected .onnx, .keras, .h5, .tflite, .pt2 (torch.export) or a SavedModel folder",
             path=str(path),

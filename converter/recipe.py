@@ -8,6 +8,7 @@ an unknown key or a bad value is an error naming the field.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from converter.evaluate import EvaluateConfig
 from converter.package import PackageConfig
 from converter.passes import REGISTRY, pass_class
 from converter.pipeline import PassSpec
+from edgeagent.validation import problems
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,12 +40,9 @@ class Recipe(BaseModel):
     package: PackageConfig | None = Field(default=None, description="Bundle settings; none = no bundle.")
 
 
-def first_error(exc: ValidationError, prefix: str = "") -> RecipeError:
-    """A RecipeError naming the first invalid field of a pydantic error."""
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in (prefix, *first["loc"]) if p != "")
-    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return RecipeError(f"{first['msg']}{more}", where=where or None)
+def recipe_error(exc: ValidationError, prefix: str = "", known: Iterable[str] | None = None) -> RecipeError:
+    """A RecipeError naming every invalid field of a pydantic error (unknown keys first)."""
+    return RecipeError(problems(exc, prefix, known))
 
 
 def parse_pass(index: int, table: dict[str, Any]) -> PassSpec:
@@ -57,7 +56,7 @@ def parse_pass(index: int, table: dict[str, Any]) -> PassSpec:
     try:
         return PassSpec(name, cls.config_class.model_validate(fields))
     except ValidationError as exc:
-        raise first_error(exc, f"passes[{index}]") from exc
+        raise recipe_error(exc, f"passes[{index}]", cls.config_class.model_fields) from exc
 
 
 def recipe_from_dict(body: dict[str, Any], base: Path | None = None) -> Recipe:
@@ -67,7 +66,7 @@ def recipe_from_dict(body: dict[str, Any], base: Path | None = None) -> Recipe:
     try:
         recipe = Recipe.model_validate({**body, "passes": []})
     except ValidationError as exc:
-        raise first_error(exc) from exc
+        raise recipe_error(exc) from exc
     recipe = recipe.model_copy(update={"passes": passes})
     return _resolve(recipe, base) if base is not None else recipe
 

@@ -1,4 +1,5 @@
-"""The conversion report: ``report.json``, ``report.md`` and, with matplotlib, ``report.png``.
+"""The conversion report: ``report.json``, ``report.md``, ``report.svg`` and, where an SVG
+renderer is installed (rsvg-convert or cairosvg), ``report.png``.
 
 One row per step (the source model first), each measured by the same evaluator. Sizes in
 bytes, latencies in ms on this host, accuracies as fractions 0-1.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,9 @@ from converter.evaluate import Metrics, regressions
 from converter.package import Packaged
 from converter.pipeline import PipelineResult
 from edgeagent.storage import atomic_write_bytes
+from edgeagent.svgchart import side_by_side, xy_chart
+
+CHART_W, CHART_H = 420, 280
 
 
 def artifact_warnings(result: PipelineResult) -> list[str]:
@@ -204,41 +210,58 @@ def render_markdown(result: PipelineResult, data_source: str, packaged: Packaged
     return "\n".join(lines) + "\n"
 
 
-def render_chart(result: PipelineResult, path: Path) -> bool:
-    """Accuracy vs size, one point per step; False when matplotlib is not installed."""
-    if not extras.available("matplotlib"):
-        return False
-    import matplotlib
+def render_chart(result: PipelineResult) -> str:
+    """Top-1 accuracy against transfer size and against latency, one labelled point per step.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    Transfer size, not size on disk: pruning leaves the file as large as before but shrinks
+    what a device downloads. An SVG document, drawn by :mod:`edgeagent.svgchart`.
+    """
     points = [("source", result.baseline)] + [(s.name, s.after) for s in result.steps]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    sizes = [m.size_bytes / 1024 for _, m in points]
-    accs = [(m.accuracy or 0.0) * 100 for _, m in points]
-    ax.plot(sizes, accs, "-o")
-    for (label, _), x, y in zip(points, sizes, accs, strict=True):
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4))
-    ax.set_xlabel("size on disk (KiB)")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(f"{result.source.path.name}: accuracy vs size per step")
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    acc = [(label, (m.accuracy or 0.0) * 100) for label, m in points]
+    name = result.source.path.name
+    by_size = [(label, m.transfer_bytes / 1024, a) for (label, m), (_, a) in zip(points, acc, strict=True)]
+    by_latency = [(label, m.latency_p50_ms, a) for (label, m), (_, a) in zip(points, acc, strict=True)]
+    codec = result.baseline.transfer_codec
+    charts = [
+        xy_chart(f"{name}: accuracy vs transfer size", by_size, x_label=f"transfer KiB ({codec})",
+                 y_label="top-1 %", width=CHART_W, height=CHART_H),
+        xy_chart(f"{name}: accuracy vs latency", by_latency, x_label="p50 ms on this host",
+                 y_label="top-1 %", width=CHART_W, height=CHART_H),
+    ]  # fmt: skip
+    return side_by_side(charts, CHART_W, CHART_H)
+
+
+def svg_to_png(svg: Path, png: Path) -> bool:
+    """Render ``svg`` to ``png`` with rsvg-convert or cairosvg; False when neither is installed."""
+    tmp = png.with_name(f".{png.name}.tmp")
+    try:
+        if exe := shutil.which("rsvg-convert"):
+            done = subprocess.run([exe, "-o", str(tmp), str(svg)], capture_output=True, check=False)
+            if done.returncode != 0:
+                return False
+        elif extras.available("cairosvg"):
+            extras.require("cairosvg").svg2png(url=str(svg), write_to=str(tmp))
+        else:
+            return False
+        tmp.replace(png)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_report(
     result: PipelineResult, data_source: str, packaged: Packaged | None, out_dir: Path
 ) -> list[Path]:
-    """Write report.json, report.md and (when possible) report.png; return their paths."""
-    json_path, md_path, png_path = out_dir / "report.json", out_dir / "report.md", out_dir / "report.png"
+    """Write report.json, report.md, report.svg and (when possible) report.png; return their paths."""
+    json_path, md_path = out_dir / "report.json", out_dir / "report.md"
+    svg_path, png_path = out_dir / "report.svg", out_dir / "report.png"
     body = report_dict(result, data_source, packaged)
     atomic_write_bytes(json_path, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
     atomic_write_bytes(md_path, render_markdown(result, data_source, packaged).encode())
     written = [json_path, md_path]
-    if result.baseline.accuracy is not None and render_chart(result, png_path):
-        written.append(png_path)
+    if result.baseline.accuracy is not None:
+        atomic_write_bytes(svg_path, render_chart(result).encode())
+        written.append(svg_path)
+        if svg_to_png(svg_path, png_path):
+            written.append(png_path)
     return written

@@ -154,6 +154,13 @@ class OnnxRunner(_Base):
         self.output_names = tuple(o.name for o in self.session.get_outputs())
         batched = [a.shape for a in args if a.shape]
         self.batch_dynamic = all(not isinstance(s[0], int) or s[0] <= 0 for s in batched)
+        fixed = next((a for a in args if a.shape and isinstance(a.shape[0], int) and a.shape[0] > 1), None)
+        if fixed is not None:
+            # Evaluation and latency run one sample at a time; ORT would refuse it in 35 lines.
+            raise ModelLoadError(
+                f"{model.path}: input {fixed.name!r} has a fixed batch of {fixed.shape[0]}; the converter "
+                "needs a batch of 1 or a dynamic batch (export with a dynamic first dimension)"
+            )
 
     def _call(self, feeds: Feeds) -> list[npt.NDArray[Any]]:
         return list(self.session.run(list(self.output_names), feeds))

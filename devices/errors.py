@@ -4,8 +4,9 @@
 
     edgeagent.errors.EdgeError      (the project's root: the CLI prints it as one line)
     └── DeviceError                 root of this package; every error carries a one-line message
-        ├── UnknownProfile          a profile name that no shipped profile file defines
+        ├── UnknownProfile          a profile name that no shipped profile file defines (a UsageError: exit 2)
         ├── ProfileInvalid          a profile file cannot be read, is not TOML, or fails the schema
+        │                           (a UsageError: exit 2, like agent.toml)
         └── DetectionError          the root filesystem given to detection cannot be read
 
 ``DeviceError`` subclasses :class:`edgeagent.errors.EdgeError` so that both command-line
@@ -15,14 +16,14 @@ does not make ``devices`` depend on the rest of ``edgeagent``.
 
 from __future__ import annotations
 
-from edgeagent.errors import EdgeError
+from edgeagent.errors import EdgeError, UsageError
 
 
 class DeviceError(EdgeError):
     """Root of every error raised on purpose by :mod:`devices`."""
 
 
-class UnknownProfile(DeviceError):
+class UnknownProfile(DeviceError, UsageError):
     """No profile of that name ships with this version."""
 
     def __init__(self, name: str, known: list[str]) -> None:
@@ -31,7 +32,7 @@ class UnknownProfile(DeviceError):
         self.known = known
 
 
-class ProfileInvalid(DeviceError):
+class ProfileInvalid(DeviceError, UsageError):
     """A profile file cannot be read or parsed, or fails the schema.
 
     ``path`` names an operator's file (a profiles folder, ``--profile-file``); ``profile``

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 # Where an operator adds or replaces profiles without editing the package (agent.toml
 # `profiles_dir`, `--profiles-dir`). A file there named like a shipped profile replaces it.
-DEFAULT_PROFILES_DIR = Path("/etc/edgeagent/profiles")
+DEFAULT_PROFILES_DIR = Path("/etc/edgeagent/profiles")  # also in edgeagent/defaults.py (for --help)
 
 Runtime = Literal["litert", "onnxruntime"]
 Precision = Literal["fp32", "fp16", "int8"]
@@ -297,10 +297,11 @@ def _parse(text: str, *, name: str, path: Path | None) -> Profile:
     try:
         return Profile.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        reason = first["msg"].removeprefix("Value error, ")
-        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ProfileInvalid(f"{_field(first['loc'])}: {reason}{more}", **where_file) from exc
+        # Every problem, not the first and a count: the one the operator typed may be the second.
+        problems = "; ".join(
+            f"{_field(e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
+        )
+        raise ProfileInvalid(problems, **where_file) from exc
 
 
 def _field(loc: tuple[int | str, ...]) -> str:

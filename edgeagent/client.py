@@ -34,12 +34,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from edgeagent.defaults import DEFAULT_SOCKET
 from edgeagent.errors import InputError, RequestFailed, ServerUnreachable
 from edgeagent.serving import frames
 from edgeagent.serving.protocol import JSON, NPY, NPZ, decode_npy, encode_npy, encode_npz
 from edgeagent.serving.sockets import TIMEOUT_ERRORS, Timeouts
 
-DEFAULT_SOCKET = Path("/run/edgeagent/agent.sock")  # socket_path in agent.toml, by default
 _MAX_HEAD = 64 * 1024
 _RECV = 65536
 _MAX_FRAME = 1 << 31  # a reply size past this is a corrupt stream, not a reply

@@ -24,19 +24,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from devices.errors import UnknownProfile
 from devices.profile import DEFAULT_PROFILES_DIR, Precision, list_profiles
-from edgeagent.errors import EdgeError
+from edgeagent.defaults import CONFIG_ENV, DEFAULT_CONFIG_PATH
+from edgeagent.errors import UsageError
+from edgeagent.validation import problems
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 devices only
     import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
-DEFAULT_CONFIG_PATH = Path("/etc/edgeagent/agent.toml")
-CONFIG_ENV = "EDGEAGENT_CONFIG"
 ENV_PREFIX = "EDGEAGENT_"
 
 
-class ConfigError(EdgeError):
+class ConfigError(UsageError):
     """The agent configuration cannot be read or is invalid; the message names the key."""
 
     def __init__(self, message: str, *, path: str | None = None, key: str | None = None) -> None:
@@ -252,11 +252,5 @@ def _validate(data: Mapping[str, Any], *, path: Path, from_env: set[str]) -> Age
         key = ".".join(str(p) for p in first["loc"]) or "(top level)"
         top = str(first["loc"][0]) if first["loc"] else ""
         source = f"{ENV_PREFIX}{top.upper()}" if top in from_env else str(path)
-        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        if first["type"] == "extra_forbidden":
-            known = ", ".join(AgentConfig.model_fields)
-            message = f"{source}: unknown key {key!r} (known: {known}){more}"
-        else:
-            reason = first["msg"].removeprefix("Value error, ")
-            message = f"{source}: {key}: {reason}{more}"
+        message = f"{source}: {problems(exc, known=AgentConfig.model_fields)}"
         raise ConfigError(message, path=str(path), key=key) from exc

@@ -3,8 +3,8 @@
 ::
 
     EdgeError                       root; every error here carries a one-line message
-    ├── UsageError                  the caller asked for something impossible (bad flag, missing file)
-    ├── KeyFileError                a signing key cannot be read, written or parsed
+    ├── UsageError                  the caller asked for something impossible (bad flag, missing file): exit 2
+    │   └── KeyFileError            a signing key cannot be read, written or parsed
     ├── ModelInspectionError        a model file cannot be opened to read its inputs/outputs
     ├── RuntimeUnavailable          a runtime's Python package is not installed (names what to pip install)
     ├── ModelLoadError              a runtime could not load a model file
@@ -77,7 +77,7 @@ class UsageError(EdgeError):
     """The user asked for something that cannot be done as asked (a flag, a missing file)."""
 
 
-class KeyFileError(EdgeError):
+class KeyFileError(UsageError):
     """A signing key file cannot be read, written or parsed."""
 
     def __init__(self, message: str, *, path: str | None = None) -> None:

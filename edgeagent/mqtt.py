@@ -161,8 +161,13 @@ class MqttSession:
         max_inflight: int = 64,
         backoff: Backoff | None = None,
         clean_session: bool = True,
+        connect_log_level: int = logging.WARNING,
     ) -> None:
         self.broker = broker
+        # A one-shot host command reports a failed connection in its own error line (with
+        # last_connect_error), so it logs each attempt below the default level.
+        self.connect_log_level = connect_log_level
+        self.last_connect_error: str | None = None
         # False: the broker keeps this client id's subscriptions and queues its QoS 1 messages
         # while it is away (a collector that must not lose telemetry across a restart).
         self.clean_session = clean_session
@@ -351,7 +356,14 @@ class MqttSession:
             else:
                 self._client.reconnect()
         except (OSError, ssl.SSLError, paho.WebsocketConnectionError) as exc:
-            log.warning("mqtt %s: cannot connect to %s: %s", self.client_id, self.broker.url, exc)
+            self.last_connect_error = str(exc)
+            log.log(
+                self.connect_log_level,
+                "mqtt %s: cannot connect to %s: %s",
+                self.client_id,
+                self.broker.url,
+                exc,
+            )
             return False
         return True
 

@@ -20,11 +20,11 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from edgeagent.defaults import DEFAULT_PREFIX
 from edgeagent.errors import BadSignature, MalformedMessage, MissingSignature
 from edgeagent.signing import KeyRing, Signature, SigningKey
 
 PROTOCOL_VERSION: Literal[1] = 1
-DEFAULT_PREFIX = "edge"
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 

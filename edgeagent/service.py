@@ -1,7 +1,7 @@
 """The agent's service lifecycle: start, tell systemd, run periodic work, stop on a signal.
 
-This is the skeleton that later parts plug into, not the whole agent: MQTT deployment,
-local serving and telemetry arrive in later issues. What it does now is real:
+This is the main loop the rest of the agent plugs into (:mod:`edgeagent.agent` runs MQTT
+deployment, local serving and telemetry in threads around it). It:
 
 - sends ``READY=1`` with a ``STATUS=`` line once configuration, hardware detection and the
   store have been read;
@@ -11,8 +11,8 @@ local serving and telemetry arrive in later issues. What it does now is real:
   shows it);
 - on SIGTERM or SIGINT sends ``STOPPING=1``, finishes the task in progress and returns 0.
 
-Later work adds tasks with :meth:`AgentService.add_task` before :meth:`AgentService.run`,
-and threads it starts (the MQTT session) watch :attr:`AgentService.stop` and call
+Other parts add tasks with :meth:`AgentService.add_task` before :meth:`AgentService.run`,
+and threads they start (the MQTT session) watch :attr:`AgentService.stop` and call
 ``stop.request(reason)`` to end the service.
 """
 

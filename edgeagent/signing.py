@@ -151,7 +151,10 @@ def generate_keypair(name: str, out_dir: Path) -> tuple[Path, Path, str]:
     """
     if not name or "/" in name or name.startswith("."):
         raise UsageError(f"key name {name!r} must be a plain file name")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, or no permission
+        raise UsageError(f"{out_dir}: cannot make a folder for the keys ({exc.strerror})") from exc
     priv_path = out_dir / f"{name}{PRIVATE_SUFFIX}"
     pub_path = out_dir / f"{name}{PUBLIC_SUFFIX}"
     for path in (priv_path, pub_path):

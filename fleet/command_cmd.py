@@ -10,8 +10,8 @@ import time
 import uuid
 from pathlib import Path
 
+from edgeagent.defaults import DEFAULT_PREFIX
 from edgeagent.errors import UsageError
-from edgeagent.protocol import DEFAULT_PREFIX
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -43,7 +43,7 @@ from fleet.status import render_status, status_rows
 log = logging.getLogger(__name__)
 
 DEVICE = "demo-device"
-WIDE_TERMINAL = 140  # columns the fleet table needs to be readable
+WIDE_TERMINAL = 100  # columns the fleet table's default view needs
 BIN = Path(sys.executable).parent
 
 
@@ -92,7 +92,7 @@ def embedded_broker(workdir: Path, say: Any, kind: str = "auto") -> Iterator[tup
         from amqtt.broker import Broker
     except ImportError as exc:
         raise UsageError(
-            "the demo needs a broker: apt-get install mosquitto, or pip install 'edgeagent[dev]' for amqtt"
+            "the demo needs a broker: apt-get install mosquitto, or pip install 'edgeagent[demo]' for amqtt"
         ) from exc
     loop = asyncio.new_event_loop()
     config = {
@@ -293,8 +293,8 @@ def _show_fleet(collector: Collector, say: Any, timeout_s: float = 15.0) -> None
     else:
         say("(no telemetry with the demo's requests arrived in time; the table shows what did)")
     console = Console()
-    # The table's 14 columns need a wide terminal (squeezed into 80 they are unreadable); the
-    # lines below say the same in words either way.
+    # The table needs 100 columns (squeezed into 80 it is unreadable); the lines below say the
+    # same in words either way.
     if say is print and console.is_terminal and console.width >= WIDE_TERMINAL:
         console.print(render_status(rows))
     for r in rows:
@@ -333,6 +333,8 @@ def _show_reported(reported: Reported, say: Any) -> None:
 
 def demo_main(keep: bool, workdir: Path | None, broker_kind: str = "auto") -> int:
     if workdir is not None:
+        if workdir.exists() and not workdir.is_dir():
+            raise UsageError(f"{workdir}: exists and is not a folder; the demo needs a fresh folder")
         if workdir.exists() and any(workdir.iterdir()):
             raise UsageError(f"{workdir} is not empty; the demo needs a fresh folder")
         workdir.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,8 @@ from typing import NoReturn
 from edgeagent.cli.common import main_for
 
 DESCRIPTION = """\
-Host tools for edge model deployment: make signing keys, package models into signed,
-reproducible bundles, and (as they land) convert, push and watch them on a fleet.
+Host tools for edge model deployment: make signing keys, compress models and package them
+into signed, reproducible bundles, push them to a fleet over MQTT, and watch the fleet.
 
 first steps:
   edgectl keys generate --name release --out keys/

@@ -14,8 +14,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from edgeagent.defaults import DEFAULT_PREFIX
 from edgeagent.errors import UsageError
-from edgeagent.protocol import DEFAULT_PREFIX
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -90,6 +90,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             default="5m",
             metavar="DURATION",
             help="latency/throughput over this much of each device's newest telemetry (default 5m)",
+        )
+        view.add_argument(
+            "--wide", action="store_true", help="all columns (the default fits 100 terminal columns)"
         )
         if name == "status":
             view.add_argument(
@@ -303,18 +306,19 @@ def _status(args: argparse.Namespace) -> int:
         }
         print(json.dumps(doc, indent=2))
         return 0
-    console = _console()
-    console.print(render_status(rows))
+    console = _console(args.wide)
+    console.print(render_status(rows, wide=args.wide))
     console.print(summary(rows, heartbeat), style="dim", highlight=False)
     return 0
 
 
-def _console() -> Console:
+def _console(wide: bool) -> Console:
     from rich.console import Console
 
     console = Console()
     if not console.is_terminal:
-        return Console(width=240)  # piped to a file or a pager: do not squeeze the table into 80 columns
+        # Piped to a file or a pager: the table's own width, not rich's 80-column guess.
+        return Console(width=240 if wide else 100)
     return console
 
 
@@ -331,10 +335,10 @@ def _watch(args: argparse.Namespace) -> int:
     def frame() -> Group:
         rows, heartbeat = _view_rows(args)
         line = f"{summary(rows, heartbeat)} · {time.strftime('%H:%M:%S')} · Ctrl-C leaves"
-        return Group(render_status(rows), Text(line, style="dim"))
+        return Group(render_status(rows, wide=args.wide), Text(line, style="dim"))
 
     try:
-        with Live(frame(), console=_console(), auto_refresh=False, screen=False) as live:
+        with Live(frame(), console=_console(args.wide), auto_refresh=False, screen=False) as live:
             while True:
                 time.sleep(args.interval)
                 live.update(frame(), refresh=True)

@@ -61,14 +61,15 @@ class FleetConnection:
 
     def __init__(self, broker: BrokerConfig, topics: Topics, client_id: str) -> None:
         self.topics = topics
-        self.session = MqttSession(broker, client_id)
+        self.session = MqttSession(broker, client_id, connect_log_level=logging.DEBUG)
         self.inbox: queue.Queue[Message] = queue.Queue()
 
     def __enter__(self) -> FleetConnection:
         self.session.start()
         if not self.session.wait_connected(10):
             self.session.close()
-            raise PushError(f"cannot connect to the broker at {self.session.broker.url}")
+            reason = self.session.last_connect_error or "no answer"
+            raise PushError(f"cannot connect to the broker at {self.session.broker.url} ({reason})")
         return self
 
     def __exit__(self, *_exc: object) -> None:
@@ -99,10 +100,15 @@ def verify_own_bundle(bundle: Path, key: SigningKey) -> VerifiedBundle:
     return verify_bundle(bundle, ring)
 
 
-def add_to_registry(bundle: Path, verified: VerifiedBundle, registry_dir: Path) -> Path:
-    """Copy the bundle into the registry folder (atomically) unless it is already there."""
+def check_registry(registry_dir: Path) -> None:
+    """UsageError unless ``registry_dir`` is a folder (checked before anything is connected or copied)."""
     if not registry_dir.is_dir():
         raise UsageError(f"{registry_dir}: no such registry folder")
+
+
+def add_to_registry(bundle: Path, verified: VerifiedBundle, registry_dir: Path) -> Path:
+    """Copy the bundle into the registry folder (atomically) unless it is already there."""
+    check_registry(registry_dir)
     dest = registry_dir / verified.manifest.bundle_filename
     if dest.exists():
         if hash_file(dest)[1] == verified.sha256:

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from edgeagent.defaults import DEFAULT_PREFIX
 from edgeagent.errors import UsageError
-from edgeagent.protocol import DEFAULT_PREFIX, BundleRef, Reported
+
+if TYPE_CHECKING:  # pydantic models: imported by the handlers, not at --help time
+    from edgeagent.protocol import BundleRef
 
 PUSH_EPILOG = """\
 examples:
@@ -98,16 +102,19 @@ def _report(args: argparse.Namespace, conn, devices: list[str], model: str, ref:
 
 
 def _push(args: argparse.Namespace) -> int:
+    from edgeagent.protocol import BundleRef
     from edgeagent.signing import SigningKey
-    from fleet.push import add_to_registry, devices_of, publish_desired, verify_own_bundle
+    from fleet.push import add_to_registry, check_registry, devices_of, publish_desired, verify_own_bundle
 
     key = SigningKey.load(args.key)
     verified = verify_own_bundle(args.bundle, key)
     m = verified.manifest
-    stored = add_to_registry(args.bundle, verified, args.registry)
+    check_registry(args.registry)
     ref = BundleRef(name=m.name, version=m.version, sha256=verified.sha256, size=verified.size)
     target, conn = _connection(args)
     with conn:
+        # Copied only once the broker answers: a failed push leaves nothing in the registry.
+        stored = add_to_registry(args.bundle, verified, args.registry)
         devices = devices_of(conn, target)
         doc = publish_desired(conn, target, args.model, ref, key, rollback=args.rollback)
         print(
@@ -119,6 +126,7 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _rollback(args: argparse.Namespace) -> int:
+    from edgeagent.protocol import BundleRef, Reported
     from edgeagent.signing import SigningKey
     from fleet.push import PushError, add_to_registry, devices_of, publish_desired, verify_own_bundle
 

@@ -9,8 +9,7 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from edgeagent.mqtt import BrokerConfig
-from edgeagent.protocol import DEFAULT_PREFIX, Topics
+from edgeagent.defaults import DEFAULT_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +49,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from edgeagent.mqtt import BrokerConfig
+    from edgeagent.protocol import Topics
     from fleet.registry import Registry
 
     stop = threading.Event()

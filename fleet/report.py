@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeagent.histogram import Histogram
+from edgeagent.svgchart import PALETTE, Series, line_chart
 from fleet import fleetdb
 from fleet.status import StatusRow, age, status_rows, summary
-from fleet.svgchart import PALETTE, Series, line_chart
 
 DEFAULT_BUCKETS = 120
 MAX_DEVICE_LINES = 10
@@ -109,10 +109,11 @@ def build_report(
     finally:
         conn.close()
     gap = max(3 * width, 60.0)
-    sections = [_latency_section(latency, model, gap) for model in sorted(_models(latency))]
+    axis = Axis(gap_s=gap, slice_s=width)
+    sections = [_latency_section(latency, model, axis) for model in sorted(_models(latency))]
     if not sections:
         sections.append(("Latency", [line_chart("inference latency", [], y_label="ms")], ""))
-    sections.append(_memory_section(memory, gap))
+    sections.append(_memory_section(memory, axis))
     page = _page(rows, heartbeat, sections, since, now)
     return Report(page, len({r.device for r in rows}), sum(len(charts) for _, charts, _ in sections), read)
 
@@ -121,15 +122,33 @@ def build_report(
 _Section = tuple[str, list[str], str]
 
 
-def _latency_section(latency: _Buckets, model: str, gap: float) -> _Section:
+@dataclass(frozen=True)
+class Axis:
+    """The time axis every chart of a report shares: slice width and the gap that breaks a line (s)."""
+
+    gap_s: float
+    slice_s: float
+
+
+def _latency_section(latency: _Buckets, model: str, axis: Axis) -> _Section:
     shown = _top_devices(latency, model)
     versions = sorted(k for k in latency.hists if k[0] == "version" and k[1] == model)
     by_device = _pairs(latency, [("device", model, d) for d in shown], lambda k: k[2])
     by_version = _pairs(latency, versions, lambda k: k[2])
     charts = [
-        line_chart(f"{model}: p99 (solid) and p50 (dashed) per device", by_device, y_label="ms", gap_s=gap),
         line_chart(
-            f"{model}: p99 and p50 per bundle version, all devices", by_version, y_label="ms", gap_s=gap
+            f"{model}: p99 (solid) and p50 (dashed) per device",
+            by_device,
+            y_label="ms",
+            gap_s=axis.gap_s,
+            slice_s=axis.slice_s,
+        ),
+        line_chart(
+            f"{model}: p99 and p50 per bundle version, all devices",
+            by_version,
+            y_label="ms",
+            gap_s=axis.gap_s,
+            slice_s=axis.slice_s,
         ),
     ]
     total = len(_devices_of(latency, model))
@@ -142,7 +161,7 @@ def _latency_section(latency: _Buckets, model: str, gap: float) -> _Section:
     return f"Latency: model {model}", charts, note
 
 
-def _memory_section(memory: _Buckets, gap: float) -> _Section:
+def _memory_section(memory: _Buckets, axis: Axis) -> _Section:
     devices = sorted(k for k in memory.sums if k[0] == "device")
     shown = sorted(
         devices, key=lambda k: max((v for _, v in memory.mean_points(k)), default=0.0), reverse=True
@@ -152,8 +171,14 @@ def _memory_section(memory: _Buckets, gap: float) -> _Section:
     by_device = [Series(k[1], memory.mean_points(k)) for k in shown]
     by_version = [Series(f"{k[1]} {k[2]}", memory.mean_points(k)) for k in versions]
     charts = [
-        line_chart("agent RSS per device", by_device, y_label="MiB", gap_s=gap),
-        line_chart("agent RSS per bundle version (mean of devices)", by_version, y_label="MiB", gap_s=gap),
+        line_chart("agent RSS per device", by_device, y_label="MiB", gap_s=axis.gap_s, slice_s=axis.slice_s),
+        line_chart(
+            "agent RSS per bundle version (mean of devices)",
+            by_version,
+            y_label="MiB",
+            gap_s=axis.gap_s,
+            slice_s=axis.slice_s,
+        ),
     ]
     note = (
         f"Per-device lines: the {len(shown)} largest of {len(devices)}." if len(devices) > len(shown) else ""

@@ -272,62 +272,83 @@ def _num(value: float | None, fmt: str = ".1f") -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
 
-def render_status(rows: list[StatusRow], *, title: str | None = None, now: float | None = None) -> Table:
-    """A rich Table of the rows (print it with ``rich.console.Console().print``)."""
+#: Columns of the default view and their widest cell (longer text ends in '…'), chosen so the
+#: table fits 100 terminal columns: online and seen share a cell, a throttled temperature is
+#: marked '!', acceptance is 'ok'/'FAIL'. ``wide`` shows every column in full.
+NARROW = {
+    "device": 16, "model": 8, "online": 7, "bundle": 14, "runtime/delegate": 14,
+    "p95 ms": 6, "RSS MB": 4, "temp °C": 5, "acceptance": 10,
+}  # fmt: skip
+_NARROW_HEADERS = {"runtime/delegate": "runtime", "RSS MB": "RSS", "temp °C": "°C"}
+WIDE = (
+    "device", "model", "online", "seen", "bundle", "runtime/delegate", "req/s", "p50/p95/p99 ms",
+    "RSS MB", "CPU %", "temp °C", "acceptance", "online acc", "last deployment",
+)  # fmt: skip
+_RIGHT = {"seen", "req/s", "p95 ms", "p50/p95/p99 ms", "RSS MB", "CPU %", "temp °C", "online acc"}
+
+
+def render_status(
+    rows: list[StatusRow], *, title: str | None = None, now: float | None = None, wide: bool = False
+) -> Table:
+    """A rich Table of the rows (print it with ``rich.console.Console().print``).
+
+    The default columns fit 100 terminal columns (see :data:`NARROW`); ``wide`` adds req/s,
+    p50/p99, CPU, online accuracy and the last deployment.
+    """
     from rich.table import Table
 
     now = time.time() if now is None else now
-    table = Table(title=title, title_justify="left", header_style="bold", pad_edge=False)
-    for name, justify in (
-        ("device", "left"),
-        ("model", "left"),
-        ("online", "left"),
-        ("seen", "right"),
-        ("bundle", "left"),
-        ("runtime/delegate", "left"),
-        ("req/s", "right"),
-        ("p50/p95/p99 ms", "right"),
-        ("RSS MB", "right"),
-        ("CPU %", "right"),
-        ("temp °C", "right"),
-        ("acceptance", "left"),
-        ("online acc", "right"),
-        ("last deployment", "left"),
-    ):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for r in rows:
-        online = "-" if r.online is None else ("[green]yes[/]" if r.online else "[red]no[/]")
-        bundle = f"{r.bundle or '?'} {r.version}" if r.version else (r.bundle or "-")
-        runtime = r.runtime_label or "-"
-        percentiles = "-" if r.p50_ms is None else f"{r.p50_ms:.2f}/{r.p95_ms:.2f}/{r.p99_ms:.2f}"
-        temp = _num(r.temperature_c)
-        if r.throttled:
-            temp = f"[red]{temp} throttled[/]"
-        if r.acceptance_passed is None:
-            acceptance = "-"
-        else:
-            mark = "[green]passed[/]" if r.acceptance_passed else "[red]FAILED[/]"
-            acceptance = f"{mark} {_num(r.acceptance_accuracy, '.2f')}" if r.acceptance_accuracy else mark
-        deployment = r.last_deployment or "-"
-        if r.last_deployment_ok is False:
-            deployment = f"[red]{deployment}[/]"
-        table.add_row(
-            r.device,
-            r.model or "-",
-            online,
-            age(None if r.last_seen is None else now - r.last_seen),
-            bundle,
-            runtime,
-            _num(r.rps),
-            percentiles,
-            _num(r.rss_mb, ".0f"),
-            _num(r.cpu_percent),
-            temp,
-            acceptance,
-            _num(r.online_accuracy, ".2f"),
-            deployment,
+    columns = WIDE if wide else tuple(NARROW)
+    table = Table(title=title, title_justify="left", header_style="bold", pad_edge=False, box=None)
+    for name in columns:
+        table.add_column(
+            name if wide else _NARROW_HEADERS.get(name, name),
+            justify="right" if name in _RIGHT else "left",
+            no_wrap=not wide,
+            overflow="ellipsis",
+            max_width=None if wide else NARROW[name],
         )
+    for r in rows:
+        cells = _cells(r, now, wide)
+        table.add_row(*(cells[name] for name in columns))
     return table
+
+
+def _cells(r: StatusRow, now: float, wide: bool) -> dict[str, str]:
+    seen = age(None if r.last_seen is None else now - r.last_seen)
+    online = "-" if r.online is None else ("[green]yes[/]" if r.online else "[red]no[/]")
+    if not wide:
+        online = f"{online} {seen}"
+    percentiles = "-" if r.p50_ms is None else f"{r.p50_ms:.2f}/{r.p95_ms:.2f}/{r.p99_ms:.2f}"
+    temp = _num(r.temperature_c)
+    if r.throttled:
+        temp = f"[red]{temp} throttled[/]" if wide else f"[red]{temp}![/]"
+    if r.acceptance_passed is None:
+        acceptance = "-"
+    else:
+        passed, failed = ("passed", "FAILED") if wide else ("ok", "FAIL")
+        mark = f"[green]{passed}[/]" if r.acceptance_passed else f"[red]{failed}[/]"
+        acceptance = f"{mark} {_num(r.acceptance_accuracy, '.2f')}" if r.acceptance_accuracy else mark
+    deployment = r.last_deployment or "-"
+    if r.last_deployment_ok is False:
+        deployment = f"[red]{deployment}[/]"
+    return {
+        "device": r.device,
+        "model": r.model or "-",
+        "online": online,
+        "seen": seen,
+        "bundle": f"{r.bundle or '?'} {r.version}" if r.version else (r.bundle or "-"),
+        "runtime/delegate": r.runtime_label or "-",
+        "req/s": _num(r.rps),
+        "p95 ms": _num(r.p95_ms, ".2f"),
+        "p50/p95/p99 ms": percentiles,
+        "RSS MB": _num(r.rss_mb, ".0f"),
+        "CPU %": _num(r.cpu_percent),
+        "temp °C": temp,
+        "acceptance": acceptance,
+        "online acc": _num(r.online_accuracy, ".2f"),
+        "last deployment": deployment,
+    }
 
 
 def summary(rows: list[StatusRow], heartbeat: dict[str, Any] | None, now: float | None = None) -> str:

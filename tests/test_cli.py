@@ -127,7 +127,7 @@ CREATE = "bundle create --name d --version 1.0.0 --key {key} -o {out}"
         (f"{CREATE} --model {{garbage}}", 2, "unknown model format"),
         (f"{CREATE} --model {{garbage_onnx}}", 1, "not a readable ONNX model"),
         (f"{CREATE} --model {{missing}}", 2, "no such model file"),
-        ("bundle create --name d --version 1.0.0 --model {model} --key {pub} -o {out}", 1, "PEM private key"),
+        ("bundle create --name d --version 1.0.0 --model {model} --key {pub} -o {out}", 2, "PEM private key"),
         (f"{CREATE} --model {{model}} --min-accuracy 0.9", 2, "--golden"),
         (f"{CREATE} --model {{model}} --min-accuracy 90", 2, "fraction"),
         (f"{CREATE} --model {{model}} --latency-budget rpi4", 2, "PROFILE=MS"),

@@ -160,7 +160,7 @@ def test_keras_max_drop_is_refused_in_one_line(
 ) -> None:
     rc = edgectl(
         "convert", keras_mlp, "--dataset", "digits", "--max-drop", "0.01",
-        "--name", "k", "--version", "1.0.0", "--key", keypair.private, "-o", tmp_path,
+        "--name", "k", "--version", "1.0.0", "--key", keypair.private, "-o", tmp_path / "out",
     )  # fmt: skip
     assert rc == 2
     assert "for Keras choose --quantize" in capsys.readouterr().err

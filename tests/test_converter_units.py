@@ -297,3 +297,14 @@ def test_undeployable_result_is_refused_before_any_work(tmp_path: Path) -> None:
     ):
         convert(tmp_path / "m.onnx", onnx_recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("teacher", "student", "expected"),
+    [(200, 100, "2.0x fewer"), (100, 200, "2.0x more"), (100, 100, "1.0x fewer")],
+)
+def test_distill_note_says_more_for_a_larger_student(teacher: int, student: int, expected: str) -> None:
+    # A student twice the teacher's size was reported as "0.5x fewer parameters".
+    from converter.passes.distill import compare
+
+    assert compare(teacher, student, "fewer", "more") == expected

@@ -440,7 +440,7 @@ def test_detect_command_json(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_detect_command_bad_profile_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_cli(["detect", "--root", str(BOARDS / "rpi4"), "--profile", "pi4"]) == 1
+    assert run_cli(["detect", "--root", str(BOARDS / "rpi4"), "--profile", "pi4"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("edgeagent: error: unknown device profile 'pi4'")
     assert err.count("\n") == 1

@@ -125,7 +125,7 @@ def test_three_devices_the_database_and_status_agree_with_what_was_sent(
     assert edgectl("fleet", "status", "--db", db, "--bundle", "digits@1.1.0", "--json") == 0
     picked = {(r["device"], r["model"]) for r in json.loads(capsys.readouterr().out)["rows"]}
     assert picked == {("pi-kitchen", "default"), ("jetson-yard", "classifier")}
-    assert edgectl("fleet", "status", "--db", db) == 0
+    assert edgectl("fleet", "status", "--db", db, "--wide") == 0  # the default view: test_fleet_status_width
     table = capsys.readouterr().out
     # 4 devices: the three and the probe subscribed() sent, which has no reported state.
     for text in (

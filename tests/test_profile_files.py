@@ -139,7 +139,7 @@ def test_detect_cli_with_a_profile_file(profiles_dir: Path, capsys: pytest.Captu
     assert detection["profile"] == "myboard" and len(detection["candidates"]) == 2
     bad = profiles_dir / "bad.toml"
     bad.write_text(BAD_FILES["unknown delegate"][0])
-    assert edgeagent("detect", "--root", BOARDS / "rpi4", "--profile-file", bad) == 1
+    assert edgeagent("detect", "--root", BOARDS / "rpi4", "--profile-file", bad) == 2  # input: docs/cli.md
     err = capsys.readouterr().err
     assert (
         err.startswith(f"edgeagent: error: profile file {bad}: [[candidates]] #2:") and err.count("\n") == 1
@@ -152,7 +152,7 @@ def test_detect_cli_finds_local_profiles_by_name(
     root = ["--root", BOARDS / "rpi4"]
     assert edgeagent("detect", *root, "--profile", "myboard", "--profiles-dir", profiles_dir) == 0
     assert "profile       myboard  [override]" in capsys.readouterr().out
-    assert edgeagent("detect", *root, "--profile", "myboard", "--profiles-dir", profiles_dir.parent) == 1
+    assert edgeagent("detect", *root, "--profile", "myboard", "--profiles-dir", profiles_dir.parent) == 2
     assert "unknown device profile 'myboard'" in capsys.readouterr().err
 
 
@@ -191,7 +191,7 @@ def test_the_agent_does_not_start_on_a_bad_profile_file(profiles_dir: Path, tmp_
         f'profiles_dir = "{profiles_dir}"\nprofile = "myboard"\nstate_dir = "{tmp_path / "state"}"\n'
         f'socket_path = "{tmp_path / "agent.sock"}"\n'
     )
-    assert edgeagent("run", "--config", config) == 1
+    assert edgeagent("run", "--config", config) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         f"edgeagent: error: profile file {bad}: [[candidates]] #1 threds: Extra inputs are not permitted"

@@ -205,7 +205,7 @@ def test_bad_config_fails_in_one_line_before_ready(tmp_path: Path, listener: Not
     config = write_config(tmp_path, statos_interval_s="1")
     proc = start_agent(config, listener.address)
     _, err = proc.communicate(timeout=20)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     known = ", ".join(AgentConfig.model_fields)
     assert err.strip() == f"edgeagent: error: {config}: unknown key 'statos_interval_s' (known: {known})"
     assert listener.receive(0.1) is None

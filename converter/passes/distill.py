@@ -138,6 +138,13 @@ def teacher_parameters(teacher: ModelArtifact) -> int | None:
     return None
 
 
+def compare(teacher: int, student: int, less: str, more: str) -> str:
+    """How the student compares with the teacher, e.g. '2.0x fewer' or '2.0x more' (never '0.5x fewer')."""
+    if student <= teacher:
+        return f"{teacher / student:.1f}x {less}"
+    return f"{student / teacher:.1f}x {more}"
+
+
 def distill(
     teacher: ModelArtifact,
     student: Any,
@@ -232,11 +239,16 @@ class DistillPass(Pass[DistillConfig]):
         out = out_dir / f"{model.stem}-student-{tag}.onnx"
         artifact, details = distill(model, student, data, self.config, out, self.context.on_epoch)
         t, s = details["teacher"], details["student"]
-        ratio = f"{t['parameters'] / s['parameters']:.1f}x fewer parameters, " if t["parameters"] else ""
+        ratio = (
+            f"{compare(t['parameters'], s['parameters'], 'fewer', 'more')} parameters, "
+            if t["parameters"]
+            else ""
+        )
         return PassOutput(
             model=artifact,
             details=details,
             notes=f"student {self.config.student}: {s['parameters']:,} parameters ({ratio}"
-            f"{t['size_bytes'] / s['size_bytes']:.1f}x smaller file); top-1 teacher {t['accuracy']:.2%}, "
+            f"{compare(t['size_bytes'], s['size_bytes'], 'smaller', 'larger')} file); "
+            f"top-1 teacher {t['accuracy']:.2%}, "
             f"student {s['accuracy']:.2%}; T={self.config.temperature}, alpha={self.config.alpha}",
         )

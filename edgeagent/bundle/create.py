@@ -8,11 +8,13 @@ than by a device's acceptance test.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
 
 from edgeagent.bundle.golden import load_golden, match_inputs, match_outputs
 from edgeagent.bundle.manifest import (
@@ -32,6 +34,8 @@ from edgeagent.bundle.writer import file_entries, write_bundle
 from edgeagent.errors import UsageError
 from edgeagent.modelinfo import inspect_model
 from edgeagent.signing import SigningKey
+from edgeagent.storage import hash_file
+from edgeagent.validation import problems
 
 _RUNTIMES = {"onnx": ["onnxruntime"], "tflite": ["litert"]}
 
@@ -118,10 +122,31 @@ def create_bundle(
             serve_precision=list(serve_precision),
         )
     except ValueError as exc:  # pydantic's ValidationError is a ValueError
-        raise UsageError(_first_error(exc)) from exc
+        raise UsageError(_invalid_bundle(exc)) from exc
     out_path = out_dir / manifest.bundle_filename
+    if out_path.exists():
+        return _same_as_existing(manifest, files, key, out_path)
     sha = write_bundle(manifest, files, key, out_path)
     return CreatedBundle(path=out_path, sha256=sha, manifest=manifest)
+
+
+def _same_as_existing(
+    manifest: Manifest, files: dict[str, Path], key: SigningKey | None, out: Path
+) -> CreatedBundle:
+    """Rebuilding an existing name-version is fine when the bytes agree; anything else is refused.
+
+    A name-version names one bundle everywhere (registry, devices' stores, events): silently
+    replacing it would leave two different files under one name.
+    """
+    _, existing = hash_file(out)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".rebuild-") as tmp:
+        sha = write_bundle(manifest, files, key, Path(tmp) / out.name)
+    if sha != existing:
+        raise UsageError(
+            f"{out} already exists with different content (sha256 {existing[:12]}…, this build {sha[:12]}…); "
+            "bump --version, or remove the old bundle"
+        )
+    return CreatedBundle(path=out, sha256=sha, manifest=manifest)
 
 
 def _own_gate(gate: AcceptanceGate | None) -> AcceptanceGate | None:
@@ -172,10 +197,7 @@ def _check_array(where: str, kind: str, spec: TensorSpec, array: np.ndarray, *, 
         )
 
 
-def _first_error(exc: ValueError) -> str:
-    errors = getattr(exc, "errors", None)
-    if callable(errors):
-        first = errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "bundle"
-        return f"invalid {where}: {first['msg']}"
+def _invalid_bundle(exc: ValueError) -> str:
+    if isinstance(exc, ValidationError):
+        return f"invalid bundle: {problems(exc)}"
     return str(exc)

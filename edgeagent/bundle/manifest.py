@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from edgeagent.errors import MalformedManifest, SchemaViolation, UnknownSchemaVersion
+from edgeagent.validation import problems
 
 SCHEMA_VERSION = 1
 #: The first version whose model entries may carry their own acceptance gate
@@ -340,9 +341,6 @@ def parse_manifest(data: bytes) -> Manifest:
     try:
         return Manifest.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise SchemaViolation(
-            f"{MANIFEST_NAME} fails the schema at {where}: {first['msg']}{more}", member=MANIFEST_NAME
+            f"{MANIFEST_NAME} fails the schema: {problems(exc)}", member=MANIFEST_NAME
         ) from exc

@@ -167,11 +167,14 @@ class _HashingReader:
 
 
 class _BundleReader:
-    def __init__(self, path: Path, trusted: KeyRing, allow_unsigned: bool, limits: Limits) -> None:
+    def __init__(
+        self, path: Path, trusted: KeyRing, allow_unsigned: bool, limits: Limits, check_signature: bool = True
+    ) -> None:
         self.path = path
         self.trusted = trusted
         self.allow_unsigned = allow_unsigned
         self.limits = limits
+        self.check_signature = check_signature
         # A member read ahead while looking for manifest.sig, handed to _read_files.
         self._pending: tarfile.TarInfo | None = None
         self._signed = False
@@ -245,7 +248,8 @@ class _BundleReader:
         if second is not None and second.name == SIGNATURE_NAME:
             sig_bytes = self._read_small(tar, second, self.limits.max_signature_bytes)
             signature = Signature.from_json(sig_bytes)
-            self.trusted.verify(manifest_bytes, signature)
+            if self.check_signature:
+                self.trusted.verify(manifest_bytes, signature)
             signed_by = signature.key_id
             self._pending = None
             self._signed = True
@@ -381,31 +385,14 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def read_manifest_unverified(path: Path, *, limits: Limits | None = None) -> tuple[Manifest, str | None]:
-    """Read only the manifest (and the key id of ``manifest.sig``), checking nothing else.
+    """Read the manifest (and the key id of ``manifest.sig``) without checking the signature.
 
-    For showing what a bundle claims to be (``bundle inspect`` without ``--trusted``);
-    never install or trust anything on the strength of this.
+    For showing what a bundle claims to be (``bundle inspect`` without ``--trusted``); never
+    install or trust anything on the strength of this. The whole archive is still read, so a
+    truncated bundle, or a file that differs from the manifest, is refused rather than shown.
     """
-    bounds = limits or Limits()
-    reader = _BundleReader(path, KeyRing(), allow_unsigned=True, limits=bounds)
-    try:
-        with path.open("rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
-            first = reader._next(tar)
-            if first is None or first.name != MANIFEST_NAME:
-                raise MissingFile(
-                    f"{MANIFEST_NAME} must be the first member of a bundle", member=MANIFEST_NAME
-                )
-            manifest_bytes = reader._read_small(tar, first, bounds.max_manifest_bytes)
-            second = reader._next(tar)
-            key = None
-            if second is not None and second.name == SIGNATURE_NAME:
-                sig = Signature.from_json(reader._read_small(tar, second, bounds.max_signature_bytes))
-                key = sig.key_id
-    except FileNotFoundError as exc:
-        raise UsageError(f"{path}: no such file") from exc
-    except tarfile.TarError as exc:
-        raise TruncatedBundle(f"not a tar archive, or truncated ({exc})", bundle=path.name) from exc
-    except BundleError as exc:
-        exc.bundle = exc.bundle or path.name
-        raise
-    return parse_manifest(manifest_bytes), key
+    reader = _BundleReader(
+        path, KeyRing(), allow_unsigned=True, limits=limits or Limits(), check_signature=False
+    )
+    result = reader.read(None)
+    return result.manifest, result.signed_by

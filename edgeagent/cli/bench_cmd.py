@@ -15,10 +15,8 @@ import json
 import resource
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from devices.profile import Candidate
-from edgeagent.bundle.manifest import Manifest
 from edgeagent.cli.bundle_cmd import add_trust_args
 from edgeagent.cli.isolated import one_line, run_isolated
 from edgeagent.cli.profile_args import add_profile_args, candidates_for
@@ -28,6 +26,10 @@ from edgeagent.errors import EdgeError
 # Per candidate: load + golden set. A TensorRT engine build on a Jetson Nano takes minutes
 # for a mid-sized model, so the default leaves room for that and still ends a hang.
 DEFAULT_TIMEOUT_S = 600.0
+
+if TYPE_CHECKING:  # pydantic models: imported by the handlers, not at --help time
+    from devices.profile import Candidate
+    from edgeagent.bundle.manifest import Manifest
 
 EPILOG = """\
 examples:
@@ -133,7 +135,7 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-_Job = tuple[str, Manifest, Candidate, str | None, str | None]
+_Job = tuple[str, "Manifest", "Candidate", str | None, str | None]  # quoted: imported for typing only
 
 
 def _job(*job: Any) -> dict[str, Any]:

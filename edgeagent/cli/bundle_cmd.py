@@ -5,40 +5,39 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
-from edgeagent.bundle.manifest import AcceptanceGate, Manifest
-from edgeagent.bundle.reader import (
-    VerifiedBundle,
-    extract_bundle,
-    read_manifest_unverified,
-    verify_bundle,
-)
 from edgeagent.cli.profile_args import precision_list
 from edgeagent.errors import UsageError
-from edgeagent.signing import KeyRing, SigningKey
 
-EPILOG = """\
-examples:
+if TYPE_CHECKING:  # pydantic, numpy, cryptography: imported by the handlers, not at --help time
+    from edgeagent.bundle.manifest import AcceptanceGate, Manifest
+    from edgeagent.bundle.reader import VerifiedBundle
+    from edgeagent.signing import KeyRing
+
+CREATE_EXAMPLE = """\
   edgectl bundle create --name digits --version 1.0.0 --model mlp.onnx --model mlp_int8.tflite \\
       --golden golden.npz --min-accuracy 0.9 --key keys/release.key -o out/
   edgectl bundle create --name digits --version 1.1.0 --model mlp.onnx --model mlp_int8.tflite \\
       --golden golden.npz --min-accuracy 0.9 --model-gate mlp.onnx:min_accuracy=0.95 \\
       --key keys/release.key -o out/
-  edgectl bundle verify out/digits-1.0.0.bundle --trusted keys/release.pub
-  edgectl bundle inspect out/digits-1.0.0.bundle --json
-  edgectl bundle extract out/digits-1.0.0.bundle --trusted keys/ --to /tmp/digits
+"""
+EXAMPLES = """\
+  {prog} bundle verify out/digits-1.0.0.bundle --trusted keys/release.pub
+  {prog} bundle inspect out/digits-1.0.0.bundle --json
+  {prog} bundle extract out/digits-1.0.0.bundle --trusted keys/ --to /tmp/digits
 """
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    # The examples name the program they are shown by; bundles are created on the host (edgectl).
+    prog = subparsers._prog_prefix.split()[0]
+    epilog = "examples:\n" + (CREATE_EXAMPLE if prog == "edgectl" else "") + EXAMPLES.format(prog=prog)
     bundle = subparsers.add_parser(
         "bundle",
         help="create, verify, inspect or extract a signed model bundle",
         description="A bundle is one signed, reproducible file: models, acceptance test, report.",
-        epilog=EPILOG,
+        epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = bundle.add_subparsers(dest="bundle_command", metavar="ACTION", required=True)
@@ -51,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "a signed bundle. Input/output names, shapes and dtypes are read from the model files. "
             "The same inputs give a byte-identical bundle (set SOURCE_DATE_EPOCH to stamp a date)."
         ),
-        epilog=EPILOG,
+        epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     create.add_argument("--name", required=True, help="bundle name, e.g. 'digits'")
@@ -183,6 +182,8 @@ def _fraction(text: str) -> float:
 
 
 def keyring_from_args(args: argparse.Namespace) -> KeyRing:
+    from edgeagent.signing import KeyRing
+
     if not args.trusted and not getattr(args, "allow_unsigned", False):
         raise UsageError("give at least one --trusted public key (or --allow-unsigned)")
     for path in args.trusted:
@@ -194,6 +195,8 @@ def keyring_from_args(args: argparse.Namespace) -> KeyRing:
 def _create(args: argparse.Namespace) -> int:
     # Host-only path: model inspection may import onnx/onnxruntime/LiteRT, so import here.
     from edgeagent.bundle.create import create_bundle
+    from edgeagent.bundle.manifest import AcceptanceGate
+    from edgeagent.signing import SigningKey
 
     budgets: dict[str, float] = {}
     for item in args.latency_budget:
@@ -247,6 +250,11 @@ _MODEL_GATE_FIELDS = {
 
 def _model_gate(item: str, models: list[Path], base: AcceptanceGate) -> tuple[Path, AcceptanceGate]:
     """``FILE:BOUND=V,...`` → (the --model it names, the bundle gate with those bounds replaced)."""
+    from pydantic import ValidationError
+
+    from edgeagent.bundle.manifest import AcceptanceGate
+    from edgeagent.validation import problems
+
     name, sep, body = item.rpartition(":")
     matches = [m for m in models if name and (str(m) == name or m.name == name)]
     if not sep or len(matches) != 1:
@@ -264,10 +272,12 @@ def _model_gate(item: str, models: list[Path], base: AcceptanceGate) -> tuple[Pa
     try:
         return matches[0], AcceptanceGate.model_validate({**base.model_dump(), **fields})
     except ValidationError as exc:
-        raise UsageError(f"--model-gate {item!r}: {exc.errors()[0]['msg']}") from exc
+        raise UsageError(f"--model-gate {item!r}: {problems(exc)}") from exc
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from edgeagent.bundle.reader import verify_bundle
+
     result = verify_bundle(args.bundle, keyring_from_args(args), allow_unsigned=args.allow_unsigned)
     if args.json:
         print(json.dumps(_summary(result), indent=2))
@@ -280,6 +290,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
+    from edgeagent.bundle.reader import extract_bundle
+
     result = extract_bundle(args.bundle, args.to, keyring_from_args(args), allow_unsigned=args.allow_unsigned)
     print(f"{result.sha256}  {args.bundle}")
     count = len(result.manifest.files) + 1 + (result.signed_by is not None)
@@ -288,6 +300,9 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from edgeagent.bundle.reader import read_manifest_unverified, verify_bundle
+    from edgeagent.signing import KeyRing
+
     if args.trusted:
         result = verify_bundle(args.bundle, KeyRing.from_paths(args.trusted))
         manifest, key, checked, sha = result.manifest, result.signed_by, True, result.sha256

@@ -1,7 +1,8 @@
-"""What every command-line program here shares: argument parsing and the error boundary.
+"""What every command-line program here shares: argument parsing, logging and the error boundary.
 
 A user error (bad flag, missing file, corrupt bundle) prints one line and exits non-zero;
-only a bug prints a traceback.
+only a bug prints a traceback. The global options (-v, --log-format) are accepted before or
+after the sub-command. Exit codes and log formats are documented in docs/cli.md.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn, Protocol, cast
 
+from edgeagent import __version__
+from edgeagent.cli.logformat import FORMATS, error_line, setup_logging
 from edgeagent.errors import EdgeError, UsageError
 
 log = logging.getLogger(__name__)
@@ -49,7 +52,8 @@ def build_parser(prog: str, description: str, command_modules: Sequence[str]) ->
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_global_options(parser, top=True)
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser] = parser.add_subparsers(
         dest="command", metavar="COMMAND", parser_class=_Parser
     )
@@ -57,7 +61,39 @@ def build_parser(prog: str, description: str, command_modules: Sequence[str]) ->
     for name in command_modules:
         module = cast(CommandModule, importlib.import_module(name))
         module.register(subparsers)
+    for sub in _subparsers(parser):
+        _add_global_options(sub, top=False)
     return parser
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    # After the sub-command the options land in their own dest with SUPPRESS defaults, so a
+    # sub-parser never resets what was given before it (`-v bundle verify -v` is -vv).
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        dest="verbose" if top else "verbose_after",
+        action="count",
+        default=0 if top else argparse.SUPPRESS,
+        help="more log output (-vv: debug)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default="auto" if top else argparse.SUPPRESS,
+        help="log lines as text, journald (<N> priority prefixes) or JSON; auto: journald under "
+        "systemd, else text",
+    )
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser below ``parser`` (sub-commands and their actions), depth first."""
+    found: list[argparse.ArgumentParser] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # aliases share a parser
+                found += [sub, *_subparsers(sub)]
+    return found
 
 
 Handler = Callable[[argparse.Namespace], int | None]
@@ -66,19 +102,20 @@ Handler = Callable[[argparse.Namespace], int | None]
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run the chosen handler, and turn errors into one line and an exit code."""
     args = parser.parse_args(argv)
+    args.verbose += getattr(args, "verbose_after", 0)
     level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    log_format = setup_logging(level, args.log_format)
     handler: Handler = args.handler
     try:
         rc = handler(args)
     except UsageError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        print(error_line(parser.prog, f"error: {exc}", log_format), file=sys.stderr)
         return EXIT_USAGE
     except EdgeError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        print(error_line(parser.prog, f"error: {exc}", log_format), file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        print(error_line(parser.prog, "interrupted", log_format), file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         # `edgectl bundle inspect X | head` closes stdout early; that is not an error.

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from devices.detect import CORAL_USB_IDS, Detection
 from edgeagent.cli.profile_args import add_profile_args, detection_from_args
+
+if TYPE_CHECKING:  # pydantic models: imported by the handlers, not at --help time
+    from devices.detect import Detection
 
 EPILOG = """\
 examples:
@@ -48,6 +51,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def format_detection(d: Detection) -> str:
     """A human-readable table of a detection."""
+    from devices.detect import CORAL_USB_IDS
+
     ev = d.evidence
     profile = f"{d.profile} (host {d.host_profile})" if d.host_profile else d.profile
     memory = f"{ev.mem_total_mib} MiB ({d.memory_class})" if ev.mem_total_mib else "unknown"

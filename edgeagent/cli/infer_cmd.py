@@ -8,7 +8,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from edgeagent.client import DEFAULT_SOCKET
+from edgeagent.defaults import DEFAULT_SOCKET
 from edgeagent.errors import UsageError
 
 EPILOG = """\

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edgeagent.signing import generate_keypair
-
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     keys = subparsers.add_parser(
@@ -29,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from edgeagent.signing import generate_keypair  # cryptography: not at --help time
+
     private, public, kid = generate_keypair(args.name, args.out)
     print(f"private key: {private}")
     print(f"public key:  {public}")

@@ -11,13 +11,22 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 
-from devices.detect import Detection, detect
-from devices.profile import DEFAULT_PROFILES_DIR, Candidate, Precision, load_profile_file
+from edgeagent.defaults import DEFAULT_PROFILES_DIR
+
+if TYPE_CHECKING:  # pydantic models: imported when the flags are used, not at --help time
+    from devices.detect import Detection
+    from devices.profile import Candidate
 
 PROFILES_DIR_ENV = "EDGEAGENT_PROFILES_DIR"
-PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+
+def precisions() -> tuple[str, ...]:
+    """The precision names a profile knows (devices.profile.Precision)."""
+    from devices.profile import Precision
+
+    return get_args(Precision)
 
 
 def add_profile_args(parser: argparse.ArgumentParser, *, precision: bool = True) -> None:
@@ -60,9 +69,10 @@ def add_profile_args(parser: argparse.ArgumentParser, *, precision: bool = True)
 def precision_list(text: str) -> list[str]:
     """argparse type of ``--precision``: 'fp32,int8' -> ['fp32', 'int8']."""
     names = [p.strip() for p in text.split(",") if p.strip()]
-    unknown = [p for p in names if p not in PRECISIONS]
+    known = precisions()
+    unknown = [p for p in names if p not in known]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a comma-separated list of {', '.join(PRECISIONS)}")
+        raise argparse.ArgumentTypeError(f"{text!r}: give a comma-separated list of {', '.join(known)}")
     if len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"{text!r} names a precision twice")
     return names
@@ -70,6 +80,9 @@ def precision_list(text: str) -> list[str]:
 
 def detection_from_args(args: argparse.Namespace, root: Path = Path("/")) -> Detection:
     """Detect the hardware under ``root``, with the profile the flags name, if any."""
+    from devices.detect import detect
+    from devices.profile import load_profile_file
+
     override = load_profile_file(args.profile_file) if args.profile_file else args.profile
     return detect(root, override=override, profiles_dir=args.profiles_dir)
 

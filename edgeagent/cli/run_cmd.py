@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from devices.detect import detect
-from edgeagent.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, load_config
-from edgeagent.service import AgentService
+from edgeagent.defaults import CONFIG_ENV, DEFAULT_CONFIG_PATH
+
+if TYPE_CHECKING:  # pydantic: imported by the handler, not at --help time
+    from edgeagent.config import AgentConfig
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +44,33 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.set_defaults(handler=_run)
 
 
+def _say_what_runs(explicit: Path | None, config: AgentConfig) -> None:
+    """Log where the settings came from and the broker, loudly when there is no file or broker."""
+    path = explicit or Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
+    broker = config.broker_url or "none (no deployments or telemetry until broker_url is set)"
+    if not path.is_file():
+        log.warning(
+            "no config file at %s: running with the defaults (device %s, broker %s, socket %s)",
+            path,
+            config.device_id,
+            broker,
+            config.socket_path,
+        )
+    elif config.broker_url is None:
+        log.warning("config %s: broker %s; serving installed models on %s", path, broker, config.socket_path)
+    else:
+        log.info("config %s: device %s, broker %s", path, config.device_id, broker)
+
+
 def _run(args: argparse.Namespace) -> int:
+    from devices.detect import detect
+    from edgeagent.config import load_config
+    from edgeagent.service import AgentService
+
     config = load_config(args.config)
     if not args.verbose:  # -v on the command line wins over the file
         logging.getLogger().setLevel(config.log_level)
+    _say_what_runs(args.config, config)
     detection = detect(config.detect_root, override=config.profile, profiles_dir=config.profiles_dir)
     log.info(
         "device %s: profile %s (%s: %s); candidates %s",

@@ -16,11 +16,14 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
-from edgeagent.bundle.reader import VerifiedBundle, extract_bundle
 from edgeagent.cli.bundle_cmd import add_trust_args, keyring_from_args
 from edgeagent.cli.infer_cmd import add_socket_arg
 from edgeagent.cli.profile_args import add_profile_args, candidates_for
+
+if TYPE_CHECKING:  # pydantic models: imported by the handlers, not at --help time
+    from edgeagent.bundle.reader import VerifiedBundle
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 @contextlib.contextmanager
 def extracted(bundle: Path, args: argparse.Namespace) -> Iterator[tuple[VerifiedBundle, Path]]:
     """Verify and extract ``bundle`` into a temporary folder, removed afterwards."""
+    from edgeagent.bundle.reader import extract_bundle
+
     ring = keyring_from_args(args)
     workdir = Path(tempfile.mkdtemp(prefix="edgeagent-"))
     try:

@@ -15,10 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from devices.detect import detect
-from devices.errors import DeviceError
 from edgeagent.errors import EdgeError, UsageError
-from edgeagent.storage import atomic_write_bytes
 
 UNIT_NAME = "edgeagent.service"
 DEFAULT_EXEC = Path("/usr/bin/edgeagent")
@@ -26,8 +23,11 @@ DEFAULT_EXEC = Path("/usr/bin/edgeagent")
 # the data files of an installed wheel (<prefix>/share/edgeagent/systemd).
 _CHECKOUT_SOURCE = Path(__file__).resolve().parents[2] / "systemd"
 _WHEEL_SOURCE = Path(sys.prefix) / "share" / "edgeagent" / "systemd"
-# Folders that ProtectHome=yes hides from the service: ExecStart must not live there.
-_HIDDEN_BY_PROTECT_HOME = (Path("/home"), Path("/root"), Path("/run/user"))
+# Folders a unit setting hides from the service (ExecStart must not live there), per value.
+_HIDING: tuple[tuple[str, tuple[str, ...], tuple[Path, ...]], ...] = (
+    ("ProtectHome", ("yes", "true", "tmpfs"), (Path("/home"), Path("/root"), Path("/run/user"))),
+    ("PrivateTmp", ("yes", "true", "on", "1"), (Path("/tmp"), Path("/var/tmp"))),  # noqa: S108 - names, not files
+)
 # Drop-ins installed when detection finds the hardware they are for: profile prefix -> file.
 _DROPINS = {"jetson-": "jetson.conf", "coral-usb": "coral-usb.conf"}
 
@@ -98,6 +98,26 @@ def render_unit(text: str, exec_start: Path) -> str:
     return new
 
 
+def hidden_by_unit(unit_text: str, program: Path) -> str | None:
+    """Which setting of the unit hides ``program`` from the service ('PrivateTmp=yes hides /tmp'), or None.
+
+    The service sees its own, emptied /tmp (PrivateTmp) and no home folders (ProtectHome), so
+    a program there exists for the installer but not for systemd: the unit would never start.
+    """
+    settings = {key: value.strip() for key, value in re.findall(r"^(\w+)=(.*)$", unit_text, re.MULTILINE)}
+    for key, values, folders in _HIDING:
+        value = settings.get(key, "")
+        if value.lower() in values:
+            for folder in folders:
+                if program.is_relative_to(folder):
+                    return f"{key}={value} hides {folder}"
+    for entry in settings.get("InaccessiblePaths", "").split():
+        folder = Path(entry.lstrip("-+"))
+        if program.is_relative_to(folder):
+            return f"InaccessiblePaths= hides {folder}"
+    return None
+
+
 def source_dir(explicit: Path | None = None) -> Path:
     """The folder with the files to install (see the search order above)."""
     candidates = [explicit] if explicit else [_CHECKOUT_SOURCE, _WHEEL_SOURCE]
@@ -114,13 +134,13 @@ def _run(args: argparse.Namespace) -> int:
     exec_start: Path = args.exec_start or default_exec_start()
     if not exec_start.is_absolute():
         raise UsageError(f"--exec-start must be an absolute path, got {exec_start}")
-    hidden = next((h for h in _HIDDEN_BY_PROTECT_HOME if exec_start.is_relative_to(h)), None)
+    source = source_dir(args.source)
+    hidden = hidden_by_unit((source / UNIT_NAME).read_text(encoding="utf-8"), exec_start)
     if hidden is not None:
         raise UsageError(
-            f"ExecStart {exec_start} is under {hidden}, which ProtectHome=yes hides from the service; "
+            f"ExecStart {exec_start} cannot start: {hidden} from the service; "
             "install edgeagent in a venv under /opt (see docs/devices.md) or pass --exec-start"
         )
-    source = source_dir(args.source)
     would = "would " if args.dry_run else ""
 
     for item in _FILES + _dropins(root):
@@ -156,6 +176,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def _dropins(root: Path) -> tuple[_Copy, ...]:
     """Drop-ins for the hardware detection finds under ``root`` (none if detection fails)."""
+    from devices.detect import detect  # pydantic: not at --help time
+    from devices.errors import DeviceError
+
     try:
         detection = detect(root)
     except DeviceError as exc:
@@ -180,6 +203,8 @@ def _system_commands(live: bool) -> list[list[str]]:
 
 
 def _write(dest: Path, data: bytes) -> None:
+    from edgeagent.storage import atomic_write_bytes
+
     try:
         atomic_write_bytes(dest, data, mode=0o644)
     except PermissionError as exc:
