@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from edgeagent.bundle.manifest import AcceptanceGate, Manifest
+from edgeagent.bundle.manifest import AcceptanceGate, Manifest, OutputGate
 from edgeagent.bundle.reader import (
     VerifiedBundle,
     extract_bundle,
@@ -27,6 +27,8 @@ examples:
   edgectl bundle create --name digits --version 1.1.0 --model mlp.onnx --model mlp_int8.tflite \\
       --golden golden.npz --min-accuracy 0.9 --model-gate mlp.onnx:min_accuracy=0.95 \\
       --key keys/release.key -o out/
+  edgectl bundle create --name seg --version 1.0.0 --model seg.onnx --latency-budget rpi5=80 \\
+      --input-shape image=1x3x320x320 --key keys/release.key -o out/
   edgectl bundle verify out/digits-1.0.0.bundle --trusted keys/release.pub
   edgectl bundle inspect out/digits-1.0.0.bundle --json
   edgectl bundle extract out/digits-1.0.0.bundle --trusted keys/ --to /tmp/digits
@@ -105,6 +107,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=[],
         metavar="PROFILE=MS",
         help="p95 latency budget in ms for a device profile ('*' = any); repeatable",
+    )
+    gate.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=SHAPE",
+        help="shape a latency budget is timed on without --golden, e.g. x=1x3x320x320 (batch 1); "
+        "needed for inputs with dynamic dimensions; repeatable, one per input",
     )
     gate.add_argument(
         "--model-gate",
@@ -193,7 +203,7 @@ def keyring_from_args(args: argparse.Namespace) -> KeyRing:
 
 def _create(args: argparse.Namespace) -> int:
     # Host-only path: model inspection may import onnx/onnxruntime/LiteRT, so import here.
-    from edgeagent.bundle.create import create_bundle
+    from edgeagent.bundle.create import create_bundle, parse_input_shape
 
     budgets: dict[str, float] = {}
     for item in args.latency_budget:
@@ -231,6 +241,7 @@ def _create(args: argparse.Namespace) -> int:
         gate=gate,
         model_gates=own,
         serve_precision=args.precision,
+        input_shapes=dict(parse_input_shape(item) for item in args.input_shape),
     )
     print(created.path)
     print(f"sha256: {created.sha256}")
@@ -334,8 +345,30 @@ def describe_bounds(gate: AcceptanceGate) -> str:
         bounds.append(f"top-1 agreement >= {gate.min_top1_agreement:.3f}")
     if gate.atol is not None or gate.rtol is not None:
         bounds.append(f"outputs within atol={gate.atol} rtol={gate.rtol}")
+    for output, b in gate.outputs.items():
+        bounds += [f"{text}[{output}]" for text in _output_bounds(b)]
     bounds += [f"p95 <= {ms:g} ms on {profile}" for profile, ms in sorted(gate.latency_p95_ms.items())]
-    return "; ".join(bounds) if bounds else "no bounds set"
+    if gate.latency_shapes:
+        shapes = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in gate.latency_shapes.items())
+        bounds.append(f"latency timed on {shapes}")
+    task = f"{gate.task}: " if gate.task else ""
+    return task + ("; ".join(bounds) if bounds else "no bounds set")
+
+
+def _output_bounds(b: OutputGate) -> list[str]:
+    """One output's bounds as 'metric op value' (the Check names acceptance reports)."""
+    pairs: list[tuple[str, str, float | None]] = [
+        ("top1_agreement", ">=", b.min_top1_agreement),
+        (f"top{b.top_k}_agreement", ">=", b.min_topk_agreement),
+        ("mse", "<=", b.max_mse),
+        ("max_abs", "<=", b.max_abs_error),
+        ("cosine", ">=", b.min_cosine),
+        (f"iou@{b.mask_threshold}", ">=", b.min_mask_iou),
+        (f"box_match@{b.box_iou}", ">=", b.min_box_match),
+        ("atol", "=", b.atol),
+        ("rtol", "=", b.rtol),
+    ]
+    return [f"{name} {op} {value:.4g}" for name, op, value in pairs if value is not None]
 
 
 def render_manifest(manifest: Manifest, key: str | None, checked: bool, sha: str | None) -> str:

@@ -1,0 +1,161 @@
+"""Gates for every kind of model (issue 15 item 4): a task decides each output's metrics.
+
+Reproduces: a detector and a regressor got no gate at all ("no bounds set"); only the first
+output was judged; a latency budget without a golden set was timed with dynamic dimensions
+as 1 (an image of 1x3x1x1) and passed where real inputs fail.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edgeagent.acceptance import _synthetic_samples, run_acceptance
+from edgeagent.bundle.golden import load_golden
+from edgeagent.bundle.manifest import AcceptanceGate
+from edgeagent.bundle.reader import extract_bundle
+from edgeagent.cli.bundle_cmd import describe_bounds
+from edgeagent.runtimes import LoadOptions, load_model
+from edgeagent.signing import KeyRing
+from tests.task_models import detector_model, embedding_model, regression_model, write_data
+from tests.test_converter_onnx import edgectl
+
+MODELS = {"regression": regression_model, "detection": detector_model, "embedding": embedding_model}
+# task (None: inferred) -> the Checks a perturbed model must miss (at least one of them).
+CASES = [
+    ("regression", None, {"mse[a]", "max_abs[a]", "cosine[a]", "mse[b]", "cosine[b]", "cosine[c]"}),
+    ("detection", "detection", {"iou[mask]", "box_match[boxes]"}),
+    ("embedding", "embedding", {"cosine[emb]"}),
+]
+
+
+def _ort(path: Path) -> Any:
+    return load_model(path, "onnxruntime", LoadOptions("CPUExecutionProvider", threads=1))
+
+
+@pytest.mark.parametrize(("kind", "task", "missed"), CASES, ids=[c[0] for c in CASES])
+def test_every_output_gets_a_gate_and_a_perturbed_artifact_is_rejected(
+    tmp_path: Path, keypair: Any, capsys: Any, kind: str, task: str | None, missed: set[str]
+) -> None:
+    model = MODELS[kind](tmp_path / f"{kind}.onnx")
+    eval_npz, calib_npz = write_data(kind, tmp_path)
+    out = tmp_path / "out"
+    task_args = ["--task", task] if task else []
+    rc = edgectl(
+        "convert", model, "--eval", eval_npz, "--calib", calib_npz, "--quantize", "int8", *task_args,
+        "--name", kind, "--version", "1.0.0", "--key", keypair.private, "-o", out,
+    )  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "no bounds set" not in printed
+    dest = tmp_path / "bundle"
+    manifest = extract_bundle(
+        out / f"{kind}-1.0.0.bundle", dest, KeyRing.from_paths([keypair.public])
+    ).manifest
+    assert manifest.schema_version == 3
+    golden = load_golden(dest / "acceptance" / "golden.npz")
+    assert [m.precision for m in manifest.models] == ["int8"]
+    for entry in manifest.models:
+        gate = manifest.gate_for(entry)
+        assert gate.task == kind  # given, or inferred for the regressor (float targets)
+        assert set(gate.outputs) == {o.name for o in entry.outputs}, describe_bounds(gate)
+        assert all(b.model_dump(exclude_none=True) for b in gate.outputs.values())
+        good = _ort(dest / entry.path)
+        verdict = run_acceptance(good, gate, golden)
+        good.close()
+        assert verdict.passed, verdict.reason
+        names = {c.name for c in verdict.checks}
+        assert {n.partition("[")[2].rstrip("]") for n in names if "[" in n} == set(gate.outputs)
+
+        bad = _ort(MODELS[kind](tmp_path / f"{kind}-bad.onnx", noise=0.5))
+        verdict = run_acceptance(bad, gate, golden)
+        bad.close()
+        failed = {c.name for c in verdict.checks if not c.passed}
+        assert not verdict.passed and failed and failed <= missed | {"max_abs[b]", "max_abs[c]", "mse[c]"}
+        assert failed & missed, failed
+        assert verdict.reason is not None and next(iter(sorted(failed))) in verdict.reason
+
+
+def test_a_second_output_is_judged_too(tmp_path: Path) -> None:
+    """The regressor's third head alone is wrong: its own Checks fail, the other heads pass."""
+    from edgeagent.bundle.golden import GoldenSet
+    from edgeagent.bundle.manifest import OutputGate
+
+    model = _ort(regression_model(tmp_path / "r.onnx"))
+    x = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
+    reference = {name: np.concatenate([model.predict({"x": x[i : i + 1]})[k] for i in range(8)])
+                 for k, name in enumerate(model.output_names)}  # fmt: skip
+    reference["c"] = reference["c"] * -1.0
+    bounds = OutputGate(max_mse=1e-6, min_cosine=0.99)
+    gate = AcceptanceGate(golden="g.npz", task="regression", outputs={n: bounds for n in ("a", "b", "c")})
+    verdict = run_acceptance(model, gate, GoldenSet({"x": x}, None, reference))
+    model.close()
+    failed = [c.name for c in verdict.checks if not c.passed]
+    assert failed == ["mse[c]", "cosine[c]"], verdict.checks
+
+
+def _create(tmp_path: Path, keypair: Any, *extra: str | Path) -> int:
+    model = detector_model(tmp_path / "det.onnx")
+    return edgectl(
+        "bundle", "create", "--name", "det", "--version", "1.0.0", "--model", model,
+        "--latency-budget", "*=10000", "--key", keypair.private, "-o", tmp_path / "out", *extra,
+    )  # fmt: skip
+
+
+def test_a_latency_budget_on_invented_shapes_is_refused_at_bundle_time(
+    tmp_path: Path, keypair: Any, capsys: Any
+) -> None:
+    assert _create(tmp_path, keypair) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "dynamic dimensions (?x3x?x?)" in err and "--input-shape" in err
+    assert not (tmp_path / "out" / "det-1.0.0.bundle").exists()
+
+
+def test_input_shape_is_recorded_and_used_for_latency(tmp_path: Path, keypair: Any, capsys: Any) -> None:
+    assert _create(tmp_path, keypair, "--input-shape", "image=1x3x64x48") == 0, capsys.readouterr().err
+    bundle = tmp_path / "out" / "det-1.0.0.bundle"
+    manifest = extract_bundle(bundle, tmp_path / "x", KeyRing.from_paths([keypair.public])).manifest
+    assert manifest.schema_version == 3
+    assert manifest.acceptance.latency_shapes == {"image": [1, 3, 64, 48]}
+    model = _ort(tmp_path / "x" / manifest.models[0].path)
+    feeds = _synthetic_samples(model, manifest.acceptance.latency_shapes)[0]
+    assert feeds["image"].shape == (1, 3, 64, 48)
+    verdict = run_acceptance(model, manifest.gate_for(manifest.models[0]), None)
+    check = next(c for c in verdict.checks if c.name == "latency_p95_ms")
+    assert check.value is not None and verdict.samples == 0
+    # A gate that records no shape for a dynamic input: the device does not judge latency.
+    verdict = run_acceptance(model, AcceptanceGate(latency_p95_ms={"*": 1e4}), None)
+    model.close()
+    assert not verdict.passed and verdict.reason is not None and "invented shapes" in verdict.reason
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [("image=1x3x16", "does not fit"), ("image=1x3x0x4", "whole dimensions >= 1"), ("1x3xqx4", "NAME=")],
+)
+def test_bad_input_shapes_are_refused_in_one_line(
+    tmp_path: Path, keypair: Any, capsys: Any, shape: str, message: str
+) -> None:
+    assert _create(tmp_path, keypair, "--input-shape", shape) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_the_golden_set_decides_latency_shapes_and_must_agree_with_input_shape(
+    tmp_path: Path, keypair: Any, capsys: Any
+) -> None:
+    from edgeagent.bundle.golden import GoldenSet, save_golden
+
+    x = np.zeros((2, 3, 20, 24), np.float32)
+    save_golden(tmp_path / "g.npz", GoldenSet({"image": x}))
+    assert _create(tmp_path, keypair, "--golden", tmp_path / "g.npz", "--input-shape", "image=1x3x8x8") != 0
+    assert "differs from the golden set's 1x3x20x24" in capsys.readouterr().err
+    assert _create(tmp_path, keypair, "--golden", tmp_path / "g.npz") == 0
+    capsys.readouterr()
+    assert edgectl("bundle", "inspect", tmp_path / "out" / "det-1.0.0.bundle", "--json") == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body["manifest"]["acceptance"]["latency_shapes"] == {"image": [1, 3, 20, 24]}
