@@ -230,7 +230,9 @@ def package(
         named = dict(zip(runner.output_names, (np.asarray(o) for o in every), strict=True))
         refs = match_outputs(reference, list(runner.output_names))
         numbers = task_gates.measure(task, named, refs, config)
-        row.update({f"{k}[{name}]": v for name, r in numbers.items() for k, v in r.items()})
+        row.update(
+            {f"{task_gates.CHECK_NAMES[k]}[{name}]": v for name, r in numbers.items() for k, v in r.items()}
+        )
         measured[model.path.name] = row
         per_output[model.path.name] = task_gates.bounds(numbers, refs, config)
     floor = _gate(config, [measured[m.path.name] for m in finals], classification, task)

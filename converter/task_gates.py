@@ -14,7 +14,8 @@ round differently (int8 on CPUs with and without VNNI), yet a wrong model misses
 
 Tasks (``--task``; inferred when unset, see :func:`infer_task`):
 classification: top-1 (not the first output, which ``min_top1_agreement`` bounds) and top-k
-agreement on class-score outputs; regression: MSE, max-abs error and cosine per output;
+agreement on class-score outputs; regression: MSE, max-abs error and cosine per output
+(cosine only with two values or more per sample);
 detection and segmentation: box match for (N, boxes, 4) outputs, mask IoU for the rest;
 embedding: cosine; custom: atol only. Outputs that are not class scores in a classification
 model are bounded as regression outputs.
@@ -57,7 +58,8 @@ def measure(
         elif task in ("classification", "regression"):
             row["max_mse"] = agreement.mse(out, ref)
             row["max_abs_error"] = agreement.max_abs_error(out, ref)
-            row["min_cosine"] = agreement.mean_cosine(out, ref)
+            if ref[0].size >= 2:  # the cosine of one value is only its sign
+                row["min_cosine"] = agreement.mean_cosine(out, ref)
         elif task in ("detection", "segmentation"):
             if agreement.is_boxes(ref.shape):
                 row["min_box_match"] = agreement.box_match(out, ref, config.box_iou)
@@ -69,6 +71,19 @@ def measure(
             row["atol"] = agreement.max_abs_error(out, ref)
         measured[name] = row
     return measured
+
+
+#: The Check name (edgeagent.acceptance) of each OutputGate bound.
+CHECK_NAMES = {
+    "min_top1_agreement": "top1_agreement",
+    "min_topk_agreement": "topk_agreement",
+    "max_mse": "mse",
+    "max_abs_error": "max_abs",
+    "min_cosine": "cosine",
+    "min_mask_iou": "iou",
+    "min_box_match": "box_match",
+    "atol": "max_abs",
+}
 
 
 def bounds(

@@ -346,7 +346,7 @@ def describe_bounds(gate: AcceptanceGate) -> str:
     if gate.atol is not None or gate.rtol is not None:
         bounds.append(f"outputs within atol={gate.atol} rtol={gate.rtol}")
     for output, b in gate.outputs.items():
-        bounds += [f"{text}[{output}]" for text in _output_bounds(b)]
+        bounds += _output_bounds(output, b)
     bounds += [f"p95 <= {ms:g} ms on {profile}" for profile, ms in sorted(gate.latency_p95_ms.items())]
     if gate.latency_shapes:
         shapes = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in gate.latency_shapes.items())
@@ -355,20 +355,26 @@ def describe_bounds(gate: AcceptanceGate) -> str:
     return task + ("; ".join(bounds) if bounds else "no bounds set")
 
 
-def _output_bounds(b: OutputGate) -> list[str]:
-    """One output's bounds as 'metric op value' (the Check names acceptance reports)."""
+def _output_bounds(output: str, b: OutputGate) -> list[str]:
+    """One output's bounds as 'metric[output] op value' (the Check names acceptance reports)."""
     pairs: list[tuple[str, str, float | None]] = [
         ("top1_agreement", ">=", b.min_top1_agreement),
-        (f"top{b.top_k}_agreement", ">=", b.min_topk_agreement),
+        ("topk_agreement", ">=", b.min_topk_agreement),
         ("mse", "<=", b.max_mse),
         ("max_abs", "<=", b.max_abs_error),
         ("cosine", ">=", b.min_cosine),
-        (f"iou@{b.mask_threshold}", ">=", b.min_mask_iou),
-        (f"box_match@{b.box_iou}", ">=", b.min_box_match),
+        ("iou", ">=", b.min_mask_iou),
+        ("box_match", ">=", b.min_box_match),
         ("atol", "=", b.atol),
         ("rtol", "=", b.rtol),
     ]
-    return [f"{name} {op} {value:.4g}" for name, op, value in pairs if value is not None]
+    given = {"topk_agreement": f" (k={b.top_k})", "iou": f" (mask > {b.mask_threshold})"}
+    given["box_match"] = f" (IoU >= {b.box_iou})"
+    return [
+        f"{name}[{output}] {op} {value:.4g}{given.get(name, '')}"
+        for name, op, value in pairs
+        if value is not None
+    ]
 
 
 def render_manifest(manifest: Manifest, key: str | None, checked: bool, sha: str | None) -> str:
