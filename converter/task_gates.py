@@ -13,12 +13,14 @@ round differently (int8 on CPUs with and without VNNI), yet a wrong model misses
   artifact still allows a device's last-bit differences.
 
 Tasks (``--task``; inferred when unset, see :func:`infer_task`):
-classification: top-1 (not the first output, which ``min_top1_agreement`` bounds) and top-k
-agreement on class-score outputs; regression: MSE, max-abs error and cosine per output
-(cosine only with two values or more per sample);
+classification: accuracy and top-1 agreement (the gate's ``min_accuracy`` and
+``min_top1_agreement``) and top-k agreement on the first output, the class scores the labels
+refer to; regression: MSE, max-abs error and cosine per output (cosine only with two values
+or more per sample);
 detection and segmentation: box match for (N, boxes, 4) outputs, mask IoU for the rest;
-embedding: cosine; custom: atol only. Outputs that are not class scores in a classification
-model are bounded as regression outputs.
+embedding: cosine; custom: atol only. A classifier's other outputs (a second head, an
+embedding) are bounded as regression outputs: an argmax over them may mean nothing and flips
+on near-ties between CPUs.
 """
 
 from __future__ import annotations
@@ -51,9 +53,8 @@ def measure(
         if out.shape != ref.shape:
             continue  # the device reports the mismatch; nothing to derive a bound from
         row: dict[str, float] = {}
-        if task == "classification" and agreement.is_class_scores(ref.shape):
-            if index:
-                row["min_top1_agreement"] = agreement.top1_agreement(out, ref)
+        if task == "classification" and not index and agreement.is_class_scores(ref.shape):
+            # Top-1 of the first output is bounded by the gate's own min_top1_agreement.
             row["min_topk_agreement"] = agreement.topk_agreement(out, ref, config.top_k)
         elif task in ("classification", "regression"):
             row["max_mse"] = agreement.mse(out, ref)

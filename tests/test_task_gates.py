@@ -7,7 +7,10 @@ as 1 (an image of 1x3x1x1) and passed where real inputs fail.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +19,13 @@ import pytest
 
 from edgeagent.acceptance import _synthetic_samples, run_acceptance
 from edgeagent.bundle.golden import load_golden
-from edgeagent.bundle.manifest import AcceptanceGate
+from edgeagent.bundle.manifest import AcceptanceGate, Manifest
 from edgeagent.bundle.reader import extract_bundle
 from edgeagent.cli.bundle_cmd import describe_bounds
 from edgeagent.runtimes import LoadOptions, load_model
 from edgeagent.signing import KeyRing
+from tests.int8_support import run_on_avx2, x86_avx2_available
+from tests.multi_io_models import ort_outputs, two_output_model
 from tests.task_models import detector_model, embedding_model, regression_model, write_data
 from tests.test_converter_onnx import edgectl
 
@@ -37,25 +42,42 @@ def _ort(path: Path) -> Any:
     return load_model(path, "onnxruntime", LoadOptions("CPUExecutionProvider", threads=1))
 
 
+@dataclass(frozen=True)
+class Converted:
+    folder: Path  # the extracted bundle
+    manifest: Manifest
+    printed: str  # what `edgectl convert` printed
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory, keypair: Any) -> dict[str, Converted]:
+    """Each kind of model through `edgectl convert --quantize int8` (the regressor's task inferred)."""
+    done = {}
+    for kind, task, _ in CASES:
+        tmp = tmp_path_factory.mktemp(kind)
+        model = MODELS[kind](tmp / f"{kind}.onnx")
+        eval_npz, calib_npz = write_data(kind, tmp)
+        task_args = ["--task", task] if task else []
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            rc = edgectl(
+                "convert", model, "--eval", eval_npz, "--calib", calib_npz, "--quantize", "int8",
+                *task_args, "--name", kind, "--version", "1.0.0", "--key", keypair.private,
+                "-o", tmp / "out",
+            )  # fmt: skip
+        assert rc == 0, printed.getvalue()
+        bundle = tmp / "out" / f"{kind}-1.0.0.bundle"
+        manifest = extract_bundle(bundle, tmp / "bundle", KeyRing.from_paths([keypair.public])).manifest
+        done[kind] = Converted(tmp / "bundle", manifest, printed.getvalue())
+    return done
+
+
 @pytest.mark.parametrize(("kind", "task", "missed"), CASES, ids=[c[0] for c in CASES])
 def test_every_output_gets_a_gate_and_a_perturbed_artifact_is_rejected(
-    tmp_path: Path, keypair: Any, capsys: Any, kind: str, task: str | None, missed: set[str]
+    converted: dict[str, Converted], tmp_path: Path, kind: str, task: str | None, missed: set[str]
 ) -> None:
-    model = MODELS[kind](tmp_path / f"{kind}.onnx")
-    eval_npz, calib_npz = write_data(kind, tmp_path)
-    out = tmp_path / "out"
-    task_args = ["--task", task] if task else []
-    rc = edgectl(
-        "convert", model, "--eval", eval_npz, "--calib", calib_npz, "--quantize", "int8", *task_args,
-        "--name", kind, "--version", "1.0.0", "--key", keypair.private, "-o", out,
-    )  # fmt: skip
-    assert rc == 0, capsys.readouterr().err
-    printed = capsys.readouterr().out
+    dest, manifest, printed = converted[kind].folder, converted[kind].manifest, converted[kind].printed
     assert "no bounds set" not in printed
-    dest = tmp_path / "bundle"
-    manifest = extract_bundle(
-        out / f"{kind}-1.0.0.bundle", dest, KeyRing.from_paths([keypair.public])
-    ).manifest
     assert manifest.schema_version == 3
     golden = load_golden(dest / "acceptance" / "golden.npz")
     assert [m.precision for m in manifest.models] == ["int8"]
@@ -79,6 +101,69 @@ def test_every_output_gets_a_gate_and_a_perturbed_artifact_is_rejected(
         assert not verdict.passed and failed and failed <= missed | {"max_abs[b]", "max_abs[c]"}
         assert failed & missed, failed
         assert verdict.reason is not None and next(iter(sorted(failed))) in verdict.reason
+
+
+AVX2_ACCEPTANCE = """
+import json, sys
+from pathlib import Path
+from edgeagent.acceptance import run_acceptance
+from edgeagent.bundle.golden import load_golden
+from edgeagent.runtimes import LoadOptions, load_model
+results = {}
+for folder in map(Path, sys.argv[1:]):
+    from edgeagent.bundle.manifest import parse_manifest
+    manifest = parse_manifest((folder / "manifest.json").read_bytes())
+    golden = load_golden(folder / "acceptance" / "golden.npz")
+    for entry in manifest.models:
+        model = load_model(folder / entry.path, "onnxruntime", LoadOptions("CPUExecutionProvider", threads=1))
+        verdict = run_acceptance(model, manifest.gate_for(entry), golden)
+        results[entry.path] = [verdict.passed, verdict.reason]
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.skipif(
+    not x86_avx2_available(), reason="needs x86-64 and qemu-x86_64 (apt-get install qemu-user)"
+)
+@pytest.mark.timeout(600)
+def test_int8_gates_derived_here_hold_on_a_cpu_without_vnni(converted: dict[str, Converted]) -> None:
+    """Gates derived on this host's CPU; the int8 artifacts judged under QEMU as an AVX2-only CPU,
+    whose fused int8 kernels round (and may saturate) differently."""
+    folders = [str(c.folder) for c in converted.values()]
+    results = json.loads(run_on_avx2(AVX2_ACCEPTANCE, *folders).strip().splitlines()[-1])
+    assert len(results) == len(converted)
+    assert all(passed for passed, _ in results.values()), results
+
+
+def test_a_classifier_gets_topk_on_its_scores_and_bounds_on_its_second_output(
+    tmp_path: Path, keypair: Any, capsys: Any
+) -> None:
+    """Only the first output was judged for accuracy/agreement; the embedding head went unchecked."""
+    model = two_output_model(tmp_path / "two.onnx")
+    x = np.random.default_rng(0).normal(size=(80, 4)).astype(np.float32)
+    np.savez(tmp_path / "eval.npz", x=x, y=ort_outputs(model, {"x": x})["logits"].argmax(1))
+    out = tmp_path / "out"
+    rc = edgectl(
+        "convert", model, "--eval", tmp_path / "eval.npz", "--name", "two", "--version", "1.0.0",
+        "--unsigned", "-o", out,
+    )  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    assert "topk_agreement[logits]" in capsys.readouterr().out
+    manifest = extract_bundle(
+        out / "two-1.0.0.bundle", tmp_path / "b", KeyRing([]), allow_unsigned=True
+    ).manifest
+    gate = manifest.gate_for(manifest.models[0])
+    assert gate.task == "classification" and gate.min_accuracy is not None
+    assert gate.outputs["logits"].min_topk_agreement is not None and gate.outputs["logits"].top_k == 3
+    embedding = gate.outputs["embedding"]
+    assert None not in (embedding.max_mse, embedding.max_abs_error, embedding.min_cosine)
+    golden = load_golden(tmp_path / "b" / "acceptance" / "golden.npz")
+    wrong = two_output_model(tmp_path / "wrong.onnx", seed=1)  # same logits shape, other weights
+    loaded = _ort(wrong)
+    verdict = run_acceptance(loaded, gate, golden)
+    loaded.close()
+    failed = {c.name for c in verdict.checks if not c.passed}
+    assert {"cosine[embedding]", "mse[embedding]", "max_abs[embedding]"} <= failed
 
 
 def test_a_second_output_is_judged_too(tmp_path: Path) -> None:
