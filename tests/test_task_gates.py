@@ -264,3 +264,30 @@ def test_gates_without_task_fields_keep_their_bytes_and_task_fields_need_schema_
         Manifest(schema_version=2, name="m", version="1.0.0", files=files, models=[entry], acceptance=gate)
     new = Manifest(schema_version=3, name="m", version="1.0.0", files=files, models=[entry], acceptance=gate)
     assert json.loads(new.to_bytes())["acceptance"]["outputs"] == {"y": {"min_cosine": 0.9}}
+
+
+@pytest.mark.parametrize(("shape", "error"), [("image=1x3x16x16", None), ("image=1x3x32x32", "differs")])
+def test_convert_records_input_shape_for_latency_and_checks_it_against_the_data(
+    tmp_path: Path, capsys: Any, shape: str, error: str | None
+) -> None:
+    model = detector_model(tmp_path / "det.onnx")
+    eval_npz, _ = write_data("detection", tmp_path)
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(
+        f'model = "{model}"\n[data]\neval = "{eval_npz}"\n'
+        '[package]\nname = "det"\nversion = "1.0.0"\ntask = "segmentation"\n'
+        'latency_p95_ms = {"*" = 10000.0}\n'
+    )
+    rc = edgectl("convert", "--recipe", recipe, "--input-shape", shape, "--unsigned", "-o", tmp_path / "out")
+    captured = capsys.readouterr()
+    if error is not None:
+        assert rc != 0 and len(captured.err.strip().splitlines()) == 1 and error in captured.err
+        assert not (tmp_path / "out" / "det-1.0.0.bundle").exists()
+        return
+    assert rc == 0, captured.err
+    assert "latency timed on image=1x3x16x16" in captured.out
+    bundle = tmp_path / "out" / "det-1.0.0.bundle"
+    manifest = extract_bundle(bundle, tmp_path / "b", KeyRing([]), allow_unsigned=True).manifest
+    assert manifest.acceptance.latency_shapes == {"image": [1, 3, 16, 16]}
+    gate = manifest.gate_for(manifest.models[0])
+    assert gate.task == "segmentation" and set(gate.outputs) == {"mask", "boxes"}
