@@ -125,6 +125,7 @@ print(json.dumps(results))
 @pytest.mark.skipif(
     not x86_avx2_available(), reason="needs x86-64 and qemu-x86_64 (apt-get install qemu-user)"
 )
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_int8_gates_derived_here_hold_on_a_cpu_without_vnni(converted: dict[str, Converted]) -> None:
     """Gates derived on this host's CPU; the int8 artifacts judged under QEMU as an AVX2-only CPU,
