@@ -74,17 +74,8 @@ def measure(
     return measured
 
 
-#: The Check name (edgeagent.acceptance) of each OutputGate bound.
-CHECK_NAMES = {
-    "min_top1_agreement": "top1_agreement",
-    "min_topk_agreement": "topk_agreement",
-    "max_mse": "mse",
-    "max_abs_error": "max_abs",
-    "min_cosine": "cosine",
-    "min_mask_iou": "iou",
-    "min_box_match": "box_match",
-    "atol": "max_abs",
-}
+#: The Check name (edgeagent.acceptance) of each OutputGate bound; a derived atol is a max-abs error.
+CHECK_NAMES = {m.bound: m.check for m in agreement.METRICS} | {"atol": "max_abs"}
 
 
 def bounds(

@@ -12,7 +12,7 @@ bound that was missed, in words an event can carry ("accuracy 0.912 < min_accura
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -278,79 +278,27 @@ def _data_checks(gate: AcceptanceGate, golden: GoldenSet, outputs: dict[str, np.
 
 
 def output_checks(name: str, bounds: OutputGate, out: np.ndarray, ref: np.ndarray) -> list[Check]:
-    """One Check per bound of ``bounds`` on output ``name`` (the metrics of :mod:`edgeagent.agreement`)."""
+    """One Check per bound of ``bounds`` on output ``name`` (:data:`edgeagent.agreement.METRICS`)."""
     if out.shape[:1] != ref.shape[:1] or out.size == 0:
         why = f"reference shape {list(ref.shape)} != output {list(out.shape)}"
         return [_missing(f"reference[{name}]", ">=", 1.0, why)]
-    same = out.shape == ref.shape
-    specs: list[tuple[str, float | None, Literal[">=", "<="], str, Callable[[], float], bool]] = [
-        (
-            "top1_agreement",
-            bounds.min_top1_agreement,
-            ">=",
-            "argmax equal",
-            lambda: agreement.top1_agreement(out, ref),
-            same,
-        ),
-        (
-            "topk_agreement",
-            bounds.min_topk_agreement,
-            ">=",
-            f"reference top-1 in the top-{bounds.top_k}",
-            lambda: agreement.topk_agreement(out, ref, bounds.top_k or 1),
-            same,
-        ),
-        ("mse", bounds.max_mse, "<=", "mean squared error", lambda: agreement.mse(out, ref), same),
-        (
-            "max_abs",
-            bounds.max_abs_error,
-            "<=",
-            "largest |out - ref|",
-            lambda: agreement.max_abs_error(out, ref),
-            same,
-        ),
-        (
-            "cosine",
-            bounds.min_cosine,
-            ">=",
-            "mean cosine similarity",
-            lambda: agreement.mean_cosine(out, ref),
-            same,
-        ),
-        (
-            "iou",
-            bounds.min_mask_iou,
-            ">=",
-            f"IoU of the masks > {bounds.mask_threshold}",
-            lambda: agreement.mask_iou(out, ref, bounds.mask_threshold or 0.0),
-            same,
-        ),
-        (
-            "box_match",
-            bounds.min_box_match,
-            ">=",
-            f"reference boxes matched at IoU >= {bounds.box_iou}",
-            lambda: agreement.box_match(out, ref, bounds.box_iou or 1.0),
-            agreement.is_boxes(out.shape) and agreement.is_boxes(ref.shape),
-        ),
-    ]
     checks = []
-    for metric, bound, op, what, measure, comparable in specs:
+    for metric in agreement.METRICS:
+        bound = getattr(bounds, metric.bound)
         if bound is None:
             continue
-        label = f"{metric}[{name}]"
-        if not comparable:
-            why = f"reference shape {list(ref.shape)} does not fit output {list(out.shape)} for {metric}"
-            checks.append(_missing(label, op, bound, why))
+        label = f"{metric.check}[{name}]"
+        if not metric.fits(out.shape, ref.shape):
+            why = f"reference shape {list(ref.shape)} does not fit output {list(out.shape)}"
+            checks.append(_missing(label, metric.op, bound, why))
             continue
-        value = measure()
-        passed = value >= bound if op == ">=" else value <= bound
-        detail = f"{what} on {len(out)} samples"
-        checks.append(Check(name=label, value=value, op=op, bound=bound, passed=passed, detail=detail))
+        value = metric.measure(out, ref, bounds)
+        passed = value >= bound if metric.op == ">=" else value <= bound
+        detail = f"{metric.what} on {len(out)} samples"
+        checks.append(Check(name=label, value=value, op=metric.op, bound=bound, passed=passed, detail=detail))
     if bounds.atol is not None or bounds.rtol is not None:
-        checks.append(
-            _tolerance_check(f"tolerance_ratio[{name}]", bounds.atol or 0.0, bounds.rtol or 0.0, out, ref)
-        )
+        atol, rtol = bounds.atol or 0.0, bounds.rtol or 0.0
+        checks.append(_tolerance_check(f"tolerance_ratio[{name}]", atol, rtol, out, ref))
     return checks
 
 

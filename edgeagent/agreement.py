@@ -9,10 +9,14 @@ numpy only: this runs on devices.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
+
+from edgeagent.bundle.manifest import OutputGate
 
 Array = npt.NDArray[Any]
 
@@ -95,3 +99,55 @@ def box_match(out: Array, ref: Array, iou: float) -> float:
     with np.errstate(divide="ignore", invalid="ignore"):
         ious = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
     return float(np.mean(ious.max(axis=2) >= iou))
+
+
+def _same(out: tuple[int, ...], ref: tuple[int, ...]) -> bool:
+    return out == ref
+
+
+def _both_boxes(out: tuple[int, ...], ref: tuple[int, ...]) -> bool:
+    return is_boxes(out) and is_boxes(ref)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One per-output bound of a gate: the OutputGate field, how it is measured, its Check name."""
+
+    check: str  # the device's Check is named f"{check}[{output}]"
+    bound: str  # the OutputGate field that holds the bound
+    op: Literal[">=", "<="]
+    what: str  # how the number is obtained, for the Check's detail
+    measure: Callable[[Array, Array, OutputGate], float]
+    fits: Callable[[tuple[int, ...], tuple[int, ...]], bool] = _same
+
+
+METRICS = (
+    Metric(
+        "top1_agreement", "min_top1_agreement", ">=", "argmax equal", lambda o, r, g: top1_agreement(o, r)
+    ),
+    Metric(
+        "topk_agreement",
+        "min_topk_agreement",
+        ">=",
+        "reference top-1 in the output's top-k",
+        lambda o, r, g: topk_agreement(o, r, g.top_k or 1),
+    ),
+    Metric("mse", "max_mse", "<=", "mean squared error", lambda o, r, g: mse(o, r)),
+    Metric("max_abs", "max_abs_error", "<=", "largest |out - ref|", lambda o, r, g: max_abs_error(o, r)),
+    Metric("cosine", "min_cosine", ">=", "mean cosine similarity", lambda o, r, g: mean_cosine(o, r)),
+    Metric(
+        "iou",
+        "min_mask_iou",
+        ">=",
+        "IoU of the masks above mask_threshold",
+        lambda o, r, g: mask_iou(o, r, g.mask_threshold or 0.0),
+    ),
+    Metric(
+        "box_match",
+        "min_box_match",
+        ">=",
+        "reference boxes matched at IoU >= box_iou",
+        lambda o, r, g: box_match(o, r, g.box_iou or 1.0),
+        _both_boxes,
+    ),
+)

@@ -357,24 +357,17 @@ def describe_bounds(gate: AcceptanceGate) -> str:
 
 def _output_bounds(output: str, b: OutputGate) -> list[str]:
     """One output's bounds as 'metric[output] op value' (the Check names acceptance reports)."""
-    pairs: list[tuple[str, str, float | None]] = [
-        ("top1_agreement", ">=", b.min_top1_agreement),
-        ("topk_agreement", ">=", b.min_topk_agreement),
-        ("mse", "<=", b.max_mse),
-        ("max_abs", "<=", b.max_abs_error),
-        ("cosine", ">=", b.min_cosine),
-        ("iou", ">=", b.min_mask_iou),
-        ("box_match", ">=", b.min_box_match),
-        ("atol", "=", b.atol),
-        ("rtol", "=", b.rtol),
-    ]
+    from edgeagent.agreement import METRICS
+
     given = {"topk_agreement": f" (k={b.top_k})", "iou": f" (mask > {b.mask_threshold})"}
     given["box_match"] = f" (IoU >= {b.box_iou})"
-    return [
-        f"{name}[{output}] {op} {value:.4g}{given.get(name, '')}"
-        for name, op, value in pairs
-        if value is not None
+    bounds = [
+        f"{m.check}[{output}] {m.op} {value:.4g}{given.get(m.check, '')}"
+        for m in METRICS
+        if (value := getattr(b, m.bound)) is not None
     ]
+    bounds += [f"{k}[{output}] = {v:.4g}" for k, v in (("atol", b.atol), ("rtol", b.rtol)) if v is not None]
+    return bounds
 
 
 def render_manifest(manifest: Manifest, key: str | None, checked: bool, sha: str | None) -> str:
