@@ -292,3 +292,13 @@ def test_convert_records_input_shape_for_latency_and_checks_it_against_the_data(
     assert manifest.acceptance.latency_shapes == {"image": [1, 3, 16, 16]}
     gate = manifest.gate_for(manifest.models[0])
     assert gate.task == "segmentation" and set(gate.outputs) == {"mask", "boxes"}
+
+
+def test_input_shape_without_a_latency_budget_is_refused(tmp_path: Path, keypair: Any, capsys: Any) -> None:
+    model = detector_model(tmp_path / "det.onnx")
+    rc = edgectl(
+        "bundle", "create", "--name", "det", "--version", "1.0.0", "--model", model,
+        "--input-shape", "image=1x3x8x8", "--key", keypair.private, "-o", tmp_path / "out",
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1 and "no latency budget is set" in err

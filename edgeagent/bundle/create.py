@@ -105,17 +105,9 @@ def create_bundle(
         golden_set = load_golden(golden)
         files[GOLDEN_PATH] = golden
         gate_fields.update(golden=GOLDEN_PATH, samples=samples)
-    budgets = [g.latency_p95_ms for g in (gate, *own_gates.values()) if g is not None]
-    if any(budgets):
-        shapes = latency_shapes(entries, golden_set, input_shapes or {})
-        if shapes:
-            gate_fields["latency_shapes"] = shapes
-    elif input_shapes:
-        raise UsageError(
-            "--input-shape sets the shapes a latency budget is timed on: give --latency-budget too"
-        )
-    tasked = (
-        any(g.uses_tasks for g in own_gates.values()) or AcceptanceGate.model_validate(gate_fields).uses_tasks
+    gate_fields["latency_shapes"] = _recorded_shapes(entries, golden_set, input_shapes or {}, gate, own_gates)
+    tasked = any(gate_fields[k] for k in ("task", "outputs", "latency_shapes")) or any(
+        g.uses_tasks for g in own_gates.values()
     )
     if labels is not None:
         if not labels.is_file():
@@ -144,6 +136,23 @@ def create_bundle(
     out_path = out_dir / manifest.bundle_filename
     sha = write_bundle(manifest, files, key, out_path)
     return CreatedBundle(path=out_path, sha256=sha, manifest=manifest)
+
+
+def _recorded_shapes(
+    entries: Sequence[ModelEntry],
+    golden: GoldenSet | None,
+    given: Mapping[str, Sequence[int]],
+    gate: AcceptanceGate | None,
+    own_gates: Mapping[Path, AcceptanceGate],
+) -> dict[str, list[int]]:
+    """The bundle gate's ``latency_shapes``: only when some gate has a latency budget."""
+    if any(g.latency_p95_ms for g in (gate, *own_gates.values()) if g is not None):
+        return latency_shapes(entries, golden, given)
+    if given:
+        raise UsageError(
+            "--input-shape sets the shapes a latency budget is timed on, and no latency budget is set"
+        )
+    return {}
 
 
 def parse_input_shape(text: str) -> tuple[str, list[int]]:
@@ -207,8 +216,10 @@ def _golden_shape(spec: TensorSpec, model: ModelEntry, golden: GoldenSet) -> lis
 
 
 def _fits(model: ModelEntry, spec: TensorSpec, shape: list[int]) -> None:
-    bad = len(shape) != len(spec.shape) or any(
-        d is not None and d != s for d, s in zip(spec.shape, shape, strict=False)
+    bad = (
+        len(shape) != len(spec.shape)
+        or min(shape, default=1) < 1
+        or any(d is not None and d != s for d, s in zip(spec.shape, shape, strict=False))
     )
     if bad:
         dims = "x".join("?" if d is None else str(d) for d in spec.shape)
