@@ -49,7 +49,14 @@ def convert(
         )
     _check_passes(source, recipe)
     out_dir.mkdir(parents=True, exist_ok=True)
-    evaluator = Evaluator(data, recipe.evaluate)
+    evaluate = recipe.evaluate
+    task = recipe.package.task if recipe.package is not None else None
+    if evaluate.task is None and task is not None:
+        # The package task decides what the evaluator reports: accuracy only for classifiers.
+        evaluate = evaluate.model_copy(
+            update={"task": "classification" if task == "classification" else "regression"}
+        )
+    evaluator = Evaluator(data, evaluate)
     result = run_pipeline(source, recipe.passes, data, evaluator, out_dir / "artifacts", progress)
     packaged = None
     if recipe.package is not None:

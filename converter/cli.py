@@ -25,6 +25,8 @@ examples:
   edgectl convert model.keras --eval eval.npz --calib calib.npz --prune 0.9 --quantize int8 --tflite \\
       --name kws --version 2.0.0 --key K -o out/
   edgectl convert model.onnx --recipe recipe.toml --key K -o out/
+  edgectl convert seg.onnx --eval seg.npz --calib calib.npz --quantize int8 --task segmentation \\
+      --name seg --version 1.0.0 --key K -o out/
   edgectl convert mlp.onnx --dataset digits --prune 0.9 --finetune 30 --quantize int8 \\
       --name digits --version 1.0.2 --key K -o out/
   edgectl convert teacher.onnx --dataset digits --distill mlp:32 --quantize int8 \\
@@ -176,6 +178,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     bundle.add_argument("--golden-samples", type=int, metavar="N", help="acceptance-set size (default 100)")
     bundle.add_argument(
+        "--task",
+        choices=("classification", "regression", "detection", "segmentation", "embedding", "custom"),
+        help="what the model does, which decides each output's gate metrics (default: classification "
+        "when 'y' holds integer classes and the first output is class scores, else regression)",
+    )
+    bundle.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=SHAPE",
+        help="shape a latency budget is timed on, e.g. x=1x3x320x320; must match the evaluation data",
+    )
+    bundle.add_argument(
         "--keep-intermediates",
         action="store_true",
         default=None,
@@ -257,6 +272,8 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
         "min_top1_agreement": args.min_agreement,
         "golden_samples": args.golden_samples,
         "keep_intermediates": args.keep_intermediates,
+        "task": args.task,
+        "input_shapes": _input_shapes(args.input_shape) or None,
     }
     package.update({k: v for k, v in overrides.items() if v is not None})
     if not package.get("name") or not package.get("version"):
@@ -266,6 +283,12 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
     body["package"] = package
     merged = recipe_from_dict(body)
     return merged.model_copy(update={"passes": recipe.passes})
+
+
+def _input_shapes(items: list[str]) -> dict[str, list[int]]:
+    from edgeagent.bundle.create import parse_input_shape
+
+    return dict(parse_input_shape(item) for item in items)
 
 
 def _pass_tables(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -33,8 +33,11 @@ class EvaluateConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    task: Literal["classification", "regression"] = Field(
-        default="classification", description="Classification (top-1/top-k accuracy) or regression (MSE)."
+    task: Literal["classification", "regression"] | None = Field(
+        default=None,
+        description="Classification (top-1/top-k accuracy) or regression (MSE against 'y' when it has "
+        "the first output's size). Unset: classification when 'y' holds integers, else regression "
+        "(and the package task, when it is not classification).",
     )
     top_k: int = Field(default=3, ge=1, description="k of the top-k accuracy reported besides top-1.")
     latency_runs: int = Field(default=100, ge=1, description="Timed single-sample invocations per model.")
@@ -101,9 +104,9 @@ class Evaluator:
             runner, take(feeds, slice(0, 1)), self.config.latency_runs, self.config.latency_warmup
         )
         fields: dict[str, Any] = {}
-        if self.config.task == "classification":
+        if self.classification:
             fields = self._classification(outputs)
-        else:
+        elif np.size(self.data.y) == outputs.size:
             target = np.asarray(self.data.y, dtype=np.float32).reshape(outputs.shape)
             fields = {"mse": float(np.mean((outputs - target) ** 2))}
         metrics = Metrics(
@@ -116,6 +119,13 @@ class Evaluator:
             **fields,
         )
         return Evaluation(metrics=metrics, outputs=dict(zip(runner.output_names, every, strict=True)))
+
+    @property
+    def classification(self) -> bool:
+        """Whether accuracy is measured: the configured task, or integer labels when it is unset."""
+        if self.config.task is not None:
+            return self.config.task == "classification"
+        return bool(np.issubdtype(np.asarray(self.data.y).dtype, np.integer))
 
     def _classification(self, outputs: FloatArray) -> dict[str, Any]:
         labels = np.asarray(self.data.y).reshape(-1).astype(np.int64)

@@ -23,6 +23,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from converter import task_gates
 from converter.data import Dataset
 from converter.errors import RecipeError
 from converter.evaluate import top1
@@ -31,8 +32,16 @@ from converter.model import ModelArtifact
 from converter.pipeline import PipelineResult, StepRecord
 from converter.runners import open_runner
 from edgeagent.bundle.create import CreatedBundle, create_bundle
-from edgeagent.bundle.golden import GoldenSet, save_golden
-from edgeagent.bundle.manifest import AcceptanceGate, BundleName, CompressionStep, Preprocessing, is_semver
+from edgeagent.bundle.golden import GoldenSet, match_outputs, save_golden
+from edgeagent.bundle.manifest import (
+    AcceptanceGate,
+    BundleName,
+    CompressionStep,
+    OutputGate,
+    Preprocessing,
+    Task,
+    is_semver,
+)
 from edgeagent.modelinfo import inspect_model
 from edgeagent.signing import SigningKey
 
@@ -87,6 +96,38 @@ class PackageConfig(BaseModel):
     latency_p95_ms: dict[str, float] = Field(
         default_factory=dict, description="p95 latency budget in ms per device profile ('*' = any)."
     )
+    input_shapes: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description="Per input name: the shape (batch 1) latency budgets are timed on; must agree "
+        "with the acceptance set, which decides them otherwise.",
+    )
+    task: Task | None = Field(
+        default=None,
+        description="classification, regression, detection, segmentation, embedding or custom: which "
+        "metrics gate each output. Unset: classification when the labels are integer classes and the "
+        "first output is class scores, else regression.",
+    )
+    top_k: int = Field(default=3, ge=1, description="classification: k of the top-k agreement bound.")
+    mask_threshold: float = Field(
+        default=0.5, description="detection/segmentation: score-map value above which a pixel is in the mask."
+    )
+    box_iou: float = Field(
+        default=0.5,
+        gt=0.0,
+        le=1.0,
+        description="detection: IoU at which an output box matches a reference box.",
+    )
+    error_margin: float = Field(
+        default=1.0, ge=0.0, description="Error bounds (MSE, max-abs, atol) = measured * (1 + this) + floor."
+    )
+    error_floor: float = Field(
+        default=1e-3,
+        ge=0.0,
+        description="Floor of error bounds, as a fraction of the reference's largest |value|.",
+    )
+    cosine_margin: float = Field(
+        default=0.002, ge=0.0, le=1.0, description="min_cosine = measured - max(this, 1 - measured)."
+    )
     labels: Path | None = Field(default=None, description="Class names file, one per line (digits: 0-9).")
     preprocessing: Preprocessing | None = Field(
         default=None, description="How raw input becomes model input (digits sets this itself)."
@@ -115,6 +156,8 @@ class Packaged:
     gate: AcceptanceGate
     #: Per packaged artifact: accuracy and top-1 agreement measured on the acceptance set.
     measured: dict[str, dict[str, float]]
+    #: The task the gates were derived for (given, or inferred).
+    task: Task = "classification"
     #: Per packaged artifact (file name): its own gate, as the manifest carries it.
     gates: dict[str, AcceptanceGate] = field(default_factory=dict)
     #: File names of the intermediates shipped (``keep_intermediates``), after the finals.
@@ -168,22 +211,44 @@ def package(
     first_reference = next(iter(reference.values()))
     runners = [open_runner(model) for model in artifacts]
     inputs = fit_feeds(runners[0].inputs, take(data.inputs, index))
-    # The evaluator measured accuracy exactly when the task is classification.
-    classification = result.baseline.accuracy is not None
+    # The evaluator measured accuracy exactly when the labels are classes.
+    task = config.task or task_gates.infer_task(result.baseline.accuracy is not None, reference)
+    classification = task == "classification"
+    if classification and result.baseline.accuracy is None:
+        raise RecipeError("task = classification needs integer class labels as 'y'", where="package.task")
     golden = work / "golden.npz"
     save_golden(golden, GoldenSet(inputs, labels.astype(np.int64) if classification else None, reference))
 
     measured: dict[str, dict[str, float]] = {}
+    per_output: dict[str, dict[str, OutputGate]] = {}
     for model, runner in zip(artifacts, runners, strict=True):
-        outputs = np.asarray(runner.run(inputs)[0])
+        every = runner.run(inputs)
+        outputs = np.asarray(every[0])
         row = {"top1_agreement": float(np.mean(top1(outputs) == top1(first_reference)))}
         if classification:
             row["accuracy"] = float(np.mean(top1(outputs) == labels))
+        named = dict(zip(runner.output_names, (np.asarray(o) for o in every), strict=True))
+        refs = match_outputs(reference, list(runner.output_names))
+        numbers = task_gates.measure(task, named, refs, config)
+        row.update(
+            {f"{task_gates.CHECK_NAMES[k]}[{name}]": v for name, r in numbers.items() for k, v in r.items()}
+        )
         measured[model.path.name] = row
-    floor = _gate(config, [measured[m.path.name] for m in finals], classification)
-    gates = {m.path.name: _gate(config, [measured[m.path.name]], classification) for m in finals}
+        per_output[model.path.name] = task_gates.bounds(numbers, refs, config)
+    floor = _gate(config, [measured[m.path.name] for m in finals], classification, task)
+    floor = floor.model_copy(
+        update={"outputs": task_gates.loosest([per_output[m.path.name] for m in finals])}
+    )
+    gates = {
+        m.path.name: _gate(config, [measured[m.path.name]], classification, task).model_copy(
+            update={"outputs": per_output[m.path.name]}
+        )
+        for m in finals
+    }
     for model in intermediates:
-        gates[model.path.name] = _at_least(_gate(config, [measured[model.path.name]], classification), floor)
+        own = _gate(config, [measured[model.path.name]], classification, task)
+        outputs_floor = task_gates.at_least(per_output[model.path.name], floor.outputs)
+        gates[model.path.name] = _at_least(own, floor).model_copy(update={"outputs": outputs_floor})
     label_file = _labels(config, data, work)
     bundle = create_bundle(
         name=config.name,
@@ -198,11 +263,13 @@ def package(
         preprocessing=config.preprocessing or data.preprocessing,
         compression=compression_steps(result.steps),
         model_gates={model.path: gates[model.path.name] for model in artifacts},
+        input_shapes=config.input_shapes,
     )
     return Packaged(
         bundle=bundle,
         gate=bundle.manifest.acceptance,
         measured=measured,
+        task=task,
         gates={e.path.rsplit("/", 1)[-1]: bundle.manifest.gate_for(e) for e in bundle.manifest.models},
         intermediates=[m.path.name for m in intermediates],
         notes=[
@@ -275,7 +342,9 @@ def _floor(value: float) -> float:
     return max(0.0, float(np.floor(value * 10_000) / 10_000))
 
 
-def _gate(config: PackageConfig, measured: list[dict[str, float]], classification: bool) -> AcceptanceGate:
+def _gate(
+    config: PackageConfig, measured: list[dict[str, float]], classification: bool, task: Task | None = None
+) -> AcceptanceGate:
     """The gate the lowest of ``measured`` (one row per artifact) passes, less the margins."""
     min_accuracy = config.min_accuracy
     if min_accuracy is None and classification:
@@ -291,6 +360,7 @@ def _gate(config: PackageConfig, measured: list[dict[str, float]], classificatio
         atol=config.atol,
         rtol=config.rtol,
         latency_p95_ms=config.latency_p95_ms,
+        task=task,
     )
 
 

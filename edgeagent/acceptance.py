@@ -19,9 +19,10 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from edgeagent import agreement
 from edgeagent.bundle import golden as bundle_golden
 from edgeagent.bundle.golden import GoldenSet, match_inputs, match_outputs
-from edgeagent.bundle.manifest import AcceptanceGate
+from edgeagent.bundle.manifest import AcceptanceGate, OutputGate
 from edgeagent.errors import UsageError
 from edgeagent.runtimes.model import LoadedModel
 
@@ -39,7 +40,9 @@ class Check(_Frozen):
 
     name: str = Field(
         description="accuracy, top1_agreement, tolerance_ratio (tolerance_ratio[<output>] for each "
-        "output of a model with several) or latency_p95_ms."
+        "output of a model with several), latency_p95_ms, or a per-output bound of a task gate: "
+        "top1_agreement[<output>], topk_agreement[<output>], mse[<output>], max_abs[<output>], "
+        "cosine[<output>], iou[<output>], box_match[<output>], tolerance_ratio[<output>]."
     )
     value: float | None = Field(description="What was measured; None when it could not be.")
     op: Literal[">=", "<="] = Field(description="How value must compare with bound to pass.")
@@ -100,7 +103,10 @@ def run_acceptance(
     """Run ``golden`` (a :class:`GoldenSet`, or its ``.npz`` arrays; None when the bundle has none)."""
     if golden is not None and not isinstance(golden, GoldenSet):
         golden = GoldenSet.from_arrays(golden)
-    samples = _golden_samples(model, golden) if golden is not None else _synthetic_samples(model)
+    if golden is not None:
+        samples = _golden_samples(model, golden)
+    else:
+        samples = _synthetic_samples(model, gate.latency_shapes)
     for feeds in samples[:WARMUP_RUNS]:
         model.predict(feeds)
     times = np.empty(len(samples))
@@ -116,7 +122,10 @@ def run_acceptance(
     outputs = {name: _rows([r[k] for r in results]) for k, name in enumerate(model.output_names)}
     checks = _data_checks(gate, golden, outputs) if golden is not None else []
     budget = gate.latency_p95_ms.get(profile or "", gate.latency_p95_ms.get("*"))
-    if budget is not None:
+    invented = _invented_shapes(model, gate) if golden is None else None
+    if budget is not None and invented:
+        checks.append(_missing("latency_p95_ms", "<=", budget, invented))
+    elif budget is not None:
         checks.append(
             Check(
                 name="latency_p95_ms",
@@ -153,13 +162,46 @@ def _golden_samples(model: LoadedModel, golden: GoldenSet) -> list[dict[str, np.
     ]
 
 
-def _synthetic_samples(model: LoadedModel) -> list[dict[str, np.ndarray]]:
-    """Latency-only gates: zeros for every input, dynamic dimensions as 1 (a zero token id is valid)."""
+def _synthetic_samples(
+    model: LoadedModel, shapes: Mapping[str, list[int]] | None = None
+) -> list[dict[str, np.ndarray]]:
+    """Latency-only gates: zeros for every input (a zero token id is valid), in the shape the gate
+    recorded for it, else dynamic dimensions as 1 (which :func:`_invented_shapes` refuses to judge)."""
     feeds = {
-        spec.name: np.zeros([1 if d is None else d for d in spec.shape], model.caller_dtype(spec.name))
+        spec.name: np.zeros(
+            _latency_shape(spec.name, spec.shape, shapes or {}), model.caller_dtype(spec.name)
+        )
         for spec in model.inputs
     }
     return [feeds] * SYNTHETIC_RUNS
+
+
+def _recorded_shape(name: str, rank: int, recorded: Mapping[str, list[int]]) -> list[int] | None:
+    """The gate's latency shape of input ``name`` (a one-input model: the only one); None if none."""
+    if name in recorded:
+        return list(recorded[name])
+    only = list(recorded.values())
+    return list(only[0]) if len(only) == 1 and len(only[0]) == rank else None
+
+
+def _latency_shape(name: str, shape: list[int | None], recorded: Mapping[str, list[int]]) -> list[int]:
+    """The recorded shape of input ``name``, else its shape with dynamic dimensions as 1."""
+    found = _recorded_shape(name, len(shape), recorded)
+    return found if found is not None else [1 if d is None else d for d in shape]
+
+
+def _invented_shapes(model: LoadedModel, gate: AcceptanceGate) -> str | None:
+    """Why latency on zeros would be meaningless: an input with a dynamic dimension past the batch
+    one that the gate records no shape for (it would be timed as 1, e.g. a 1x1 image); else None."""
+    for spec in model.inputs:
+        invented = _recorded_shape(spec.name, len(spec.shape), gate.latency_shapes) is None
+        if invented and any(d is None for d in spec.shape[1:]):
+            dims = "x".join("?" if d is None else str(d) for d in spec.shape)
+            return (
+                f"input {spec.name!r} has dynamic dimensions ({dims}) and the bundle records no "
+                "latency shape for it; latency is not judged on invented shapes"
+            )
+    return None
 
 
 def _rows(parts: list[np.ndarray]) -> np.ndarray:
@@ -226,6 +268,37 @@ def _data_checks(gate: AcceptanceGate, golden: GoldenSet, outputs: dict[str, np.
         for name, ref in references.items():
             label = "tolerance_ratio" if len(outputs) == 1 else f"tolerance_ratio[{name}]"
             checks.append(_tolerance_check(label, gate.atol or 0.0, gate.rtol or 0.0, outputs[name], ref))
+    for name, bounds in gate.outputs.items():
+        if name in references and name in outputs:
+            checks += output_checks(name, bounds, outputs[name], references[name])
+        else:
+            why = missing if not references else f"the golden set has no reference for output {name!r}"
+            checks.append(_missing(f"reference[{name}]", ">=", 1.0, why))
+    return checks
+
+
+def output_checks(name: str, bounds: OutputGate, out: np.ndarray, ref: np.ndarray) -> list[Check]:
+    """One Check per bound of ``bounds`` on output ``name`` (:data:`edgeagent.agreement.METRICS`)."""
+    if out.shape[:1] != ref.shape[:1] or out.size == 0:
+        why = f"reference shape {list(ref.shape)} != output {list(out.shape)}"
+        return [_missing(f"reference[{name}]", ">=", 1.0, why)]
+    checks = []
+    for metric in agreement.METRICS:
+        bound = getattr(bounds, metric.bound)
+        if bound is None:
+            continue
+        label = f"{metric.check}[{name}]"
+        if not metric.fits(out.shape, ref.shape):
+            why = f"reference shape {list(ref.shape)} does not fit output {list(out.shape)}"
+            checks.append(_missing(label, metric.op, bound, why))
+            continue
+        value = metric.measure(out, ref, bounds)
+        passed = value >= bound if metric.op == ">=" else value <= bound
+        detail = f"{metric.what} on {len(out)} samples"
+        checks.append(Check(name=label, value=value, op=metric.op, bound=bound, passed=passed, detail=detail))
+    if bounds.atol is not None or bounds.rtol is not None:
+        atol, rtol = bounds.atol or 0.0, bounds.rtol or 0.0
+        checks.append(_tolerance_check(f"tolerance_ratio[{name}]", atol, rtol, out, ref))
     return checks
 
 

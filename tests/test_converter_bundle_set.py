@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from devices.profile import load_profile, resolve_candidates
-from edgeagent.bundle.manifest import GATED_MODELS_VERSION, Manifest
+from edgeagent.bundle.manifest import TASK_GATES_VERSION, Manifest
 from edgeagent.bundle.reader import extract_bundle
 from edgeagent.selection import select_runtime
 from edgeagent.serving.loader import prepare_served_model
@@ -68,7 +68,7 @@ def test_the_bundle_holds_only_the_final_artifacts_each_with_its_own_gate(
     _, finetuned, int8 = (s.model.path.name for s in result.pipeline.steps)
     manifest = _extract(result.packaged.bundle.path, tmp_path / "b", keypair)
     assert [m.path for m in manifest.models] == [f"models/{finetuned}", f"models/{int8}"]
-    assert manifest.schema_version == GATED_MODELS_VERSION
+    assert manifest.schema_version == TASK_GATES_VERSION  # the gates carry a task (schema 3)
     measured = result.packaged.measured
     for model in manifest.models:
         own = model.acceptance

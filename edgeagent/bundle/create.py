@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
-from edgeagent.bundle.golden import load_golden, match_inputs, match_outputs
+from edgeagent.bundle.golden import GoldenSet, load_golden, match_inputs, match_outputs
 from edgeagent.bundle.manifest import (
     GATED_MODELS_VERSION,
     GOLDEN_PATH,
     LABELS_PATH,
     MODELS_DIR,
     SCHEMA_VERSION,
+    TASK_GATES_VERSION,
     AcceptanceGate,
     CompressionStep,
     Manifest,
@@ -62,6 +63,7 @@ def create_bundle(
     compression: Sequence[CompressionStep] = (),
     model_gates: Mapping[Path, AcceptanceGate] | None = None,
     serve_precision: Sequence[str] = (),
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> CreatedBundle:
     """Write ``out_dir/NAME-VERSION.bundle`` and return its path, sha256 and manifest.
 
@@ -69,6 +71,8 @@ def create_bundle(
     filled in here. ``model_gates`` gives some models (keyed by the path in ``models``) their
     own gate, checked on the bundle's golden set; the manifest is then schema_version 2.
     ``serve_precision`` is the author's precision preference (manifest ``serve_precision``).
+    ``input_shapes`` (input name, or "" for the only input -> full shape with batch 1) give the
+    shapes a latency budget is timed on without a golden set; see :func:`latency_shapes`.
     """
     if not models:
         raise UsageError("a bundle needs at least one --model")
@@ -99,17 +103,27 @@ def create_bundle(
             )
         )
     gate_fields = (gate or AcceptanceGate()).model_dump()
+    golden_set = None
     if golden is not None:
         samples = check_golden(golden, entries)
+        golden_set = load_golden(golden)
         files[GOLDEN_PATH] = golden
         gate_fields.update(golden=GOLDEN_PATH, samples=samples)
+    gate_fields["latency_shapes"] = _recorded_shapes(entries, golden_set, input_shapes or {}, gate, own_gates)
+    tasked = any(gate_fields[k] for k in ("task", "outputs", "latency_shapes")) or any(
+        g.uses_tasks for g in own_gates.values()
+    )
     if labels is not None:
         if not labels.is_file():
             raise UsageError(f"{labels}: no such labels file")
         files[LABELS_PATH] = labels
     try:
         manifest = Manifest(
-            schema_version=GATED_MODELS_VERSION if own_gates else SCHEMA_VERSION,
+            schema_version=TASK_GATES_VERSION
+            if tasked
+            else GATED_MODELS_VERSION
+            if own_gates
+            else SCHEMA_VERSION,
             name=name,
             version=version,
             description=description,
@@ -147,6 +161,93 @@ def _same_as_existing(
             "bump --version, or remove the old bundle"
         )
     return CreatedBundle(path=out, sha256=sha, manifest=manifest)
+def _recorded_shapes(
+    entries: Sequence[ModelEntry],
+    golden: GoldenSet | None,
+    given: Mapping[str, Sequence[int]],
+    gate: AcceptanceGate | None,
+    own_gates: Mapping[Path, AcceptanceGate],
+) -> dict[str, list[int]]:
+    """The bundle gate's ``latency_shapes``: only when some gate has a latency budget."""
+    if any(g.latency_p95_ms for g in (gate, *own_gates.values()) if g is not None):
+        return latency_shapes(entries, golden, given)
+    if given:
+        raise UsageError(
+            "--input-shape sets the shapes a latency budget is timed on, and no latency budget is set"
+        )
+    return {}
+
+
+def parse_input_shape(text: str) -> tuple[str, list[int]]:
+    """``NAME=1x3x320x320`` (or ``1x3x320x320`` for a one-input model) -> (NAME or "", dimensions)."""
+    name, _, dims = text.rpartition("=")
+    try:
+        shape = [int(d) for d in dims.lower().split("x")]
+    except ValueError:
+        shape = []
+    if not shape or any(d < 1 for d in shape):
+        raise UsageError(
+            f"--input-shape {text!r}: expected NAME=DxDx... with whole dimensions >= 1, e.g. x=1x3x320x320"
+        )
+    return name, shape
+
+
+def latency_shapes(
+    models: Sequence[ModelEntry], golden: GoldenSet | None, given: Mapping[str, Sequence[int]]
+) -> dict[str, list[int]]:
+    """The shape (batch 1) each input is timed on for a latency budget; empty when nothing is dynamic.
+
+    The golden set's sample shapes when there is one (``given`` must agree with them); else
+    ``given``. UsageError when an input has a dynamic dimension past the batch one and neither
+    says how large it is: timing it as 1 (a 1x3x1x1 image) would pass budgets real inputs miss.
+    """
+    shapes: dict[str, list[int]] = {}
+    for model in models:
+        for spec in model.inputs:
+            found = _given_shape(spec, model, given) if golden is None else _golden_shape(spec, model, golden)
+            if found is None:
+                if any(d is None for d in spec.shape[1:]):
+                    dims = "x".join("?" if d is None else str(d) for d in spec.shape)
+                    raise UsageError(
+                        f"{model.path}: input {spec.name!r} has dynamic dimensions ({dims}); a latency "
+                        f"budget timed with them as 1 would mean nothing: give --golden or "
+                        f"--input-shape {spec.name}=<shape>"
+                    )
+                continue
+            _fits(model, spec, found)
+            if golden is not None and (want := _given_shape(spec, model, given)) and want != found:
+                raise UsageError(
+                    f"--input-shape {spec.name}={'x'.join(map(str, want))} differs from the golden set's "
+                    f"{'x'.join(map(str, found))}; latency is timed on the golden set"
+                )
+            shapes[spec.name] = found
+    dynamic = any(d is None for m in models for s in m.inputs for d in s.shape[1:])
+    return shapes if dynamic or given else {}
+
+
+def _given_shape(spec: TensorSpec, model: ModelEntry, given: Mapping[str, Sequence[int]]) -> list[int] | None:
+    if spec.name in given:
+        return list(given[spec.name])
+    if len(model.inputs) == 1 and len(given) == 1:
+        return list(next(iter(given.values())))
+    return None
+
+
+def _golden_shape(spec: TensorSpec, model: ModelEntry, golden: GoldenSet) -> list[int]:
+    array = match_inputs(golden.inputs, [s.name for s in model.inputs])[spec.name]
+    return [] if not spec.shape else [1, *array.shape[1:]]
+
+
+def _fits(model: ModelEntry, spec: TensorSpec, shape: list[int]) -> None:
+    bad = (
+        len(shape) != len(spec.shape)
+        or min(shape, default=1) < 1
+        or any(d is not None and d != s for d, s in zip(spec.shape, shape, strict=False))
+    )
+    if bad:
+        dims = "x".join("?" if d is None else str(d) for d in spec.shape)
+        wanted = "x".join(map(str, shape))
+        raise UsageError(f"{model.path}: input {spec.name!r} is {dims}; the shape {wanted} does not fit it")
 
 
 def _own_gate(gate: AcceptanceGate | None) -> AcceptanceGate | None:

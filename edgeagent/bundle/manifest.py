@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -30,7 +30,13 @@ SCHEMA_VERSION = 1
 #: (``models[].acceptance``). A writer uses it only for manifests that need it, so bundles
 #: without per-artifact gates stay readable by agents that know only version 1.
 GATED_MODELS_VERSION = 2
-SUPPORTED_SCHEMA_VERSIONS = frozenset({SCHEMA_VERSION, GATED_MODELS_VERSION})
+#: The first version whose gates may carry a task, per-output bounds and latency shapes
+#: (``task``, ``outputs``, ``latency_shapes``); used only by manifests that set them.
+TASK_GATES_VERSION = 3
+SUPPORTED_SCHEMA_VERSIONS = frozenset({SCHEMA_VERSION, GATED_MODELS_VERSION, TASK_GATES_VERSION})
+#: What a model does; it decides which metrics judge each output (docs/bundle.md).
+Task = Literal["classification", "regression", "detection", "segmentation", "embedding", "custom"]
+TASKS: tuple[str, ...] = get_args(Task)
 
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
@@ -151,6 +157,49 @@ class Preprocessing(_Strict):
     notes: str = Field(default="", description="Anything else the application must do, in words.")
 
 
+class OutputGate(_Strict):
+    """Bounds on one output against its golden reference (``output.<name>``); unset = unchecked."""
+
+    min_top1_agreement: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="Fraction of samples whose top-1 matches the reference."
+    )
+    min_topk_agreement: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="Fraction whose reference top-1 is in the top-k."
+    )
+    top_k: int | None = Field(default=None, ge=1, description="k of min_topk_agreement.")
+    max_mse: float | None = Field(default=None, ge=0.0, description="Mean squared error vs reference.")
+    max_abs_error: float | None = Field(default=None, ge=0.0, description="Largest |out - ref|.")
+    min_cosine: float | None = Field(
+        default=None, ge=-1.0, le=1.0, description="Mean per-sample cosine similarity with the reference."
+    )
+    min_mask_iou: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="IoU of the masks out > mask_threshold and ref > it."
+    )
+    mask_threshold: float | None = Field(default=None, description="Where a score map becomes a mask.")
+    min_box_match: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of reference boxes (x1, y1, x2, y2 in the last axis) that an output box "
+        "of the same sample overlaps with IoU >= box_iou.",
+    )
+    box_iou: float | None = Field(default=None, gt=0.0, le=1.0, description="IoU a box match needs.")
+    atol: float | None = Field(default=None, ge=0.0, description="Absolute tolerance (allclose).")
+    rtol: float | None = Field(default=None, ge=0.0, description="Relative tolerance (allclose).")
+
+    @model_validator(mode="after")
+    def _pairs(self) -> OutputGate:
+        pairs = (
+            ("min_topk_agreement", "top_k"),
+            ("min_mask_iou", "mask_threshold"),
+            ("min_box_match", "box_iou"),
+        )
+        for bound, parameter in pairs:
+            if getattr(self, bound) is not None and getattr(self, parameter) is None:
+                raise ValueError(f"{bound} needs {parameter}")
+        return self
+
+
 class AcceptanceGate(_Strict):
     """What a device must show on the golden set before it commits to a bundle."""
 
@@ -176,12 +225,31 @@ class AcceptanceGate(_Strict):
         default_factory=dict,
         description="p95 latency budget in ms per device profile name ('*' = any profile).",
     )
+    task: Task | None = Field(
+        default=None,
+        description="What the model does (schema_version 3); it chose the per-output bounds. "
+        "null = a gate written before tasks: accuracy/agreement on the first output, atol/rtol on all.",
+    )
+    outputs: dict[str, OutputGate] = Field(
+        default_factory=dict,
+        description="Per-output bounds against the golden references, by output name (schema_version 3).",
+    )
+    latency_shapes: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description="Per input: the full shape (batch 1) latency is timed on when there is no golden "
+        "set (schema_version 3); from the golden set or --input-shape, never invented.",
+    )
 
     @property
     def needs_golden(self) -> bool:
         """True when a bound can only be checked against a golden set."""
         bounds = (self.min_accuracy, self.min_top1_agreement, self.atol, self.rtol)
-        return any(b is not None for b in bounds)
+        return any(b is not None for b in bounds) or bool(self.outputs)
+
+    @property
+    def uses_tasks(self) -> bool:
+        """True when the gate sets a field that needs schema_version 3."""
+        return self.task is not None or bool(self.outputs) or bool(self.latency_shapes)
 
     @field_validator("latency_p95_ms")
     @classmethod
@@ -216,8 +284,9 @@ class CompressionStep(_Strict):
 class Manifest(_Strict):
     """``manifest.json``: what the bundle is and what it contains."""
 
-    schema_version: Literal[1, 2] = Field(
-        description="Version of this schema; readers refuse unknown ones. 2 adds models[].acceptance."
+    schema_version: Literal[1, 2, 3] = Field(
+        description="Version of this schema; readers refuse unknown ones. 2 adds models[].acceptance; "
+        "3 adds task, outputs and latency_shapes to gates."
     )
     name: BundleName
     version: str = Field(description="Semantic version of the bundle (semver 2.0.0).")
@@ -267,6 +336,12 @@ class Manifest(_Strict):
                 f"models[{gated[0]}].acceptance needs schema_version {GATED_MODELS_VERSION} "
                 f"(this manifest says {self.schema_version})"
             )
+        tasked = [g for g in (self.acceptance, *(m.acceptance for m in self.models)) if g and g.uses_tasks]
+        if tasked and self.schema_version < TASK_GATES_VERSION:
+            raise ValueError(
+                f"gates with task, outputs or latency_shapes need schema_version {TASK_GATES_VERSION} "
+                f"(this manifest says {self.schema_version})"
+            )
         gates = [self.gate_for(m) for m in self.models]
         referenced = [m.path for m in self.models]
         referenced += [p for p in (self.labels, self.acceptance.golden) if p is not None]
@@ -290,15 +365,17 @@ class Manifest(_Strict):
     def gate_for(self, model: ModelEntry) -> AcceptanceGate:
         """The gate ``model`` must pass on a device: its own, or the bundle-level one.
 
-        An entry's own gate without a golden set uses the bundle-level golden set.
+        An entry's own gate without a golden set (or latency shapes) uses the bundle-level one's.
         """
         own = model.acceptance
         if own is None:
             return self.acceptance
+        shared: dict[str, Any] = {}
         if own.golden is None and self.acceptance.golden is not None:
             shared = {"golden": self.acceptance.golden, "samples": self.acceptance.samples}
-            return own.model_copy(update=shared)
-        return own
+        if not own.latency_shapes and self.acceptance.latency_shapes:
+            shared["latency_shapes"] = self.acceptance.latency_shapes
+        return own.model_copy(update=shared) if shared else own
 
     @property
     def bundle_filename(self) -> str:
@@ -315,12 +392,25 @@ class Manifest(_Strict):
         # Left out when empty, so bundles that do not use it keep their bytes (and sha256),
         # and agents that predate the field still read them.
         body = self.model_dump(mode="json", exclude=set() if self.serve_precision else {"serve_precision"})
+        _drop_task_fields(body["acceptance"])
         for model in body["models"]:
             # Absent, not null: a schema-1 manifest stays byte-identical to what agents that
             # know only schema 1 read (their ModelEntry forbids unknown keys).
             if model["acceptance"] is None:
                 del model["acceptance"]
+            else:
+                _drop_task_fields(model["acceptance"])
         return (json.dumps(body, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _drop_task_fields(gate: dict[str, Any]) -> None:
+    """Leave unset schema-3 gate fields out, so older manifests keep their bytes (and sha256)."""
+    for key, empty in (("task", None), ("outputs", {}), ("latency_shapes", {})):
+        if gate.get(key, empty) == empty:
+            gate.pop(key, None)
+    for bounds in gate.get("outputs", {}).values():
+        for key in [k for k, v in bounds.items() if v is None]:
+            del bounds[key]
 
 
 def parse_manifest(data: bytes) -> Manifest:

@@ -11,7 +11,7 @@ from edgeagent.cli.profile_args import precision_list
 from edgeagent.errors import UsageError
 
 if TYPE_CHECKING:  # pydantic, numpy, cryptography: imported by the handlers, not at --help time
-    from edgeagent.bundle.manifest import AcceptanceGate, Manifest
+    from edgeagent.bundle.manifest import AcceptanceGate, Manifest, OutputGate
     from edgeagent.bundle.reader import VerifiedBundle
     from edgeagent.signing import KeyRing
 
@@ -21,6 +21,8 @@ CREATE_EXAMPLE = """\
   edgectl bundle create --name digits --version 1.1.0 --model mlp.onnx --model mlp_int8.tflite \\
       --golden golden.npz --min-accuracy 0.9 --model-gate mlp.onnx:min_accuracy=0.95 \\
       --key keys/release.key -o out/
+  edgectl bundle create --name seg --version 1.0.0 --model seg.onnx --latency-budget rpi5=80 \\
+      --input-shape image=1x3x320x320 --key keys/release.key -o out/
 """
 EXAMPLES = """\
   {prog} bundle verify out/digits-1.0.0.bundle --trusted keys/release.pub
@@ -104,6 +106,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=[],
         metavar="PROFILE=MS",
         help="p95 latency budget in ms for a device profile ('*' = any); repeatable",
+    )
+    gate.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=SHAPE",
+        help="shape a latency budget is timed on without --golden, e.g. x=1x3x320x320 (batch 1); "
+        "needed for inputs with dynamic dimensions; repeatable, one per input",
     )
     gate.add_argument(
         "--model-gate",
@@ -194,7 +204,7 @@ def keyring_from_args(args: argparse.Namespace) -> KeyRing:
 
 def _create(args: argparse.Namespace) -> int:
     # Host-only path: model inspection may import onnx/onnxruntime/LiteRT, so import here.
-    from edgeagent.bundle.create import create_bundle
+    from edgeagent.bundle.create import create_bundle, parse_input_shape
     from edgeagent.bundle.manifest import AcceptanceGate
     from edgeagent.signing import SigningKey
 
@@ -234,6 +244,7 @@ def _create(args: argparse.Namespace) -> int:
         gate=gate,
         model_gates=own,
         serve_precision=args.precision,
+        input_shapes=dict(parse_input_shape(item) for item in args.input_shape),
     )
     print(created.path)
     print(f"sha256: {created.sha256}")
@@ -349,8 +360,29 @@ def describe_bounds(gate: AcceptanceGate) -> str:
         bounds.append(f"top-1 agreement >= {gate.min_top1_agreement:.3f}")
     if gate.atol is not None or gate.rtol is not None:
         bounds.append(f"outputs within atol={gate.atol} rtol={gate.rtol}")
+    for output, b in gate.outputs.items():
+        bounds += _output_bounds(output, b)
     bounds += [f"p95 <= {ms:g} ms on {profile}" for profile, ms in sorted(gate.latency_p95_ms.items())]
-    return "; ".join(bounds) if bounds else "no bounds set"
+    if gate.latency_shapes:
+        shapes = ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in gate.latency_shapes.items())
+        bounds.append(f"latency timed on {shapes}")
+    task = f"{gate.task}: " if gate.task else ""
+    return task + ("; ".join(bounds) if bounds else "no bounds set")
+
+
+def _output_bounds(output: str, b: OutputGate) -> list[str]:
+    """One output's bounds as 'metric[output] op value' (the Check names acceptance reports)."""
+    from edgeagent.agreement import METRICS
+
+    given = {"topk_agreement": f" (k={b.top_k})", "iou": f" (mask > {b.mask_threshold})"}
+    given["box_match"] = f" (IoU >= {b.box_iou})"
+    bounds = [
+        f"{m.check}[{output}] {m.op} {value:.4g}{given.get(m.check, '')}"
+        for m in METRICS
+        if (value := getattr(b, m.bound)) is not None
+    ]
+    bounds += [f"{k}[{output}] = {v:.4g}" for k, v in (("atol", b.atol), ("rtol", b.rtol)) if v is not None]
+    return bounds
 
 
 def render_manifest(manifest: Manifest, key: str | None, checked: bool, sha: str | None) -> str:
