@@ -288,7 +288,10 @@ class Agent:
             folder = self.store.bundle_dir(served.bundle_sha256)
             gate = served_gate(parse_manifest((folder / MANIFEST_NAME).read_bytes()), served.decision)
             golden = load_golden(folder / gate.golden) if gate.golden else None
-            verdict = run_acceptance(served.model, gate, golden, profile=self.detection.profile)
+            # served.state: a stateful model replays on acceptance's own state, never a session's
+            verdict = run_acceptance(
+                served.model, gate, golden, profile=self.detection.profile, state=served.state
+            )
             results[name] = verdict.model_dump(mode="json")
         return results
 

@@ -63,6 +63,7 @@ class LiteRTSession(SessionInfo):
         self._input_index = {d["name"]: int(d["index"]) for d in in_details}
         self._input_shape = {d["name"]: tuple(int(x) for x in d["shape"]) for d in in_details}
         self._output_index = [int(d["index"]) for d in out_details]
+        self.keeps_variables = uses_variables(interpreter)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         with self._lock:
@@ -170,6 +171,18 @@ def _load_delegate(interpreter_class: Any, options: LoadOptions) -> tuple[Any | 
         return load_delegate(library, dict(options.delegate_options)), ""
     except (OSError, ValueError, RuntimeError) as exc:
         return None, f"load_delegate({library!r}) failed: {one_line(exc)}"
+
+
+_VARIABLE_OPS = frozenset({"VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE"})
+
+
+def uses_variables(interpreter: Any) -> bool:
+    """True when the model keeps state in resource variables (its ops read or assign them)."""
+    try:
+        ops = interpreter._get_ops_details()  # the only op listing the Python API offers
+    except (AttributeError, RuntimeError, ValueError):
+        return False
+    return any(op.get("op_name") in _VARIABLE_OPS for op in ops)
 
 
 def tensor_spec(detail: Mapping[str, Any]) -> TensorSpec:
