@@ -73,8 +73,18 @@ def _serve(created, root: Path, keypair):  # type: ignore[no-untyped-def]
 def test_state_is_optional_and_needs_schema_3() -> None:
     spec = TensorSpec(name="state", shape=[None, 8], dtype="float32")
     out = TensorSpec(name="stateN", shape=[None, 8], dtype="float32")
-    entry = {"path": "models/m.onnx", "format": "onnx", "precision": "fp32", "inputs": [spec], "outputs": [out]}
-    body = {"name": "m", "version": "1.0.0", "files": [{"path": "models/m.onnx", "size": 1, "sha256": "0" * 64}]}
+    entry = {
+        "path": "models/m.onnx",
+        "format": "onnx",
+        "precision": "fp32",
+        "inputs": [spec],
+        "outputs": [out],
+    }
+    body = {
+        "name": "m",
+        "version": "1.0.0",
+        "files": [{"path": "models/m.onnx", "size": 1, "sha256": "0" * 64}],
+    }
     plain = Manifest(schema_version=1, models=[ModelEntry(**entry)], **body)
     assert "state" not in json.loads(plain.to_bytes())["models"][0]  # old agents keep reading these
     state = ModelState(pairs=[StatePair(output="stateN", input="state")])
@@ -227,4 +237,62 @@ def test_session_bound_and_idle_timeout(tmp_path: Path) -> None:
     assert store.ids("gru") == ["c"] and store.expired == 2
     now[0] = 100.0
     step("c", 1)  # used again within the timeout: kept
+    model.close()
+
+
+# -- TFLite resource variables ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def variable_model(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
+    pytest.importorskip("tensorflow")
+    from tests.state_models import variable_tflite
+
+    return variable_tflite(tmp_path_factory.mktemp("var") / "acc.tflite")
+
+
+def _variable_golden(path: Path, sequences: list[np.ndarray]) -> Path:
+    from tests.state_models import variable_reference
+
+    ids = np.concatenate([np.full(len(xs), i, np.int64) for i, xs in enumerate(sequences)])
+    ys = np.concatenate([np.concatenate(variable_reference(xs)) for xs in sequences])
+    inputs = {"x": np.concatenate([xs[:, 0] for xs in sequences])}
+    save_golden(path, GoldenSet(inputs, None, {"y": ys}, ids))
+    return path
+
+
+@pytest.mark.tensorflow
+@pytest.mark.slow
+def test_resource_variable_tflite_is_stateful_and_served_fresh_per_session(  # type: ignore[no-untyped-def]
+    variable_model: Path, tmp_path: Path, keypair
+) -> None:
+    """It bundled and served as stateless: acceptance's steps stayed in the interpreter that served."""
+    from tests.state_models import variable_reference
+
+    golden = _variable_golden(tmp_path / "g.npz", [chunks(6, seed=41), chunks(4, seed=42)])
+    created = _bundle(tmp_path / "out", keypair, variable_model, golden)  # no --state: detected
+    state = created.manifest.models[0].state
+    assert created.manifest.schema_version == 3 and state == ModelState(variables=True)
+    served = _serve(created, tmp_path, keypair)
+    assert served.state is not None and served.state.variables and served.model.runtime == "litert"
+    assert served.verdict is not None and served.verdict["passed"] and served.verdict["samples"] == 10
+    xs, ys = chunks(5, seed=43), chunks(5, seed=44)
+    ref_x, ref_y = variable_reference(xs), variable_reference(ys)
+    with InferenceServer(tmp_path / "s" / "agent.sock") as server:
+        server.activate(served)
+        with Client(server.socket_path) as client:
+            a, b = client.session(), client.session()
+            for i in range(5):
+                np.testing.assert_allclose(a.predict(xs[i]).output, ref_x[i], rtol=1e-6)
+                np.testing.assert_allclose(b.predict(ys[i]).output, ref_y[i], rtol=1e-6)
+            for x in xs[:2]:  # no session: a fresh state every call
+                np.testing.assert_allclose(
+                    client.predict(x).output, variable_reference(x[None])[0], rtol=1e-6
+                )
+            assert a.reset()
+            np.testing.assert_allclose(a.predict(xs[0]).output, ref_x[0], rtol=1e-6)
+    # A bundle that predates declared state: the interpreter's ops still say it is stateful.
+    model = load_model(variable_model, "litert", LoadOptions("cpu"))
+    carrier = StateCarrier.for_model(None, model)
+    assert carrier is not None and carrier.variables
     model.close()
