@@ -47,7 +47,7 @@ from edgeagent.protocol import (
 )
 from edgeagent.protocol import Event as EventMsg
 from edgeagent.serving.loader import prepare_served_model, served_gate
-from edgeagent.serving.server import InferenceServer
+from edgeagent.serving.server import InferenceServer, ServerLimits
 from edgeagent.signing import KeyRing
 from edgeagent.storage import atomic_write_bytes
 from edgeagent.store import Store
@@ -83,7 +83,10 @@ class Agent:
         # Without a broker nothing new arrives to verify: a serve-only agent needs no keys.
         needs_keys = config.broker_url is not None and not config.insecure
         self.trusted = trusted if trusted is not None else _load_trusted(config.trusted_keys, not needs_keys)
-        self.server = server or InferenceServer(config.socket_path)
+        self.server = server or InferenceServer(
+            config.socket_path,
+            limits=ServerLimits(max_sessions=config.max_sessions, session_idle_s=config.session_idle_s),
+        )
         self.tracker = DesiredTracker(
             config.state_dir / "desired.json",
             self.trusted,

@@ -204,6 +204,8 @@ def test_interleaved_sessions_do_not_mix(stream) -> None:  # type: ignore[no-unt
             _matches(sa.predict(a[i]).outputs, ref_a[i])
             _matches(sb.predict(b[i]).outputs, ref_b[i])
         assert other.reset_session("never-used") is False
+        described = one.models()["models"][0]["state"]
+        assert described == {"pairs": [{"output": "stateN", "input": "state"}], "variables": False}
         with pytest.raises(RequestFailed, match="bad_session"):
             one.predict(a[0], session="no spaces allowed")
 
@@ -237,6 +239,12 @@ def test_session_bound_and_idle_timeout(tmp_path: Path) -> None:
     assert store.ids("gru") == ["c"] and store.expired == 2
     now[0] = 100.0
     step("c", 1)  # used again within the timeout: kept
+    assert store.reset("gru", "c") and not store.reset("gru", "c")
+    step("c", 0)  # afresh after the reset
+    # A new version under the same name: the session starts from its initial state.
+    served = ServedModel("gru", model, "gru", "1.0.1", state=served.state)
+    step("c", 0)
+    assert store.ids("gru") == ["c"]
     model.close()
 
 
