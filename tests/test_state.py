@@ -204,6 +204,8 @@ def test_interleaved_sessions_do_not_mix(stream) -> None:  # type: ignore[no-unt
             _matches(sa.predict(a[i]).outputs, ref_a[i])
             _matches(sb.predict(b[i]).outputs, ref_b[i])
         assert other.reset_session("never-used") is False
+        with pytest.raises(RequestFailed, match="raw_state"):  # the state is carried in float values
+            one.predict(a[0], session="a-1", raw=True)
         described = one.models()["models"][0]["state"]
         assert described == {"pairs": [{"output": "stateN", "input": "state"}], "variables": False}
         with pytest.raises(RequestFailed, match="bad_session"):
@@ -304,3 +306,38 @@ def test_resource_variable_tflite_is_stateful_and_served_fresh_per_session(  # t
     carrier = StateCarrier.for_model(None, model)
     assert carrier is not None and carrier.variables
     model.close()
+
+
+@pytest.mark.parametrize("isolated", [False, True])
+def test_bench_judges_a_stateful_bundle_on_its_sequences(
+    tmp_path: Path, keypair, capsys, isolated: bool
+) -> None:  # type: ignore[no-untyped-def]
+    from tests.test_serving_cli import edgeagent
+
+    model = gru_model(tmp_path / "gru.onnx")
+    golden = _golden(tmp_path / "g.npz", model, [chunks(8, seed=51), chunks(8, seed=52)])
+    created = _bundle(tmp_path / "out", keypair, model, golden, state=PAIRS)
+    argv = ["bench", created.path, "--trusted", keypair.public, "--profile", PROFILE, "--json"]
+    assert edgeagent(*argv, *([] if isolated else ["--in-process"])) == 0
+    rows = {r["candidate"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert rows["onnxruntime/CPUExecutionProvider/fp32"]["verdict"] == "pass"
+
+
+def test_infer_continues_a_session(stream, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from tests.test_serving_cli import edgeagent
+
+    server, model = stream
+    xs = chunks(2, seed=61)
+    reference = gru_reference(model, xs)
+    for i, x in enumerate(xs):
+        np.save(tmp_path / f"c{i}.npy", x)
+        assert (
+            edgeagent(
+                "infer", "--socket", server.socket_path, "--input", tmp_path / f"c{i}.npy", "--session", "cli"
+            )
+            == 0
+        )
+        outputs = json.loads(capsys.readouterr().out)["outputs"]
+        np.testing.assert_allclose(
+            np.asarray(outputs["y"], np.float32), reference[i]["y"], rtol=1e-6, atol=1e-6
+        )
