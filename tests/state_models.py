@@ -77,8 +77,12 @@ def gru_reference(path: Path, xs: np.ndarray, state: np.ndarray | None = None) -
     return steps
 
 
-def variable_tflite(path: Path) -> Path:
-    """A float TFLite model whose state lives in a resource variable (see the module doc)."""
+def variable_tflite(path: Path, *, int8: bool = False) -> Path:
+    """A TFLite model whose state lives in a resource variable (see the module doc).
+
+    ``int8``: full-integer quantization with int8 input and output (the variable stays float
+    inside, as the TFLite converter keeps resource variables).
+    """
     import tensorflow as tf
 
     class Accumulator(tf.Module):
@@ -96,15 +100,40 @@ def variable_tflite(path: Path) -> Path:
         [module.__call__.get_concrete_function()], module
     )
     converter.experimental_enable_resource_variables = True
+    if int8:
+        rng = np.random.default_rng(3)
+        calibration = [rng.normal(0, 1, (1, FEATURES)).astype(np.float32) for _ in range(64)]
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([x] for x in calibration)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
     path.write_bytes(converter.convert())
     return path
 
 
-def variable_reference(xs: np.ndarray) -> list[np.ndarray]:
-    """What :func:`variable_tflite` answers to chunks ``xs`` from a fresh state, computed in numpy."""
-    acc = np.zeros((1, FEATURES), np.float32)
-    out = []
+def litert_stream(path: Path, xs: np.ndarray) -> tuple[list[np.ndarray], float]:
+    """Every step's output of ``path`` over float chunks ``xs`` on one fresh bare interpreter.
+
+    Quantized input/output are converted with the model's own scale and zero point (the
+    outputs come back as float); returns (outputs, the output's scale, 0.0 for a float model).
+    """
+    from edgeagent.modelinfo import tflite_interpreter_class
+
+    interpreter = tflite_interpreter_class()(model_path=str(path))
+    interpreter.allocate_tensors()
+    (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
+    in_scale, in_zero = inp["quantization"]
+    out_scale, out_zero = out["quantization"]
+    steps = []
     for x in xs:
-        acc = acc * np.float32(0.5) + x
-        out.append(acc * np.float32(2.0))
-    return out
+        if in_scale:
+            info = np.iinfo(inp["dtype"])
+            x = np.clip(np.rint(x / np.float32(in_scale)) + in_zero, info.min, info.max).astype(inp["dtype"])
+        interpreter.set_tensor(inp["index"], x)
+        interpreter.invoke()
+        y = interpreter.get_tensor(out["index"])
+        if out_scale:
+            y = ((y.astype(np.float32) - np.float32(out_zero)) * np.float32(out_scale)).astype(np.float32)
+        steps.append(y)
+    return steps, float(out_scale)

@@ -253,22 +253,13 @@ def test_session_bound_and_idle_timeout(tmp_path: Path) -> None:
 # -- TFLite resource variables ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def variable_model(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module", params=["fp32", "int8"])
+def variable_model(request, tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
     pytest.importorskip("tensorflow")
     from tests.state_models import variable_tflite
 
-    return variable_tflite(tmp_path_factory.mktemp("var") / "acc.tflite")
-
-
-def _variable_golden(path: Path, sequences: list[np.ndarray]) -> Path:
-    from tests.state_models import variable_reference
-
-    ids = np.concatenate([np.full(len(xs), i, np.int64) for i, xs in enumerate(sequences)])
-    ys = np.concatenate([np.concatenate(variable_reference(xs)) for xs in sequences])
-    inputs = {"x": np.concatenate([xs[:, 0] for xs in sequences])}
-    save_golden(path, GoldenSet(inputs, None, {"y": ys}, ids))
-    return path
+    folder = tmp_path_factory.mktemp("var")
+    return variable_tflite(folder / f"acc_{request.param}.tflite", int8=request.param == "int8")
 
 
 @pytest.mark.tensorflow
@@ -277,35 +268,58 @@ def test_resource_variable_tflite_is_stateful_and_served_fresh_per_session(  # t
     variable_model: Path, tmp_path: Path, keypair
 ) -> None:
     """It bundled and served as stateless: acceptance's steps stayed in the interpreter that served."""
-    from tests.state_models import variable_reference
+    from tests.state_models import litert_stream
 
-    golden = _variable_golden(tmp_path / "g.npz", [chunks(6, seed=41), chunks(4, seed=42)])
-    created = _bundle(tmp_path / "out", keypair, variable_model, golden)  # no --state: detected
+    sequences = [chunks(6, seed=41), chunks(4, seed=42)]
+    references = [litert_stream(variable_model, xs) for xs in sequences]
+    # Tolerance: one step of the int8 output's scale (kernels differ by CPU); float: 1e-5.
+    tolerance = references[0][1] or 1e-5
+    ids = np.concatenate([np.full(len(xs), i, np.int64) for i, xs in enumerate(sequences)])
+    ys = np.concatenate([np.concatenate(steps) for steps, _ in references])
+    golden = tmp_path / "g.npz"
+    save_golden(
+        golden, GoldenSet({"x": np.concatenate([xs[:, 0] for xs in sequences])}, None, {"y": ys}, ids)
+    )
+    created = _variable_bundle(tmp_path, keypair, variable_model, golden, tolerance)  # no state given
     state = created.manifest.models[0].state
     assert created.manifest.schema_version == 3 and state == ModelState(variables=True)
     served = _serve(created, tmp_path, keypair)
     assert served.state is not None and served.state.variables and served.model.runtime == "litert"
     assert served.verdict is not None and served.verdict["passed"] and served.verdict["samples"] == 10
     xs, ys = chunks(5, seed=43), chunks(5, seed=44)
-    ref_x, ref_y = variable_reference(xs), variable_reference(ys)
+    (ref_x, _), (ref_y, _) = litert_stream(variable_model, xs), litert_stream(variable_model, ys)
+
+    def close(got: np.ndarray, want: np.ndarray) -> None:
+        np.testing.assert_allclose(got, want, rtol=0, atol=tolerance)
+
     with InferenceServer(tmp_path / "s" / "agent.sock") as server:
         server.activate(served)
         with Client(server.socket_path) as client:
             a, b = client.session(), client.session()
             for i in range(5):
-                np.testing.assert_allclose(a.predict(xs[i]).output, ref_x[i], rtol=1e-6)
-                np.testing.assert_allclose(b.predict(ys[i]).output, ref_y[i], rtol=1e-6)
+                close(a.predict(xs[i]).output, ref_x[i])
+                close(b.predict(ys[i]).output, ref_y[i])
             for x in xs[:2]:  # no session: a fresh state every call
-                np.testing.assert_allclose(
-                    client.predict(x).output, variable_reference(x[None])[0], rtol=1e-6
-                )
+                close(client.predict(x).output, litert_stream(variable_model, x[None])[0][0])
             assert a.reset()
-            np.testing.assert_allclose(a.predict(xs[0]).output, ref_x[0], rtol=1e-6)
+            close(a.predict(xs[0]).output, ref_x[0])
     # A bundle that predates declared state: the interpreter's ops still say it is stateful.
     model = load_model(variable_model, "litert", LoadOptions("cpu"))
     carrier = StateCarrier.for_model(None, model)
     assert carrier is not None and carrier.variables
     model.close()
+
+
+def _variable_bundle(tmp_path: Path, keypair, model: Path, golden: Path, tolerance: float):  # type: ignore[no-untyped-def]
+    from edgeagent.bundle.create import create_bundle
+    from edgeagent.signing import SigningKey
+
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    return create_bundle(
+        name="acc", version="1.0.0", models=[model], key=SigningKey.load(keypair.private), out_dir=out,
+        golden=golden, gate=AcceptanceGate(atol=tolerance),
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("isolated", [False, True])
