@@ -355,3 +355,28 @@ def test_infer_continues_a_session(stream, tmp_path: Path, capsys) -> None:  # t
         np.testing.assert_allclose(
             np.asarray(outputs["y"], np.float32), reference[i]["y"], rtol=1e-6, atol=1e-6
         )
+
+
+def test_initial_state_from_the_bundle(tmp_path: Path, keypair) -> None:  # type: ignore[no-untyped-def]
+    model = gru_model(tmp_path / "gru.onnx")
+    h0 = np.linspace(-0.5, 0.5, HIDDEN, dtype=np.float32)[None]
+    np.save(tmp_path / "h0.npy", h0)
+    xs = chunks(4, seed=71)
+    reference = gru_reference(model, xs, h0)
+    ids = np.zeros(4, np.int64)
+    golden = tmp_path / "g.npz"
+    save_golden(
+        golden, GoldenSet({"x": xs[:, 0]}, None, {"y": np.concatenate([r["y"] for r in reference])}, ids)
+    )
+    created = _bundle(
+        tmp_path / "out", keypair, model, golden, state=PAIRS, state_initial={"state": tmp_path / "h0.npy"}
+    )
+    served = _serve(created, tmp_path, keypair)  # acceptance passed: it started from h0
+    with InferenceServer(tmp_path / "s" / "agent.sock") as server:
+        server.activate(served)
+        for i, x in enumerate(xs):
+            got = server.predict({"x": x}, session="s").outputs
+            _matches(dict(zip(served.model.output_names, got, strict=True)), reference[i])
+        got = server.predict(xs[0]).outputs  # no session: from h0 too
+        _matches(dict(zip(served.model.output_names, got, strict=True)), reference[0])
+        assert server.reset_session("s") and not server.reset_session("s")
