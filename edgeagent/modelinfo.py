@@ -71,13 +71,9 @@ def tflite_interpreter_class() -> Any:
 
 def tflite_uses_variables(path: Path) -> bool:
     """True when a TFLite model keeps state in resource variables (VAR_HANDLE/READ/ASSIGN_VARIABLE ops)."""
-    from edgeagent.runtimes.litert import uses_variables
+    from edgeagent.runtimes.tflite_ops import uses_variables
 
-    try:
-        interpreter = tflite_interpreter_class()(model_path=str(path))
-    except (ValueError, RuntimeError) as exc:
-        raise UsageError(f"{path}: not a loadable TFLite model ({exc})") from exc
-    return uses_variables(interpreter)
+    return uses_variables(path)
 
 
 def _inspect_onnx(path: Path) -> tuple[Precision, list[TensorSpec], list[TensorSpec]]:

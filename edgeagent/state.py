@@ -12,8 +12,9 @@ A model entry's ``state`` (manifest schema 3) declares it in one of two ways:
   restore resource variables, so a fresh state means a fresh interpreter: every session gets
   its own (:meth:`StateCarrier.fresh_model`), and so does every call without a session.
 
-A LiteRT model found to hold resource variables is treated as stateful even when its
-manifest says nothing (bundles built before state was declared).
+A LiteRT model whose file uses resource-variable ops (:mod:`edgeagent.runtimes.tflite_ops`)
+is treated as stateful even when its manifest says nothing (bundles built before state was
+declared).
 """
 
 from __future__ import annotations

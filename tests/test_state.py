@@ -4,6 +4,7 @@ that keep their state in resource variables. Real ONNX Runtime / LiteRT sessions
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -283,6 +284,9 @@ def test_resource_variable_tflite_is_stateful_and_served_fresh_per_session(  # t
     created = _variable_bundle(tmp_path, keypair, variable_model, golden, tolerance)  # no state given
     state = created.manifest.models[0].state
     assert created.manifest.schema_version == 3 and state == ModelState(variables=True)
+    from edgeagent.runtimes.tflite_ops import VARIABLE_OPS, builtin_codes
+
+    assert builtin_codes(variable_model.read_bytes()) >= VARIABLE_OPS
     served = _serve(created, tmp_path, keypair)
     assert served.state is not None and served.state.variables and served.model.runtime == "litert"
     assert served.verdict is not None and served.verdict["passed"] and served.verdict["samples"] == 10
@@ -380,3 +384,20 @@ def test_initial_state_from_the_bundle(tmp_path: Path, keypair) -> None:  # type
         got = server.predict(xs[0]).outputs  # no session: from h0 too
         _matches(dict(zip(served.model.output_names, got, strict=True)), reference[0])
         assert server.reset_session("s") and not server.reset_session("s")
+
+
+def test_tflite_operator_codes_from_the_flatbuffer(tmp_path: Path) -> None:
+    from edgeagent.runtimes.tflite_ops import builtin_codes, uses_variables
+
+    fixtures = Path(__file__).parent / "fixtures" / "models"
+    data = (fixtures / "mlp_int8.tflite").read_bytes()
+    assert builtin_codes(data) == {9}  # FULLY_CONNECTED
+    assert not uses_variables(fixtures / "cnn_int8.tflite")
+    assert not uses_variables(fixtures / "mlp.onnx") and not uses_variables(tmp_path / "missing.tflite")
+    for cut in range(0, len(data), 97):  # truncated or corrupt files: ValueError, never IndexError
+        with contextlib.suppress(ValueError):
+            builtin_codes(data[:cut])
+    corrupt = bytearray(data)
+    corrupt[0:4] = (len(data) + 10).to_bytes(4, "little")
+    with pytest.raises(ValueError):
+        builtin_codes(bytes(corrupt))
