@@ -207,6 +207,8 @@ def test_interleaved_sessions_do_not_mix(stream) -> None:  # type: ignore[no-unt
         assert other.reset_session("never-used") is False
         with pytest.raises(RequestFailed, match="raw_state"):  # the state is carried in float values
             one.predict(a[0], session="a-1", raw=True)
+        sessions = one.stats()["sessions"]
+        assert sessions["live"] >= 2 and sessions["max_sessions"] == 64 and sessions["evicted"] == 0
         described = one.models()["models"][0]["state"]
         assert described == {"pairs": [{"output": "stateN", "input": "state"}], "variables": False}
         with pytest.raises(RequestFailed, match="bad_session"):

@@ -271,7 +271,9 @@ class Endpoints:
                 "capacity": server.recent.capacity,
                 "evicted": server.recent.evicted,
             }
-            return _json(200, {"stats": rows, "recent_predictions": recent})
+            return _json(
+                200, {"stats": rows, "recent_predictions": recent, "sessions": server.sessions.summary()}
+            )
         raise HttpError(404, "not_found", f"no endpoint {path!r}", close=False)
 
     def _reset(self, request: Request, name: str | None, session: str) -> Answer:

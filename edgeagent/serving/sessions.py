@@ -79,6 +79,16 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def summary(self) -> dict[str, int | float]:
+        """What ``/v1/stats`` reports: live sessions, the bounds, and how many each bound dropped."""
+        return {
+            "live": len(self._sessions),
+            "max_sessions": self.max_sessions,
+            "idle_s": self.idle_s,
+            "evicted": self.evicted,
+            "expired": self.expired,
+        }
+
     def ids(self, model: str) -> list[str]:
         """The live session ids of ``model``, least recently used first."""
         with self._lock:
