@@ -45,6 +45,7 @@ from bench.streaming import (  # noqa: E402
     format_streaming,
     served_stream,
     streaming_rows,
+    write_streaming,
 )
 from edgeagent.client import Client  # noqa: E402
 from edgeagent.runtimes import LoadOptions, load_model  # noqa: E402
@@ -319,7 +320,7 @@ def main() -> None:
     if args.streaming_only:
         print(table)
         if args.write:
-            _write_streaming(table, onnxruntime.__version__, time.time() - started, load_start)
+            write_streaming(table, machine(), onnxruntime.__version__, time.time() - started, load_start)
         return
     print(table)
     if args.write:
@@ -344,21 +345,6 @@ def main() -> None:
 
 class _Done(Exception):
     """--streaming-only: the streaming rows are in, skip the rest (the server still closes)."""
-
-
-def _write_streaming(table: str, ort_version: str, seconds: float, load_start: float) -> None:
-    date = subprocess.run(["date", "-u"], capture_output=True, text=True, check=True).stdout.strip()
-    header = (
-        f"\n## Serving: a stateful streaming model (issue 23)\n\nMeasured {date} on a {machine()}, Linux, "
-        f"Python {platform.python_version()}, onnxruntime {ort_version} (CPU EP, 1 intra-op thread); "
-        f"`.venv/bin/python bench/serving.py --streaming-only --write` ({seconds:.0f} s). Model: a "
-        f"recurrent cell built with onnx.helper (x 1x4, state 1x8 -> y 1x3, stateN 1x8; "
-        f"`stateN -> state` declared), served by an `InferenceServer` in another process. The machine "
-        f"is shared with other jobs (1-minute load average {load_start:.2f} at the start, "
-        f"{os.getloadavg()[0]:.2f} at the end).\n\n"
-    )
-    with (ROOT / "bench" / "RESULTS.md").open("a", encoding="utf-8") as f:
-        f.write(header + table + "\n")
 
 
 def assessment(rows: list[dict[str, object]]) -> str:

@@ -14,6 +14,9 @@ so a path that mixed up state would fail the benchmark rather than look fast.
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -132,3 +135,20 @@ def format_streaming(rows: list[dict[str, object]], streams: int, rounds: int) -
             f"| {r['path']} | {r['p50']:.1f} | {r['p95']:.1f} | {r['over']:+.1f} | {r['stream_ms']:.2f} |"
         )
     return "\n".join(lines)
+
+
+def write_streaming(table: str, machine: str, ort_version: str, seconds: float, load_start: float) -> None:
+    """Append the streaming table to bench/RESULTS.md with the date and the machine."""
+    date = subprocess.run(["date", "-u"], capture_output=True, text=True, check=True).stdout.strip()
+    header = (
+        f"\n## Serving: a stateful streaming model (issue 23)\n\nMeasured {date} on a {machine}, Linux, "
+        f"Python {platform.python_version()}, onnxruntime {ort_version} (CPU EP, 1 intra-op thread); "
+        f"`.venv/bin/python bench/serving.py --streaming-only --write` ({seconds:.0f} s). Model: a "
+        f"recurrent cell built with onnx.helper (x 1x4, state 1x8 -> y 1x3, stateN 1x8; "
+        f"`stateN -> state` declared), served by an `InferenceServer` in another process. The machine "
+        f"is shared with other jobs (1-minute load average {load_start:.2f} at the start, "
+        f"{os.getloadavg()[0]:.2f} at the end).\n\n"
+    )
+    results = Path(__file__).resolve().parent / "RESULTS.md"
+    with results.open("a", encoding="utf-8") as f:
+        f.write(header + table + "\n")
