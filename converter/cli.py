@@ -176,6 +176,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     bundle.add_argument("--golden-samples", type=int, metavar="N", help="acceptance-set size (default 100)")
     bundle.add_argument(
+        "--state",
+        action="append",
+        metavar="OUT=IN",
+        help="a streaming model: output OUT feeds input IN on the next step (repeatable); the golden "
+        "set becomes one sequence of the first N evaluation rows, replayed with the state carried",
+    )
+    bundle.add_argument(
         "--keep-intermediates",
         action="store_true",
         default=None,
@@ -254,6 +261,7 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
         "min_top1_agreement": args.min_agreement,
         "golden_samples": args.golden_samples,
         "keep_intermediates": args.keep_intermediates,
+        "state": _state_pairs(args.state) if args.state else None,
     }
     package.update({k: v for k, v in overrides.items() if v is not None})
     if not package.get("name") or not package.get("version"):
@@ -263,6 +271,18 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
     body["package"] = package
     merged = recipe_from_dict(body)
     return merged.model_copy(update={"passes": recipe.passes})
+
+
+def _state_pairs(items: list[str]) -> dict[str, str]:
+    from converter.errors import RecipeError
+
+    pairs: dict[str, str] = {}
+    for item in items:
+        out, eq, inp = (part.strip() for part in item.partition("="))
+        if not eq or not out or not inp or out in pairs:
+            raise RecipeError(f"--state {item!r}: expected OUT=IN, each OUT once")
+        pairs[out] = inp
+    return pairs
 
 
 def _pass_tables(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -30,6 +30,7 @@ from converter.feeds import fit_feeds, take
 from converter.model import ModelArtifact
 from converter.pipeline import PipelineResult, StepRecord
 from converter.runners import open_runner
+from converter.stateful import golden_inputs, replay
 from edgeagent.bundle.create import CreatedBundle, create_bundle
 from edgeagent.bundle.golden import GoldenSet, save_golden
 from edgeagent.bundle.manifest import AcceptanceGate, BundleName, CompressionStep, Preprocessing, is_semver
@@ -90,6 +91,12 @@ class PackageConfig(BaseModel):
     labels: Path | None = Field(default=None, description="Class names file, one per line (digits: 0-9).")
     preprocessing: Preprocessing | None = Field(
         default=None, description="How raw input becomes model input (digits sets this itself)."
+    )
+    state: dict[str, str] = Field(
+        default_factory=dict,
+        description="A streaming model's state pairs, output -> the input it feeds on the next step "
+        "(`--state OUT=IN`): the golden set becomes one sequence, the first golden_samples rows in "
+        "order, replayed with the state carried from zeros.",
     )
 
     @field_validator("artifacts", mode="before")
@@ -162,20 +169,34 @@ def package(
     work.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(config.seed)
     n = min(config.golden_samples, len(data))
-    index = np.sort(rng.choice(len(data), size=n, replace=False))
+    # A stream is judged in order; independent samples are drawn at random.
+    index = np.arange(n) if config.state else np.sort(rng.choice(len(data), size=n, replace=False))
     labels = np.asarray(data.y)[index]
-    reference = take(result.reference, index)
-    first_reference = next(iter(reference.values()))
     runners = [open_runner(model) for model in artifacts]
     inputs = fit_feeds(runners[0].inputs, take(data.inputs, index))
+    if config.state:
+        source = open_runner(result.source)
+        reference = dict(zip(source.output_names, replay(source, inputs, config.state), strict=True))
+    else:
+        reference = take(result.reference, index)
+    first_reference = next(iter(reference.values()))
     # The evaluator measured accuracy exactly when the task is classification.
     classification = result.baseline.accuracy is not None
     golden = work / "golden.npz"
-    save_golden(golden, GoldenSet(inputs, labels.astype(np.int64) if classification else None, reference))
+    save_golden(
+        golden,
+        GoldenSet(
+            golden_inputs(inputs, config.state),
+            labels.astype(np.int64) if classification else None,
+            reference,
+            np.zeros(n, np.int64) if config.state else None,
+        ),
+    )
 
     measured: dict[str, dict[str, float]] = {}
     for model, runner in zip(artifacts, runners, strict=True):
-        outputs = np.asarray(runner.run(inputs)[0])
+        run = replay(runner, inputs, config.state) if config.state else runner.run(inputs)
+        outputs = np.asarray(run[0])
         row = {"top1_agreement": float(np.mean(top1(outputs) == top1(first_reference)))}
         if classification:
             row["accuracy"] = float(np.mean(top1(outputs) == labels))
@@ -198,6 +219,7 @@ def package(
         preprocessing=config.preprocessing or data.preprocessing,
         compression=compression_steps(result.steps),
         model_gates={model.path: gates[model.path.name] for model in artifacts},
+        state=config.state,
     )
     return Packaged(
         bundle=bundle,

@@ -403,3 +403,48 @@ def test_tflite_operator_codes_from_the_flatbuffer(tmp_path: Path) -> None:
     corrupt[0:4] = (len(data) + 10).to_bytes(4, "little")
     with pytest.raises(ValueError):
         builtin_codes(bytes(corrupt))
+
+
+def _stream_data(path: Path, model: Path, n: int, seed: int) -> Path:
+    """x, the recorded state before each chunk, and y = the top class, from one bare-ORT stream."""
+    xs = chunks(n, seed=seed)
+    steps = gru_reference(model, xs)
+    states = np.concatenate([np.zeros((1, HIDDEN), np.float32)] + [s["stateN"] for s in steps[:-1]])
+    labels = np.concatenate([s["y"] for s in steps]).argmax(1)
+    np.savez(path, x=xs[:, 0], state=states, y=labels)
+    return path
+
+
+@pytest.mark.slow
+def test_convert_int8_with_state_bundles_golden_sequences_that_pass(tmp_path: Path, keypair, capsys) -> None:  # type: ignore[no-untyped-def]
+    model = gru_model(tmp_path / "gru.onnx")
+    eval_npz = _stream_data(tmp_path / "eval.npz", model, 80, seed=81)
+    calib_npz = _stream_data(tmp_path / "calib.npz", model, 64, seed=82)
+    out = tmp_path / "out"
+    argv = ["convert", model, "--eval", eval_npz, "--calib", calib_npz, "--quantize", "int8",
+            "--name", "gru", "--version", "1.0.0", "--key", keypair.private, "-o", out,
+            "--golden-samples", "40"]  # fmt: skip
+    assert edgectl(*argv, "--state", "nope=state") != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'nope'" in err and "Traceback" not in err
+    assert edgectl(*argv, "--state", "stateN=state") == 0, capsys.readouterr().err
+    from edgeagent.bundle.reader import extract_bundle
+    from edgeagent.signing import KeyRing
+
+    verified = extract_bundle(out / "gru-1.0.0.bundle", tmp_path / "b", KeyRing.from_paths([keypair.public]))
+    manifest = verified.manifest
+    assert {m.precision for m in manifest.models} == {"int8"}
+    assert all(
+        m.state and m.state.pairs == [StatePair(output="stateN", input="state")] for m in manifest.models
+    )
+    golden = load_golden(tmp_path / "b" / "acceptance" / "golden.npz")
+    assert list(golden.inputs) == ["x"] and golden.sequences() == [range(40)]
+    reference = gru_reference(model, golden.inputs["x"][:, None])  # the source, state carried
+    np.testing.assert_allclose(golden.reference["y"], np.concatenate([r["y"] for r in reference]), atol=1e-5)
+    from devices.profile import load_profile
+
+    served = prepare_served_model(
+        tmp_path / "b", manifest, list(load_profile(PROFILE).candidates), profile=PROFILE
+    )
+    assert served.verdict is not None and served.verdict["passed"] and served.verdict["samples"] == 40
+    assert served.state is not None and served.model.precision == "int8"
