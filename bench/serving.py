@@ -40,6 +40,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.streaming import (  # noqa: E402
+    build_stream_model,
+    format_streaming,
+    served_stream,
+    streaming_rows,
+    write_streaming,
+)
 from edgeagent.client import Client  # noqa: E402
 from edgeagent.runtimes import LoadOptions, load_model  # noqa: E402
 from edgeagent.serving import InferenceServer, ServedModel  # noqa: E402
@@ -96,6 +103,7 @@ def serve(socket_path: str, tiny: str, large: str) -> None:
     server = InferenceServer(Path(socket_path))
     server.activate(ServedModel("tiny", load_model(Path(tiny), "onnxruntime", OPTIONS), "tiny", "1.0.0"))
     server.activate(ServedModel("large", load_model(Path(large), "onnxruntime", OPTIONS), "large", "1.0.0"))
+    server.activate(served_stream(Path(large).with_name("stream.onnx"), OPTIONS))
     server.start()
     floor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     floor.bind(socket_path + ".floor")
@@ -256,6 +264,9 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
     parser.add_argument("--write", action="store_true", help="append the results to bench/RESULTS.md")
+    parser.add_argument(
+        "--streaming-only", action="store_true", help="only the streaming case (100 chunks, state carried)"
+    )
     parser.add_argument("--serve", nargs=3, metavar=("SOCKET", "TINY", "LARGE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -268,6 +279,8 @@ def main() -> None:
     n_tiny, n_large, rounds, duration = (300, 40, 2, 1.0) if args.quick else (2000, 200, 3, 4.0)
     with tempfile.TemporaryDirectory() as tmp:
         large = build_large_cnn(Path(tmp) / "large_cnn.onnx")
+        stream = build_stream_model(Path(tmp) / "stream.onnx")
+        streams = (5, 2) if args.quick else (20, 3)
         sock = str(Path(tmp) / "agent.sock")
         server = subprocess.Popen(
             [sys.executable, __file__, "--serve", sock, str(TINY), str(large)],
@@ -279,6 +292,10 @@ def main() -> None:
             rng = np.random.default_rng(0)
             x_tiny = rng.random((1, 64), dtype=np.float32)
             x_large = rng.random((1, *LARGE_SHAPE), dtype=np.float32)
+            stream_rows = streaming_rows(stream, OPTIONS, sock, "stream", *streams)
+            if args.streaming_only:
+                rows, rps = [], {}
+                raise _Done
             floor = FloorClient(sock + ".floor")
             with Client(sock) as framed, Client(sock, framed=False) as http:
                 rows = latency_rows("tiny", TINY, x_tiny, (framed, http), floor, n_tiny, rounds)
@@ -290,11 +307,21 @@ def main() -> None:
                 for wire in ("framed", "HTTP")
                 for c in (1, 2, 8)
             }
+        except _Done:
+            pass
         finally:
             if server.stdin:
                 server.stdin.close()
             server.wait(timeout=30)
-    table = format_tables(rows, rps) + "\n\n" + assessment(rows)
+    streaming = format_streaming(stream_rows, *streams)
+    table = streaming if args.streaming_only else format_tables(rows, rps) + "\n\n" + assessment(rows)
+    if not args.streaming_only:
+        table += "\n\n" + streaming
+    if args.streaming_only:
+        print(table)
+        if args.write:
+            write_streaming(table, machine(), onnxruntime.__version__, time.time() - started, load_start)
+        return
     print(table)
     if args.write:
         date = subprocess.run(["date", "-u"], capture_output=True, text=True, check=True).stdout.strip()
@@ -314,6 +341,10 @@ def main() -> None:
         )
         with (ROOT / "bench" / "RESULTS.md").open("a", encoding="utf-8") as f:
             f.write(header + table + "\n")
+
+
+class _Done(Exception):
+    """--streaming-only: the streaming rows are in, skip the rest (the server still closes)."""
 
 
 def assessment(rows: list[dict[str, object]]) -> str:

@@ -191,6 +191,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="shape a latency budget is timed on, e.g. x=1x3x320x320; must match the evaluation data",
     )
     bundle.add_argument(
+        "--state",
+        action="append",
+        metavar="OUT=IN",
+        help="a streaming model: output OUT feeds input IN on the next step (repeatable); the golden "
+        "set becomes one sequence of the first N evaluation rows, replayed with the state carried",
+    )
+    bundle.add_argument(
         "--keep-intermediates",
         action="store_true",
         default=None,
@@ -274,6 +281,7 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
         "keep_intermediates": args.keep_intermediates,
         "task": args.task,
         "input_shapes": _input_shapes(args.input_shape) or None,
+        "state": _state_pairs(args.state) if args.state else None,
     }
     package.update({k: v for k, v in overrides.items() if v is not None})
     if not package.get("name") or not package.get("version"):
@@ -289,6 +297,18 @@ def _input_shapes(items: list[str]) -> dict[str, list[int]]:
     from edgeagent.bundle.create import parse_input_shape
 
     return dict(parse_input_shape(item) for item in items)
+
+
+def _state_pairs(items: list[str]) -> dict[str, str]:
+    from converter.errors import RecipeError
+
+    pairs: dict[str, str] = {}
+    for item in items:
+        out, eq, inp = (part.strip() for part in item.partition("="))
+        if not eq or not out or not inp or out in pairs:
+            raise RecipeError(f"--state {item!r}: expected OUT=IN, each OUT once")
+        pairs[out] = inp
+    return pairs
 
 
 def _pass_tables(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -31,6 +31,7 @@ from converter.feeds import fit_feeds, take
 from converter.model import ModelArtifact
 from converter.pipeline import PipelineResult, StepRecord
 from converter.runners import open_runner
+from converter.stateful import golden_inputs, replay
 from edgeagent.bundle.create import CreatedBundle, create_bundle
 from edgeagent.bundle.golden import GoldenSet, match_outputs, save_golden
 from edgeagent.bundle.manifest import (
@@ -132,6 +133,12 @@ class PackageConfig(BaseModel):
     preprocessing: Preprocessing | None = Field(
         default=None, description="How raw input becomes model input (digits sets this itself)."
     )
+    state: dict[str, str] = Field(
+        default_factory=dict,
+        description="A streaming model's state pairs, output -> the input it feeds on the next step "
+        "(`--state OUT=IN`): the golden set becomes one sequence, the first golden_samples rows in "
+        "order, replayed with the state carried from zeros.",
+    )
 
     @field_validator("artifacts", mode="before")
     @classmethod
@@ -205,24 +212,37 @@ def package(
     work.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(config.seed)
     n = min(config.golden_samples, len(data))
-    index = np.sort(rng.choice(len(data), size=n, replace=False))
+    # A stream is judged in order; independent samples are drawn at random.
+    index = np.arange(n) if config.state else np.sort(rng.choice(len(data), size=n, replace=False))
     labels = np.asarray(data.y)[index]
-    reference = take(result.reference, index)
-    first_reference = next(iter(reference.values()))
     runners = [open_runner(model) for model in artifacts]
     inputs = fit_feeds(runners[0].inputs, take(data.inputs, index))
+    if config.state:
+        source = open_runner(result.source)
+        reference = dict(zip(source.output_names, replay(source, inputs, config.state), strict=True))
+    else:
+        reference = take(result.reference, index)
+    first_reference = next(iter(reference.values()))
     # The evaluator measured accuracy exactly when the labels are classes.
     task = config.task or task_gates.infer_task(result.baseline.accuracy is not None, reference)
     classification = task == "classification"
     if classification and result.baseline.accuracy is None:
         raise RecipeError("task = classification needs integer class labels as 'y'", where="package.task")
     golden = work / "golden.npz"
-    save_golden(golden, GoldenSet(inputs, labels.astype(np.int64) if classification else None, reference))
+    save_golden(
+        golden,
+        GoldenSet(
+            golden_inputs(inputs, config.state),
+            labels.astype(np.int64) if classification else None,
+            reference,
+            np.zeros(n, np.int64) if config.state else None,
+        ),
+    )
 
     measured: dict[str, dict[str, float]] = {}
     per_output: dict[str, dict[str, OutputGate]] = {}
     for model, runner in zip(artifacts, runners, strict=True):
-        every = runner.run(inputs)
+        every = replay(runner, inputs, config.state) if config.state else runner.run(inputs)
         outputs = np.asarray(every[0])
         row = {"top1_agreement": float(np.mean(top1(outputs) == top1(first_reference)))}
         if classification:
@@ -264,6 +284,7 @@ def package(
         compression=compression_steps(result.steps),
         model_gates={model.path: gates[model.path.name] for model in artifacts},
         input_shapes=config.input_shapes,
+        state=config.state,
     )
     return Packaged(
         bundle=bundle,

@@ -3,7 +3,9 @@
 The golden ``.npz`` (:mod:`edgeagent.bundle.golden`) holds one array per model input, and
 optionally ``labels`` (N,) and the original float model's outputs. Each sample runs on its
 own (batch 1, every input fed), as requests do, so the same pass yields the accuracy numbers
-and the per-request latency. Accuracy and top-1 agreement judge the first output; the
+and the per-request latency. A stateful model's golden rows are steps of sequences: each
+sequence starts from the initial state and carries the state from step to step, and every
+step's outputs are compared. Accuracy and top-1 agreement judge the first output; the
 tolerance bounds judge every output the golden set has a reference for.
 The :class:`Verdict` lists every number next to its bound; ``reason`` names the first
 bound that was missed, in words an event can carry ("accuracy 0.912 < min_accuracy 0.950").
@@ -25,6 +27,7 @@ from edgeagent.bundle.golden import GoldenSet, match_inputs, match_outputs
 from edgeagent.bundle.manifest import AcceptanceGate, OutputGate
 from edgeagent.errors import UsageError
 from edgeagent.runtimes.model import LoadedModel
+from edgeagent.state import StateCarrier
 
 WARMUP_RUNS = 3
 # Latency-only gates (no golden set) time this many zero inputs.
@@ -99,23 +102,25 @@ def run_acceptance(
     golden: GoldenSet | Mapping[str, np.ndarray] | None,
     *,
     profile: str | None = None,
+    state: StateCarrier | None = None,
 ) -> Verdict:
-    """Run ``golden`` (a :class:`GoldenSet`, or its ``.npz`` arrays; None when the bundle has none)."""
+    """Run ``golden`` (a :class:`GoldenSet`, or its ``.npz`` arrays; None when the bundle has none).
+
+    ``state`` (a stateful model): the golden rows are replayed as sequences, each from the
+    initial state with the state carried step to step, on a state of acceptance's own, so
+    nothing of it reaches a served session (a variables model runs each sequence, and the
+    warm-up, on a fresh instance of its own).
+    """
     if golden is not None and not isinstance(golden, GoldenSet):
         golden = GoldenSet.from_arrays(golden)
+    skip = state.state_inputs if state is not None else frozenset()
     if golden is not None:
-        samples = _golden_samples(model, golden)
+        samples = _golden_samples(model, golden, skip)
+        runs = golden.sequences() if state is not None else [range(len(samples))]
     else:
-        samples = _synthetic_samples(model, gate.latency_shapes)
-    for feeds in samples[:WARMUP_RUNS]:
-        model.predict(feeds)
-    times = np.empty(len(samples))
-    results = []
-    for i, feeds in enumerate(samples):
-        start = time.perf_counter()
-        result = model.predict(feeds)
-        times[i] = time.perf_counter() - start
-        results.append(result)
+        samples = _synthetic_samples(model, gate.latency_shapes, skip)
+        runs = [range(len(samples))]
+    results, times = _replay(model, state, samples, runs)
     times_ms = times * 1e3
     p50, p95, p99 = (float(v) for v in np.percentile(times_ms, [50, 95, 99]))
     latency = Latency(runs=len(times), p50_ms=p50, p95_ms=p95, p99_ms=p99, max_ms=float(times_ms.max()))
@@ -152,9 +157,53 @@ def run_acceptance(
     )
 
 
-def _golden_samples(model: LoadedModel, golden: GoldenSet) -> list[dict[str, np.ndarray]]:
-    """One feed per golden sample with every input of the model (a scalar input as a 0-d array)."""
-    inputs = match_inputs(golden.inputs, [s.name for s in model.inputs])
+def _replay(
+    model: LoadedModel, state: StateCarrier | None, samples: list[dict[str, np.ndarray]], runs: list[range]
+) -> tuple[list[list[np.ndarray]], np.ndarray]:
+    """Every sample's outputs and seconds; each run of rows from a fresh state when ``state`` is set."""
+    _steps(model, state, samples, range(min(WARMUP_RUNS, len(samples))), None)  # warm-up, discarded
+    times = np.empty(len(samples))
+    results: list[list[np.ndarray]] = []
+    for rows in runs:
+        results += _steps(model, state, samples, rows, times)
+    return results, times
+
+
+def _steps(
+    model: LoadedModel,
+    state: StateCarrier | None,
+    samples: list[dict[str, np.ndarray]],
+    rows: range,
+    times: np.ndarray | None,
+) -> list[list[np.ndarray]]:
+    """Run ``rows`` in order as one sequence (state carried), timing each into ``times``."""
+    runner = state.fresh_model(model) if state is not None and state.variables else model
+    carried = state.initial_state() if state is not None else {}
+    results = []
+    try:
+        for i in rows:
+            start = time.perf_counter()
+            if state is None:
+                outputs = runner.predict(samples[i])
+            else:
+                outputs, carried = state.step(runner, samples[i], carried)
+            if times is not None:
+                times[i] = time.perf_counter() - start
+            results.append(outputs)
+    finally:
+        if runner is not model:
+            runner.close()
+    return results
+
+
+def _golden_samples(
+    model: LoadedModel, golden: GoldenSet, skip: frozenset[str] = frozenset()
+) -> list[dict[str, np.ndarray]]:
+    """One feed per golden sample with every input of the model but ``skip`` (state inputs).
+
+    A scalar input is fed as a 0-d array.
+    """
+    inputs = match_inputs(golden.inputs, [s.name for s in model.inputs if s.name not in skip])
     scalar = {s.name for s in model.inputs if not s.shape}
     return [
         {name: (a[i] if name in scalar else a[i : i + 1]) for name, a in inputs.items()}
@@ -163,15 +212,17 @@ def _golden_samples(model: LoadedModel, golden: GoldenSet) -> list[dict[str, np.
 
 
 def _synthetic_samples(
-    model: LoadedModel, shapes: Mapping[str, list[int]] | None = None
+    model: LoadedModel, shapes: Mapping[str, list[int]] | None = None, skip: frozenset[str] = frozenset()
 ) -> list[dict[str, np.ndarray]]:
-    """Latency-only gates: zeros for every input (a zero token id is valid), in the shape the gate
-    recorded for it, else dynamic dimensions as 1 (which :func:`_invented_shapes` refuses to judge)."""
+    """Latency-only gates: zeros for every input but the state ones (a zero token id is valid), in
+    the shape the gate recorded for it, else dynamic dimensions as 1 (which
+    :func:`_invented_shapes` refuses to judge)."""
     feeds = {
         spec.name: np.zeros(
             _latency_shape(spec.name, spec.shape, shapes or {}), model.caller_dtype(spec.name)
         )
         for spec in model.inputs
+        if spec.name not in skip
     }
     return [feeds] * SYNTHETIC_RUNS
 

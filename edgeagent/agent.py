@@ -47,7 +47,7 @@ from edgeagent.protocol import (
 )
 from edgeagent.protocol import Event as EventMsg
 from edgeagent.serving.loader import prepare_served_model, served_gate
-from edgeagent.serving.server import InferenceServer
+from edgeagent.serving.server import InferenceServer, ServerLimits
 from edgeagent.signing import KeyRing
 from edgeagent.storage import atomic_write_bytes
 from edgeagent.store import Store
@@ -83,7 +83,10 @@ class Agent:
         # Without a broker nothing new arrives to verify: a serve-only agent needs no keys.
         needs_keys = config.broker_url is not None and not config.insecure
         self.trusted = trusted if trusted is not None else _load_trusted(config.trusted_keys, not needs_keys)
-        self.server = server or InferenceServer(config.socket_path)
+        self.server = server or InferenceServer(
+            config.socket_path,
+            limits=ServerLimits(max_sessions=config.max_sessions, session_idle_s=config.session_idle_s),
+        )
         self.tracker = DesiredTracker(
             config.state_dir / "desired.json",
             self.trusted,
@@ -288,7 +291,10 @@ class Agent:
             folder = self.store.bundle_dir(served.bundle_sha256)
             gate = served_gate(parse_manifest((folder / MANIFEST_NAME).read_bytes()), served.decision)
             golden = load_golden(folder / gate.golden) if gate.golden else None
-            verdict = run_acceptance(served.model, gate, golden, profile=self.detection.profile)
+            # served.state: a stateful model replays on acceptance's own state, never a session's
+            verdict = run_acceptance(
+                served.model, gate, golden, profile=self.detection.profile, state=served.state
+            )
             results[name] = verdict.model_dump(mode="json")
         return results
 

@@ -11,6 +11,11 @@
         client.predict(x, binary=False)                 # JSON over the wire
         client.feedback(result.id, 3)                   # the true label, for online accuracy
 
+        stream = client.session()                       # a stateful model: state kept per session
+        for chunk in chunks:
+            y = stream.predict(chunk).outputs["y"]
+        stream.reset()                                  # back to the initial state
+
 One connection is kept open and reused; a connection the server closed while idle is
 reopened once, transparently. By default it speaks the agent's binary frames
 (:mod:`edgeagent.serving.frames`: no HTTP text to write or parse on either side); with
@@ -27,6 +32,7 @@ import io
 import json
 import socket
 import struct
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,10 +109,12 @@ class Client:
         model: str | None = None,
         raw: bool = False,
         binary: bool = True,
+        session: str | None = None,
     ) -> ClientPrediction:
         """Run ``inputs`` (one array, or a mapping input name -> array) on the served model.
 
         ``binary=False`` sends JSON; ``raw=True`` sends and receives a quantized model's integers.
+        ``session`` names the session whose state a stateful model carries (see :meth:`session`).
         """
         if binary and self.framed:
             names: Sequence[str]
@@ -117,10 +125,22 @@ class Client:
             else:
                 names, arrays = _UNNAMED, [np.asarray(inputs)]
             try:
-                return self._predict_framed(names, arrays, model, raw)
+                return self._predict_framed(names, arrays, model, raw, session)
             except _NoFrames:
                 pass  # an agent without frames: HTTP/1.1 from now on
-        return self._predict_http(inputs, model, raw, binary)
+        return self._predict_http(inputs, model, raw, binary, session)
+
+    def session(self, session_id: str | None = None, *, model: str | None = None) -> ClientSession:
+        """A session of a stateful model (a new random id unless given): its state stays on the server."""
+        return ClientSession(self, session_id or uuid.uuid4().hex, model)
+
+    def reset_session(self, session_id: str, *, model: str | None = None) -> bool:
+        """Forget ``session_id``'s state on the server; True when the server had it."""
+        path = f"/v1/models/{model}/sessions/{session_id}" if model else f"/v1/sessions/{session_id}"
+        status, _, payload = self._request("DELETE", path, b"", None)
+        if status != 200:
+            raise _failure(status, payload)
+        return bool(json.loads(payload)["reset"])
 
     def feedback(self, prediction_id: str, label: int | Sequence[int]) -> dict[str, Any]:
         """``POST /v1/feedback``: the true class of prediction ``prediction_id`` (a list for a batch).
@@ -140,10 +160,15 @@ class Client:
         return doc
 
     def _predict_framed(
-        self, names: Sequence[str], arrays: Sequence[np.ndarray], model: str | None, raw: bool
+        self,
+        names: Sequence[str],
+        arrays: Sequence[np.ndarray],
+        model: str | None,
+        raw: bool,
+        session: str | None = None,
     ) -> ClientPrediction:
         try:
-            frame = frames.encode_predict(model, names, arrays, raw)
+            frame = frames.encode_predict(model, names, arrays, raw, session)
         except (ValueError, struct.error) as exc:  # e.g. more arrays or dims than a frame carries
             raise RequestFailed(f"cannot send these inputs: {exc}", status=400, code="bad_body") from exc
         reply = self._roundtrip(lambda: self._exchange_frame(frame))
@@ -161,7 +186,12 @@ class Client:
         return ClientPrediction(outputs, pid, name, version, runtime, delegate, latency_ms)
 
     def _predict_http(
-        self, inputs: np.ndarray | Mapping[str, np.ndarray], model: str | None, raw: bool, binary: bool
+        self,
+        inputs: np.ndarray | Mapping[str, np.ndarray],
+        model: str | None,
+        raw: bool,
+        binary: bool,
+        session: str | None = None,
     ) -> ClientPrediction:
         path = f"/v1/models/{model}/predict" if model else "/v1/predict"
         if raw:
@@ -177,7 +207,8 @@ class Client:
             content_type, body = NPZ, encode_npz(list(inputs), [np.asarray(v) for v in inputs.values()])
         else:
             content_type, body = NPY, encode_npy(np.asarray(inputs))
-        status, headers, payload = self._request("POST", path, body, content_type)
+        extra = f"X-Session: {session}\r\n" if session is not None else ""
+        status, headers, payload = self._request("POST", path, body, content_type, extra)
         if status != 200:
             raise _failure(status, payload)
         reply_type = headers.get("content-type", "")
@@ -234,10 +265,13 @@ class Client:
     # -- wire -----------------------------------------------------------------------------
 
     def _request(
-        self, method: str, path: str, body: bytes, content_type: str | None
+        self, method: str, path: str, body: bytes, content_type: str | None, extra: str = ""
     ) -> tuple[int, dict[str, str], bytes]:
-        """(status, lower-case headers, body) of one request, over frames or HTTP/1.1."""
-        if self.framed:
+        """(status, lower-case headers, body) of one request, over frames or HTTP/1.1.
+
+        ``extra``: further HTTP header lines (predict over HTTP only), each ending in CRLF.
+        """
+        if self.framed and not extra:
             frame = frames.encode_call(method, path, content_type or "", body)
             try:
                 reply = self._roundtrip(lambda: self._exchange_frame(frame))
@@ -257,6 +291,7 @@ class Client:
         head = f"{method} {path} HTTP/1.1\r\nHost: edgeagent\r\nContent-Length: {len(body)}\r\n"
         if content_type is not None:
             head += f"Content-Type: {content_type}\r\n"
+        head += extra
         message = (head + "\r\n").encode("ascii") + body
         return self._roundtrip(lambda: self._exchange_http(message))
 
@@ -411,6 +446,25 @@ class Client:
         return int(status), headers, payload
 
 
+class ClientSession:
+    """One session of a stateful model on the server: each :meth:`predict` continues from the last."""
+
+    def __init__(self, client: Client, session_id: str, model: str | None) -> None:
+        self.client = client
+        self.id = session_id
+        self.model = model
+
+    def predict(
+        self, inputs: np.ndarray | Mapping[str, np.ndarray], *, binary: bool = True
+    ) -> ClientPrediction:
+        """The next step: ``inputs`` without the state inputs (the server feeds the carried state)."""
+        return self.client.predict(inputs, model=self.model, binary=binary, session=self.id)
+
+    def reset(self) -> bool:
+        """Back to the initial state (the server forgets this session); True when it had it."""
+        return self.client.reset_session(self.id, model=self.model)
+
+
 def _json_outputs(doc: dict[str, Any]) -> dict[str, np.ndarray]:
     """A JSON reply's outputs by name, in the dtypes the server reports (older servers: none)."""
     outs = doc["outputs"]
@@ -446,4 +500,11 @@ def _failure(status: int, payload: bytes) -> RequestFailed:
     return RequestFailed(f"HTTP {status} {code}: {message}", status=status, code=code)
 
 
-__all__ = ["DEFAULT_SOCKET", "Client", "ClientPrediction", "RequestFailed", "ServerUnreachable"]
+__all__ = [
+    "DEFAULT_SOCKET",
+    "Client",
+    "ClientPrediction",
+    "ClientSession",
+    "RequestFailed",
+    "ServerUnreachable",
+]

@@ -101,6 +101,17 @@ class AgentConfig(BaseModel):
         default=Path("/run/edgeagent/agent.sock"),
         description="Unix socket of the local inference endpoint (HTTP/1.1; see docs/runtimes.md).",
     )
+    max_sessions: int = Field(
+        default=64,
+        ge=1,
+        le=1_000_000,
+        description="Stateful models: client sessions kept (the least recently used is evicted).",
+    )
+    session_idle_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="Stateful models: seconds after which an idle session's state is dropped.",
+    )
     status_interval_s: float = Field(
         default=30.0,
         gt=0,

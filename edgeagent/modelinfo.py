@@ -69,6 +69,13 @@ def tflite_interpreter_class() -> Any:
     raise UsageError("no TFLite runtime is installed: pip install 'edgeagent[litert]'")
 
 
+def tflite_uses_variables(path: Path) -> bool:
+    """True when a TFLite model keeps state in resource variables (VAR_HANDLE/READ/ASSIGN_VARIABLE ops)."""
+    from edgeagent.runtimes.tflite_ops import uses_variables
+
+    return uses_variables(path)
+
+
 def _inspect_onnx(path: Path) -> tuple[Precision, list[TensorSpec], list[TensorSpec]]:
     try:
         import onnx

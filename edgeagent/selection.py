@@ -44,6 +44,7 @@ from edgeagent.errors import (
     UsageError,
 )
 from edgeagent.runtimes import LoadedModel, LoadOptions, get_adapter, load_model
+from edgeagent.state import StateCarrier
 
 log = logging.getLogger(__name__)
 
@@ -296,8 +297,9 @@ def _judge(
 ) -> Verdict | str:
     """``model``'s verdict against ``entry``'s own gate, or why the golden set could not run on it."""
     gate = manifest.gate_for(entry)
+    state = StateCarrier.for_model(entry, model, goldens.bundle_dir)
     try:
-        return run_acceptance(model, gate, goldens.for_gate(gate), profile=profile)
+        return run_acceptance(model, gate, goldens.for_gate(gate), profile=profile, state=state)
     except (InferenceError, InputError) as exc:
         # An artifact that fails on the golden set is rejected like one that misses its gate.
         model.close()

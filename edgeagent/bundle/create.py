@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
@@ -23,21 +24,24 @@ from edgeagent.bundle.manifest import (
     LABELS_PATH,
     MODELS_DIR,
     SCHEMA_VERSION,
-    TASK_GATES_VERSION,
+    STATE_VERSION,
     AcceptanceGate,
     CompressionStep,
     Manifest,
     ModelEntry,
+    ModelState,
     Preprocessing,
+    StatePair,
     TensorSpec,
 )
 from edgeagent.bundle.writer import file_entries, write_bundle
 from edgeagent.errors import UsageError
-from edgeagent.modelinfo import inspect_model
+from edgeagent.modelinfo import inspect_model, tflite_uses_variables
 from edgeagent.signing import SigningKey
 from edgeagent.storage import hash_file
 from edgeagent.validation import problems
 
+STATE_DIR = "state"  # initial state arrays: state/<input>.npy
 _RUNTIMES = {"onnx": ["onnxruntime"], "tflite": ["litert"]}
 
 
@@ -64,6 +68,8 @@ def create_bundle(
     model_gates: Mapping[Path, AcceptanceGate] | None = None,
     serve_precision: Sequence[str] = (),
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    state: Mapping[str, str] | None = None,
+    state_initial: Mapping[str, Path] | None = None,
 ) -> CreatedBundle:
     """Write ``out_dir/NAME-VERSION.bundle`` and return its path, sha256 and manifest.
 
@@ -73,6 +79,10 @@ def create_bundle(
     ``serve_precision`` is the author's precision preference (manifest ``serve_precision``).
     ``input_shapes`` (input name, or "" for the only input -> full shape with batch 1) give the
     shapes a latency budget is timed on without a golden set; see :func:`latency_shapes`.
+    ``state`` maps state outputs to the inputs they feed on the next step (every model must
+    have them), ``state_initial`` a state input to a ``.npy`` holding its initial value; a
+    TFLite model that keeps state in resource variables is marked stateful on its own. A
+    stateful bundle's manifest is schema_version 3.
     """
     if not models:
         raise UsageError("a bundle needs at least one --model")
@@ -87,9 +97,10 @@ def create_bundle(
         if arcname in files:
             raise UsageError(f"two models are named {model_path.name}; rename one")
         fmt, precision, inputs, outputs = inspect_model(model_path)
+        model_state = model_state_of(model_path, fmt, state or {}, state_initial or {})
         files[arcname] = model_path
         entries.append(
-            ModelEntry(
+            _entry(
                 path=arcname,
                 format=fmt,
                 precision=precision,
@@ -100,8 +111,13 @@ def create_bundle(
                 delegates=["edgetpu"] if model_path.name.endswith("_edgetpu.tflite") else [],
                 # One golden set per bundle: an artifact's own gate is checked on it.
                 acceptance=_own_gate(own_gates.get(model_path)),
+                state=model_state,
             )
         )
+    for name, path in (state_initial or {}).items():
+        if not path.is_file():
+            raise UsageError(f"{path}: no such initial state file")
+        files[f"{STATE_DIR}/{name}.npy"] = path
     gate_fields = (gate or AcceptanceGate()).model_dump()
     golden_set = None
     if golden is not None:
@@ -119,11 +135,7 @@ def create_bundle(
         files[LABELS_PATH] = labels
     try:
         manifest = Manifest(
-            schema_version=TASK_GATES_VERSION
-            if tasked
-            else GATED_MODELS_VERSION
-            if own_gates
-            else SCHEMA_VERSION,
+            schema_version=_schema_version(entries, bool(own_gates), bool(tasked)),
             name=name,
             version=version,
             description=description,
@@ -161,6 +173,8 @@ def _same_as_existing(
             "bump --version, or remove the old bundle"
         )
     return CreatedBundle(path=out, sha256=sha, manifest=manifest)
+
+
 def _recorded_shapes(
     entries: Sequence[ModelEntry],
     golden: GoldenSet | None,
@@ -250,6 +264,47 @@ def _fits(model: ModelEntry, spec: TensorSpec, shape: list[int]) -> None:
         raise UsageError(f"{model.path}: input {spec.name!r} is {dims}; the shape {wanted} does not fit it")
 
 
+def _entry(**fields: Any) -> ModelEntry:
+    """A model entry; UsageError naming the problem (e.g. a state pair naming a tensor it lacks)."""
+    try:
+        return ModelEntry(**fields)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise UsageError(_invalid_bundle(exc)) from exc
+
+
+def _schema_version(entries: Sequence[ModelEntry], gated: bool, tasked: bool) -> int:
+    """The oldest schema that holds these entries and gates, so older agents keep reading what they can."""
+    if tasked or any(e.state is not None for e in entries):
+        return STATE_VERSION  # == TASK_GATES_VERSION
+    return GATED_MODELS_VERSION if gated else SCHEMA_VERSION
+
+
+def model_state_of(
+    path: Path, fmt: str, pairs: Mapping[str, str], initial: Mapping[str, Path]
+) -> ModelState | None:
+    """The ``state`` of one model entry: the declared pairs, and resource variables found in a TFLite file."""
+    unknown = sorted(set(initial) - set(pairs.values()))
+    if unknown:
+        raise UsageError(f"an initial state is given for {unknown[0]!r}, which no --state pair feeds")
+    variables = fmt == "tflite" and tflite_uses_variables(path)
+    if not pairs and not variables:
+        return None
+    try:
+        return ModelState(
+            pairs=[
+                StatePair(
+                    output=out,
+                    input=inp,
+                    initial=f"{STATE_DIR}/{inp}.npy" if inp in initial else None,
+                )
+                for out, inp in pairs.items()
+            ],
+            variables=variables,
+        )
+    except ValueError as exc:
+        raise UsageError(f"--state: {_invalid_bundle(exc)}") from exc
+
+
 def _own_gate(gate: AcceptanceGate | None) -> AcceptanceGate | None:
     if gate is None:
         return None
@@ -261,13 +316,15 @@ def check_golden(path: Path, models: Sequence[ModelEntry]) -> int:
     golden = load_golden(path)
     for model in models:
         where = f"{path}: for {model.path}"
+        carried = {p.input for p in model.state.pairs} if model.state is not None else set()
         try:
-            inputs = match_inputs(golden.inputs, [s.name for s in model.inputs])
+            inputs = match_inputs(golden.inputs, [s.name for s in model.inputs if s.name not in carried])
             references = match_outputs(golden.reference, [s.name for s in model.outputs])
         except UsageError as exc:
             raise UsageError(f"{where}: {exc}") from exc
         for spec in model.inputs:
-            _check_array(where, "input", spec, inputs[spec.name], caller=True)
+            if spec.name in inputs:
+                _check_array(where, "input", spec, inputs[spec.name], caller=True)
         by_name = {s.name: s for s in model.outputs}
         for name, array in references.items():
             _check_array(where, "output", by_name[name], array, caller=False)

@@ -6,6 +6,13 @@ An ``.npz`` with one array per model input and per reference output, N rows each
                               (a scalar input: (N,), one value per sample)
     output.<name>   (N, ...)  the original float model's output <name> (optional)
     labels          (N,)      integer classes (optional)
+    sequence        (N,)      integer sequence id of each row (optional; stateful models)
+
+For a stateful model (manifest ``models[].state``) the rows are the steps of golden
+*sequences*, in order: rows with the same ``sequence`` id in a run form one sequence, and
+acceptance starts each sequence from the initial state and carries the state from step to
+step. Without ``sequence`` all N rows are one sequence. A state input has no ``input.<name>``
+array (acceptance feeds it); a state output may have an ``output.<name>`` reference.
 
 Files written before inputs were named hold ``inputs`` (the only input) and ``reference``
 (the first output); they read as an input and an output named ``""``, which
@@ -17,6 +24,7 @@ time into the zip), so a bundle built from the same data has the same sha256.
 from __future__ import annotations
 
 import io
+import itertools
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,12 +38,13 @@ from edgeagent.storage import atomic_writer
 INPUT_PREFIX = "input."
 OUTPUT_PREFIX = "output."
 LABELS = "labels"
+SEQUENCE = "sequence"
 UNNAMED = ""  # legacy 'inputs' / 'reference': the model's only input / its first output
 _LEGACY = {"inputs": INPUT_PREFIX, "reference": OUTPUT_PREFIX}
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip entry can carry
 _LAYOUT = (
     "'input.<name>' per input (or 'inputs' for a one-input model), "
-    "optional 'output.<name>' per output and 'labels'"
+    "optional 'output.<name>' per output, 'labels' and 'sequence'"
 )
 
 
@@ -46,6 +55,15 @@ class GoldenSet:
     inputs: Mapping[str, np.ndarray]  # input name -> (N, ...); "" = the only input
     labels: np.ndarray | None = None
     reference: Mapping[str, np.ndarray] = field(default_factory=dict)  # output name -> (N, ...)
+    sequence: np.ndarray | None = None  # (N,) sequence id per row: stateful models' step runs
+
+    def sequences(self) -> list[range]:
+        """The row ranges of the golden sequences (consecutive rows with one id; all rows without ids)."""
+        if self.sequence is None:
+            return [range(len(self))]
+        ids = self.sequence.reshape(-1)
+        starts = [0, *(int(i) for i in np.flatnonzero(ids[1:] != ids[:-1]) + 1), len(ids)]
+        return [range(a, b) for a, b in itertools.pairwise(starts)]
 
     def __len__(self) -> int:
         return int(next(iter(self.inputs.values())).shape[0])
@@ -70,7 +88,7 @@ class GoldenSet:
             elif key.startswith((INPUT_PREFIX, OUTPUT_PREFIX)) and key.partition(".")[2]:
                 prefix, _, name = key.partition(".")
                 kind = prefix + "."
-            elif key == LABELS:
+            elif key in (LABELS, SEQUENCE):
                 continue
             else:
                 raise UsageError(f"{where}: unknown array {key!r}; a golden set holds {_LAYOUT}")
@@ -78,7 +96,7 @@ class GoldenSet:
             if name in target:
                 raise UsageError(f"{where}: {key!r} names the same tensor as another array")
             target[name] = np.asarray(array)
-        golden = cls(inputs, arrays.get(LABELS), reference)
+        golden = cls(inputs, arrays.get(LABELS), reference, arrays.get(SEQUENCE))
         golden.check(where)
         return golden
 
@@ -87,6 +105,8 @@ class GoldenSet:
         out = {(f"{INPUT_PREFIX}{k}" if k else "inputs"): v for k, v in self.inputs.items()}
         if self.labels is not None:
             out[LABELS] = self.labels
+        if self.sequence is not None:
+            out[SEQUENCE] = self.sequence
         out.update({(f"{OUTPUT_PREFIX}{k}" if k else "reference"): v for k, v in self.reference.items()})
         return out
 
@@ -110,6 +130,10 @@ class GoldenSet:
                 raise UsageError(f"{where}: {key!r} has {len(array)} rows but {first_key!r} has {n}")
         if self.labels is not None and not np.issubdtype(self.labels.dtype, np.integer):
             raise UsageError(f"{where}: 'labels' must be integer class ids, not {self.labels.dtype}")
+        if self.sequence is not None and (
+            self.sequence.ndim != 1 or not np.issubdtype(self.sequence.dtype, np.integer)
+        ):
+            raise UsageError(f"{where}: 'sequence' must be one integer id per row, shape (N,)")
 
 
 def save_golden(path: Path, golden: GoldenSet) -> None:

@@ -31,8 +31,10 @@ SCHEMA_VERSION = 1
 #: without per-artifact gates stay readable by agents that know only version 1.
 GATED_MODELS_VERSION = 2
 #: The first version whose gates may carry a task, per-output bounds and latency shapes
-#: (``task``, ``outputs``, ``latency_shapes``); used only by manifests that set them.
-TASK_GATES_VERSION = 3
+#: (``task``, ``outputs``, ``latency_shapes``), and whose model entries may declare state
+#: (``models[].state``: an agent that predates it would serve a stateful model as if it had
+#: none, so it must refuse such a bundle); used only by manifests that set them.
+TASK_GATES_VERSION = STATE_VERSION = 3
 SUPPORTED_SCHEMA_VERSIONS = frozenset({SCHEMA_VERSION, GATED_MODELS_VERSION, TASK_GATES_VERSION})
 #: What a model does; it decides which metrics judge each output (docs/bundle.md).
 Task = Literal["classification", "regression", "detection", "segmentation", "embedding", "custom"]
@@ -117,6 +119,41 @@ class TensorSpec(_Strict):
     quantization: Quantization | None = Field(default=None, description="Set for quantized tensors.")
 
 
+class StatePair(_Strict):
+    """One recurrent state tensor: what ``output`` returns feeds ``input`` on the next step."""
+
+    output: str = Field(min_length=1, description="Output that returns the new state, e.g. 'stateN'.")
+    input: str = Field(min_length=1, description="Input that takes it on the next step, e.g. 'state'.")
+    initial: MemberPath | None = Field(
+        default=None,
+        description="A .npy in the bundle holding the initial state (one sample, with its batch "
+        "dimension); null = zeros of the input's shape (dynamic dimensions as 1).",
+    )
+
+
+class ModelState(_Strict):
+    """What makes a model stateful: state pairs passed in and out, or state kept inside the model."""
+
+    pairs: list[StatePair] = Field(
+        default_factory=list, description="State carried from an output to an input, step to step."
+    )
+    variables: bool = Field(
+        default=False,
+        description="The model keeps state in resource variables (TFLite VAR_HANDLE/READ_VARIABLE/"
+        "ASSIGN_VARIABLE): every session gets its own interpreter.",
+    )
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ModelState:
+        for field_name in ("output", "input"):
+            names = [getattr(p, field_name) for p in self.pairs]
+            if len(set(names)) != len(names):
+                raise ValueError(f"state pairs name an {field_name} twice: {names}")
+        if not self.pairs and not self.variables:
+            raise ValueError("state declares neither pairs nor variables")
+        return self
+
+
 Format = Literal["onnx", "tflite"]
 Precision = Literal["fp32", "fp16", "int8"]
 
@@ -145,6 +182,23 @@ class ModelEntry(_Strict):
         "null = the bundle-level gate applies. Its golden null = the bundle-level golden set. A "
         "device serves the artifact only if it passes it.",
     )
+    state: ModelState | None = Field(
+        default=None,
+        description="Set for a stateful model (schema_version 3); null = stateless: every request "
+        "stands alone.",
+    )
+
+    @model_validator(mode="after")
+    def _state_names(self) -> ModelEntry:
+        if self.state is None:
+            return self
+        ins, outs = {s.name: s for s in self.inputs}, {s.name for s in self.outputs}
+        for pair in self.state.pairs:
+            if pair.output not in outs:
+                raise ValueError(f"state output {pair.output!r} is not an output of {self.path}")
+            if pair.input not in ins:
+                raise ValueError(f"state input {pair.input!r} is not an input of {self.path}")
+        return self
 
 
 class Preprocessing(_Strict):
@@ -286,7 +340,7 @@ class Manifest(_Strict):
 
     schema_version: Literal[1, 2, 3] = Field(
         description="Version of this schema; readers refuse unknown ones. 2 adds models[].acceptance; "
-        "3 adds task, outputs and latency_shapes to gates."
+        "3 adds task, outputs and latency_shapes to gates, and models[].state."
     )
     name: BundleName
     version: str = Field(description="Semantic version of the bundle (semver 2.0.0).")
@@ -336,6 +390,12 @@ class Manifest(_Strict):
                 f"models[{gated[0]}].acceptance needs schema_version {GATED_MODELS_VERSION} "
                 f"(this manifest says {self.schema_version})"
             )
+        stateful = [i for i, m in enumerate(self.models) if m.state is not None]
+        if stateful and self.schema_version < STATE_VERSION:
+            raise ValueError(
+                f"models[{stateful[0]}].state needs schema_version {STATE_VERSION} "
+                f"(this manifest says {self.schema_version})"
+            )
         tasked = [g for g in (self.acceptance, *(m.acceptance for m in self.models)) if g and g.uses_tasks]
         if tasked and self.schema_version < TASK_GATES_VERSION:
             raise ValueError(
@@ -346,6 +406,7 @@ class Manifest(_Strict):
         referenced = [m.path for m in self.models]
         referenced += [p for p in (self.labels, self.acceptance.golden) if p is not None]
         referenced += [g.golden for g in gates if g.golden is not None]
+        referenced += [p.initial for m in self.models if m.state for p in m.state.pairs if p.initial]
         missing = sorted({p for p in referenced if p not in listed})
         if missing:
             raise ValueError(f"referenced but not listed in files: {missing}")
@@ -396,6 +457,8 @@ class Manifest(_Strict):
         for model in body["models"]:
             # Absent, not null: a schema-1 manifest stays byte-identical to what agents that
             # know only schema 1 read (their ModelEntry forbids unknown keys).
+            if model["state"] is None:
+                del model["state"]
             if model["acceptance"] is None:
                 del model["acceptance"]
             else:

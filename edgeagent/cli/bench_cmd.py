@@ -93,6 +93,7 @@ def bench_candidate(
     """Load ``candidate`` (with ``artifact``, else its first) from ``folder``; judge it on the golden set."""
     from edgeagent.acceptance import load_golden, run_acceptance
     from edgeagent.selection import Rejection, load_candidate
+    from edgeagent.state import StateCarrier
 
     bundle_dir = Path(folder)
     entry = next((m for m in manifest.models if m.path == artifact), None)
@@ -106,7 +107,8 @@ def bench_candidate(
     gate = manifest.gate_for(entry)  # the artifact's own gate, as selection applies it
     try:
         golden = load_golden(bundle_dir / gate.golden) if gate.golden else None
-        verdict = run_acceptance(model, gate, golden, profile=profile)
+        state = StateCarrier.for_model(entry, model, bundle_dir)
+        verdict = run_acceptance(model, gate, golden, profile=profile, state=state)
     finally:
         model.close()
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

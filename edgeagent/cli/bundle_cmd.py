@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from edgeagent.cli.profile_args import precision_list
 from edgeagent.errors import UsageError
@@ -87,6 +88,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "artifact precisions devices should serve, most preferred first, e.g. 'fp32,int8' "
             "(default: each device's profile order; a device's own override wins)"
         ),
+    )
+    create.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        metavar="OUT=IN",
+        help="a stateful model: output OUT returns the state that input IN takes on the next step "
+        "(repeatable; the server keeps it per client session)",
+    )
+    create.add_argument(
+        "--state-initial",
+        action="append",
+        default=[],
+        metavar="IN=FILE.npy",
+        help="the initial value of state input IN (one sample, with its batch dimension; default zeros)",
     )
     gate = create.add_argument_group("acceptance gate (checked on the device before it switches over)")
     gate.add_argument(
@@ -245,10 +261,28 @@ def _create(args: argparse.Namespace) -> int:
         model_gates=own,
         serve_precision=args.precision,
         input_shapes=dict(parse_input_shape(item) for item in args.input_shape),
+        state=_assignments("--state", args.state, "OUT=IN", str),
+        state_initial=_assignments("--state-initial", args.state_initial, "IN=FILE.npy", Path),
     )
     print(created.path)
     print(f"sha256: {created.sha256}")
     return 0
+
+
+_V = TypeVar("_V")
+
+
+def _assignments(flag: str, items: list[str], form: str, value: Callable[[str], _V]) -> dict[str, _V]:
+    """``KEY=VALUE`` flags as a dict; UsageError for a malformed or repeated key."""
+    out: dict[str, _V] = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip() or not text.strip():
+            raise UsageError(f"{flag} {item!r}: expected {form}")
+        if key.strip() in out:
+            raise UsageError(f"{flag} names {key.strip()!r} twice")
+        out[key.strip()] = value(text.strip())
+    return out
 
 
 _MODEL_GATE_FIELDS = {
@@ -409,6 +443,10 @@ def render_manifest(manifest: Manifest, key: str | None, checked: bool, sha: str
             f"  {model.path}  {model.format} {model.precision}  {_human_bytes(sizes[model.path])}"
             f"  runtimes: {', '.join(model.runtimes) or 'any'}{extra}"
         )
+        if model.state is not None:
+            carried = ", ".join(f"{p.output} -> {p.input}" for p in model.state.pairs)
+            held = "resource variables" if model.state.variables else ""
+            lines.append(f"    state: {', '.join(x for x in (carried, held) if x)}")
         for kind, specs in (("in ", model.inputs), ("out", model.outputs)):
             for spec in specs:
                 shape = "x".join("?" if d is None else str(d) for d in spec.shape) or "scalar"

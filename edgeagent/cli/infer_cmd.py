@@ -42,6 +42,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--model", metavar="NAME", help="served model name (default: the default model)")
     parser.add_argument(
+        "--session",
+        metavar="ID",
+        help="a stateful model's session: the step continues from that session's state "
+        "(default: from the initial state)",
+    )
+    parser.add_argument(
         "--raw", action="store_true", help="quantized models: send and receive the raw integer tensors"
     )
     parser.set_defaults(handler=_infer)
@@ -78,7 +84,7 @@ def _infer(args: argparse.Namespace) -> int:
 
     inputs, binary = read_input(args.input)
     with Client(args.socket) as client:
-        result = client.predict(inputs, model=args.model, raw=args.raw, binary=binary)
+        result = client.predict(inputs, model=args.model, raw=args.raw, binary=binary, session=args.session)
     print(
         json.dumps(
             {

@@ -38,7 +38,9 @@ def load_model(path: Path, runtime: str, options: LoadOptions, *, precision: str
     reason = adapter.unavailable_reason()
     if reason is not None:
         raise RuntimeUnavailable(reason, runtime=runtime)
-    return LoadedModel(adapter.load(path, options), path=path, precision=precision)
+    model = LoadedModel(adapter.load(path, options), path=path, precision=precision)
+    model.origin = (runtime, options)
+    return model
 
 
 __all__ = [

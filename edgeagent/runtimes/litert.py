@@ -28,6 +28,7 @@ from edgeagent.bundle.manifest import Quantization, TensorSpec
 from edgeagent.errors import InferenceError, ModelLoadError, UsageError
 from edgeagent.modelinfo import tflite_interpreter_class
 from edgeagent.runtimes.base import Fallback, LoadOptions, SessionInfo, one_line
+from edgeagent.runtimes.tflite_ops import uses_variables
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class LiteRTSession(SessionInfo):
         self._input_index = {d["name"]: int(d["index"]) for d in in_details}
         self._input_shape = {d["name"]: tuple(int(x) for x in d["shape"]) for d in in_details}
         self._output_index = [int(d["index"]) for d in out_details]
+        self.keeps_variables = False  # state in resource variables (set by the adapter from the file)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         with self._lock:
@@ -136,7 +138,9 @@ class LiteRTAdapter:
                 ) from exc2
         for fallback in fallbacks:
             log.info("%s: %s", path.name, fallback)
-        return LiteRTSession(interpreter, used, fallbacks, delegates)
+        session = LiteRTSession(interpreter, used, fallbacks, delegates)
+        session.keeps_variables = uses_variables(path)
+        return session
 
 
 def _interpreter(interpreter_class: Any, path: Path, options: LoadOptions, delegates: list[Any]) -> Any:

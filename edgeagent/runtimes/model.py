@@ -27,7 +27,7 @@ import numpy as np
 
 from edgeagent.bundle.manifest import Quantization, TensorSpec
 from edgeagent.errors import InputError
-from edgeagent.runtimes.base import Fallback, Session
+from edgeagent.runtimes.base import Fallback, LoadOptions, Session
 
 Feeds = np.ndarray | Mapping[str, Any]
 
@@ -86,6 +86,8 @@ class LoadedModel:
         self.session = session
         self.path = path
         self.precision = precision
+        # (runtime, options) it was loaded with: lets a stateful model be loaded afresh per session.
+        self.origin: tuple[str, LoadOptions] | None = None
         self.inputs: tuple[TensorSpec, ...] = tuple(session.inputs)
         self.outputs: tuple[TensorSpec, ...] = tuple(session.outputs)
         self.output_names = tuple(o.name for o in self.outputs)

@@ -25,6 +25,7 @@ from edgeagent.serving.feedback import apply_feedback, parse_feedback
 from edgeagent.serving.frames import (
     CALL,
     FLAG_RAW,
+    FLAG_SESSION,
     FRAME,
     PREDICT,
     PREFACE,
@@ -35,6 +36,7 @@ from edgeagent.serving.frames import (
     encode_reply,
     feeds,
     predict_head,
+    split_session,
 )
 from edgeagent.serving.http import Connection, HttpError, Request, media_type, response_bytes, split_target
 from edgeagent.serving.protocol import (
@@ -162,9 +164,12 @@ class Endpoints:
                 raise FrameError(f"head length {head_len} is not a multiple of 8 within the frame")
             head = bytes(frame[8:data_start])  # no copy when the frame is bytes
             if kind == PREDICT:
-                if flags & ~FLAG_RAW:
+                if flags & ~(FLAG_RAW | FLAG_SESSION):
                     raise FrameError(f"unknown predict flags {flags:#04x}")
-                return self._frame_predict(frame, head, data_start, bool(flags & FLAG_RAW), start)
+                session = None
+                if flags & FLAG_SESSION:
+                    session, head = split_session(head)
+                return self._frame_predict(frame, head, data_start, bool(flags & FLAG_RAW), start, session)
             if kind == CALL:
                 return self._frame_call(frame, head, data_start)
             raise FrameError(f"unknown frame type {kind} (1 predict, 2 call)")
@@ -176,7 +181,13 @@ class Endpoints:
             return encode_error(status, body), None
 
     def _frame_predict(
-        self, frame: bytes | bytearray, head: bytes, data_start: int, raw: bool, start: float
+        self,
+        frame: bytes | bytearray,
+        head: bytes,
+        data_start: int,
+        raw: bool,
+        start: float,
+        session: str | None = None,
     ) -> tuple[bytes, Accounting]:
         parsed = predict_head(head)
         server = self.server
@@ -185,7 +196,9 @@ class Endpoints:
         if lease is None:
             raise HttpError(503, "no_model", f"model {slot.name!r} is being replaced or removed", close=False)
         try:
-            result = server.run(lease, start, lambda: (feeds(parsed.layout, frame, data_start), None), raw)
+            result = server.run(
+                lease, start, lambda: (feeds(parsed.layout, frame, data_start), None), raw, session
+            )
             served = result.served
             reply = encode_reply(
                 result.latency_ms, result.id, served.frame_meta, served.model.output_names, result.outputs
@@ -218,6 +231,8 @@ class Endpoints:
             if len(parts) == 5 and parts[4] == "predict":
                 _method(request, "POST")
                 return self._predict(request, parts[3])
+            if len(parts) == 6 and parts[4] == "sessions":
+                return self._reset(request, parts[3], parts[5])
             if len(parts) == 4:
                 _method(request, "GET")
                 served = server.slot_for(parts[3]).current
@@ -226,6 +241,8 @@ class Endpoints:
                         404, "unknown_model", f"no model named {parts[3]!r} is served", close=False
                     )
                 return _json(200, served.describe())
+        if len(parts) == 4 and parts[:3] == ["", "v1", "sessions"]:
+            return self._reset(request, None, parts[3])
         if path == "/v1/feedback":
             _method(request, "POST")
             if request.content_type != JSON:
@@ -254,8 +271,17 @@ class Endpoints:
                 "capacity": server.recent.capacity,
                 "evicted": server.recent.evicted,
             }
-            return _json(200, {"stats": rows, "recent_predictions": recent})
+            return _json(
+                200, {"stats": rows, "recent_predictions": recent, "sessions": server.sessions.summary()}
+            )
         raise HttpError(404, "not_found", f"no endpoint {path!r}", close=False)
+
+    def _reset(self, request: Request, name: str | None, session: str) -> Answer:
+        """``DELETE .../sessions/{id}``: forget the session's state; 200 whether or not it existed."""
+        _method(request, "DELETE")
+        slot = self.server.slot_for(name)
+        existed = self.server.sessions.reset(slot.name, session)
+        return _json(200, {"model": slot.name, "session": session, "reset": existed})
 
     def _predict(self, request: Request, name: str | None) -> Answer:
         start = time.perf_counter()
@@ -278,7 +304,8 @@ class Endpoints:
         if lease is None:
             raise HttpError(503, "no_model", f"model {slot.name!r} is being replaced or removed", close=False)
         try:
-            result = server.run(lease, start, lambda: decode_inputs(content_type, request.body), raw)
+            session = request.headers.get("x-session")
+            result = server.run(lease, start, lambda: decode_inputs(content_type, request.body), raw, session)
             served = result.served
             out_type, body, headers = encode_outputs(
                 reply_type,

@@ -5,7 +5,8 @@ its whole life (an HTTP/1.1 server answers the preface with a 505 and closes, wh
 client takes as "no frames here" and falls back to HTTP). Every frame, both directions::
 
     u32 size      bytes after this field
-    u16 code      request: u8 type (1 predict, 2 call) + u8 flags (bit 0: raw); reply: status
+    u16 code      request: u8 type (1 predict, 2 call) + u8 flags (bit 0: raw, bit 1: session);
+                  reply: status
     u16 head      head length H; 8 + H is a multiple of 8
     H   head      the fields of the frame type below, then zero padding
     ... data      size - 4 - H bytes
@@ -26,6 +27,8 @@ call reply ``str content_type, str header_lines``        the HTTP reply body
 error      empty                                         ``{"error": {"code", "message"}}`` (JSON)
 =========  ============================================  =============================================
 
+A predict frame with the session flag starts its head with ``str session`` (the id of a
+stateful model's session, :mod:`edgeagent.serving.sessions`) before the fields above.
 A predict request's reply is a 200 reply or an error (status >= 400); a call's reply is
 always a call reply carrying the HTTP status. Heads repeat from request to request, so
 both sides parse each distinct head once and look it up afterwards (bounded caches).
@@ -46,6 +49,7 @@ PREFACE = b"EDGEAGENT * FRAMES/1\r\n\r\n"
 PREDICT = 1
 CALL = 2
 FLAG_RAW = 1
+FLAG_SESSION = 2
 MAX_ARRAYS = 64
 MAX_DIMS = 32
 
@@ -222,6 +226,13 @@ def predict_head(head: bytes) -> PredictHead:
     return parsed
 
 
+def split_session(head: bytes) -> tuple[str, bytes]:
+    """(session id, the rest of the head) of a predict frame with the session flag."""
+    reader = _Reader(head)
+    session = reader.str()
+    return session, head[reader.pos :]
+
+
 def call_head(head: bytes) -> tuple[str, str, str]:
     """(method, target, content type) of a call frame's head."""
     reader = _Reader(head)
@@ -279,15 +290,22 @@ def _cached(cache: dict[Any, Any], key: Any, value: Any) -> Any:
 _REQUEST_PREFIXES: dict[tuple[Any, ...], tuple[bytes, tuple[int, ...]]] = {}
 
 
-def encode_predict(model: str | None, names: Sequence[str], arrays: Sequence[np.ndarray], raw: bool) -> bytes:
-    """A predict request frame (``names`` "" for a single unnamed input)."""
-    key = (model, raw, tuple(names), _signature(arrays))
+def encode_predict(
+    model: str | None,
+    names: Sequence[str],
+    arrays: Sequence[np.ndarray],
+    raw: bool,
+    session: str | None = None,
+) -> bytes:
+    """A predict request frame (``names`` "" for a single unnamed input; ``session``: a session id)."""
+    key = (model, raw, session, tuple(names), _signature(arrays))
     found = _REQUEST_PREFIXES.get(key)
     if found is None:
         desc, pads, data_size = describe(names, arrays)
-        head = pack_str(model or "") + desc
+        head = (pack_str(session) if session is not None else b"") + pack_str(model or "") + desc
         head += _ZEROS[-(8 + len(head)) % 8]
-        prefix = FRAME.pack(4 + len(head) + data_size, PREDICT, FLAG_RAW if raw else 0, len(head)) + head
+        flags = (FLAG_RAW if raw else 0) | (FLAG_SESSION if session is not None else 0)
+        prefix = FRAME.pack(4 + len(head) + data_size, PREDICT, flags, len(head)) + head
         found = _cached(_REQUEST_PREFIXES, key, (prefix, pads))
     prefix, pads = found
     return _with_data([prefix], arrays, pads)

@@ -26,7 +26,7 @@ from edgeagent.serving.sockets import TIMEOUT_ERRORS, Timeouts
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _SINGLE_HEADERS = frozenset({"content-length", "content-type", "host"})
-_METHODS = frozenset({"GET", "POST"})
+_METHODS = frozenset({"GET", "POST", "DELETE"})
 _RECV = 65536
 _FRAME_SIZE = struct.Struct("<I")
 # Clients repeat the same few request heads (same path, type and length): a head seen before

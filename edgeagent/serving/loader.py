@@ -20,6 +20,7 @@ from edgeagent.acceptance import load_golden
 from edgeagent.bundle.manifest import AcceptanceGate, Manifest
 from edgeagent.selection import prefer_precisions, select_runtime
 from edgeagent.serving.slots import ServedModel
+from edgeagent.state import StateCarrier
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ def prepare_served_model(
         bundle_sha256=bundle_sha256,
         decision=selection.decision.model_dump(mode="json"),
         verdict=verdict.model_dump(mode="json"),
+        state=StateCarrier.for_model(selection.entry, selection.model, bundle_dir),
     )
 
 

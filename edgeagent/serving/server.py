@@ -9,6 +9,8 @@ GET      /v1/models                       every served model: bundle, version, i
 GET      /v1/models/{name}                one of them
 POST     /v1/predict                      the default (or only) model
 POST     /v1/models/{name}/predict        a named model
+DELETE   /v1/sessions/{id}                forget a session's state (default model)
+DELETE   /v1/models/{name}/sessions/{id}  the same for a named model
 POST     /v1/feedback                     the true label of an earlier prediction
 GET      /v1/stats                        latency percentiles, errors, labels and predicted
                                           classes per (model, version, runtime, delegate)
@@ -46,6 +48,7 @@ from edgeagent.errors import InferenceError, InputError, UsageError
 from edgeagent.serving.endpoints import Endpoints, error_reply
 from edgeagent.serving.http import HttpError, HttpLimits
 from edgeagent.serving.recent import DEFAULT_CAPACITY, RecentPredictions
+from edgeagent.serving.sessions import DEFAULT_IDLE_S, DEFAULT_MAX_SESSIONS, SessionStore
 from edgeagent.serving.slots import Lease, ModelSlot, ServedModel
 from edgeagent.serving.stats import RequestStats
 
@@ -59,6 +62,8 @@ class ServerLimits:
     http: HttpLimits = field(default_factory=HttpLimits)
     max_connections: int = 64  # more are answered 503 and closed
     socket_mode: int = 0o660  # the socket file: owner and group (the application's user) may connect
+    max_sessions: int = DEFAULT_MAX_SESSIONS  # stateful models: sessions kept (least recently used evicted)
+    session_idle_s: float = DEFAULT_IDLE_S  # a session idle this long is dropped
 
 
 class ServerState(enum.Enum):
@@ -91,6 +96,7 @@ class InferenceServer:
         self.limits = limits or ServerLimits()
         self.stats = RequestStats()
         self.recent = RecentPredictions(recent_capacity)
+        self.sessions = SessionStore(self.limits.max_sessions, self.limits.session_idle_s)
         self.state = ServerState.NEW
         self._slots: dict[str, ModelSlot] = {}
         self._default: str | None = None
@@ -136,6 +142,7 @@ class InferenceServer:
                 self._default = next(iter(self._slots), None)
         if slot is not None:
             slot.swap(None)
+        self.sessions.drop_model(name)
 
     def served(self) -> dict[str, ServedModel]:
         with self._lock:
@@ -156,11 +163,18 @@ class InferenceServer:
     # -- the in-process API ---------------------------------------------------------------
 
     def predict(
-        self, feeds: np.ndarray | Mapping[str, Any], *, model: str | None = None, raw: bool = False
+        self,
+        feeds: np.ndarray | Mapping[str, Any],
+        *,
+        model: str | None = None,
+        raw: bool = False,
+        session: str | None = None,
     ) -> Prediction:
         """Run one prediction in this process, timed and recorded exactly as a socket request.
 
-        Raises UsageError when no such model is served, InputError, InferenceError.
+        ``session`` carries a stateful model's state from call to call (see
+        :mod:`edgeagent.serving.sessions`). Raises UsageError when no such model is served,
+        InputError, InferenceError.
         """
         try:
             slot = self.slot_for(model)
@@ -170,11 +184,19 @@ class InferenceServer:
         if lease is None:
             raise UsageError(f"model {slot.name!r} is being removed")
         try:
-            result = self.run(lease, time.perf_counter(), lambda: (feeds, None), raw)
+            result = self.run(lease, time.perf_counter(), lambda: (feeds, None), raw, session)
         finally:
             slot.release(lease)
         self.stats.record(result.served.key, result.latency_ms / 1e3, result.outputs[0])
         return result
+
+    def reset_session(self, session: str, *, model: str | None = None) -> bool:
+        """Forget ``session``'s state on ``model`` (None: the default); True when it existed."""
+        try:
+            name = self.slot_for(model).name
+        except HttpError as exc:
+            raise UsageError(exc.message) from exc
+        return self.sessions.reset(name, session)
 
     def run(
         self,
@@ -182,8 +204,11 @@ class InferenceServer:
         start: float,
         decode: Callable[[], tuple[np.ndarray | Mapping[str, Any], bool | None]],
         raw: bool,
+        session: str | None = None,
     ) -> Prediction:
         """Decode and run one request on ``lease``'s model and give it an id; errors are counted.
+
+        A stateful model runs through :attr:`sessions` (``session``: the client's session id).
 
         The latency (from ``start``, a ``perf_counter``) is the caller's to record with
         ``stats.record``: socket requests record it after the reply is sent.
@@ -191,7 +216,10 @@ class InferenceServer:
         served = lease.served
         try:
             feeds, body_raw = decode()
-            outputs = served.model.predict(feeds, raw=raw or bool(body_raw))
+            if served.state is None:
+                outputs = served.model.predict(feeds, raw=raw or bool(body_raw))
+            else:
+                outputs = self.sessions.predict(served, session, feeds, raw or bool(body_raw))
         except InputError:
             self.stats.error(served.key, client=True)
             raise

@@ -20,6 +20,7 @@ from edgeagent.runtimes.model import LoadedModel
 from edgeagent.serving.frames import static_meta
 from edgeagent.serving.protocol import reply_headers
 from edgeagent.serving.stats import StatsKey
+from edgeagent.state import StateCarrier
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class ServedModel:
     bundle_sha256: str | None = None
     decision: dict[str, Any] | None = None  # selection.Decision, dumped
     verdict: dict[str, Any] | None = None  # acceptance.Verdict, dumped
+    state: StateCarrier | None = None  # set for a stateful model: requests go through sessions
     key: StatsKey = field(init=False)
     meta: dict[str, str] = field(init=False)  # what every reply says about the model
     reply_headers: str = field(init=False)  # the same, as header lines of binary replies
@@ -57,6 +59,7 @@ class ServedModel:
             **self.model.describe(),
             "decision": self.decision,
             "acceptance": self.verdict,
+            "state": self.state.describe() if self.state is not None else None,
         }
 
 
