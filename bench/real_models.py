@@ -53,12 +53,16 @@ GOLDEN = {"ppocr-det": 3, "ppocr-rec": 4}
 REGRESSION = '[evaluate]\ntask = "regression"\n'
 
 
-def cli(*argv: str | Path, tool: str = "edgectl") -> subprocess.CompletedProcess[str]:
+def cli(
+    *argv: str | Path, tool: str = "edgectl", cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The CLI in a subprocess; ``cwd`` catches what ORT's failed shape inference leaves behind."""
     module = "fleet.edgectl" if tool == "edgectl" else "edgeagent.cli.agent"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, "-m", module, *map(str, argv)], capture_output=True, text=True, env=env, check=False
-    )
+        [sys.executable, "-m", module, *map(str, argv)], capture_output=True, text=True, env=env, check=False,
+        cwd=cwd,
+    )  # fmt: skip
 
 
 def last_error(done: subprocess.CompletedProcess[str]) -> str:
@@ -100,7 +104,7 @@ def int8_row(model: Any, work: Path) -> dict[str, Any]:
         out = work / f"int8-{preprocess}"
         done = cli("convert", model.path(), "--recipe", recipe, "--eval", data, "--calib", data,
                    "--golden-samples", "2", "--name", model.key, "--version", "1.0.0", "--unsigned",
-                   "-o", out, "--quiet")  # fmt: skip
+                   "-o", out, "--quiet", cwd=work)  # fmt: skip
         if done.returncode != 0:
             row["error"] = last_error(done)
             continue
