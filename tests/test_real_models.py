@@ -334,7 +334,10 @@ def test_bundle_and_verify(model: Any, model_path: Path, work: Path, keypair: An
 @pytest.mark.parametrize("model", stage_params("bench"))
 def test_bench(model: Any, model_path: Path, work: Path, keypair: Any) -> None:
     bundle = bundle_of(model, model_path, work, keypair)
-    done = cli("bench", bundle, "--trusted", keypair.public, "--profile", PROFILE, "--json", "--in-process",
+    # Each candidate in its own process, as a user runs it; several inputs in-process, as the
+    # subprocess mode hangs on them today (the worker's InputError does not pickle: issue 23).
+    mode = ["--in-process"] if len(model.inputs) > 1 else []
+    done = cli("bench", bundle, "--trusted", keypair.public, "--profile", PROFILE, "--json", *mode,
                tool="edgeagent")  # fmt: skip
     if done.returncode != 0:
         ok_or_refused(done, "edgeagent bench")
