@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -44,21 +45,82 @@ def missing_reason(model: Any) -> str | None:
     )
 
 
+# Models that read text get rendered text (Pillow's bundled font): (what, rotations, normalisation).
+# Rotation i % rotations (quarter turns counter-clockwise) makes the label of a classifier.
+TEXT: dict[str, tuple[str, int, str]] = {
+    "ppocr-cls": ("line", 2, "paddle"),  # 0 or 180 degrees: labels 0, 1
+    "ppocr-rec": ("line", 1, "paddle"),
+    "ppocr-det": ("page", 1, "paddle"),
+    "doc-orientation": ("page", 4, "imagenet"),  # classes 0, 90, 180, 270 degrees (clockwise)
+}
+WORDS = [
+    "edge",
+    "model",
+    "ship",
+    "small",
+    "fast",
+    "int8",
+    "weight",
+    "device",
+    "fleet",
+    "bundle",
+    "verify",
+    "serve",
+    "latency",
+    "gate",
+]
+
+
 def sample_inputs(model: Any, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """``n`` calls' worth of inputs for ``model``: one dict (input name -> batch-1 array) per call.
 
-    Images are smooth random fields plus noise in [-1, 1] (Paddle and MediaPipe normalise to
-    that range), audio is a chirp in noise, LSTM state starts at zero and the sample rate is
-    16 kHz; int8 inputs are random integers (the served side gets them as floats on the grid).
+    OCR models get rendered text, turned as TEXT says; other images are smooth random fields
+    plus noise in [-1, 1] (MediaPipe's range), audio is a chirp in noise, LSTM state starts at
+    zero and the sample rate is 16 kHz; int8 inputs are random integers (the served side gets
+    them as floats on the grid).
     """
     rng = np.random.default_rng(seed)
     calls = []
     for i in range(n):
         feeds = {}
         for t in model.inputs:
-            feeds[t.name] = _one(t, rng, i)
+            feeds[t.name] = _text(model.key, t.shape, rng, i) if model.key in TEXT else _one(t, rng, i)
         calls.append(feeds)
     return calls
+
+
+def sample_labels(model: Any, n: int) -> np.ndarray | None:
+    """The true class of each of ``n`` sample_inputs calls, for classifiers of turned text."""
+    if model.key not in TEXT or TEXT[model.key][1] == 1:
+        return None
+    turns = TEXT[model.key][1]
+    # np.rot90 turns counter-clockwise, the classes count clockwise (0, 90, 180, 270 degrees;
+    # for two classes 0 and 180 degrees), so k turns are class -k.
+    return np.array([(turns - i % turns) % turns for i in range(n)], np.int64)
+
+
+def _text(key: str, shape: tuple[int, ...], rng: np.random.Generator, i: int) -> np.ndarray:
+    from PIL import Image, ImageDraw, ImageFont
+
+    kind, turns, norm = TEXT[key]
+    h, w = shape[2], shape[3]
+    size = 28 if kind == "line" else 16
+    font = ImageFont.load_default(size=size)
+    image = Image.new("L", (w, h), 255)
+    draw = ImageDraw.Draw(image)
+    if kind == "line":
+        draw.text((4, (h - size) // 2 - 2), " ".join(rng.choice(list(WORDS), 6)), fill=0, font=font)
+    else:
+        for y in range(8, h - size, int(size * 1.6)):
+            draw.text((8, y), " ".join(rng.choice(list(WORDS), 8)), fill=0, font=font)
+    gray = np.rot90(np.asarray(image, np.float32) / 255.0, i % turns * (2 if turns == 2 else 1))
+    rgb = np.stack([gray] * 3)
+    if norm == "paddle":
+        x = (rgb - 0.5) / 0.5
+    else:
+        mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+        x = (rgb - mean[:, None, None]) / std[:, None, None]
+    return x.astype(np.float32)[None]
 
 
 def _one(tensor: Any, rng: np.random.Generator, i: int) -> np.ndarray:
@@ -80,6 +142,25 @@ def _one(tensor: Any, rng: np.random.Generator, i: int) -> np.ndarray:
             field = np.repeat(field, 8, axis=axis)[(slice(None),) * axis + (slice(0, d),)]
     noisy = 0.8 * field + 0.2 * rng.uniform(-1, 1, size=shape)
     return np.clip(noisy, -1, 1).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class SampleSet:
+    """What the golden set and the converter's evaluation data are made of."""
+
+    x: np.ndarray  # the first input of every call, as a client sends it (floats), stacked
+    reference: np.ndarray  # the bare runtime's first output, stacked
+    labels: np.ndarray | None  # true classes (classifiers of turned text), else None
+
+
+def sample_set(model: Any, n: int, seed: int = 1) -> SampleSet:
+    """``n`` single-input calls and the bare runtime's answers (multi-input models: not yet)."""
+    bare = BareRuntime(model.path())
+    quant = bare.input_quantization()
+    calls = sample_inputs(model, n, seed)
+    x = np.concatenate([as_served(c, quant)[model.inputs[0].name] for c in calls])
+    reference = np.concatenate([next(iter(bare.run(c).values())) for c in calls])
+    return SampleSet(x, reference, sample_labels(model, n))
 
 
 class BareRuntime:

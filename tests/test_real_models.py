@@ -43,6 +43,7 @@ from tests.real_models_support import (
     in_ci,
     missing_reason,
     sample_inputs,
+    sample_set,
 )
 from tests.runtimes_support import wait_for
 
@@ -152,18 +153,18 @@ def golden_calls(model: Any) -> list[dict[str, np.ndarray]]:
     return sample_inputs(model, golden_samples(model), seed=1)
 
 
-def write_golden(model: Any, path: Path, out: Path) -> Path | None:
-    """inputs + the bare runtime's first output as reference; None for multi-input models,
-    which a golden set cannot describe yet (one 'inputs' array)."""
+def write_golden(model: Any, out: Path) -> Path | None:
+    """inputs, true labels where known, and the bare runtime's first output as reference; None
+    for multi-input models, which a golden set cannot describe yet (one 'inputs' array)."""
     if len(model.inputs) != 1:
-        return None  # TODO(issue 15 item 4/5): golden sets for several inputs and every output
-    bare = BareRuntime(path)
-    quant = bare.input_quantization()
-    calls = golden_calls(model)
-    reference = [next(iter(bare.run(c).values())) for c in calls]
-    name = model.inputs[0].name
-    inputs = np.concatenate([as_served(c, quant)[name] for c in calls])
-    np.savez(out, inputs=inputs, reference=np.concatenate(reference))
+        return None  # TODO(issue 23 / issue 15 item 4): golden sets for several inputs and every output
+    data = sample_set(model, golden_samples(model))
+    arrays = {"inputs": data.x, "reference": data.reference}
+    if data.labels is not None:
+        predicted = data.reference.reshape(len(data.x), -1).argmax(axis=1)
+        assert np.array_equal(predicted, data.labels), "the rendered text no longer reads as labelled"
+        arrays["labels"] = data.labels
+    np.savez(out, **arrays)  # type: ignore[arg-type]
     return out
 
 
@@ -228,7 +229,7 @@ def convert(model: Any, model_path: Path, work: Path, keypair: Any) -> Converted
     out = work / model.key / "convert"
     cwd = out / "cwd"
     cwd.mkdir(parents=True)
-    eval_npz = write_eval(model, model_path, out / "eval.npz")
+    eval_npz = write_eval(model, out / "eval.npz")
     common: list[str | Path] = [
         "--eval", eval_npz, "--calib", eval_npz, "--golden-samples", str(golden_samples(model)),
         "--name", model.key, "--version", "1.0.0", "--key", keypair.private, "--quiet",
@@ -271,6 +272,26 @@ def test_convert(model: Any, model_path: Path, work: Path, keypair: Any) -> None
     int8 = sorted((result.out / "int8" / "artifacts").glob("*int8*.onnx"))
     assert int8, sorted(p.name for p in (result.out / "int8" / "artifacts").iterdir())
     assert int8[-1].stat().st_size < model_path.stat().st_size
+    if model.task == "classification":
+        assert_int8_keeps_confident_classes(model, int8[-1])
+
+
+CONFIDENT = 0.9  # fp32 top-1 probability from which int8 must give the same class
+
+
+def assert_int8_keeps_confident_classes(model: Any, int8: Path) -> None:
+    """Where fp32 is sure (softmax top-1 >= CONFIDENT, so the runner-up is at least 0.8 behind;
+    both classifiers here end in a softmax),
+    int8 rounding cannot honestly flip the class: it must agree there. Near-ties may flip."""
+    data = sample_set(model, golden_samples(model))
+    session = BareRuntime(int8)
+    name = model.inputs[0].name
+    got = np.concatenate([next(iter(session.run({name: x[None]}).values())) for x in data.x])
+    fp32 = data.reference.reshape(len(got), -1)
+    confident = fp32.max(axis=1) >= CONFIDENT
+    assert confident.any(), f"{model.key}: no confident sample to judge int8 on"
+    agree = got.reshape(len(got), -1).argmax(axis=1) == fp32.argmax(axis=1)
+    assert agree[confident].all(), f"int8 changed {int((~agree[confident]).sum())} confident top-1 classes"
 
 
 @pytest.mark.parametrize("model", stage_params("convert-cwd"))
@@ -286,16 +307,13 @@ def test_convert_writes_nothing_in_the_working_directory(
 REGRESSION = '[evaluate]\ntask = "regression"\n'
 
 
-def write_eval(model: Any, path: Path, out: Path) -> Path:
-    """x: the golden inputs of the first input; y: the source's top-1 (classifiers, so accuracy
-    reads as agreement with fp32) or its first output (everything else, as regression)."""
-    bare = BareRuntime(path)
-    quant = bare.input_quantization()
-    calls = golden_calls(model)
-    x = np.concatenate([as_served(c, quant)[model.inputs[0].name] for c in calls])
-    first = np.concatenate([next(iter(bare.run(c).values())) for c in calls])
-    y = first.reshape(len(calls), -1).argmax(axis=1) if model.task == "classification" else first
-    np.savez(out, x=x, y=y)
+def write_eval(model: Any, out: Path) -> Path:
+    """x: the golden inputs of the first input; y: the true labels (classifiers) or the source's
+    first output (everything else, as regression)."""
+    data = sample_set(model, golden_samples(model))
+    y = data.labels if model.task == "classification" else data.reference
+    assert y is not None, f"{model.key}: a classifier without labels"
+    np.savez(out, x=data.x, y=y)
     return out
 
 
@@ -309,9 +327,11 @@ def bundle_of(model: Any, path: Path, work: Path, keypair: Any) -> Path:
     if bundle.exists():
         return bundle
     out.mkdir(parents=True, exist_ok=True)
-    golden = write_golden(model, path, out / "golden.npz")
+    golden = write_golden(model, out / "golden.npz")
+    # The bundle serves the source model on its own runtime: every label right (checked in
+    # write_golden) and the reference reproduced, up to kernel choice.
     gate = (
-        ["--min-agreement", "0.99"]
+        ["--min-accuracy", "1.0", "--min-agreement", "1.0"]
         if model.task == "classification"
         else ["--atol", "1e-4", "--rtol", "1e-4"]
     )
