@@ -46,8 +46,8 @@ if [ "$full" = 1 ]; then
 elif [ $# -gt 0 ]; then
     stage "pytest" .venv/bin/python -m pytest "$@"
 else
-    stage "pytest (fast: not slow; scripts/test.sh --full runs everything)" \
-        .venv/bin/python -m pytest -m "not slow"
+    stage "pytest (fast: not slow, not realmodels; scripts/test.sh --full runs everything)" \
+        .venv/bin/python -m pytest -m "not slow and not realmodels"
 fi
 
 # The agent must run on Python 3.10 (JetPack 6): run the tests that need only the device
