@@ -59,6 +59,7 @@ class ServerLimits:
     http: HttpLimits = field(default_factory=HttpLimits)
     max_connections: int = 64  # more are answered 503 and closed
     socket_mode: int = 0o660  # the socket file: owner and group (the application's user) may connect
+    shared_memory: bool = True  # offer large inputs through a memfd to clients of the server's own uid
 
 
 class ServerState(enum.Enum):
