@@ -351,7 +351,7 @@ def main_large(quick: bool, write: bool) -> None:
             if server.stdin:
                 server.stdin.close()
             server.wait(timeout=30)
-    text = serving_large.table(rows)
+    text = serving_large.table(rows) + "\n\n" + serving_large.assessment(rows)
     print(text)
     if write:
         date = subprocess.run(["date", "-u"], capture_output=True, text=True, check=True).stdout.strip()

@@ -178,3 +178,21 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{r['p50'] / floor:.3f} | {transport:.2f} |"
         )
     return "\n".join(lines)
+
+
+def assessment(rows: list[dict[str, Any]]) -> str:
+    """Issue 15's target per size: the client-to-model path at most 1.2x the raw-socket floor."""
+    lines = []
+    for r in rows:
+        if r["path"] != "socket framed":
+            continue
+        p50s = r["p50s"]
+        floor = p50s["raw socket floor"]
+        framed, shared = p50s["socket framed"] / floor, p50s["shared memory"] / floor
+        best = min(framed, shared)
+        verdict = "met" if best <= 1.2 else "**not met**"
+        lines.append(
+            f"- {r['bytes'] / 1e6:.2f} MB: framed {framed:.2f}x, shared memory {shared:.2f}x the floor "
+            f"({p50s['shared memory'] - p50s['socket framed']:+.0f} µs vs framed); ≤ 1.2x: {verdict}"
+        )
+    return "\n".join(lines)

@@ -18,7 +18,7 @@ descriptor they send); the descriptor is a memfd sealed against shrinking (``F_S
 a client that truncated a mapped file would kill the server with SIGBUS); its real size
 (fstat) covers the arrays, whatever the head says; the arrays fit the body limit. Every
 descriptor is closed whatever happens; a mapping is kept per connection while the client
-keeps sending the same memfd, and unmapped when the connection ends.
+keeps sending the same memfd (with inputs no larger), and unmapped when the connection ends.
 """
 
 from __future__ import annotations
@@ -92,9 +92,10 @@ class InputMaps:
         if key == self._key and self._map is not None and len(self._map) >= need:
             return self._map  # the client's buffer again: already mapped
         self.close()
-        size = min(info.st_size, self.max_bytes)  # the whole buffer, so later requests reuse it
         try:
-            self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
+            # Only what the arrays need (bounded above): mapping and populating a large, sparse memfd
+            # would allocate its holes here. The same memfd with inputs as large maps once.
+            self._map = mmap.mmap(fd, need, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
         except (OSError, ValueError) as exc:
             raise FrameError(f"cannot map the memfd: {exc}", "bad_shm") from exc
         self._key = key
