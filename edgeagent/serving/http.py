@@ -28,10 +28,10 @@ from edgeagent.serving.sockets import ANCILLARY, TIMEOUT_ERRORS, Timeouts, fds_f
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _SINGLE_HEADERS = frozenset({"content-length", "content-type", "host"})
 _METHODS = frozenset({"GET", "POST"})
-# One read takes a whole frame of up to 256 KiB: a 100 KB request read in two (64 KiB, then
-# the rest) cost ~25 µs more per round trip on the development VM, a tiny one nothing (glibc
-# serves the buffer from its heap once the mmap threshold has adapted).
-_RECV = 256 * 1024
+# Below glibc's mmap threshold (128 KiB): recv allocates this much before it shrinks the
+# bytes to what came, and a larger size costs an mmap/munmap pair on every read (measured:
+# +40-50 µs per round trip of a 10 KB request with 256 KiB).
+_RECV = 65536
 _FRAME_SIZE = struct.Struct("<I")
 # Clients repeat the same few request heads (same path, type and length): a head seen before
 # is looked up instead of parsed. Only short heads, and a bounded number of them.
