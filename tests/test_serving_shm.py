@@ -23,7 +23,7 @@ from onnx import helper, numpy_helper
 
 from edgeagent.client import Client
 from edgeagent.runtimes import LoadOptions, load_model
-from edgeagent.serving import InferenceServer, ServedModel, frames
+from edgeagent.serving import InferenceServer, ServedModel, frames, sockets
 from edgeagent.serving.http import HttpLimits
 from edgeagent.serving.server import ServerLimits
 
@@ -382,3 +382,28 @@ def test_small_inputs_stay_on_the_socket(server) -> None:  # type: ignore[no-unt
         x = _random("float32", (1, 3, 64, 64))
         client.predict(x, model="float32-1x3x64x64")
         assert client.shm_offered is None and client._shm is None
+
+
+def test_descriptors_sent_with_every_piece_of_a_frame_are_bounded_and_closed(server) -> None:  # type: ignore[no-untyped-def]
+    x = np.ones((1, 3, 64, 64), np.float32)
+    frame = frames.encode_predict("float32-1x3x64x64", [""], [x], False)
+    before = _open_fds()
+    with _negotiated(server.socket_path) as sock:
+        step = len(frame) // 10 + 1
+        for start in range(0, len(frame), step):  # 10 pieces, two descriptors with each
+            if start + step >= len(frame):  # before the last piece: the server holds at most MAX_FDS
+                assert _open_fds() <= before + 2 + sockets.MAX_FDS  # + the two ends of the connection
+            fds = [_memfd(4096), _memfd(4096)]
+            try:
+                _send(sock, frame[start : start + step], fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            time.sleep(0.02)  # separate reads on the server
+        status, body = _reply(sock)
+        assert status == 400 and "does not use shared memory" in json.loads(body)["error"]["message"]
+        _predict_ok(sock)
+    deadline = time.monotonic() + 5
+    while _open_fds() != before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _open_fds() == before

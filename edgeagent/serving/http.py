@@ -23,7 +23,7 @@ from typing import NamedTuple
 from urllib.parse import parse_qsl
 
 from edgeagent.serving.frames import Received, receive_buffer
-from edgeagent.serving.sockets import ANCILLARY, TIMEOUT_ERRORS, Timeouts, fds_from
+from edgeagent.serving.sockets import ANCILLARY, MAX_FDS, TIMEOUT_ERRORS, Timeouts, close_all, fds_from
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _SINGLE_HEADERS = frozenset({"content-length", "content-type", "host"})
@@ -264,7 +264,7 @@ class Connection:
             if self.accept_fds:
                 data, ancillary, _, _ = self.sock.recvmsg(_RECV, ANCILLARY)
                 if ancillary:
-                    self.fds += fds_from(ancillary)
+                    self._keep(fds_from(ancillary))
                 return data
             return self.sock.recv(_RECV)
         except TIMEOUT_ERRORS as exc:
@@ -275,8 +275,16 @@ class Connection:
             return self.sock.recv_into(view)
         n, ancillary, _, _ = self.sock.recvmsg_into([view], ANCILLARY)
         if ancillary:
-            self.fds += fds_from(ancillary)
+            self._keep(fds_from(ancillary))
         return n
+
+    def _keep(self, fds: list[int]) -> None:
+        """Hold at most MAX_FDS for the frame being read (a frame uses one): a client sending a
+        descriptor with every byte of a large frame must not exhaust the agent's descriptors."""
+        self.fds += fds
+        if len(self.fds) > MAX_FDS:
+            close_all(self.fds[MAX_FDS:])
+            del self.fds[MAX_FDS:]
 
     def take_fds(self) -> list[int]:
         """The descriptors received since the last call (the caller closes them)."""

@@ -35,16 +35,13 @@ import numpy as np
 
 from edgeagent.serving.frames import FrameError, Layout
 from edgeagent.serving.http import HttpError
+from edgeagent.serving.sockets import close_all
+
+__all__ = ["MIN_BYTES", "InputBuffer", "InputMaps", "available", "close_all"]
 
 MIN_BYTES = 256 * 1024  # the client's default: smaller requests go over the socket (as fast there)
 _STEP = 1 << 20  # client buffers grow in whole MiB, so a few sizes share one memfd
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # fault the pages in with the mmap (Linux, Python 3.10+)
-
-
-def close_all(fds: Sequence[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 class InputMaps:

@@ -12,6 +12,8 @@ options cannot be set, the socket keeps Python's own timeout.
 from __future__ import annotations
 
 import array
+import contextlib
+import os
 import socket
 import struct
 from collections.abc import Sequence
@@ -104,3 +106,9 @@ def peer_uid(sock: socket.socket) -> int | None:
     except (OSError, AttributeError, struct.error):
         return None
     return int(uid)
+
+
+def close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
