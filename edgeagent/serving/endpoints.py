@@ -50,8 +50,8 @@ from edgeagent.serving.protocol import (
     error_body,
     parse_raw_flag,
 )
-from edgeagent.serving.shm import InputMaps, close_all
-from edgeagent.serving.sockets import peer_uid, send_parts
+from edgeagent.serving.shm import InputMaps
+from edgeagent.serving.sockets import close_all, peer_uid, send_parts
 from edgeagent.serving.stats import StatsKey
 
 if TYPE_CHECKING:

@@ -35,9 +35,6 @@ import numpy as np
 
 from edgeagent.serving.frames import FrameError, Layout
 from edgeagent.serving.http import HttpError
-from edgeagent.serving.sockets import close_all
-
-__all__ = ["MIN_BYTES", "InputBuffer", "InputMaps", "available", "close_all"]
 
 MIN_BYTES = 256 * 1024  # the client's default: smaller requests go over the socket (as fast there)
 _STEP = 1 << 20  # client buffers grow in whole MiB, so a few sizes share one memfd
