@@ -18,6 +18,9 @@ Two models: the tiny digits MLP fixture (``mlp.onnx``, ~10 µs) and a small imag
 here with ``onnx.helper`` whose bare p50 is over 1 ms. Then requests/s through the socket (framed
 and HTTP) with 1, 2 and 8 concurrent client processes. ``--write`` appends the table to
 ``bench/RESULTS.md``.
+
+``--large``: 0.1-20 MB image-sized tensors instead (raw socket floor, frames, shared memory;
+see ``bench/serving_large.py``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import serving_large  # noqa: E402
 from bench.streaming import (  # noqa: E402
     build_stream_model,
     format_streaming,
@@ -267,10 +271,21 @@ def main() -> None:
     parser.add_argument(
         "--streaming-only", action="store_true", help="only the streaming case (100 chunks, state carried)"
     )
+    parser.add_argument("--large", action="store_true", help="0.1-20 MB tensors: socket vs shared memory")
     parser.add_argument("--serve", nargs=3, metavar=("SOCKET", "TINY", "LARGE"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve-large", nargs=2, metavar=("SOCKET", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve(*args.serve)
+        return
+    if args.serve_large:
+        server = serving_large.serve(*args.serve_large, OPTIONS)
+        print("ready", flush=True)
+        sys.stdin.read()
+        server.close()
+        return
+    if args.large:
+        main_large(args.quick, args.write)
         return
     import onnxruntime
 
@@ -345,6 +360,39 @@ def main() -> None:
 
 class _Done(Exception):
     """--streaming-only: the streaming rows are in, skip the rest (the server still closes)."""
+
+
+def main_large(quick: bool, write: bool) -> None:
+    import onnxruntime
+
+    started, load_start = time.time(), os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        model = serving_large.build_scale_model(Path(tmp) / "scale.onnx")
+        sock = str(Path(tmp) / "agent.sock")
+        server = subprocess.Popen(
+            [sys.executable, __file__, "--serve-large", sock, str(model)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        try:
+            assert server.stdout is not None and server.stdout.readline().strip() == b"ready"
+            rows = serving_large.measure(sock, model, OPTIONS, quick, timed)
+        finally:
+            if server.stdin:
+                server.stdin.close()
+            server.wait(timeout=30)
+    text = serving_large.table(rows) + "\n\n" + serving_large.assessment(rows)
+    print(text)
+    if write:
+        date = subprocess.run(["date", "-u"], capture_output=True, text=True, check=True).stdout.strip()
+        header = (
+            f"\n## Serving large tensors (issue 15)\n\nMeasured {date} on a {machine()}, Linux, Python "
+            f"{platform.python_version()}, onnxruntime {onnxruntime.__version__} (CPU EP, 1 intra-op thread); "
+            f"`.venv/bin/python bench/serving.py --large --write` ({time.time() - started:.0f} s); "
+            f"1-minute load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end.\n\n"
+        )
+        with (ROOT / "bench" / "RESULTS.md").open("a", encoding="utf-8") as f:
+            f.write(header + text + "\n")
 
 
 def assessment(rows: list[dict[str, object]]) -> str:

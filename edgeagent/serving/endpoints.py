@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -26,10 +27,14 @@ from edgeagent.serving.frames import (
     CALL,
     FLAG_RAW,
     FLAG_SESSION,
+    FLAG_SHM,
     FRAME,
+    OPTIONS,
     PREDICT,
     PREFACE,
     FrameError,
+    Parts,
+    Received,
     call_head,
     encode_call_reply,
     encode_error,
@@ -47,6 +52,8 @@ from edgeagent.serving.protocol import (
     error_body,
     parse_raw_flag,
 )
+from edgeagent.serving.shm import InputMaps
+from edgeagent.serving.sockets import close_all, peer_uid, send_parts
 from edgeagent.serving.stats import StatsKey
 
 if TYPE_CHECKING:
@@ -92,6 +99,7 @@ class Endpoints:
     def __init__(self, server: InferenceServer) -> None:
         self.server = server
         self.limits = server.limits.http
+        self._maps: InputMaps | None = None  # set when the client negotiated shared memory
 
     def serve(self, sock: socket.socket) -> None:
         """Answer requests on ``sock`` until the client closes, framing is lost, or the server stops."""
@@ -139,22 +147,31 @@ class Endpoints:
     def _serve_frames(self, conn: Connection) -> None:
         sock, server = conn.sock, self.server
         max_size = 8 + self.limits.max_head_bytes + self.limits.max_body_bytes
-        while server.serving:
-            try:
-                frame = conn.read_frame(max_size)
-            except HttpError as exc:  # framing is lost: answer, then close
-                sock.sendall(encode_error(exc.status, error_body(exc.code, exc.message)))
-                return
-            if frame is None:
-                return
-            reply, done = self._frame(frame)
-            sock.sendall(reply)
-            if done is not None:
-                server.stats.record(*done)
+        try:
+            while server.serving:
+                try:
+                    frame = conn.read_frame(max_size)
+                except HttpError as exc:  # framing is lost: answer, then close
+                    sock.sendall(encode_error(exc.status, error_body(exc.code, exc.message)))
+                    return
+                if frame is None:
+                    return
+                fds = conn.take_fds()
+                try:
+                    reply, done = self._frame(frame, fds, conn)
+                finally:
+                    close_all(fds)  # mappings hold their own reference; nothing else keeps these
+                send_parts(sock, reply)
+                if done is not None:
+                    server.stats.record(*done)
+        finally:
+            close_all(conn.take_fds())
+            if self._maps is not None:
+                self._maps.close()
 
     # -- frames ---------------------------------------------------------------------------
 
-    def _frame(self, frame: bytes | bytearray) -> tuple[bytes, Accounting | None]:
+    def _frame(self, frame: Received, fds: list[int], conn: Connection) -> tuple[Parts, Accounting | None]:
         """The reply to one frame; errors become error frames (the frame boundary is intact)."""
         start = time.perf_counter()
         _, kind, flags, head_len = FRAME.unpack_from(frame)
@@ -162,43 +179,75 @@ class Endpoints:
         try:
             if head_len % 8 or data_start > len(frame):
                 raise FrameError(f"head length {head_len} is not a multiple of 8 within the frame")
+            if fds and not (kind == PREDICT and flags & FLAG_SHM):
+                raise FrameError(
+                    "file descriptors came with a frame that does not use shared memory", "bad_shm"
+                )
             head = bytes(frame[8:data_start])  # no copy when the frame is bytes
             if kind == PREDICT:
-                if flags & ~(FLAG_RAW | FLAG_SESSION):
+                if flags & ~(FLAG_RAW | FLAG_SESSION | FLAG_SHM):
                     raise FrameError(f"unknown predict flags {flags:#04x}")
                 session = None
                 if flags & FLAG_SESSION:
                     session, head = split_session(head)
-                return self._frame_predict(frame, head, data_start, bool(flags & FLAG_RAW), start, session)
+                return self._frame_predict(frame, head, data_start, flags, fds, start, session)
             if kind == CALL:
                 return self._frame_call(frame, head, data_start)
-            raise FrameError(f"unknown frame type {kind} (1 predict, 2 call)")
+            if kind == OPTIONS:
+                return [self._frame_options(conn)], None
+            raise FrameError(f"unknown frame type {kind} (1 predict, 2 call, 3 options)")
         except Exception as exc:
             status, code, message, _ = failure(exc, f"a type {kind} frame")
             body = error_body(code, message)
             if kind == CALL:
-                return encode_call_reply(status, JSON, "", body), None
-            return encode_error(status, body), None
+                return [encode_call_reply(status, JSON, "", body)], None
+            return [encode_error(status, body)], None
+
+    def _frame_options(self, conn: Connection) -> bytes:
+        """Offer shared memory to a peer of this process's own uid (the only one it may map from)."""
+        if not self.server.limits.shared_memory:
+            shm, reason = None, "shared memory is turned off on this agent"
+        elif peer_uid(conn.sock) != os.geteuid():
+            shm, reason = None, "shared memory is offered only to clients running as the agent's user"
+        else:
+            conn.accept_fds = True
+            if self._maps is None:
+                self._maps = InputMaps(self.limits.max_body_bytes)
+            shm, reason = {"max_bytes": self.limits.max_body_bytes}, ""
+        return encode_call_reply(200, JSON, "", json.dumps({"shm": shm, "reason": reason}).encode())
 
     def _frame_predict(
         self,
-        frame: bytes | bytearray,
+        frame: Received,
         head: bytes,
         data_start: int,
-        raw: bool,
+        flags: int,
+        fds: list[int],
         start: float,
         session: str | None = None,
-    ) -> tuple[bytes, Accounting]:
+    ) -> tuple[Parts, Accounting]:
         parsed = predict_head(head)
         server = self.server
         slot = server.slot_for(parsed.model)
+        if flags & FLAG_SHM:
+            maps = self._maps
+            if maps is None:
+                raise FrameError("send an options frame before a shared-memory predict frame", "bad_shm")
+            if data_start != len(frame):
+                raise FrameError("a shared-memory predict frame carries no data after its head", "bad_shm")
+
+            def decode() -> tuple[np.ndarray | dict[str, np.ndarray], None]:
+                return maps.feeds(fds, parsed.layout), None
+        else:
+
+            def decode() -> tuple[np.ndarray | dict[str, np.ndarray], None]:
+                return feeds(parsed.layout, frame, data_start), None
+
         lease = slot.acquire()
         if lease is None:
             raise HttpError(503, "no_model", f"model {slot.name!r} is being replaced or removed", close=False)
         try:
-            result = server.run(
-                lease, start, lambda: (feeds(parsed.layout, frame, data_start), None), raw, session
-            )
+            result = server.run(lease, start, decode, bool(flags & FLAG_RAW), session)
             served = result.served
             reply = encode_reply(
                 result.latency_ms, result.id, served.frame_meta, served.model.output_names, result.outputs
@@ -207,15 +256,15 @@ class Endpoints:
             slot.release(lease)
         return reply, (served.key, result.latency_ms / 1e3, result.outputs[0])
 
-    def _frame_call(
-        self, frame: bytes | bytearray, head: bytes, data_start: int
-    ) -> tuple[bytes, Accounting | None]:
+    def _frame_call(self, frame: Received, head: bytes, data_start: int) -> tuple[Parts, Accounting | None]:
         method, target, content_type = call_head(head)
         path, query = split_target(target)
         body = bytes(frame[data_start:])
         headers = {"content-type": content_type} if content_type else {}
         answer = self.route(Request(method, path, query, headers, body, True, media_type(content_type)))
-        return encode_call_reply(answer.status, answer.content_type, answer.headers, answer.body), answer.done
+        return [
+            encode_call_reply(answer.status, answer.content_type, answer.headers, answer.body)
+        ], answer.done
 
     # -- routing --------------------------------------------------------------------------
 

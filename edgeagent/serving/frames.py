@@ -5,8 +5,8 @@ its whole life (an HTTP/1.1 server answers the preface with a 505 and closes, wh
 client takes as "no frames here" and falls back to HTTP). Every frame, both directions::
 
     u32 size      bytes after this field
-    u16 code      request: u8 type (1 predict, 2 call) + u8 flags (bit 0: raw, bit 1: session);
-                  reply: status
+    u16 code      request: u8 type (1 predict, 2 call, 3 options) + u8 flags (bit 0: raw,
+                  bit 1: session, bit 2: shm); reply: status
     u16 head      head length H; 8 + H is a multiple of 8
     H   head      the fields of the frame type below, then zero padding
     ... data      size - 4 - H bytes
@@ -24,11 +24,17 @@ predict    ``str model ("" = default), u8 n, n x array``  the n input arrays (a 
            u8 n, n x array``
 call       ``str method, str target, str content_type``  the HTTP body (any endpoint, e.g. /v1/stats)
 call reply ``str content_type, str header_lines``        the HTTP reply body
+options    empty                                         empty
+opt reply  ``str content_type, str header_lines``        ``{"shm": {...} or null, "reason": str}`` (JSON)
 error      empty                                         ``{"error": {"code", "message"}}`` (JSON)
 =========  ============================================  =============================================
 
 A predict frame with the session flag starts its head with ``str session`` (the id of a
 stateful model's session, :mod:`edgeagent.serving.sessions`) before the fields above.
+A predict frame with the ``shm`` flag has an empty data section: its arrays lie, at the same
+offsets, in one sealed memfd passed with the frame (SCM_RIGHTS); see :mod:`edgeagent.serving.shm`.
+A client sends it only after an options frame on the same connection said ``shm`` is available.
+
 A predict request's reply is a 200 reply or an error (status >= 400); a call's reply is
 always a call reply carrying the HTTP status. Heads repeat from request to request, so
 both sides parse each distinct head once and look it up afterwards (bounded caches).
@@ -48,8 +54,11 @@ from edgeagent.errors import InputError
 PREFACE = b"EDGEAGENT * FRAMES/1\r\n\r\n"
 PREDICT = 1
 CALL = 2
+OPTIONS = 3  # the connection's wire options (shared memory); older agents answer 400 bad_frame
 FLAG_RAW = 1
 FLAG_SESSION = 2
+FLAG_SHM = 4  # the predict frame's arrays are in the file descriptor sent with it
+SMALL = 64 * 1024  # frames up to this are joined and sent with one send; larger ones are not copied
 MAX_ARRAYS = 64
 MAX_DIMS = 32
 
@@ -70,6 +79,16 @@ class FrameError(Exception):
     def __init__(self, message: str, code: str = "bad_frame") -> None:
         super().__init__(message)
         self.code = code
+
+
+# A received frame: bytes when one read held it, else a buffer the rest was read into (the
+# memory of np.empty: a bytearray would be zero-filled first, one more pass over a large frame).
+Received = bytes | bytearray | memoryview
+
+
+def receive_buffer(size: int) -> memoryview:
+    """An uninitialised buffer of ``size`` bytes to ``recv_into``."""
+    return np.empty(size, np.uint8).data
 
 
 class ArraySpec(NamedTuple):
@@ -186,7 +205,7 @@ def read_layout(reader: _Reader) -> Layout:
     return Layout(tuple(arrays), offset, count == 1 and not arrays[0].name)
 
 
-def views(layout: Layout, frame: bytes | bytearray, data_start: int) -> list[np.ndarray]:
+def views(layout: Layout, frame: Received, data_start: int) -> list[np.ndarray]:
     """Zero-copy arrays over the data section of ``frame`` (read-only when it is bytes)."""
     have = len(frame) - data_start
     if have != layout.data_size:
@@ -198,7 +217,7 @@ def views(layout: Layout, frame: bytes | bytearray, data_start: int) -> list[np.
     ]
 
 
-def feeds(layout: Layout, frame: bytes | bytearray, data_start: int) -> np.ndarray | dict[str, np.ndarray]:
+def feeds(layout: Layout, frame: Received, data_start: int) -> np.ndarray | dict[str, np.ndarray]:
     """A predict frame's inputs: the array itself for one unnamed input, else name -> array."""
     if layout.unnamed:  # the usual request, without the list and dict
         spec = layout.arrays[0]
@@ -266,17 +285,30 @@ def _signature(arrays: Sequence[np.ndarray]) -> tuple[Any, ...]:
     return tuple((a.dtype, a.shape) for a in arrays)
 
 
-def _with_data(parts: list[Any], arrays: Sequence[np.ndarray], pads: Sequence[int]) -> bytes:
-    """``parts`` then each array's bytes and padding, joined with one copy of the data."""
+Parts = list[Any]  # buffers (bytes, C-contiguous arrays) that make one frame when sent in order
+
+
+def _with_data(parts: Parts, arrays: Sequence[np.ndarray], pads: Sequence[int], data_size: int) -> Parts:
+    """``parts`` then each array's bytes and padding: one bytes object for a small frame.
+
+    A large frame stays a list of buffers for ``sendmsg``: joining would copy every byte of
+    the arrays once more before the kernel copies them into the socket.
+    """
     if len(arrays) == 1 and not pads[0] and arrays[0].flags.c_contiguous:  # the usual frame
         parts.append(arrays[0])
-        return b"".join(parts)
-    for array, pad in zip(arrays, pads, strict=True):
+    else:
+        for array, pad in zip(arrays, pads, strict=True):
+            parts.append(array if array.flags.c_contiguous else np.require(array, requirements="C"))
+            if pad:
+                parts.append(_ZEROS[pad])
+    if data_size <= SMALL:
         # numpy arrays export their buffer, so join copies their bytes straight into the frame
-        parts.append(array if array.flags.c_contiguous else np.require(array, requirements="C"))
-        if pad:
-            parts.append(_ZEROS[pad])
-    return b"".join(parts)
+        return [b"".join(parts)]
+    return parts
+
+
+def joined(parts: Parts) -> bytes:
+    return parts[0] if len(parts) == 1 and type(parts[0]) is bytes else b"".join(parts)
 
 
 def _cached(cache: dict[Any, Any], key: Any, value: Any) -> Any:
@@ -287,7 +319,41 @@ def _cached(cache: dict[Any, Any], key: Any, value: Any) -> Any:
 
 
 # Everything of a predict request but its data is the same for the same model and input shapes.
-_REQUEST_PREFIXES: dict[tuple[Any, ...], tuple[bytes, tuple[int, ...]]] = {}
+_REQUEST_PREFIXES: dict[tuple[Any, ...], tuple[bytes, bytes, tuple[int, ...], int]] = {}
+
+
+def _request_prefix(
+    model: str | None,
+    names: Sequence[str],
+    arrays: Sequence[np.ndarray],
+    raw: bool,
+    session: str | None = None,
+) -> tuple[bytes, bytes, tuple[int, ...], int]:
+    """(plain frame prefix, shm frame, pads, padded data size): cached per model, session and shapes."""
+    key = (model, raw, session, tuple(names), _signature(arrays))
+    found = _REQUEST_PREFIXES.get(key)
+    if found is None:
+        desc, pads, data_size = describe(names, arrays)
+        head = (pack_str(session) if session is not None else b"") + pack_str(model or "") + desc
+        head += _ZEROS[-(8 + len(head)) % 8]
+        flags = (FLAG_RAW if raw else 0) | (FLAG_SESSION if session is not None else 0)
+        prefix = FRAME.pack(4 + len(head) + data_size, PREDICT, flags, len(head)) + head
+        shm = FRAME.pack(4 + len(head), PREDICT, flags | FLAG_SHM, len(head)) + head
+        found = _cached(_REQUEST_PREFIXES, key, (prefix, shm, pads, data_size))
+    return found
+
+
+def predict_parts(
+    model: str | None,
+    names: Sequence[str],
+    arrays: Sequence[np.ndarray],
+    raw: bool,
+    session: str | None = None,
+) -> Parts:
+    """A predict request frame as buffers to send in order (``names`` "" for a single unnamed
+    input; ``session``: a stateful model's session id)."""
+    prefix, _, pads, data_size = _request_prefix(model, names, arrays, raw, session)
+    return _with_data([prefix], arrays, pads, data_size)
 
 
 def encode_predict(
@@ -298,17 +364,29 @@ def encode_predict(
     session: str | None = None,
 ) -> bytes:
     """A predict request frame (``names`` "" for a single unnamed input; ``session``: a session id)."""
-    key = (model, raw, session, tuple(names), _signature(arrays))
-    found = _REQUEST_PREFIXES.get(key)
-    if found is None:
-        desc, pads, data_size = describe(names, arrays)
-        head = (pack_str(session) if session is not None else b"") + pack_str(model or "") + desc
-        head += _ZEROS[-(8 + len(head)) % 8]
-        flags = (FLAG_RAW if raw else 0) | (FLAG_SESSION if session is not None else 0)
-        prefix = FRAME.pack(4 + len(head) + data_size, PREDICT, flags, len(head)) + head
-        found = _cached(_REQUEST_PREFIXES, key, (prefix, pads))
-    prefix, pads = found
-    return _with_data([prefix], arrays, pads)
+    return joined(predict_parts(model, names, arrays, raw, session))
+
+
+def shm_predict(
+    model: str | None,
+    names: Sequence[str],
+    arrays: Sequence[np.ndarray],
+    raw: bool,
+    session: str | None = None,
+) -> tuple[bytes, list[int], int]:
+    """(a predict frame with the shm flag and no data, each array's offset in the shared memory,
+    the bytes they take there)."""
+    _, frame, pads, data_size = _request_prefix(model, names, arrays, raw, session)
+    offsets, offset = [], 0
+    for array, pad in zip(arrays, pads, strict=True):
+        offsets.append(offset)
+        offset += array.nbytes + pad
+    return frame, offsets, data_size
+
+
+def encode_options() -> bytes:
+    """An options frame: asks which wire options (shared memory) the connection may use."""
+    return FRAME.pack(4, OPTIONS, 0, 0)
 
 
 def encode_call(method: str, target: str, content_type: str, body: bytes) -> bytes:
@@ -323,8 +401,8 @@ _REPLY_TAILS: dict[tuple[Any, ...], tuple[bytes, tuple[int, ...], int]] = {}
 
 def encode_reply(
     latency_ms: float, pid: str, static: bytes, names: Sequence[str], arrays: Sequence[np.ndarray]
-) -> bytes:
-    """A 200 predict reply; ``static`` is :func:`static_meta` of the served model."""
+) -> Parts:
+    """A 200 predict reply as buffers to send in order; ``static`` is :func:`static_meta` of the model."""
     key = (static, names, _signature(arrays))
     found = _REPLY_TAILS.get(key)
     if found is None:
@@ -336,7 +414,7 @@ def encode_reply(
     padding = -(8 + head_len) % 8
     head_len += padding
     fixed = _REPLY_200.pack(4 + head_len + data_size, 200, head_len, latency_ms, len(pid_bytes))
-    return _with_data([fixed, pid_bytes, tail, _ZEROS[padding]], arrays, pads)
+    return _with_data([fixed, pid_bytes, tail, _ZEROS[padding]], arrays, pads, data_size)
 
 
 def static_meta(model: str, version: str, runtime: str, delegate: str) -> bytes:
@@ -363,7 +441,7 @@ _REPLY_HEADS: dict[bytes, tuple[tuple[str, str, str, str], Layout]] = {}
 
 
 def decode_reply(
-    frame: bytes | bytearray,
+    frame: Received,
 ) -> tuple[float, str, tuple[str, str, str, str], dict[str, np.ndarray]]:
     """(latency_ms, id, (model, version, runtime, delegate), outputs by name) of a 200 predict reply.
 
@@ -375,7 +453,7 @@ def decode_reply(
     if 18 + id_len > 8 + head_len or 8 + head_len > len(frame):
         raise FrameError("the reply's id or head runs past its frame")
     try:
-        pid = frame[18 : 18 + id_len].decode()
+        pid = bytes(frame[18 : 18 + id_len]).decode()
     except UnicodeDecodeError as exc:
         raise FrameError("the prediction id is not UTF-8") from exc
     rest = bytes(frame[18 + id_len : 8 + head_len])

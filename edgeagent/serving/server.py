@@ -64,6 +64,7 @@ class ServerLimits:
     socket_mode: int = 0o660  # the socket file: owner and group (the application's user) may connect
     max_sessions: int = DEFAULT_MAX_SESSIONS  # stateful models: sessions kept (least recently used evicted)
     session_idle_s: float = DEFAULT_IDLE_S  # a session idle this long is dropped
+    shared_memory: bool = True  # offer large inputs through a memfd to clients of the server's own uid
 
 
 class ServerState(enum.Enum):
