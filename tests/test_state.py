@@ -195,6 +195,18 @@ def test_sessions_match_the_bare_runtime_step_for_step(stream, framed: bool) -> 
             _matches(client.predict(x).outputs, gru_reference(model, x[None])[0])
 
 
+def test_a_session_through_shared_memory_carries_its_state(stream) -> None:  # type: ignore[no-untyped-def]
+    """The session flag and the shared-memory flag on one frame: both honoured."""
+    server, model = stream
+    xs = chunks(20, seed=31)
+    reference = gru_reference(model, xs)
+    with Client(server.socket_path, shm_min_bytes=0) as client:
+        session = client.session()
+        for x, want in zip(xs, reference, strict=True):
+            _matches(session.predict(x).outputs, want)
+        assert client.shm_offered
+
+
 def test_interleaved_sessions_do_not_mix(stream) -> None:  # type: ignore[no-untyped-def]
     server, model = stream
     a, b = chunks(30, seed=21), chunks(30, seed=22)
