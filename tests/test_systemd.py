@@ -124,6 +124,10 @@ def test_installed_root_gets_user_directories_and_config_mode(tmp_path: Path) ->
 
 
 def install(root: Path, *extra: str) -> int:
+    # The default ExecStart is this checkout's venv, which install-service refuses when the
+    # checkout lies under /tmp or /home (the unit hides them): name where a board keeps it.
+    if "--exec-start" not in extra:
+        extra = ("--exec-start", "/opt/edgeagent/bin/edgeagent", *extra)
     with pytest.raises(SystemExit) as info:
         agent_main(["install-service", "--root", str(root), *extra])
     return int(info.value.code or 0)
