@@ -71,6 +71,20 @@ WORDS = [
 ]
 
 
+# Declared state pairs (output -> the input it feeds next step) of the streaming ONNX models, as
+# their exports name them (checked: inputs input, state[, sr]; outputs output, stateN).
+# micro-wakeword keeps its state in resource variables instead (model.stateful).
+STATE: dict[str, dict[str, str]] = {
+    "silero-vad": {"stateN": "state"},
+    "silero-vad-op15": {"stateN": "state"},
+}
+
+
+def is_stream(model: Any) -> bool:
+    """Whether ``model`` carries a state from call to call (declared pairs or resource variables)."""
+    return bool(model.stateful or STATE.get(model.key))
+
+
 def sample_inputs(model: Any, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """``n`` calls' worth of inputs for ``model``: one dict (input name -> batch-1 array) per call.
 
@@ -161,6 +175,27 @@ def sample_set(model: Any, n: int, seed: int = 1) -> SampleSet:
     x = np.concatenate([as_served(c, quant)[model.inputs[0].name] for c in calls])
     reference = np.concatenate([next(iter(bare.run(c).values())) for c in calls])
     return SampleSet(x, reference, sample_labels(model, n))
+
+
+def stream_steps(
+    model: Any, n: int, seed: int = 1
+) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """``n`` steps of one sequence from a fresh bare runtime, state carried from zeros.
+
+    Returns (what a client sends each step: every input but the state inputs, the bare
+    runtime's outputs each step). A model with resource variables carries them itself.
+    """
+    bare = BareRuntime(model.path())
+    quant = bare.input_quantization()
+    pairs = STATE.get(model.key, {})
+    sent, outputs = [], []
+    state: dict[str, np.ndarray] = {}
+    for feeds in sample_inputs(model, n, seed):
+        outs = bare.run({**feeds, **state})
+        state = {inp: outs[out] for out, inp in pairs.items()}
+        sent.append({k: v for k, v in as_served(feeds, quant).items() if k not in pairs.values()})
+        outputs.append(outs)
+    return sent, outputs
 
 
 class BareRuntime:
