@@ -267,8 +267,9 @@ def convert(model: Any, model_path: Path, work: Path, keypair: Any) -> Converted
         recipe.write_text(f'{REGRESSION}\n[[passes]]\ntype = "quantize"\nmode = "static"\n')
         argv = ["--recipe", recipe]
     elif model.fmt == "onnx":
-        # Per-channel weights: with the BatchNorms folded into the convolutions, one scale per
-        # tensor flattens doc-orientation's small channels (int8 top-1 2 of 8 against fp32's 8).
+        # Per-channel weights: the default (7-bit weights for --int8-target portable, one scale
+        # per tensor, BatchNorms folded into the convolutions) takes doc-orientation's int8 top-1
+        # to 2 of 8 (fp32: 8 of 8); per-channel, or 8-bit weights (x86-vnni), keep 8 of 8.
         argv = ["--quantize", "int8", "--per-channel"]
     else:
         argv = ["--quantize", "int8"]
