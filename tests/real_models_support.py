@@ -254,3 +254,20 @@ def as_served(feeds: dict[str, np.ndarray], quant: dict[str, tuple[float, int]])
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() == "true"
+
+
+def stream_eval(model: Any, n: int) -> dict[str, np.ndarray]:
+    """The converter's evaluation data for a stream (docs/converter.md, "Streaming models"): every
+    input by name, the state inputs as recorded step by step, and ``y``, the first output."""
+    sent, outputs = stream_steps(model, n)
+    arrays = {name: rows([s[name] for s in sent]) for name in sent[0]}
+    for out_name, inp in STATE[model.key].items():
+        recorded = [np.zeros_like(outputs[0][out_name])] + [o[out_name] for o in outputs[:-1]]
+        arrays[inp] = np.stack(recorded)  # Silero's (N, 2, 1, 128): its state has the batch on axis 1
+    first = next(iter(outputs[0]))
+    return {**arrays, "y": rows([o[first] for o in outputs])}
+
+
+def rows(values: list[np.ndarray]) -> np.ndarray:
+    """Batch-1 arrays as (N, ...) rows; scalars (a sample rate) as (N,)."""
+    return np.stack(values) if np.ndim(values[0]) == 0 else np.concatenate(values)

@@ -49,8 +49,10 @@ from tests.real_models_support import (
     in_ci,
     is_stream,
     missing_reason,
+    rows,
     sample_inputs,
     sample_set,
+    stream_eval,
     stream_steps,
 )
 from tests.runtimes_support import wait_for
@@ -186,11 +188,6 @@ def write_golden(model: Any, out: Path) -> Path:
         reference={name: rows([o[name] for o in outputs]) for name in outputs[0] if name not in carried},
     ))  # fmt: skip
     return out
-
-
-def rows(values: list[np.ndarray]) -> np.ndarray:
-    """Batch-1 arrays as (N, ...) rows; scalars (a sample rate) as (N,)."""
-    return np.stack(values) if np.ndim(values[0]) == 0 else np.concatenate(values)
 
 
 # -- the fetch script -------------------------------------------------------------------------
@@ -344,13 +341,7 @@ def write_eval(model: Any, out: Path) -> Path:
     first output (everything else, as regression). A stream: every input by name, the state
     inputs as recorded step by step (docs/converter.md, "Streaming models")."""
     if model.key in STATE:
-        sent, outputs = stream_steps(model, golden_samples(model))
-        arrays = {name: rows([s[name] for s in sent]) for name in sent[0]}
-        for out_name, inp in STATE[model.key].items():
-            recorded = [np.zeros_like(outputs[0][out_name])] + [o[out_name] for o in outputs[:-1]]
-            arrays[inp] = np.stack(recorded)  # (N, 2, 1, 128): the state has its batch on axis 1
-        first = next(iter(outputs[0]))
-        np.savez(out, **arrays, y=rows([o[first] for o in outputs]))  # type: ignore[arg-type]
+        np.savez(out, **stream_eval(model, golden_samples(model)))  # type: ignore[arg-type]
         return out
     data = sample_set(model, golden_samples(model))
     y = data.labels if model.task == "classification" else data.reference
