@@ -84,6 +84,10 @@ KNOWN: dict[tuple[str, str], tuple[str, str]] = {
         "input 'state' has a fixed batch of 2; the converter needs a batch of 1 or a dynamic batch",
         "issue 23",
     ),
+    # TODO(unfiled): `--quantize int8` defaults to 7-bit per-tensor weights (--int8-target
+    # portable); after BatchNorm folding that flattens doc-orientation's small channels, and
+    # convert ships it with a gate derived from what it measured (min accuracy 0.23).
+    ("doc-orientation", "convert-default"): ("confident top-1 classes", "unfiled: default int8 weights"),
     ("silero-vad", "bench"): ("inputs disagree on the batch size (1 vs 2 for 'state')", "issue 23"),
     ("silero-vad-op15", "bench"): ("inputs disagree on the batch size (1 vs 2 for 'state')", "issue 23"),
     ("silero-vad", "serve"): ("inputs disagree on the batch size (1 vs 2 for 'state')", "issue 23"),
@@ -91,9 +95,10 @@ KNOWN: dict[tuple[str, str], tuple[str, str]] = {
 }
 
 
-def stage_params(stage: str) -> list[Any]:
+def stage_params(stage: str, only: Any = None) -> list[Any]:
+    """One param per model (``only``: those it accepts), KNOWN ones as strict xfails."""
     params = []
-    for model in CATALOGUE:
+    for model in filter(only, CATALOGUE):
         known = KNOWN.get((model.key, stage))
         marks = []
         if known:
@@ -308,9 +313,14 @@ CONFIDENT = 0.9  # fp32 top-1 probability from which int8 must give the same cla
 
 
 def assert_int8_keeps_confident_classes(model: Any, int8: Path) -> None:
+    changed = changed_confident_classes(model, int8)
+    assert not changed, f"int8 changed {changed} confident top-1 classes"
+
+
+def changed_confident_classes(model: Any, int8: Path) -> int:
     """Where fp32 is sure (softmax top-1 >= CONFIDENT, so the runner-up is at least 0.8 behind;
-    both classifiers here end in a softmax),
-    int8 rounding cannot honestly flip the class: it must agree there. Near-ties may flip."""
+    both classifiers here end in a softmax), int8 rounding cannot honestly flip the class: how
+    many samples it flips there. Near-ties may flip and do not count."""
     data = sample_set(model, golden_samples(model))
     session = BareRuntime(int8)
     name = model.inputs[0].name
@@ -319,7 +329,28 @@ def assert_int8_keeps_confident_classes(model: Any, int8: Path) -> None:
     confident = fp32.max(axis=1) >= CONFIDENT
     assert confident.any(), f"{model.key}: no confident sample to judge int8 on"
     agree = got.reshape(len(got), -1).argmax(axis=1) == fp32.argmax(axis=1)
-    assert agree[confident].all(), f"int8 changed {int((~agree[confident]).sum())} confident top-1 classes"
+    return int((~agree[confident]).sum())
+
+
+def onnx_classifier(model: Any) -> bool:
+    return bool(model.fmt == "onnx" and model.task == "classification")
+
+
+@pytest.mark.parametrize("model", stage_params("convert-default", only=onnx_classifier))
+def test_default_int8_keeps_confident_classes(model: Any, model_path: Path, work: Path) -> None:
+    """Plain `--quantize int8`, every setting left at its default (test_convert uses per-channel)."""
+    with known_failures(model, "convert-default"):
+        out = work / model.key / "convert-default"
+        out.mkdir(parents=True)
+        eval_npz = write_eval(model, out / "eval.npz")
+        done = cli("convert", model_path, "--quantize", "int8", "--eval", eval_npz, "--calib", eval_npz,
+                   "--golden-samples", str(golden_samples(model)), "--name", model.key, "--version", "1.0.0",
+                   "--unsigned", "--quiet", "-o", out / "int8")  # fmt: skip
+        ok_or_refused(done, "edgectl convert --quantize int8")
+        (int8,) = (out / "int8" / "artifacts").glob("*int8*.onnx")
+        changed = changed_confident_classes(model, int8)
+        if changed:
+            raise Refused(f"int8 changed {changed} confident top-1 classes")
 
 
 @pytest.mark.parametrize("model", stage_params("convert-cwd"))
