@@ -71,6 +71,20 @@ WORDS = [
 ]
 
 
+# Declared state pairs (output -> the input it feeds next step) of the streaming ONNX models, as
+# their exports name them (checked: inputs input, state[, sr]; outputs output, stateN).
+# micro-wakeword keeps its state in resource variables instead (model.stateful).
+STATE: dict[str, dict[str, str]] = {
+    "silero-vad": {"stateN": "state"},
+    "silero-vad-op15": {"stateN": "state"},
+}
+
+
+def is_stream(model: Any) -> bool:
+    """Whether ``model`` carries a state from call to call (declared pairs or resource variables)."""
+    return bool(model.stateful or STATE.get(model.key))
+
+
 def sample_inputs(model: Any, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """``n`` calls' worth of inputs for ``model``: one dict (input name -> batch-1 array) per call.
 
@@ -163,6 +177,27 @@ def sample_set(model: Any, n: int, seed: int = 1) -> SampleSet:
     return SampleSet(x, reference, sample_labels(model, n))
 
 
+def stream_steps(
+    model: Any, n: int, seed: int = 1
+) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """``n`` steps of one sequence from a fresh bare runtime, state carried from zeros.
+
+    Returns (what a client sends each step: every input but the state inputs, the bare
+    runtime's outputs each step). A model with resource variables carries them itself.
+    """
+    bare = BareRuntime(model.path())
+    quant = bare.input_quantization()
+    pairs = STATE.get(model.key, {})
+    sent, outputs = [], []
+    state: dict[str, np.ndarray] = {}
+    for feeds in sample_inputs(model, n, seed):
+        outs = bare.run({**feeds, **state})
+        state = {inp: outs[out] for out, inp in pairs.items()}
+        sent.append({k: v for k, v in as_served(feeds, quant).items() if k not in pairs.values()})
+        outputs.append(outs)
+    return sent, outputs
+
+
 class BareRuntime:
     """The model on its own runtime, with nothing of ours in between."""
 
@@ -219,3 +254,20 @@ def as_served(feeds: dict[str, np.ndarray], quant: dict[str, tuple[float, int]])
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() == "true"
+
+
+def stream_eval(model: Any, n: int) -> dict[str, np.ndarray]:
+    """The converter's evaluation data for a stream (docs/converter.md, "Streaming models"): every
+    input by name, the state inputs as recorded step by step, and ``y``, the first output."""
+    sent, outputs = stream_steps(model, n)
+    arrays = {name: rows([s[name] for s in sent]) for name in sent[0]}
+    for out_name, inp in STATE[model.key].items():
+        recorded = [np.zeros_like(outputs[0][out_name])] + [o[out_name] for o in outputs[:-1]]
+        arrays[inp] = np.stack(recorded)  # Silero's (N, 2, 1, 128): its state has the batch on axis 1
+    first = next(iter(outputs[0]))
+    return {**arrays, "y": rows([o[first] for o in outputs])}
+
+
+def rows(values: list[np.ndarray]) -> np.ndarray:
+    """Batch-1 arrays as (N, ...) rows; scalars (a sample rate) as (N,)."""
+    return np.stack(values) if np.ndim(values[0]) == 0 else np.concatenate(values)
