@@ -143,6 +143,27 @@ class Evaluator:
         return fields
 
 
+#: A top-1 loss (fraction) past which the report and the command line warn about an artifact.
+ACCURACY_WARNING = 0.05
+
+
+def accuracy_loss(model: Metrics, source: Metrics, source_name: str) -> str | None:
+    """Why ``model`` lost more than :data:`ACCURACY_WARNING` of top-1 against ``source``; else None.
+
+    The gate is derived from the artifact's own numbers, so a converted model that lost most of
+    its accuracy would still pass its own acceptance test: this says so where the user looks.
+    """
+    if model.accuracy is None or source.accuracy is None:
+        return None
+    lost = source.accuracy - model.accuracy
+    if lost <= ACCURACY_WARNING:
+        return None
+    return (
+        f"top-1 {model.accuracy:.2%} against {source.accuracy:.2%} for {source_name} "
+        f"({lost * 100:.1f} points lost; int8: try --per-channel, or --max-drop to search settings)"
+    )
+
+
 def regressions(model: Metrics, source: Metrics, source_name: str) -> list[str]:
     """How ``model`` is larger on disk or slower (host p50) than ``source``; empty when it is not.
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from converter import extras
-from converter.evaluate import Metrics, regressions
+from converter.evaluate import Metrics, accuracy_loss, regressions
 from converter.package import Packaged
 from converter.pipeline import PipelineResult
 from edgeagent.storage import atomic_write_bytes
@@ -25,13 +25,16 @@ CHART_W, CHART_H = 420, 280
 
 
 def artifact_warnings(result: PipelineResult) -> list[str]:
-    """One line per produced artifact that is larger or slower (host p50) than the source model."""
+    """One line per produced artifact that is larger or slower (host p50) than the source model,
+    or lost more than a few points of its top-1 accuracy."""
     source = result.source.path.name
     lines = []
     for model, metrics in result.artifacts():
         if model == result.source:
             continue
         reasons = regressions(metrics, result.baseline, f"the source {source}")
+        lost = accuracy_loss(metrics, result.baseline, f"the source {source}")
+        reasons += [lost] if lost else []
         if reasons:
             lines.append(f"{model.path.name}: {'; '.join(reasons)}")
     return lines

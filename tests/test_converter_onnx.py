@@ -428,3 +428,19 @@ def test_sparsify_must_be_last(tmp_path: Path, model_dir: Path, capsys: Any) -> 
                  "--unsigned", "-o", tmp_path / "out")  # fmt: skip
     assert rc == 2
     assert "passes[0]: sparsify must be the last pass" in capsys.readouterr().err
+
+
+def test_an_artifact_that_lost_most_of_its_accuracy_is_a_warning(
+    tmp_path: Path, model_dir: Path, capsys: Any
+) -> None:
+    """Seen on a real classifier: default int8 took top-1 from 100% to 25% and shipped with a gate
+    derived from the 25%, silently. Pruning 98% of the digits MLP loses accuracy the same way."""
+    out = tmp_path / "out"
+    argv = ["convert", model_dir / "mlp.onnx", "--dataset", "digits", "--prune", "0.98"]
+    assert edgectl(*argv, "--name", "d", "--version", "1.0.0", "--unsigned", "-o", out, "--quiet") == 0
+    report = json.loads((out / "report.json").read_text())
+    before, after = report["baseline"]["accuracy"], report["steps"][-1]["after"]["accuracy"]
+    assert before - after > 0.05
+    (warning,) = [w for w in report["warnings"] if "points lost" in w]
+    assert warning.startswith(f"mlp-p98.onnx: top-1 {after:.2%} against {before:.2%} for the source mlp.onnx")
+    assert f"warning: {warning}" in capsys.readouterr().out

@@ -191,6 +191,19 @@ def test_regressions_quote_both_numbers_and_only_what_is_worse() -> None:
     ]
 
 
+def test_an_accuracy_loss_past_five_points_is_named_with_both_numbers() -> None:
+    from converter.evaluate import accuracy_loss
+
+    source = _metrics(1000, 1.0).model_copy(update={"accuracy": 1.0})
+    assert accuracy_loss(source.model_copy(update={"accuracy": 0.96}), source, "the source") is None
+    assert accuracy_loss(_metrics(1000, 1.0), source, "the source") is None  # not a classifier
+    lost = accuracy_loss(source.model_copy(update={"accuracy": 0.25}), source, "the source m.onnx")
+    assert lost == (
+        "top-1 25.00% against 100.00% for the source m.onnx (75.0 points lost; int8: try "
+        "--per-channel, or --max-drop to search settings)"
+    )
+
+
 def test_error_reason_is_never_empty() -> None:
     assert error_reason(ValueError("bad shape\nmore detail")) == "ValueError: bad shape"
     assert error_reason(AssertionError()) == "AssertionError()"
