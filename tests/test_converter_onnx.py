@@ -442,5 +442,7 @@ def test_an_artifact_that_lost_most_of_its_accuracy_is_a_warning(
     before, after = report["baseline"]["accuracy"], report["steps"][-1]["after"]["accuracy"]
     assert before - after > 0.05
     (warning,) = [w for w in report["warnings"] if "points lost" in w]
-    assert warning.startswith(f"mlp-p98.onnx: top-1 {after:.2%} against {before:.2%} for the source mlp.onnx")
+    # (a "slower than" reason may come first: single-sample timing noise on a loaded machine)
+    assert warning.startswith("mlp-p98.onnx: ")
+    assert f"top-1 {after:.2%} against {before:.2%} for the source mlp.onnx" in warning
     assert f"warning: {warning}" in capsys.readouterr().out
