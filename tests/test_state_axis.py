@@ -19,6 +19,7 @@ import pytest
 from converter.errors import DataError
 from converter.feeds import InputSpec, fit_feeds, sample
 from edgeagent.acceptance import run_acceptance
+from edgeagent.bundle import AcceptanceGate
 from edgeagent.bundle.golden import GoldenSet, load_golden, save_golden
 from edgeagent.bundle.manifest import ModelEntry, ModelState, StatePair
 from edgeagent.client import Client
@@ -150,8 +151,17 @@ def test_bench_runs_an_axis1_bundle(axis1_stream, tmp_path: Path, keypair, capsy
     from tests.test_serving_cli import edgeagent
 
     _, model, bundle = axis1_stream
-    if not golden:
-        bundle = _bundle(tmp_path / "out", keypair, model, None, state=PAIRS).path
+    if not golden:  # latency on zeros for x; the state (2, batch, 8) is no invented shape to refuse
+        from edgeagent.bundle.create import create_bundle
+        from edgeagent.signing import SigningKey
+
+        gate = AcceptanceGate(latency_p95_ms={"*": 60_000.0})  # a budget, never the point here
+        created = create_bundle(
+            name="stream", version="1.0.0", models=[model], key=SigningKey.load(keypair.private),
+            out_dir=tmp_path / "out", gate=gate, state=PAIRS,
+        )  # fmt: skip
+        assert created.manifest.acceptance.latency_shapes == {}
+        bundle = created.path
     argv = ["bench", bundle, "--trusted", keypair.public, "--profile", "generic-x86_64", "--json"]
     assert edgeagent(*argv, "--in-process") == 0, capsys.readouterr().err
     rows = {r["candidate"]: r for r in json.loads(capsys.readouterr().out)["rows"]}

@@ -218,7 +218,7 @@ def latency_shapes(
     """
     shapes: dict[str, list[int]] = {}
     for model in models:
-        for spec in model.inputs:
+        for spec in _timed_inputs(model):
             found = _given_shape(spec, model, given) if golden is None else _golden_shape(spec, model, golden)
             if found is None:
                 if any(d is None for d in spec.shape[1:]):
@@ -236,8 +236,14 @@ def latency_shapes(
                     f"{'x'.join(map(str, found))}; latency is timed on the golden set"
                 )
             shapes[spec.name] = found
-    dynamic = any(d is None for m in models for s in m.inputs for d in s.shape[1:])
+    dynamic = any(d is None for m in models for s in _timed_inputs(m) for d in s.shape[1:])
     return shapes if dynamic or given else {}
+
+
+def _timed_inputs(model: ModelEntry) -> list[TensorSpec]:
+    """The inputs latency is timed on zeros of: all but the state inputs (fed the initial state)."""
+    carried = {p.input for p in model.state.pairs} if model.state is not None else set()
+    return [s for s in model.inputs if s.name not in carried]
 
 
 def _given_shape(spec: TensorSpec, model: ModelEntry, given: Mapping[str, Sequence[int]]) -> list[int] | None:
