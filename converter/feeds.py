@@ -3,8 +3,11 @@
 Evaluation, calibration and golden data are :data:`Feeds`, one array per model input name
 with one row per sample (a scalar input: one value per sample, shape (N,)). Data for a
 one-input model may use any name (``x`` in the files); :func:`fit_feeds` gives it to the
-only input. Arrays keep their dtype up to the model: integer token ids stay integers, and a
-float array is never cast to an integer input (that would silently truncate ids).
+only input. An input fed whole (:func:`edgeagent.runtimes.model.fed_whole`: no batch
+dimension, such as Silero's state (2, batch, 128)) holds one whole value per row, shape
+(N, *declared), never reshaped. Arrays keep their dtype up to the model: integer token ids
+stay integers, and a float array is never cast to an integer input (that would silently
+truncate ids).
 """
 
 from __future__ import annotations
@@ -31,6 +34,12 @@ class InputSpec:
     dtype: np.dtype[Any]  # what the runner takes: float32 for a quantized TFLite input it quantizes
     shape: tuple[int | None, ...]  # per sample, without the batch dimension; None = dynamic
     scalar: bool = False  # rank 0: no batch dimension, one value per invocation
+    whole: bool = False  # no batch dimension: ``shape`` is the declared one, one value per invocation
+
+    @property
+    def unbatched(self) -> bool:
+        """No batch dimension: each invocation takes one row as it is (never several rows at once)."""
+        return self.scalar or self.whole
 
 
 def rows(feeds: Mapping[str, npt.NDArray[Any]]) -> int:
@@ -98,6 +107,8 @@ def fit_feeds(specs: Sequence[InputSpec], feeds: Mapping[str, npt.NDArray[Any]])
                     f"input {spec.name!r} is a scalar: the data needs one value per sample, shape (N,), "
                     f"not {list(array.shape)}"
                 )
+        elif spec.whole:
+            _check_whole(array, spec)
         else:
             array = fit_shape(array, spec.shape, spec.name)
         if array.dtype != spec.dtype:
@@ -113,9 +124,25 @@ def fit_feeds(specs: Sequence[InputSpec], feeds: Mapping[str, npt.NDArray[Any]])
     return out
 
 
+def _check_whole(array: npt.NDArray[Any], spec: InputSpec) -> None:
+    """DataError unless every row of ``array`` is exactly the declared shape of whole input ``spec``."""
+    got = array.shape[1:]
+    if len(got) != len(spec.shape) or any(
+        w is not None and w != g for w, g in zip(spec.shape, got, strict=False)
+    ):
+        want = ", ".join("?" if d is None else str(d) for d in spec.shape)
+        raise DataError(
+            f"input {spec.name!r} has no batch dimension: the data needs one value of shape ({want}) "
+            f"per sample, shape (N, {want}), not {list(array.shape)}"
+        )
+
+
 def sample(specs: Sequence[InputSpec], feeds: Mapping[str, npt.NDArray[Any]], i: int) -> Feeds:
-    """Sample ``i`` of fitted ``feeds`` as one invocation takes it (batch of one; a scalar as 0-d)."""
-    return {s.name: (feeds[s.name][i] if s.scalar else feeds[s.name][i : i + 1]) for s in specs}
+    """Sample ``i`` of fitted ``feeds`` as one invocation takes it (batch of one; unbatched: its row)."""
+    # np.asarray: a scalar's row is a numpy scalar, which ONNX Runtime refuses (it takes arrays).
+    return {
+        s.name: (np.asarray(feeds[s.name][i]) if s.unbatched else feeds[s.name][i : i + 1]) for s in specs
+    }
 
 
 def stack_rows(parts: Sequence[Sequence[npt.NDArray[Any]]]) -> list[npt.NDArray[Any]]:

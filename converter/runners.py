@@ -107,9 +107,10 @@ class _Base:
 
     def run(self, feeds: Mapping[str, npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
         fitted = fit_feeds(self.inputs, feeds)
-        if self.batch_dynamic and not any(s.scalar for s in self.inputs):
+        if self.batch_dynamic and not any(s.unbatched for s in self.inputs):
             return self._call(fitted)
-        # A fixed batch (a TFLite artifact: what a device runs) or a scalar input: one sample at a time.
+        # A fixed batch (a TFLite artifact: what a device runs) or an input without a batch
+        # dimension (a scalar, a state fed whole): one sample at a time.
         return stack_rows([self._call(sample(self.inputs, fitted, i)) for i in range(rows(fitted))])
 
     def predict(self, x: npt.NDArray[Any]) -> FloatArray:
@@ -130,6 +131,7 @@ def _dims(shape: Any) -> tuple[int | None, ...]:
 class OnnxRunner(_Base):
     def __init__(self, model: ModelArtifact) -> None:
         from edgeagent.modelinfo import ORT_TYPES
+        from edgeagent.runtimes.model import fed_whole
 
         ort = extras.require("onnxruntime")
         options = ort.SessionOptions()
@@ -147,14 +149,21 @@ class OnnxRunner(_Base):
             raise ModelLoadError(
                 f"{model.path}: input {unknown[0].name!r} has unsupported type {unknown[0].type}"
             )
+        whole = fed_whole({a.name: _dims(a.shape) for a in args})
         self.inputs = tuple(
-            InputSpec(a.name, np.dtype(ORT_TYPES[a.type]), _dims(a.shape[1:]), scalar=not a.shape)
+            InputSpec(
+                a.name,
+                np.dtype(ORT_TYPES[a.type]),
+                _dims(a.shape if a.name in whole else a.shape[1:]),
+                scalar=not a.shape,
+                whole=a.name in whole,
+            )
             for a in args
         )
         self.output_names = tuple(o.name for o in self.session.get_outputs())
-        batched = [a.shape for a in args if a.shape]
-        self.batch_dynamic = all(not isinstance(s[0], int) or s[0] <= 0 for s in batched)
-        fixed = next((a for a in args if a.shape and isinstance(a.shape[0], int) and a.shape[0] > 1), None)
+        batched = [a for a in args if a.shape and a.name not in whole]
+        self.batch_dynamic = all(not isinstance(a.shape[0], int) or a.shape[0] <= 0 for a in batched)
+        fixed = next((a for a in batched if isinstance(a.shape[0], int) and a.shape[0] > 1), None)
         if fixed is not None:
             # Evaluation and latency run one sample at a time; ORT would refuse it in 35 lines.
             raise ModelLoadError(
@@ -173,6 +182,7 @@ class TfliteRunner(_Base):
 
     def __init__(self, model: ModelArtifact) -> None:
         from edgeagent.modelinfo import tflite_interpreter_class
+        from edgeagent.runtimes.model import fed_whole
 
         interpreter_class = tflite_interpreter_class()
         try:
@@ -183,12 +193,14 @@ class TfliteRunner(_Base):
         self.path = model.path
         self._in = self.interpreter.get_input_details()
         self._out = self.interpreter.get_output_details()
+        whole = fed_whole({str(d["name"]): [int(x) for x in d["shape"]] for d in self._in})
         self.inputs = tuple(
             InputSpec(
                 str(d["name"]),
                 np.dtype(np.float32) if _quantized(d) else np.dtype(d["dtype"]),
-                tuple(int(x) for x in d["shape"][1:]),
+                tuple(int(x) for x in d["shape"][0 if d["name"] in whole else 1 :]),
                 scalar=len(d["shape"]) == 0,
+                whole=d["name"] in whole,
             )
             for d in self._in
         )

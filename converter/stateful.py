@@ -37,6 +37,10 @@ def replay(
             f"--state names {missing[0]!r}, which the model lacks (inputs {sorted(specs)}, outputs {outputs})"
         )
     carry = {inp: outputs.index(out) for out, inp in pairs.items()}
+    # A state fed whole (Silero's (2, batch, 128): no batch dimension) is one row per step:
+    # its rows are (1, *declared), and its outputs are stacked, one row per step.
+    whole = {inp for inp in carry if specs[inp].whole}
+    stacked = {j for inp, j in carry.items() if inp in whole}
     state: Feeds = {
         inp: np.zeros([1, *(1 if d is None else d for d in specs[inp].shape)], specs[inp].dtype)
         for inp in carry
@@ -46,9 +50,15 @@ def replay(
         step: Feeds = {k: v[i : i + 1] for k, v in feeds.items()}
         step.update(state)
         result = runner.run(step)
-        state = {inp: np.asarray(result[j]) for inp, j in carry.items()}
+        state = {
+            inp: np.asarray(result[j])[None] if inp in whole else np.asarray(result[j])
+            for inp, j in carry.items()
+        }
         steps.append(result)
-    return [np.concatenate(parts) for parts in zip(*steps, strict=True)]
+    return [
+        np.stack(parts) if j in stacked else np.concatenate(parts)
+        for j, parts in enumerate(zip(*steps, strict=True))
+    ]
 
 
 def golden_inputs(feeds: Feeds, pairs: Mapping[str, str]) -> Feeds:

@@ -124,10 +124,13 @@ def run_acceptance(
     times_ms = times * 1e3
     p50, p95, p99 = (float(v) for v in np.percentile(times_ms, [50, 95, 99]))
     latency = Latency(runs=len(times), p50_ms=p50, p95_ms=p95, p99_ms=p99, max_ms=float(times_ms.max()))
-    outputs = {name: _rows([r[k] for r in results]) for k, name in enumerate(model.output_names)}
+    whole = {p.output for p in state.spec.pairs if p.input in model.unbatched} if state is not None else set()
+    outputs = {
+        name: _rows([r[k] for r in results], name in whole) for k, name in enumerate(model.output_names)
+    }
     checks = _data_checks(gate, golden, outputs) if golden is not None else []
     budget = gate.latency_p95_ms.get(profile or "", gate.latency_p95_ms.get("*"))
-    invented = _invented_shapes(model, gate) if golden is None else None
+    invented = _invented_shapes(model, gate, skip) if golden is None else None
     if budget is not None and invented:
         checks.append(_missing("latency_p95_ms", "<=", budget, invented))
     elif budget is not None:
@@ -201,12 +204,11 @@ def _golden_samples(
 ) -> list[dict[str, np.ndarray]]:
     """One feed per golden sample with every input of the model but ``skip`` (state inputs).
 
-    A scalar input is fed as a 0-d array.
+    An input without a batch dimension (a scalar, an input fed whole) is fed as its row.
     """
     inputs = match_inputs(golden.inputs, [s.name for s in model.inputs if s.name not in skip])
-    scalar = {s.name for s in model.inputs if not s.shape}
     return [
-        {name: (a[i] if name in scalar else a[i : i + 1]) for name, a in inputs.items()}
+        {name: (a[i] if name in model.unbatched else a[i : i + 1]) for name, a in inputs.items()}
         for i in range(len(golden))
     ]
 
@@ -241,10 +243,15 @@ def _latency_shape(name: str, shape: list[int | None], recorded: Mapping[str, li
     return found if found is not None else [1 if d is None else d for d in shape]
 
 
-def _invented_shapes(model: LoadedModel, gate: AcceptanceGate) -> str | None:
+def _invented_shapes(
+    model: LoadedModel, gate: AcceptanceGate, skip: frozenset[str] = frozenset()
+) -> str | None:
     """Why latency on zeros would be meaningless: an input with a dynamic dimension past the batch
-    one that the gate records no shape for (it would be timed as 1, e.g. a 1x1 image); else None."""
+    one that the gate records no shape for (it would be timed as 1, e.g. a 1x1 image); else None.
+    ``skip``: the state inputs, fed their initial state, never zeros of an invented shape."""
     for spec in model.inputs:
+        if spec.name in skip:
+            continue
         invented = _recorded_shape(spec.name, len(spec.shape), gate.latency_shapes) is None
         if invented and any(d is None for d in spec.shape[1:]):
             dims = "x".join("?" if d is None else str(d) for d in spec.shape)
@@ -255,9 +262,13 @@ def _invented_shapes(model: LoadedModel, gate: AcceptanceGate) -> str | None:
     return None
 
 
-def _rows(parts: list[np.ndarray]) -> np.ndarray:
-    """Per-sample outputs as one (N, ...) array (a scalar output: (N,))."""
-    return np.stack(parts) if parts[0].ndim == 0 else np.concatenate(parts)
+def _rows(parts: list[np.ndarray], whole: bool = False) -> np.ndarray:
+    """Per-sample outputs as one (N, ...) array (a scalar output: (N,)).
+
+    ``whole``: the output is a state fed whole to an input without a batch dimension (Silero's
+    (2, 1, 128)): each sample's is one row, stacked into (N, 2, 1, 128).
+    """
+    return np.stack(parts) if whole or parts[0].ndim == 0 else np.concatenate(parts)
 
 
 def _class_counts(outputs: list[np.ndarray]) -> dict[str, int] | None:

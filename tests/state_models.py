@@ -137,3 +137,64 @@ def litert_stream(path: Path, xs: np.ndarray) -> tuple[list[np.ndarray], float]:
             y = ((y.astype(np.float32) - np.float32(out_zero)) * np.float32(out_scale)).astype(np.float32)
         steps.append(y)
     return steps, float(out_scale)
+
+
+LAYERS = 2  # axis 0 of the axis-1 state: layers, not samples
+
+
+def axis1_model(path: Path, *, batch: int | str = 1, seed: int = 5) -> Path:
+    """Silero VAD's state layout in small: ``x`` (B x 4) and ``state`` (2 x B x 8), batch on axis 1.
+
+    ``y = tanh(x W + sum over the layer axis of state)`` (B x 8) and ``stateN = tanh(0.9 state +
+    x V + L)`` (2 x B x 8, x V broadcast over the layers, L a per-layer bias). ``batch`` 1 is
+    Silero's fixed export, a name its dynamic one (op15: ``state`` is (2, batch, 128)).
+    """
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.6, (FEATURES, HIDDEN)).astype(np.float32)
+    v = rng.normal(0, 0.6, (FEATURES, HIDDEN)).astype(np.float32)
+    bias = rng.normal(0, 0.3, (LAYERS, 1, HIDDEN)).astype(np.float32)
+    consts = [(w, "W"), (v, "V"), (bias, "L"), (np.array([0], np.int64), "axis0"), (np.float32(0.9), "decay")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["xw"]),
+        helper.make_node("ReduceSum", ["state", "axis0"], ["ssum"], keepdims=0),
+        helper.make_node("Add", ["xw", "ssum"], ["pre_y"]),
+        helper.make_node("Tanh", ["pre_y"], ["y"]),
+        helper.make_node("MatMul", ["x", "V"], ["xv"]),
+        helper.make_node("Mul", ["state", "decay"], ["kept"]),
+        helper.make_node("Add", ["kept", "xv"], ["pre_s0"]),
+        helper.make_node("Add", ["pre_s0", "L"], ["pre_s"]),
+        helper.make_node("Tanh", ["pre_s"], ["stateN"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "axis1",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, FEATURES]),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [LAYERS, batch, HIDDEN]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, HIDDEN]),
+            helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [LAYERS, batch, HIDDEN]),
+        ],
+        [numpy_helper.from_array(a, n) for a, n in consts],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tests")
+    model.ir_version = 8
+    save(model, str(path))
+    return path
+
+
+def axis1_reference(path: Path, xs: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """Every step's outputs of :func:`axis1_model` over chunks ``xs`` (n, 1, 4) on bare ORT, state
+    carried from zeros (2, 1, 8)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    h = np.zeros((LAYERS, 1, HIDDEN), np.float32)
+    steps = []
+    for x in xs:
+        y, h = session.run(["y", "stateN"], {"x": x, "state": h})
+        steps.append({"y": y, "stateN": h})
+    return steps

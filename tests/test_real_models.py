@@ -74,24 +74,10 @@ class Refused(Exception):
 # real one); when the fix lands the test passes, pytest reports XPASS(strict) as a failure, and
 # the entry goes.
 KNOWN: dict[tuple[str, str], tuple[str, str]] = {
-    # TODO(issue 23): Silero's state is (2, batch, 128): its batch is axis 1, and the converter
-    # and the agent take axis 0 of every input as the batch (rows of the data, batch of a call).
-    ("silero-vad", "convert"): (
-        "input 'state' has a fixed batch of 2; the converter needs a batch of 1 or a dynamic batch",
-        "issue 23",
-    ),
-    ("silero-vad-op15", "convert"): (
-        "input 'state' has a fixed batch of 2; the converter needs a batch of 1 or a dynamic batch",
-        "issue 23",
-    ),
     # TODO(unfiled): `--quantize int8` defaults to 7-bit per-tensor weights (--int8-target
     # portable); after BatchNorm folding that flattens doc-orientation's small channels, and
     # convert ships it with a gate derived from what it measured (min accuracy 0.23).
     ("doc-orientation", "convert-default"): ("confident top-1 classes", "unfiled: default int8 weights"),
-    ("silero-vad", "bench"): ("inputs disagree on the batch size (1 vs 2 for 'state')", "issue 23"),
-    ("silero-vad-op15", "bench"): ("inputs disagree on the batch size (1 vs 2 for 'state')", "issue 23"),
-    ("silero-vad", "serve"): ("inputs disagree on the batch size (1 vs 2 for 'state')", "issue 23"),
-    ("silero-vad-op15", "serve"): ("inputs disagree on the batch size (1 vs 2 for 'state')", "issue 23"),
 }
 
 

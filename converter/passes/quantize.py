@@ -243,7 +243,7 @@ class _CalibrationReader:
     def __init__(self, base: type[Any], model: Path, calib: Feeds, batch: int) -> None:
         runner = OnnxRunner(ModelArtifact(model, "onnx"))
         feeds = fit_feeds(runner.inputs, calib)
-        if not runner.batch_dynamic or any(s.scalar for s in runner.inputs):
+        if not runner.batch_dynamic or any(s.unbatched for s in runner.inputs):
             chunks = [sample(runner.inputs, feeds, i) for i in range(rows(feeds))]
         else:
             chunks = [take(feeds, slice(i, i + batch)) for i in range(0, rows(feeds), batch)]

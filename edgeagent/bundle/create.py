@@ -37,6 +37,7 @@ from edgeagent.bundle.manifest import (
 from edgeagent.bundle.writer import file_entries, write_bundle
 from edgeagent.errors import UsageError
 from edgeagent.modelinfo import inspect_model, tflite_uses_variables
+from edgeagent.runtimes.model import fed_whole
 from edgeagent.signing import SigningKey
 from edgeagent.storage import hash_file
 from edgeagent.validation import problems
@@ -217,7 +218,7 @@ def latency_shapes(
     """
     shapes: dict[str, list[int]] = {}
     for model in models:
-        for spec in model.inputs:
+        for spec in _timed_inputs(model):
             found = _given_shape(spec, model, given) if golden is None else _golden_shape(spec, model, golden)
             if found is None:
                 if any(d is None for d in spec.shape[1:]):
@@ -235,8 +236,14 @@ def latency_shapes(
                     f"{'x'.join(map(str, found))}; latency is timed on the golden set"
                 )
             shapes[spec.name] = found
-    dynamic = any(d is None for m in models for s in m.inputs for d in s.shape[1:])
+    dynamic = any(d is None for m in models for s in _timed_inputs(m) for d in s.shape[1:])
     return shapes if dynamic or given else {}
+
+
+def _timed_inputs(model: ModelEntry) -> list[TensorSpec]:
+    """The inputs latency is timed on zeros of: all but the state inputs (fed the initial state)."""
+    carried = {p.input for p in model.state.pairs} if model.state is not None else set()
+    return [s for s in model.inputs if s.name not in carried]
 
 
 def _given_shape(spec: TensorSpec, model: ModelEntry, given: Mapping[str, Sequence[int]]) -> list[int] | None:
@@ -322,18 +329,27 @@ def check_golden(path: Path, models: Sequence[ModelEntry]) -> int:
             references = match_outputs(golden.reference, [s.name for s in model.outputs])
         except UsageError as exc:
             raise UsageError(f"{where}: {exc}") from exc
+        # Inputs without a batch dimension (Silero's state (2, batch, 128)) take one whole value
+        # per row, and so do the state outputs that feed them.
+        whole = fed_whole({s.name: s.shape for s in model.inputs})
+        whole_out = (
+            {p.output for p in model.state.pairs if p.input in whole} if model.state is not None else set()
+        )
         for spec in model.inputs:
             if spec.name in inputs:
-                _check_array(where, "input", spec, inputs[spec.name], caller=True)
+                _check_array(where, "input", spec, inputs[spec.name], caller=True, whole=spec.name in whole)
         by_name = {s.name: s for s in model.outputs}
         for name, array in references.items():
-            _check_array(where, "output", by_name[name], array, caller=False)
+            _check_array(where, "output", by_name[name], array, caller=False, whole=name in whole_out)
     return len(golden)
 
 
-def _check_array(where: str, kind: str, spec: TensorSpec, array: np.ndarray, *, caller: bool) -> None:
-    """One golden array (N rows) against the tensor it feeds (``caller``) or is compared with."""
-    expected = spec.shape[1:] if spec.shape else []
+def _check_array(
+    where: str, kind: str, spec: TensorSpec, array: np.ndarray, *, caller: bool, whole: bool = False
+) -> None:
+    """One golden array (N rows) against the tensor it feeds (``caller``) or is compared with;
+    ``whole``: a tensor without a batch dimension, each row its whole declared shape."""
+    expected = list(spec.shape) if whole else spec.shape[1:] if spec.shape else []
     sample = list(array.shape[1:])
     mismatch = len(expected) != len(sample) or any(
         e is not None and e != s for e, s in zip(expected, sample, strict=True)

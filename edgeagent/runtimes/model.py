@@ -13,7 +13,10 @@ once for every runtime:
   N samples as N invocations; a model with a dynamic batch runs it in one. A single sample
   given without its batch dimension is accepted and gets one. A scalar (rank-0) input, such
   as a sample rate, has no batch dimension: it takes one value (or a batch of one, ``[v]``)
-  that applies to every sample of the batch.
+  that applies to every sample of the batch. An input whose declared first dimension is a
+  fixed integer other than 1, in a model with a batched input beside it (Silero VAD's state,
+  (2, batch, 128)), has no batch dimension either (:func:`fed_whole`): it is fed whole, in
+  the shape the model declares, to every invocation, and takes no part in the batch size.
 """
 
 from __future__ import annotations
@@ -70,6 +73,11 @@ class _InputPlan:
     fixed_batch: int | None
     affine: _Affine | None  # set when the model takes quantized integers
     scalar: bool  # rank 0: no batch dimension
+    whole: bool = False  # no batch dimension: fed as declared (dims is then the whole shape)
+
+    @property
+    def unbatched(self) -> bool:
+        return self.scalar or self.whole
 
     def batch_ok(self, n: int, dynamic: bool) -> bool:
         return n > 0 and (dynamic or self.fixed_batch in (None, 1, n))
@@ -91,15 +99,18 @@ class LoadedModel:
         self.inputs: tuple[TensorSpec, ...] = tuple(session.inputs)
         self.outputs: tuple[TensorSpec, ...] = tuple(session.outputs)
         self.output_names = tuple(o.name for o in self.outputs)
-        self._plans = tuple(_plan(spec) for spec in self.inputs)
+        whole = fed_whole({s.name: s.shape for s in self.inputs})
+        self._plans = tuple(_plan(spec, spec.name in whole) for spec in self.inputs)
+        #: Inputs without a batch dimension (scalars, inputs fed whole): never sliced per sample.
+        self.unbatched = frozenset(p.spec.name for p in self._plans if p.unbatched)
         self._names = frozenset(s.name for s in self.inputs)
         self._out_affine = tuple(
             _Affine.of(o.quantization) if _is_quantized(o) and o.quantization else None for o in self.outputs
         )
         self._batch_dynamic = session.batch_dynamic
-        batched = [p for p in self._plans if not p.scalar]
+        batched = [p for p in self._plans if not p.unbatched]
         self._fixed_batch = batched[0].fixed_batch if batched else None
-        only = self._plans[0] if len(self._plans) == 1 and not self._plans[0].scalar else None
+        only = self._plans[0] if len(self._plans) == 1 and not self._plans[0].unbatched else None
         # The fast path of predict: single input, fully known sample shape.
         self._fast = only if only is not None and None not in only.dims else None
 
@@ -142,11 +153,12 @@ class LoadedModel:
             prepared, batch = {fast.spec.name: feeds}, feeds.shape[0]
         else:
             prepared, batch = self._prepare(feeds, raw)
-        if self._batch_dynamic or batch == self._fixed_batch:
+        if self._batch_dynamic or batch == 1 or batch == self._fixed_batch:
             outputs = self.session.run(prepared)
         else:  # fixed batch of 1 (checked in _prepare): one invocation per sample
+            whole = self.unbatched
             runs = [
-                self.session.run({k: v if v.ndim == 0 else v[i : i + 1] for k, v in prepared.items()})
+                self.session.run({k: v if k in whole else v[i : i + 1] for k, v in prepared.items()})
                 for i in range(batch)
             ]
             outputs = [np.concatenate(parts) for parts in zip(*runs, strict=True)]
@@ -180,7 +192,7 @@ class LoadedModel:
         for plan in self._plans:
             array = _convert(plan, feeds[plan.spec.name], raw)
             prepared[plan.spec.name] = array
-            if plan.scalar:  # applies to the whole batch; does not decide its size
+            if plan.unbatched:  # applies to the whole batch; does not decide its size
                 continue
             n = int(array.shape[0])
             if batch is not None and n != batch:
@@ -224,11 +236,25 @@ def _is_quantized(spec: TensorSpec) -> bool:
     return spec.quantization is not None and spec.dtype in ("int8", "uint8", "int16")
 
 
-def _plan(spec: TensorSpec) -> _InputPlan:
-    dims = tuple(spec.shape[1:]) if spec.shape else ()
-    fixed = spec.shape[0] if spec.shape else None
+def fed_whole(shapes: Mapping[str, Sequence[int | None] | None]) -> frozenset[str]:
+    """The inputs of ``shapes`` (name -> declared shape, None for a dynamic dimension) that have
+    no batch dimension: a fixed first dimension other than 1 while another input's first
+    dimension is dynamic or 1 (Silero's state (2, batch, 128) beside its audio (batch, 576)).
+
+    Such an input is fed whole, as declared. A model whose every input has one fixed batch
+    (e.g. 8) keeps it as its batch: nothing there says axis 0 is anything else.
+    """
+    firsts = {name: shape[0] for name, shape in shapes.items() if shape}
+    if not any(d is None or d == 1 for d in firsts.values()):
+        return frozenset()
+    return frozenset(name for name, d in firsts.items() if d is not None and d != 1)
+
+
+def _plan(spec: TensorSpec, whole: bool = False) -> _InputPlan:
+    dims = tuple(spec.shape if whole else spec.shape[1:]) if spec.shape else ()
+    fixed = spec.shape[0] if spec.shape and not whole else None
     affine = _Affine.of(spec.quantization) if _is_quantized(spec) and spec.quantization else None
-    return _InputPlan(spec, np.dtype(spec.dtype), dims, fixed, affine, scalar=not spec.shape)
+    return _InputPlan(spec, np.dtype(spec.dtype), dims, fixed, affine, scalar=not spec.shape, whole=whole)
 
 
 def _convert(plan: _InputPlan, value: Any, raw: bool) -> np.ndarray:
@@ -249,13 +275,16 @@ def _convert(plan: _InputPlan, value: Any, raw: bool) -> np.ndarray:
                 code="bad_shape",
                 tensor=name,
             )
-    elif array.ndim == len(plan.dims):  # one sample without its batch dimension
+    elif array.ndim == len(plan.dims) and not plan.whole:  # one sample without its batch dimension
         array = array[np.newaxis]
+    lead = 0 if plan.whole else 1  # the batch dimension, checked in _prepare
     if not plan.scalar and (
-        array.ndim != len(plan.dims) + 1
-        or any(want is not None and want != got for want, got in zip(plan.dims, array.shape[1:], strict=True))
+        array.ndim != len(plan.dims) + lead
+        or any(
+            want is not None and want != got for want, got in zip(plan.dims, array.shape[lead:], strict=True)
+        )
     ):
-        expected = ["N", *("?" if d is None else d for d in plan.dims)]
+        expected = [*(["N"] if lead else []), *("?" if d is None else d for d in plan.dims)]
         raise InputError(
             f"input {name!r} has shape {list(array.shape)}; the model takes {expected}",
             code="bad_shape",
