@@ -129,13 +129,19 @@ def test_bundle_create_state_flag(tmp_path: Path, keypair, capsys) -> None:  # t
 # -- acceptance over golden sequences ---------------------------------------------------------
 
 
-def test_acceptance_replays_sequences_from_the_initial_state(tmp_path: Path) -> None:
+def _loaded_gru(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """The GRU fixture loaded in ORT, with the manifest entry that declares its state pair."""
     model_path = gru_model(tmp_path / "gru.onnx")
     model = load_model(model_path, "onnxruntime", LoadOptions("CPUExecutionProvider", threads=1))
     entry = ModelEntry(
         path="models/gru.onnx", format="onnx", precision="fp32", inputs=list(model.inputs),
         outputs=list(model.outputs), state=ModelState(pairs=[StatePair(output="stateN", input="state")]),
     )  # fmt: skip
+    return model_path, model, entry
+
+
+def test_acceptance_replays_sequences_from_the_initial_state(tmp_path: Path) -> None:
+    model_path, model, entry = _loaded_gru(tmp_path)
     carrier = StateCarrier.for_model(entry, model)
     assert carrier is not None
     sequences = [chunks(12, seed=2), chunks(9, seed=3)]
@@ -228,12 +234,7 @@ def test_interleaved_sessions_do_not_mix(stream) -> None:  # type: ignore[no-unt
 
 
 def test_session_bound_and_idle_timeout(tmp_path: Path) -> None:
-    model_path = gru_model(tmp_path / "gru.onnx")
-    model = load_model(model_path, "onnxruntime", LoadOptions("CPUExecutionProvider", threads=1))
-    entry = ModelEntry(
-        path="models/gru.onnx", format="onnx", precision="fp32", inputs=list(model.inputs),
-        outputs=list(model.outputs), state=ModelState(pairs=[StatePair(output="stateN", input="state")]),
-    )  # fmt: skip
+    model_path, model, entry = _loaded_gru(tmp_path)
     served = ServedModel("gru", model, "gru", "1.0.0", state=StateCarrier.for_model(entry, model))
     now = [0.0]
     store = SessionStore(max_sessions=2, idle_s=60.0, clock=lambda: now[0])
