@@ -289,7 +289,11 @@ class RequestFailed(ServingError):
 # ├── DocumentRefused          a signed desired doc or command was refused; ``code`` says why
 # │   ├── ReplayedDocument         its seq is not newer than the last accepted one
 # │   └── DowngradeRefused         it asks for a lower version without a signed rollback
-# └── TransferError            a block transfer gave up; carries ``sha256`` and ``block``
+# ├── TransferError            a block transfer gave up; carries ``sha256`` and ``block``
+# │   └── TransferPaused           stopped or the broker is away: the download resumes later
+# └── DeploymentError          a deployment step refused or failed; ``code`` names why
+#     └── InsufficientSpace        the store's filesystem lacks room; carries ``needed`` and ``free``
+# (edgeagent.deploy.machine.IllegalTransition is deliberately not an EdgeError: it is a bug.)
 # (Signatures on documents raise the SignatureError family above, like bundles.)
 
 
@@ -320,3 +324,26 @@ class TransferError(EdgeError):
         super().__init__(message)
         self.sha256 = sha256
         self.block = block
+
+
+class TransferPaused(TransferError):
+    """The transfer stopped without failing (a stop was asked, the broker is away); it resumes later."""
+
+    code = "transfer_paused"
+
+
+class DeploymentError(EdgeError):
+    """A deployment step refused or failed; ``code`` is the reason reported in the outcome."""
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class InsufficientSpace(DeploymentError):
+    """The store's filesystem has ``free`` bytes where a step needs ``needed``."""
+
+    def __init__(self, message: str, *, needed: int, free: int) -> None:
+        super().__init__(message, code="insufficient_space")
+        self.needed = needed
+        self.free = free

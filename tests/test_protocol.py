@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from edgeagent import errors
-from edgeagent.deployment import (
+from edgeagent.deploy import (
     TRANSITIONS,
     Event,
     IllegalTransition,
