@@ -151,10 +151,8 @@ class Engine:
 
     def _run(self, jf: JournalFile, journal: Journal, state: State) -> None:
         self.active = (jf, journal)
-        try:
-            self._run_active(jf, journal, state)
-        finally:
-            self.active = None
+        self._run_active(jf, journal, state)
+        self.active = None  # kept when it raised: the supervisor saves why the process ends
 
     def _run_active(self, jf: JournalFile, journal: Journal, state: State) -> None:
         if state in WORKING:
@@ -182,23 +180,27 @@ class Engine:
             state = next_state(state, Event.FAILED)  # from committed: IllegalTransition, a bug
         if state is State.ROLLING_BACK:
             self._roll_back(jf, journal, ctx)
+        else:  # committed: nothing left to retry
+            journal.attempts, journal.retry_at = 0, 0.0
         journal.state = State.IDLE
         jf.save(journal)
         self.states[journal.model] = State.IDLE
         self.ports.reporter.state(journal.model, journal.target, State.IDLE.value)
 
     def _roll_back(self, jf: JournalFile, journal: Journal, ctx: steps.Context) -> None:
-        self._enter(jf, journal, State.ROLLING_BACK)
         kind = kind_of(journal.code)
         retry = kind is Kind.TRANSIENT and journal.attempts < self.settings.backoff.max_attempts
-        steps.roll_back(ctx, journal, keep_partial=retry and journal.code == "transfer_failed")
-        next_state(State.ROLLING_BACK, Event.ROLLED_BACK)
         detail: dict[str, object] = {"kind": kind.value, "attempts": journal.attempts}
-        if retry:
+        if retry:  # decided and saved before the clean-up, which keeps what a retry resumes
             delay = self.settings.backoff.delay_s(journal.attempts, self.ports.clock.random)
             journal.retry_at = self.ports.clock.now() + delay
             detail["retry_in_s"] = round(delay, 1)
-        elif journal.doc is not None:
+        else:
+            journal.retry_at = 0.0
+        self._enter(jf, journal, State.ROLLING_BACK)
+        steps.roll_back(ctx, journal, keep_partial=retry and journal.code == "transfer_failed")
+        next_state(State.ROLLING_BACK, Event.ROLLED_BACK)
+        if not retry and journal.doc is not None:
             journal.mark_failed(journal.doc, journal.code)
         if journal.target is not None:
             self.ports.reporter.outcome(
