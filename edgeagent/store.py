@@ -35,12 +35,16 @@ BUNDLE_ID = re.compile(r"^[0-9a-f]{64}$")
 
 
 class Store:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, read_only: bool = False) -> None:
+        """Open the store at ``root``; ``read_only`` (``edgeagent status``) creates and cleans nothing,
+        so it is safe beside a running agent."""
         self.root = root
         self.downloads = root / "downloads"
         self.bundles = root / "bundles"
         self.models = root / "models"
         self.journal_dir = root / "journal"
+        if read_only:
+            return
         for folder in (self.downloads, self.bundles, self.models, self.journal_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self._clean_staging()
@@ -162,7 +166,10 @@ class Store:
         return self._read_link(self._link(name, "previous"))
 
     def model_names(self) -> list[str]:
-        return sorted(p.name for p in self.models.iterdir() if p.is_dir())
+        try:
+            return sorted(p.name for p in self.models.iterdir() if p.is_dir())
+        except FileNotFoundError:
+            return []
 
     def _read_link(self, link: Path) -> str | None:
         try:
