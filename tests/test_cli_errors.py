@@ -75,6 +75,7 @@ BAD: dict[str, tuple[str, int, str]] = {
     ),
     "edgeagent detect": ("detect --profile pi4", 2, "unknown device profile"),
     "edgeagent run": ("run --config {missing}", 2, "does not exist"),
+    "edgeagent status": ("status --state-dir {missing}", 2, "does not exist"),
     "edgeagent install-service": (
         "install-service --root {tmp} --exec-start /tmp/venv/bin/edgeagent",
         2,
