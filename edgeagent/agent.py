@@ -144,9 +144,9 @@ class Agent:
     # --- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> Agent:
-        self.server.start()
         self._heal(serve=False)  # before anything is served: never load a corrupt bundle
         self.served.serve_installed()
+        self.server.start()  # listening only once the installed models are loaded: no 503 window
         if self.config.broker_url:
             self.session = self._make_session()
             self.reporter.session = self.session

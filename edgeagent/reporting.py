@@ -45,6 +45,8 @@ class Reporter:
         self.desired_seqs = desired_seqs
         self.session: MqttSession | None = None
         self.last_outcome: DeploymentOutcome | None = None
+        # Store problems found on start, before the broker answered: sent on connect.
+        self._held: list[EventMsg] = []
 
     # --- reported state ---------------------------------------------------------------
 
@@ -76,9 +78,14 @@ class Reporter:
         )
 
     def publish_reported(self) -> None:
-        if self.session is not None:
-            payload = self.reported(online=True).model_dump_json()
-            self.session.publish(self.topics.reported(self.device_id), payload, qos=1, retain=True)
+        """Publish the retained reported state (and, first, events held while offline)."""
+        if self.session is None:
+            return
+        held, self._held = self._held, []
+        for msg in held:
+            self.session.publish(self.topics.events(self.device_id), msg.model_dump_json(), qos=1)
+        payload = self.reported(online=True).model_dump_json()
+        self.session.publish(self.topics.reported(self.device_id), payload, qos=1, retain=True)
 
     def event(self, kind: str, **fields: Any) -> None:
         if self.session is None:
@@ -116,7 +123,19 @@ class Reporter:
         """A problem found in the store itself (``store_corrupt``): an error event and the outcome."""
         sha = detail.get("bundle")
         ref = self.store.refs.get(sha) if isinstance(sha, str) else None
-        self.event("error", model=name, bundle=ref, code=code, reason=reason, detail=detail)
+        msg = EventMsg(
+            device=self.device_id,
+            kind="error",
+            model=name,
+            bundle=ref,
+            code=code,
+            reason=reason,
+            detail=detail,
+        )
+        if self.session is None or not self.session.connected:
+            self._held.append(msg)
+        else:
+            self.session.publish(self.topics.events(self.device_id), msg.model_dump_json(), qos=1)
         if ref is not None:
             self.last_outcome = DeploymentOutcome(model=name, bundle=ref, ok=False, code=code, reason=reason)
         self.publish_reported()

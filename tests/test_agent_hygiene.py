@@ -22,10 +22,12 @@ REF = BundleRef(name="digits", version="1.1.0", sha256="b" * 64, size=1000)
 
 
 def test_a_second_holder_of_the_state_folder_is_refused(tmp_path: Path) -> None:
-    with state_lock(tmp_path):
-        with pytest.raises(UsageError, match=f"another edgeagent \\(pid {os.getpid()}\\) runs on"):
-            with state_lock(tmp_path):
-                pass
+    with (
+        state_lock(tmp_path),
+        pytest.raises(UsageError, match=f"another edgeagent \\(pid {os.getpid()}\\) runs on"),
+        state_lock(tmp_path),
+    ):
+        pass
     with state_lock(tmp_path):  # released with the first holder
         pass
 

@@ -285,3 +285,29 @@ def test_corrupt_bundle_without_an_intact_previous_keeps_serving(tmp_path: Path)
     world.store.corrupt.add(V1.sha256)
     assert heal(world.store, world.reporter, ["default"], server=world.server) == []
     assert world.active() == V1.sha256 and ("store", "store_corrupt") in world.reporter.events
+
+
+def test_a_newer_document_does_not_wait_for_the_retry_time(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    world.store.free = 2 * MiB
+    world.engine.reconcile(world.want(seq=1))
+    assert world.reporter.outcomes() == ["insufficient_space"]
+    world.store.free = 100 * MiB
+    world.engine.reconcile(world.want(seq=1))  # the same document: waits for its retry time
+    assert world.active() == V1.sha256
+    world.engine.reconcile(world.want(seq=2))  # the operator pushed again
+    assert world.active() == V2.sha256
+
+
+def test_a_newer_document_gets_fresh_attempts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    world = World(tmp_path)
+    monkeypatch.setitem(
+        steps.STEPS, State.VERIFYING, lambda ctx, j: (_ for _ in ()).throw(HashMismatch("bad"))
+    )
+    for _ in range(3):
+        world.engine.reconcile(world.want(seq=1))
+        world.clock.t += 3600
+    assert _journal(world)["attempts"] == 3 and len(_journal(world)["failed"]) == 1
+    monkeypatch.undo()
+    world.engine.reconcile(world.want(seq=2))
+    assert world.active() == V2.sha256 and world.reporter.outcomes()[-1] == "committed"

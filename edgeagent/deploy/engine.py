@@ -101,8 +101,8 @@ class Engine:
         key = DocKey(want.bundle.sha256, want.source, want.seq)
         if journal.is_failed(key):
             return
-        same_target = journal.target is not None and journal.target.sha256 == want.bundle.sha256
-        if same_target and journal.retry_at > self.ports.clock.now():
+        # A retry waits for its time; a newer document naming the same bundle asks anew.
+        if journal.doc == key and journal.retry_at > self.ports.clock.now():
             return
         refusal = self._refusal(name, want)
         if refusal is not None:

@@ -59,10 +59,11 @@ class Journal:
     updated: float = 0.0
 
     def start(self, target: BundleRef, doc: DocKey, *, previous: str | None, rollback_ok: bool) -> None:
-        """Begin deploying ``target``; attempts carry over only while the target stays the same."""
-        if self.target is None or self.target.sha256 != target.sha256:
+        """Begin deploying ``target``; attempts carry over only while the document stays the same
+        (a retry, a resume), so a newer push gets a fresh count."""
+        if self.doc != doc:
             self.attempts = 0
-            self.retry_at = 0.0
+        self.retry_at = 0.0
         self.target, self.doc, self.previous, self.rollback_ok = target, doc, previous, rollback_ok
         self.code, self.reason = "", ""
 
