@@ -185,6 +185,151 @@ class CommandReply(_Report):
     result: dict[str, Any] = Field(default_factory=dict)
 
 
+# --- what a device reports about a model it proved and chose -------------------------
+# The acceptance verdict (edgeagent.acceptance makes it) and the selection decision
+# (edgeagent.selection makes it) travel in reported state, events, command replies and
+# telemetry; the host reads them as these types, never by string keys.
+
+
+class Check(_Report):
+    """One number of the verdict against its bound."""
+
+    name: str = Field(
+        description="accuracy, top1_agreement, tolerance_ratio (tolerance_ratio[<output>] for each "
+        "output of a model with several), latency_p95_ms, or a per-output bound of a task gate: "
+        "top1_agreement[<output>], topk_agreement[<output>], mse[<output>], max_abs[<output>], "
+        "cosine[<output>], iou[<output>], box_match[<output>], tolerance_ratio[<output>]."
+    )
+    value: float | None = Field(description="What was measured; None when it could not be.")
+    op: Literal[">=", "<="] = Field(description="How value must compare with bound to pass.")
+    bound: float = Field(description="The gate's bound.")
+    passed: bool
+    detail: str = Field(default="", description="How the number was obtained, or why it is missing.")
+
+    def sentence(self) -> str:
+        if self.value is None:
+            return f"{self.name} not measured ({self.detail})"
+        broken = "<" if self.op == ">=" else ">"
+        return f"{self.name} {self.value:.4g} {broken} bound {self.bound:.4g}"
+
+
+class Latency(_Report):
+    """Per-sample latency of the model call (ms), over the timed runs."""
+
+    runs: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+class Verdict(_Report):
+    """The outcome of acceptance on one runtime/delegate: every number next to its bound."""
+
+    passed: bool
+    reason: str | None = Field(
+        description="Why it failed (the missed bounds, in words); None when it passed."
+    )
+    runtime: str
+    delegate: str
+    precision: str
+    profile: str | None = Field(description="Device profile whose latency budget applied.")
+    samples: int = Field(description="Golden samples run (0: no golden set, latency from zero inputs).")
+    checks: list[Check]
+    latency: Latency
+    predicted_classes: dict[str, int] | None = Field(
+        default=None,
+        description="Top-1 class -> count over the golden set when the output is class scores: "
+        "the reference distribution that telemetry's drift figure compares live predictions with.",
+    )
+
+
+Stage = Literal["artifact", "runtime", "delegate", "load", "acceptance", "slower"]
+
+
+class Rejection(_Report):
+    """A candidate that was not chosen, the stage that ruled it out, and why."""
+
+    candidate: str = Field(description="runtime/delegate/precision as the profile names it.")
+    stage: Stage = Field(description="artifact, runtime, delegate, load, acceptance, or slower (autotune).")
+    reason: str
+    artifact: str | None = Field(
+        default=None, description="Model path inside the bundle, once one was picked for the candidate."
+    )
+
+
+class Timing(_Report):
+    """What a candidate that loaded measured (ms)."""
+
+    candidate: str
+    artifact: str = Field(description="Model path inside the bundle.")
+    load_ms: float
+    p50_ms: float | None = Field(default=None, description="Golden-set p50 of the acceptance run.")
+    p95_ms: float | None = Field(default=None, description="Golden-set p95 of the acceptance run.")
+    accepted: bool | None = Field(default=None, description="Whether it passed its own gate.")
+
+
+class Chosen(_Report):
+    candidate: str
+    runtime: str
+    delegate: str
+    precision: str
+    artifact: str = Field(description="Model path inside the bundle.")
+
+
+class Decision(_Report):
+    """The structured outcome of selection, as the agent reports it."""
+
+    bundle: str
+    version: str
+    profile: str | None
+    mode: Literal["first", "autotune"]
+    chosen: Chosen | None
+    rejected: list[Rejection]
+    untried: list[str] = Field(description="Candidates after the chosen one that were not loaded.")
+    timings: list[Timing]
+
+
+class AcceptanceSummary(_Report):
+    """The figures of an active bundle's verdict that telemetry carries every interval."""
+
+    version: str | None = None
+    runtime: str | None = None
+    delegate: str | None = None
+    passed: bool | None = None
+    accuracy: float | None = Field(default=None, description="Golden-set accuracy (0-1).")
+    top1_agreement: float | None = Field(
+        default=None, description="Top-1 agreement with the reference (0-1)."
+    )
+    p95_ms: float | None = Field(default=None, description="Golden-set p95 latency on the device (ms).")
+    samples: int | None = None
+
+    @classmethod
+    def of(cls, verdict: Verdict | None, *, version: str, runtime: str, delegate: str) -> AcceptanceSummary:
+        checks = {c.name: c.value for c in verdict.checks} if verdict is not None else {}
+        return cls(
+            version=version,
+            runtime=runtime,
+            delegate=delegate,
+            passed=verdict.passed if verdict is not None else None,
+            accuracy=checks.get("accuracy"),
+            top1_agreement=checks.get("top1_agreement"),
+            p95_ms=verdict.latency.p95_ms if verdict is not None else None,
+            samples=verdict.samples if verdict is not None else None,
+        )
+
+
+def verdict_in(detail: dict[str, Any], key: str = "acceptance") -> Verdict | None:
+    """The verdict an event's or reply's ``detail[key]`` carries, typed; None when absent or unreadable."""
+    body = detail.get(key)
+    if body is None:
+        return None
+    try:
+        return Verdict.model_validate(body)
+    except ValidationError:
+        return None
+
+
 class ModelStatus(_Report):
     """One named model as the device runs it."""
 
@@ -193,9 +338,7 @@ class ModelStatus(_Report):
     runtime: str | None = None
     delegate: str | None = None
     state: str = Field(default="idle", description="Deployment state of this model name.")
-    acceptance: dict[str, Any] | None = Field(
-        default=None, description="The active bundle's acceptance verdict."
-    )
+    acceptance: Verdict | None = Field(default=None, description="The active bundle's acceptance verdict.")
 
 
 class DeploymentOutcome(_Report):
@@ -342,7 +485,7 @@ class Telemetry(_Report):
     groups: list[str] = Field(default_factory=list)
     profile: str | None = None
     models: list[ModelTelemetry] = Field(default_factory=list)
-    acceptance: dict[str, dict[str, Any]] = Field(
+    acceptance: dict[str, AcceptanceSummary] = Field(
         default_factory=dict,
         description="Model name -> the active bundle's acceptance: passed, accuracy, p95_ms, version.",
     )

@@ -6,9 +6,10 @@ import logging
 from collections.abc import Callable, Sequence
 
 from devices.profile import Candidate
-from edgeagent.acceptance import Verdict, load_golden, run_acceptance
+from edgeagent.acceptance import load_golden, run_acceptance
 from edgeagent.bundle.manifest import MANIFEST_NAME, parse_manifest
 from edgeagent.errors import EdgeError
+from edgeagent.protocol import Verdict
 from edgeagent.serving.loader import prepare_served_model, served_gate
 from edgeagent.serving.server import InferenceServer
 from edgeagent.serving.slots import ServedModel

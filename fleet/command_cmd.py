@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _command(args: argparse.Namespace) -> int:
     from edgeagent.mqtt import BrokerConfig, Message
-    from edgeagent.protocol import Command, CommandReply, Topics, sign_document
+    from edgeagent.protocol import Command, CommandReply, Topics, sign_document, verdict_in
     from edgeagent.signing import SigningKey
     from fleet.push import FleetConnection, PushError
 
@@ -79,18 +79,21 @@ def _command(args: argparse.Namespace) -> int:
                 print(json.dumps(reply.model_dump(mode="json"), indent=2))
             else:
                 print(f"{args.device}: {'OK' if reply.ok else 'FAILED'} ({reply.code}) - {reply.detail}")
-                for name, verdict in reply.result.items():
-                    latency = verdict.get("latency") or {}
+                for name in reply.result:
+                    verdict = verdict_in(reply.result, name)
+                    if verdict is None:
+                        print(f"  {name}: unreadable verdict")
+                        continue
                     checks = ", ".join(
-                        f"{c['name']} {c['value']:.4g} ({c['op']} {c['bound']:.4g})"
-                        for c in verdict.get("checks", [])
-                        if c.get("value") is not None
+                        f"{c.name} {c.value:.4g} ({c.op} {c.bound:.4g})"
+                        for c in verdict.checks
+                        if c.value is not None
                     )
                     print(
-                        f"  {name}: {'passed' if verdict.get('passed') else 'FAILED'} on "
-                        f"{verdict.get('runtime')}/{verdict.get('delegate')}; "
-                        f"p50 {latency.get('p50_ms', 0):.3f} ms, "
-                        f"p95 {latency.get('p95_ms', 0):.3f} ms; {checks or 'no bounds'}"
+                        f"  {name}: {'passed' if verdict.passed else 'FAILED'} on "
+                        f"{verdict.runtime}/{verdict.delegate}; "
+                        f"p50 {verdict.latency.p50_ms:.3f} ms, "
+                        f"p95 {verdict.latency.p95_ms:.3f} ms; {checks or 'no bounds'}"
                     )
             return 0 if reply.ok else 1
     raise PushError(f"no reply from {args.device} within {args.timeout:.0f} s (is it online?)")

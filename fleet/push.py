@@ -25,6 +25,7 @@ from edgeagent.protocol import (
     open_envelope,
     parse,
     sign_document,
+    verdict_in,
 )
 from edgeagent.signing import KeyRing, SigningKey
 from edgeagent.storage import atomic_writer, hash_file
@@ -228,11 +229,11 @@ def wait_for(
             results[who] = Result(who, False, f"{event.code}: {event.reason}")
             pending.discard(who)
         elif event.kind == "outcome" and event.ok:
-            accept = event.detail.get("acceptance") or {}
+            verdict = verdict_in(event.detail)
             checks = ", ".join(
-                f"{c['name']} {c['value']:.4g} (bound {c['op']} {c['bound']:.4g})"
-                for c in accept.get("checks", [])
-                if c.get("value") is not None
+                f"{c.name} {c.value:.4g} (bound {c.op} {c.bound:.4g})"
+                for c in (verdict.checks if verdict is not None else [])
+                if c.value is not None
             )
             results[who] = Result(who, True, f"committed; acceptance: {checks or 'no bounds'}")
             pending.discard(who)
