@@ -17,6 +17,7 @@ from edgeagent.deploy.machine import State
 from edgeagent.mqtt import MqttSession
 from edgeagent.protocol import BundleRef, DeploymentOutcome, ModelStatus, Reported, Topics
 from edgeagent.protocol import Event as EventMsg
+from edgeagent.service import read_active_models, status_line
 from edgeagent.serving.server import InferenceServer
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,9 @@ class Reporter:
         self.event("state", model=name, bundle=ref, state=state)
         if state == State.IDLE.value:
             self.publish_reported()
-            sdnotify.notify(f"STATUS={name}: idle")
+            # Back to the line the service shows between deployments (profile, active bundles).
+            active = read_active_models(self.store.store.root)
+            sdnotify.notify(f"STATUS={status_line(self.detection, active)}")
         elif ref is not None:
             sdnotify.notify(f"STATUS=deploying {name} {ref.name} {ref.version}: {state}")
 

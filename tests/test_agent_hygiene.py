@@ -93,3 +93,39 @@ def test_status_prints_the_journal_and_the_last_outcome(tmp_path: Path) -> None:
     ).stdout
     assert "journal   idle (target 1.1.0, attempts 2)" in text and "FAILED insufficient_space 1.1.0" in text
     assert not (state / "downloads").exists(), "status creates nothing"
+
+
+def test_deployment_steps_show_in_systemd_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    from types import SimpleNamespace
+
+    from edgeagent.deploy import DeviceStore
+    from edgeagent.protocol import Topics
+    from edgeagent.reporting import Reporter
+    from edgeagent.signing import KeyRing
+    from edgeagent.store import Store
+
+    address = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(5)
+    monkeypatch.setenv("NOTIFY_SOCKET", address)
+    store = DeviceStore(Store(tmp_path / "state"), KeyRing(), allow_unsigned=False, keep_bundles=3)
+    detection = SimpleNamespace(profile="generic-x86_64", host_profile=None, source="override")
+    reporter = Reporter(
+        "pi-1",
+        Topics(),
+        store,
+        server=None,  # type: ignore[arg-type]  # not reached without a session
+        detection=detection,  # type: ignore[arg-type]
+        groups=[],
+        states={},
+        desired_seqs=dict,
+    )
+    try:
+        reporter.state("default", REF, "downloading")
+        assert sock.recv(4096) == b"STATUS=deploying default digits 1.1.0: downloading"
+        reporter.state("default", REF, "idle")
+        assert sock.recv(4096) == b"STATUS=profile generic-x86_64 (override); no model active"
+    finally:
+        sock.close()
