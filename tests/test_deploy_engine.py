@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import shutil
+import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,20 @@ from tests.engine_fakes import V1, V2, MiB, World
 WORKING = ["downloading", "verifying", "installing", "validating", "activating"]
 STATES = [*WORKING, "committed", "rolling_back"]
 FAULTS = ["crash", "enospc", "eio", "hang", "bad_hash"]
+
+
+@pytest.fixture
+def shm(tmp_path: Path) -> Iterator[Path]:
+    """The journal folder: in memory where the machine has /dev/shm, so a busy disk's fsync
+    does not set the pace of a logic test."""
+    if not os.access("/dev/shm", os.W_OK):
+        yield tmp_path
+        return
+    folder = Path(tempfile.mkdtemp(prefix="engine-", dir="/dev/shm"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class Crash(BaseException):
@@ -129,10 +146,8 @@ ENDS[("rolling_back", "hang")] = ("ran", "idle", V1.sha256, "acceptance_failed")
 
 @pytest.mark.parametrize("state", STATES)
 @pytest.mark.parametrize("fault", FAULTS)
-def test_fault_in_every_state(
-    state: str, fault: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    world = World(tmp_path)
+def test_fault_in_every_state(state: str, fault: str, shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    world = World(shm)
     _inject(monkeypatch, world, state, fault)
     ended, journal_state, active, outcome = ENDS[(state, fault)]
 
@@ -167,10 +182,10 @@ def test_fault_in_every_state(
 
 
 def test_illegal_transition_is_not_an_edge_error_and_ends_the_process(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shm: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert not issubclass(IllegalTransition, EdgeError)
-    world = World(tmp_path)
+    world = World(shm)
     monkeypatch.setitem(
         steps.STEPS, State.COMMITTED, lambda ctx, j: (_ for _ in ()).throw(OSError(errno.EIO, "EIO"))
     )
@@ -182,8 +197,8 @@ def test_illegal_transition_is_not_an_edge_error_and_ends_the_process(
     assert journal["state"] == "committed" and "IllegalTransition" in journal["reason"]
 
 
-def test_deterministic_failure_is_not_retried_until_refresh(tmp_path: Path) -> None:
-    world = World(tmp_path)
+def test_deterministic_failure_is_not_retried_until_refresh(shm: Path) -> None:
+    world = World(shm)
     world.refuse.add(V2.sha256)
     world.engine.reconcile(world.want())
     assert world.reporter.outcomes() == ["acceptance_failed"]
@@ -201,9 +216,9 @@ def test_deterministic_failure_is_not_retried_until_refresh(tmp_path: Path) -> N
 
 
 def test_transient_failures_back_off_and_give_up_at_the_cap(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shm: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    world = World(tmp_path)
+    world = World(shm)
 
     def corrupt(ctx: steps.Context, journal: Any) -> Any:
         raise HashMismatch("downloaded file has another sha256")
@@ -226,8 +241,8 @@ def test_transient_failures_back_off_and_give_up_at_the_cap(
     assert world.active() == V1.sha256
 
 
-def test_a_crash_loop_is_broken_after_max_attempts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    world = World(tmp_path)
+def test_a_crash_loop_is_broken_after_max_attempts(shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    world = World(shm)
 
     def segfault(ctx: steps.Context, journal: Any) -> Any:
         raise Crash
@@ -242,8 +257,8 @@ def test_a_crash_loop_is_broken_after_max_attempts(tmp_path: Path, monkeypatch: 
     assert world.reporter.outcomes() == ["too_many_attempts"] and world.active() == V1.sha256
 
 
-def test_too_little_space_is_refused_before_the_download(tmp_path: Path) -> None:
-    world = World(tmp_path)
+def test_too_little_space_is_refused_before_the_download(shm: Path) -> None:
+    world = World(shm)
     world.store.free = 2 * MiB  # v2 needs 1 MiB download + 1 MiB extracted + 1 MiB margin
     world.engine.reconcile(world.want())
     assert world.downloader.fetched == [] and world.reporter.outcomes() == ["insufficient_space"]
@@ -255,18 +270,16 @@ def test_too_little_space_is_refused_before_the_download(tmp_path: Path) -> None
     assert world.active() == V2.sha256
 
 
-def test_an_oversized_bundle_is_refused_unread(tmp_path: Path) -> None:
-    world = World(tmp_path)
+def test_an_oversized_bundle_is_refused_unread(shm: Path) -> None:
+    world = World(shm)
     huge = V2.model_copy(update={"size": 3 * 1024**3})
     world.engine.reconcile(world.want(huge))
     assert world.reporter.events == [("refused", "too_large"), ("outcome", "too_large")]
-    assert world.downloader.fetched == [] and not (tmp_path / "default.json").read_text().count(
-        '"downloading"'
-    )
+    assert world.downloader.fetched == [] and not (shm / "default.json").read_text().count('"downloading"')
 
 
-def test_corrupt_active_bundle_falls_back_to_the_previous(tmp_path: Path) -> None:
-    world = World(tmp_path)
+def test_corrupt_active_bundle_falls_back_to_the_previous(shm: Path) -> None:
+    world = World(shm)
     world.engine.reconcile(world.want())
     assert world.active() == V2.sha256
     world.store.corrupt.add(V2.sha256)
@@ -280,15 +293,15 @@ def test_corrupt_active_bundle_falls_back_to_the_previous(tmp_path: Path) -> Non
     assert world.active() == V2.sha256 and world.downloader.fetched == [V2.sha256, V2.sha256]
 
 
-def test_corrupt_bundle_without_an_intact_previous_keeps_serving(tmp_path: Path) -> None:
-    world = World(tmp_path)
+def test_corrupt_bundle_without_an_intact_previous_keeps_serving(shm: Path) -> None:
+    world = World(shm)
     world.store.corrupt.add(V1.sha256)
     assert heal(world.store, world.reporter, ["default"], server=world.server) == []
     assert world.active() == V1.sha256 and ("store", "store_corrupt") in world.reporter.events
 
 
-def test_a_newer_document_does_not_wait_for_the_retry_time(tmp_path: Path) -> None:
-    world = World(tmp_path)
+def test_a_newer_document_does_not_wait_for_the_retry_time(shm: Path) -> None:
+    world = World(shm)
     world.store.free = 2 * MiB
     world.engine.reconcile(world.want(seq=1))
     assert world.reporter.outcomes() == ["insufficient_space"]
@@ -299,8 +312,8 @@ def test_a_newer_document_does_not_wait_for_the_retry_time(tmp_path: Path) -> No
     assert world.active() == V2.sha256
 
 
-def test_a_newer_document_gets_fresh_attempts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    world = World(tmp_path)
+def test_a_newer_document_gets_fresh_attempts(shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    world = World(shm)
     monkeypatch.setitem(
         steps.STEPS, State.VERIFYING, lambda ctx, j: (_ for _ in ()).throw(HashMismatch("bad"))
     )
@@ -311,3 +324,54 @@ def test_a_newer_document_gets_fresh_attempts(tmp_path: Path, monkeypatch: pytes
     monkeypatch.undo()
     world.engine.reconcile(world.want(seq=2))
     assert world.active() == V2.sha256 and world.reporter.outcomes()[-1] == "committed"
+
+
+def test_a_full_disk_under_the_journal_ends_the_process_and_the_next_one_recovers(
+    shm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = World(shm)
+    real_save = JournalFile.save
+    fail = {"n": 2}  # the save before installing, then the one before rolling back
+
+    def save(self: JournalFile, journal: Any) -> None:
+        if fail["n"] > 0 and journal.state in (State.INSTALLING, State.ROLLING_BACK):
+            fail["n"] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(self, journal)
+
+    monkeypatch.setattr(JournalFile, "save", save)
+    assert _run_once(world) == "exit:OSError"  # the supervisor ends the process (exit 70)
+    # The supervisor saved the rollback it was about to run (the disk had room again for that).
+    assert world.active() == V1.sha256 and _journal(world)["state"] == "rolling_back"
+    world.restart()  # systemd: Restart=always
+    assert _run_once(world) == "ran"
+    assert world.reporter.outcomes() == ["insufficient_space"] and world.active() == V1.sha256
+    assert world.store.downloads == {} and V2.sha256 not in world.store.bundles
+    world.clock.t += 3600  # the retry, with nobody touching the device
+    world.engine.reconcile(world.want())
+    assert world.active() == V2.sha256 and _journal(world)["state"] == "idle"
+
+
+def test_the_supervisor_checks_the_store_on_its_schedule(shm: Path) -> None:
+    world = World(shm)
+    now = [0.0]
+    healed: list[float] = []
+    rounds = iter(range(7))
+
+    def wanted() -> Any:
+        if next(rounds, None) is None:
+            world.engine.stop.set()
+        now[0] += 40.0  # each round, 40 s pass
+        return {}
+
+    sup = Supervisor(
+        world.engine,
+        wanted,
+        on_fatal=pytest.fail,
+        heal=lambda: healed.append(now[0]),
+        heal_interval_s=100.0,
+        poll_s=0.0,
+        clock=lambda: now[0],
+    )
+    sup.main()
+    assert healed == [120.0, 240.0]
