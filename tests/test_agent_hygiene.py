@@ -41,6 +41,7 @@ def _config(tmp_path: Path) -> Path:
     return config
 
 
+@pytest.mark.slow
 def test_second_run_on_one_state_folder_exits_with_one_line_and_sigterm_stops_fast(tmp_path: Path) -> None:
     config = _config(tmp_path)
     first = subprocess.Popen(
