@@ -223,11 +223,9 @@ class Agent:
             self.supervisor.wake.set()
 
     def _refresh(self) -> str:
-        cleared = self.engine.refresh(self.tracker.effective())
         self.reporter.publish_reported()
-        self.supervisor.wake.set()
-        retried = f"; retrying {', '.join(cleared)}" if cleared else ""
-        return f"reported state republished; reconciling{retried}"
+        self.supervisor.request_refresh()
+        return "reported state republished; failed desired bundles cleared; reconciling"
 
     def _reply(self, reply: CommandReply) -> None:
         if self.session is not None:

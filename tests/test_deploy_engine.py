@@ -375,3 +375,21 @@ def test_the_supervisor_checks_the_store_on_its_schedule(shm: Path) -> None:
     )
     sup.main()
     assert healed == [120.0, 240.0]
+
+
+def test_refresh_runs_on_the_deployer_thread(shm: Path) -> None:
+    world = World(shm)
+    world.refuse.add(V2.sha256)
+    world.engine.reconcile(world.want())
+    world.refuse.clear()
+    rounds = iter(range(2))
+
+    def wanted() -> Any:
+        if next(rounds, None) is None:
+            world.engine.stop.set()
+        return world.want()
+
+    sup = Supervisor(world.engine, wanted, on_fatal=pytest.fail, poll_s=0.0)
+    sup.request_refresh()
+    sup.main()
+    assert world.active() == V2.sha256 and world.reporter.outcomes() == ["acceptance_failed", "committed"]

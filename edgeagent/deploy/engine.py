@@ -112,7 +112,7 @@ class Engine:
             self.ports.reporter.refused(name, want.bundle, code=code, reason=reason)
             self.ports.reporter.outcome(name, want.bundle, ok=False, code=code, reason=reason, detail={})
             return
-        journal.start(want.bundle, key, previous=store.current(name), rollback_ok=want.rollback)
+        journal.start(want.bundle, key, previous=store.current(name))
         self._run(jf, journal, State.DOWNLOADING)
 
     def _refusal(self, name: str, want: Wanted) -> tuple[str, str] | None:
@@ -130,7 +130,10 @@ class Engine:
         return None
 
     def refresh(self, wanted: Mapping[str, Wanted]) -> list[str]:
-        """``command refresh``: forget failures of the desired bundles; return the model names cleared."""
+        """``command refresh``: forget failures of the desired bundles; return the model names cleared.
+
+        Call it on the deployer's thread only (:meth:`Supervisor.request_refresh`): it rewrites journals.
+        """
         cleared = []
         for name, want in sorted(wanted.items()):
             jf = JournalFile(self.journal_dir, name)

@@ -50,7 +50,6 @@ class Journal:
     target: BundleRef | None = None
     previous: str | None = None  # the sha256 that was current when the deployment started
     doc: DocKey | None = None  # the document that asked for target
-    rollback_ok: bool = False  # that document permits a lower version
     reason: str = ""
     code: str = ""
     attempts: int = 0  # starts and resumes of target's deployment (the loop breaker counts them)
@@ -58,13 +57,13 @@ class Journal:
     failed: list[Failed] = field(default_factory=list)
     updated: float = 0.0
 
-    def start(self, target: BundleRef, doc: DocKey, *, previous: str | None, rollback_ok: bool) -> None:
+    def start(self, target: BundleRef, doc: DocKey, *, previous: str | None) -> None:
         """Begin deploying ``target``; attempts carry over only while the document stays the same
         (a retry, a resume), so a newer push gets a fresh count."""
         if self.doc != doc:
             self.attempts = 0
         self.retry_at = 0.0
-        self.target, self.doc, self.previous, self.rollback_ok = target, doc, previous, rollback_ok
+        self.target, self.doc, self.previous = target, doc, previous
         self.code, self.reason = "", ""
 
     def is_failed(self, key: DocKey) -> bool:
@@ -89,7 +88,6 @@ class Journal:
             "target": self.target.model_dump() if self.target else None,
             "previous": self.previous,
             "doc": _key_json(self.doc) if self.doc else None,
-            "rollback_ok": self.rollback_ok,
             "reason": self.reason,
             "code": self.code,
             "attempts": self.attempts,
@@ -108,7 +106,6 @@ class Journal:
             target=BundleRef.model_validate(body["target"]) if body.get("target") else None,
             previous=body.get("previous"),
             doc=_key(body["doc"]) if body.get("doc") else None,
-            rollback_ok=bool(body.get("rollback_ok", False)),
             reason=str(body.get("reason", "")),
             code=str(body.get("code", "")),
             attempts=int(body.get("attempts", 0)),

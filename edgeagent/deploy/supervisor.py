@@ -42,6 +42,7 @@ class Supervisor:
         self.clock = clock
         self.wake = threading.Event()
         self.fatal: str | None = None
+        self._refresh = threading.Event()
         self._thread: threading.Thread | None = None
 
     @property
@@ -66,6 +67,14 @@ class Supervisor:
             return False
         return True
 
+    def request_refresh(self) -> None:
+        """``command refresh``: clear the failed marks of the desired bundles, then reconcile.
+
+        Done on the deployer's thread, so it never races a deployment saving its journal.
+        """
+        self._refresh.set()
+        self.wake.set()
+
     def main(self) -> None:
         """The thread's body (tests call it directly)."""
         try:
@@ -83,6 +92,11 @@ class Supervisor:
             if self.heal is not None and self.clock() >= next_heal:
                 self.heal()
                 next_heal = self.clock() + self.heal_interval_s
+            if self._refresh.is_set():
+                self._refresh.clear()
+                cleared = self.engine.refresh(self.wanted())
+                if cleared:
+                    log.info("refresh: trying %s again", ", ".join(cleared))
             self.engine.reconcile(self.wanted())
             retry = self.engine.next_retry_s()
             wait = min(
