@@ -169,7 +169,8 @@ class Command(_Msg):
     id: str = Field(min_length=1, max_length=64, description="Echoed in the reply.")
     target: str = Field(description="'device:ID'.")
     name: Literal["refresh", "bench"] = Field(
-        description="refresh: republish reported state and reconcile now; "
+        description="refresh: republish reported state, clear the failed marks of the desired bundles "
+        "and reconcile now; "
         "bench: re-run acceptance on the served models."
     )
     model: str | None = Field(default=None, description="Model name the command concerns (default: all).")
