@@ -53,6 +53,7 @@ from edgeagent.storage import atomic_write_bytes
 from edgeagent.store import Store
 from edgeagent.telemetry import TelemetryReporter, reporter_for
 from edgeagent.transfer import BlockDownloader, TransferConfig
+from edgeagent.trust import MAX_KEYSET_BYTES, TrustStore, device_trust
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,10 @@ class Agent:
         self.topics = Topics(config.topic_prefix)
         # Without a broker nothing new arrives to verify: a serve-only agent needs no keys.
         needs_keys = config.broker_url is not None and not config.insecure
-        self.trusted = trusted if trusted is not None else _load_trusted(config.trusted_keys, not needs_keys)
+        # With a trust root the folder is optional: key sets from edge/v1/trust replace it.
+        folder_optional = not needs_keys or config.trust_root is not None
+        self.trusted = trusted if trusted is not None else _load_trusted(config.trusted_keys, folder_optional)
+        self.trust: TrustStore | None = device_trust(config.trust_root, config.state_dir, self.trusted)
         self.server = server or InferenceServer(
             config.socket_path,
             limits=ServerLimits(max_sessions=config.max_sessions, session_idle_s=config.session_idle_s),
@@ -128,6 +132,8 @@ class Agent:
                     block_size=self.config.transfer_block_kib * 1024, window=self.config.transfer_window
                 ),
             )
+            if self.trust is not None:  # first: a retained key set must apply to the retained docs
+                self.session.subscribe(self.topics.trust, self._on_trust, max_bytes=MAX_KEYSET_BYTES)
             self.session.subscribe(
                 self.topics.device_desired(self.config.device_id),
                 self._on_desired,
@@ -211,6 +217,7 @@ class Agent:
             models=models,
             last_deployment=self.last_outcome,
             desired_seq=dict(self.tracker.seqs),
+            keyset_version=self.trust.version if self.trust else None,
         )
 
     def publish_reported(self) -> None:
@@ -240,6 +247,19 @@ class Agent:
             log.info("accepted desired document %s seq %d", doc.target, doc.seq)
             self.publish_reported()
             self._wake.set()
+
+    # --- key sets (edgeagent.trust) ----------------------------------------------------
+
+    def _on_trust(self, message: Message) -> None:
+        assert self.trust is not None
+        try:
+            accepted = self.trust.offer(message.payload)
+        except (MalformedMessage, SignatureError, DocumentRefused) as exc:
+            log.warning("refused a key set: %s", exc)
+            self._event("refused", code=exc.code, reason=str(exc), detail={"topic": message.topic})
+            return
+        if accepted is not None:
+            self.publish_reported()
 
     # --- commands ----------------------------------------------------------------------
 

@@ -281,14 +281,14 @@ class MqttSession:
         return True
 
     def publish_tracked(
-        self, topic: str, payload: bytes | str, *, qos: int = 1
+        self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False
     ) -> paho.MQTTMessageInfo | None:
         """Like :meth:`publish`, but returns paho's handle so the caller can tell when the broker
         acknowledged it (``is_published()``); None (and counted) when it was not queued."""
         if not self.connected:
             self.stats.publish_failed += 1
             return None
-        info = self._client.publish(topic, payload, qos=qos)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             self.stats.publish_failed += 1
             return None
