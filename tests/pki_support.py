@@ -89,30 +89,39 @@ class TestCA:
 
 
 class FleetBroker:
-    """Mosquitto with the shipped TLS + ACL configuration and a test CA."""
+    """Mosquitto with the shipped TLS + ACL configuration: a device CA and a host CA.
+
+    Identities whose CN starts with '_' (the shipped ACL's host programs) get certificates
+    from the host CA and connect to the host listener; every other CN is a device.
+    """
 
     def __init__(self, workdir: Path) -> None:
         binary = mosquitto_binary()
         if binary is None:
             pytest.skip("mosquitto is not installed (apt-get install -y mosquitto; .ci/run does this)")
         self.workdir = workdir
-        self.ca = TestCA(workdir / "pki")
+        self.ca = TestCA(workdir / "pki")  # devices, and the broker's own certificate
+        self.host_ca = TestCA(workdir / "host-pki")
         broker_cert, broker_key = self.ca.issue("broker", server=True)
         # The shipped names, in the test's folder.
         certs = workdir / "etc"
         certs.mkdir()
         (certs / "ca.pem").write_bytes(self.ca.ca_file.read_bytes())
+        (certs / "host-ca.pem").write_bytes(self.host_ca.ca_file.read_bytes())
         (certs / "broker.pem").write_bytes(broker_cert.read_bytes())
         (certs / "broker.key").write_bytes(broker_key.read_bytes())
         (certs / "edge.acl").write_text((DEPLOY / "edge.acl").read_text())
-        self.port = free_port()
+        self.port, self.host_port = free_port(), free_port()
         shipped = (DEPLOY / "edge.conf").read_text()
-        assert "listener 8883\n" in shipped and SHIPPED_CERT_DIR in shipped
-        conf = shipped.replace("listener 8883\n", f"listener {self.port} 127.0.0.1\n").replace(
-            SHIPPED_CERT_DIR, f"{certs}/"
+        for line in ("listener 8883\n", "listener 8884\n", SHIPPED_CERT_DIR):
+            assert line in shipped, f"deploy/mosquitto/edge.conf lost {line!r}"
+        conf = (
+            shipped.replace("listener 8883\n", f"listener {self.port} 127.0.0.1\n")
+            .replace("listener 8884\n", f"listener {self.host_port} 127.0.0.1\n")
+            .replace(SHIPPED_CERT_DIR, f"{certs}/")
         )
         self.log = workdir / "mosquitto.log"
-        conf += f"{MOSQUITTO_USER_LINE}persistence false\nlog_dest file {self.log}\nlog_type all\n"
+        conf = f"{MOSQUITTO_USER_LINE}persistence false\nlog_dest file {self.log}\nlog_type all\n" + conf
         self.conf = workdir / "mosquitto.conf"
         self.conf.write_text(conf)
         self.proc = subprocess.Popen(
@@ -122,33 +131,41 @@ class FleetBroker:
 
     def _wait_listening(self) -> None:
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}; see {self.log}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"mosquitto did not listen on port {self.port} within 10 s")
+        for port in (self.port, self.host_port):
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"mosquitto exited with {self.proc.returncode}; see {self.log}")
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"mosquitto did not listen on port {port} within 10 s") from None
+                    time.sleep(0.05)
+
+    @staticmethod
+    def is_host(cn: str) -> bool:
+        return cn.startswith("_")
+
+    def folder_of(self, cn: str) -> tuple[Path, Path]:
+        """(certificate, key) of identity ``cn``, issued by its CA on first use."""
+        ca = self.host_ca if self.is_host(cn) else self.ca
+        cert, key = ca.folder / f"{cn}.pem", ca.folder / f"{cn}.key"
+        if not cert.exists():
+            return ca.issue(cn)
+        return cert, key
 
     def tls(self, cn: str) -> TLSConfig:
-        """Client TLS for identity ``cn`` (issued on first use)."""
         cert, key = self.folder_of(cn)
         return TLSConfig(ca_file=str(self.ca.ca_file), cert_file=str(cert), key_file=str(key))
 
-    def folder_of(self, cn: str) -> tuple[Path, Path]:
-        cert, key = self.ca.folder / f"{cn}.pem", self.ca.folder / f"{cn}.key"
-        if not cert.exists():
-            return self.ca.issue(cn)
-        return cert, key
+    def config(self, cn: str, *, port: int | None = None) -> BrokerConfig:
+        """Identity ``cn`` on its own listener (or ``port``)."""
+        default = self.host_port if self.is_host(cn) else self.port
+        return BrokerConfig("127.0.0.1", port or default, tls=self.tls(cn))
 
-    def config(self, cn: str) -> BrokerConfig:
-        return BrokerConfig("127.0.0.1", self.port, tls=self.tls(cn))
-
-    @property
-    def url(self) -> str:
-        return f"mqtts://127.0.0.1:{self.port}"
+    def url(self, cn: str) -> str:
+        return f"mqtts://127.0.0.1:{self.host_port if self.is_host(cn) else self.port}"
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeagent.mqtt import Message, MqttSession
+from edgeagent.mqtt import Backoff, Message, MqttSession
 from edgeagent.protocol import BlockReply, BlockRequest, BlockStatus, Topics
 from fleet.registry import Registry
 from tests.pki_support import FleetBroker
@@ -42,9 +42,11 @@ def broker(tmp_path: Path) -> Iterator[FleetBroker]:
 class Client:
     """One identity's session that records what it receives."""
 
-    def __init__(self, broker: FleetBroker, cn: str, *subscriptions: str) -> None:
+    def __init__(
+        self, broker: FleetBroker, cn: str, *subscriptions: str, client_id: str | None = None
+    ) -> None:
         self.got: queue.Queue[Message] = queue.Queue()
-        self.session = MqttSession(broker.config(cn), f"{cn}-{time.monotonic_ns()}")
+        self.session = MqttSession(broker.config(cn), client_id or f"{cn}-{time.monotonic_ns()}")
         for topic in subscriptions:
             self.session.subscribe(topic, self.got.put)
         self.session.start()
@@ -132,3 +134,29 @@ def test_a_device_cannot_ask_for_or_answer_another_devices_blocks(
     assert (reply.status, reply.index, reply.total_size) == (BlockStatus.OK, 2, size)
     # The registry never saw the request on B's topic and refused the one naming B on A's.
     assert (registry.stats.requests, registry.stats.foreign, registry.stats.blocks_served) == (2, 1, 2)
+
+
+def test_a_device_cannot_knock_another_off_the_broker(broker: FleetBroker) -> None:
+    # MQTT lets a new connection with a client id in use take it over. On the device
+    # listener the broker replaces every client id with the certificate's CN, so the
+    # attacker's connection under the victim agent's id is its own, and the victim stays on.
+    host = Client(broker, "_edgectl", TOPICS.all_devices("events"))
+    victim = Client(broker, B, client_id=f"edgeagent-{B}")
+    attacker = Client(
+        broker, A, client_id=f"edgeagent-{B}"
+    )  # connected: the takeover, had it happened, is done
+    try:
+        victim.publish(TOPICS.events(B), b'{"still": "here"}')
+        assert [m.topic for m in host.until(TOPICS.events(B))] == [TOPICS.events(B)]
+        assert (victim.session.stats.connects, victim.session.stats.disconnects) == (1, 0)
+        # Nor can a device certificate use the host listener, where client ids are free.
+        sneaky = MqttSession(
+            broker.config(A, port=broker.host_port), f"edgeagent-{B}", backoff=Backoff(base_s=0.05, cap_s=0.1)
+        )
+        with sneaky:
+            assert not sneaky.wait_connected(3)
+        assert (victim.session.stats.connects, victim.session.stats.disconnects) == (1, 0)
+    finally:
+        attacker.close()
+        victim.close()
+        host.close()

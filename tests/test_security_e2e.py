@@ -120,7 +120,7 @@ class Agent:
             f'device_id = "{device}"\n'
             f'state_dir = "{root / "state"}"\n'
             f'socket_path = "{root / "agent.sock"}"\n'
-            f'broker_url = "{broker.url}"\n'
+            f'broker_url = "{broker.url(device)}"\n'
             f'tls_ca_file = "{broker.ca.ca_file}"\n'
             f'tls_cert_file = "{cert}"\n'
             f'tls_key_file = "{key}"\n'
@@ -245,7 +245,7 @@ def _keys(release: Release, ks: Path, *argv: str | Path) -> None:
 def _publish_keyset(broker: FleetBroker, ks: Path) -> None:
     cert, key = broker.folder_of("_edgectl")
     tls = ["--ca-file", broker.ca.ca_file, "--cert-file", cert, "--key-file", key]
-    assert _edgectl("keys", "publish", "--set", ks, "--broker", broker.url, *tls) == 0
+    assert _edgectl("keys", "publish", "--set", ks, "--broker", broker.url("_edgectl"), *tls) == 0
 
 
 def test_key_rotation_and_revocation_end_to_end(
