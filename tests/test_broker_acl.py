@@ -160,3 +160,14 @@ def test_a_device_cannot_knock_another_off_the_broker(broker: FleetBroker) -> No
         attacker.close()
         victim.close()
         host.close()
+
+
+def _rules(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_the_acl_in_the_docs_is_the_shipped_one() -> None:
+    shipped = (Path(__file__).resolve().parent.parent / "deploy" / "mosquitto" / "edge.acl").read_text()
+    page = (Path(__file__).resolve().parent.parent / "docs" / "security.md").read_text()
+    block = page.split("`edge.acl`:\n\n```\n", 1)[1].split("```", 1)[0]
+    assert _rules(block) == _rules(shipped)
