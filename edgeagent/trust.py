@@ -279,6 +279,8 @@ def next_keyset(
             raise UsageError(f"key {kid} is not in the key set (keys: {', '.join(sorted(keys)) or 'none'})")
         keys.pop(kid, None)
     revoked += [kid for kid in revoke if kid not in revoked]
+    if not keys and not revoke:  # a revocation may empty it on purpose: an emergency stop
+        raise UsageError("the key set would trust no release key; add one with --add PUB")
     if expires <= now:
         raise UsageError(f"the key set would expire at {utc_text(expires)}, which is not in the future")
     try:

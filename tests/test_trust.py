@@ -229,6 +229,7 @@ def test_edgectl_keys_rotate_and_revoke(tmp_path: Path, capsys) -> None:  # type
             "root key",
         ),
         (["rotate", "--root", tmp_path / "root.key", "--set", ks, "--expires", "tomorrow"], "not a date"),
+        (["rotate", "--root", tmp_path / "root.key", "--set", tmp_path / "empty.json"], "no release key"),
     ]
     for argv, needle in cases:
         assert _edgectl("keys", *argv) == 2
