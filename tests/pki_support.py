@@ -143,6 +143,16 @@ class FleetBroker:
                         raise RuntimeError(f"mosquitto did not listen on port {port} within 10 s") from None
                     time.sleep(0.05)
 
+    def wait_subscribed(self, client_id: str, count: int, timeout: float = 10) -> None:
+        """Wait until the broker has acknowledged ``count`` subscriptions of ``client_id`` (its
+        log says so), so a test's publishes cannot overtake a subscription."""
+        line = f"Sending SUBACK to {client_id}\n"
+        deadline = time.monotonic() + timeout
+        while self.log.read_text(errors="replace").count(line) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{client_id} did not get {count} SUBACKs within {timeout} s")
+            time.sleep(0.02)
+
     @staticmethod
     def is_host(cn: str) -> bool:
         return cn.startswith("_")

@@ -51,7 +51,8 @@ class Client:
             self.session.subscribe(topic, self.got.put)
         self.session.start()
         assert self.session.wait_connected(10), f"{cn} could not connect over mutual TLS"
-        time.sleep(0.2)  # let the SUBACKs land before anyone publishes
+        # On the device listener the broker names the client by its CN, whatever id it asked for.
+        broker.wait_subscribed(self.session.client_id if broker.is_host(cn) else cn, len(subscriptions))
 
     def publish(self, topic: str, payload: bytes | str) -> None:
         assert self.session.publish(topic, payload, qos=1)

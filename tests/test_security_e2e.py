@@ -160,6 +160,7 @@ class Host:
         self.session.subscribe(TOPICS.reported(device), self._on_reported)
         self.session.start()
         assert self.session.wait_connected(10)
+        broker.wait_subscribed(self.session.client_id, 2)
 
     def _on_reported(self, msg) -> None:  # type: ignore[no-untyped-def]
         if msg.payload:
