@@ -31,6 +31,7 @@ from edgeagent.signing import KeyRing
 from edgeagent.store import Store
 from edgeagent.telemetry import TelemetryReporter, reporter_for
 from edgeagent.transfer import BlockDownloader, TransferConfig
+from edgeagent.trust import MAX_KEYSET_BYTES, TrustStore, device_trust
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,10 @@ class Agent:
         self.topics = Topics(config.topic_prefix)
         # Without a broker nothing new arrives to verify: a serve-only agent needs no keys.
         needs_keys = config.broker_url is not None and not config.insecure
-        self.trusted = trusted if trusted is not None else _load_trusted(config.trusted_keys, not needs_keys)
+        # With a trust root the folder is optional: key sets from edge/v1/trust replace it.
+        folder_optional = not needs_keys or config.trust_root is not None
+        self.trusted = trusted if trusted is not None else _load_trusted(config.trusted_keys, folder_optional)
+        self.trust: TrustStore | None = device_trust(config.trust_root, config.state_dir, self.trusted)
         self.server = server or InferenceServer(
             config.socket_path,
             limits=ServerLimits(max_sessions=config.max_sessions, session_idle_s=config.session_idle_s),
@@ -99,6 +103,7 @@ class Agent:
             groups=list(config.groups),
             states=self.states,
             desired_seqs=lambda: dict(self.tracker.seqs),
+            keyset_version=lambda: self.trust.version if self.trust else None,
         )
         self.engine = self._make_engine()
         self.supervisor = Supervisor(
@@ -201,6 +206,8 @@ class Agent:
 
     def _subscribe(self, session: MqttSession) -> None:
         device = self.config.device_id
+        if self.trust is not None:  # first: a retained key set must apply to the retained docs
+            session.subscribe(self.topics.trust, self._on_trust, max_bytes=MAX_KEYSET_BYTES)
         session.subscribe(self.topics.device_desired(device), self._on_desired, max_bytes=MAX_DESIRED_BYTES)
         session.subscribe(self.topics.cmd(device), self.commands.on_message, max_bytes=MAX_DESIRED_BYTES)
         for group in self.config.groups:
@@ -221,6 +228,18 @@ class Agent:
             log.info("accepted desired document %s seq %d", doc.target, doc.seq)
             self.reporter.publish_reported()
             self.supervisor.wake.set()
+
+    def _on_trust(self, message: Message) -> None:
+        if self.trust is None:
+            return
+        try:
+            accepted = self.trust.offer(message.payload)
+        except (MalformedMessage, SignatureError, DocumentRefused) as exc:
+            log.warning("refused a key set: %s", exc)
+            self.reporter.event("refused", code=exc.code, reason=str(exc), detail={"topic": message.topic})
+            return
+        if accepted is not None:
+            self.reporter.publish_reported()
 
     def _refresh(self) -> str:
         self.reporter.publish_reported()

@@ -146,6 +146,13 @@ class AgentConfig(BaseModel):
         default=Path("/etc/edgeagent/keys"),
         description="Folder of trusted Ed25519 public keys (*.pub) for bundles and desired docs.",
     )
+    trust_root: Path | None = Field(
+        default=None,
+        description=(
+            "Public key of the offline root that signs key sets (edge/v1/trust); unset = the "
+            "trusted_keys folder only, forever."
+        ),
+    )
     insecure: bool = Field(
         default=False,
         description="Accept unsigned desired docs and bundles. Only for the local demo; logged loudly.",

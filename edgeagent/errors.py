@@ -23,6 +23,8 @@
         ├── SignatureError
         │   ├── MissingSignature        no manifest.sig and unsigned bundles are not allowed
         │   ├── UnknownKey              signed by a key id that is not trusted
+    │   ├── RevokedKey              signed by a key the current key set revokes (edgeagent.trust)
+    │   ├── ExpiredKey              signed by a key past its expiry, or its key set's
         │   └── BadSignature            the signature does not match the manifest bytes
         ├── IntegrityError
         │   ├── HashMismatch            a file's sha256 differs from the manifest
@@ -138,6 +140,14 @@ class UnknownKey(SignatureError):
 
 class BadSignature(SignatureError):
     code = "bad_signature"
+
+
+class RevokedKey(SignatureError):
+    code = "revoked_key"
+
+
+class ExpiredKey(SignatureError):
+    code = "expired_key"
 
 
 class IntegrityError(BundleError):
@@ -288,7 +298,10 @@ class RequestFailed(ServingError):
 # ├── MalformedMessage         an MQTT message does not parse or fails its schema
 # ├── DocumentRefused          a signed desired doc or command was refused; ``code`` says why
 # │   ├── ReplayedDocument         its seq is not newer than the last accepted one
-# │   └── DowngradeRefused         it asks for a lower version without a signed rollback
+# │   ├── DowngradeRefused         it asks for a lower version without a signed rollback
+# │   └── KeySetRefused            a root-signed key set was refused (edgeagent.trust)
+# │       ├── KeySetRollback           its version is older than the one the device holds
+# │       └── KeySetExpired            it has expired
 # ├── TransferError            a block transfer gave up; carries ``sha256`` and ``block``
 # │   └── TransferPaused           stopped or the broker is away: the download resumes later
 # └── DeploymentError          a deployment step refused or failed; ``code`` names why
@@ -313,6 +326,18 @@ class ReplayedDocument(DocumentRefused):
 
 class DowngradeRefused(DocumentRefused):
     code = "downgrade"
+
+
+class KeySetRefused(DocumentRefused):
+    code = "keyset_refused"
+
+
+class KeySetRollback(KeySetRefused):
+    code = "keyset_rollback"
+
+
+class KeySetExpired(KeySetRefused):
+    code = "keyset_expired"
 
 
 class TransferError(EdgeError):

@@ -281,14 +281,14 @@ class MqttSession:
         return True
 
     def publish_tracked(
-        self, topic: str, payload: bytes | str, *, qos: int = 1
+        self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False
     ) -> paho.MQTTMessageInfo | None:
         """Like :meth:`publish`, but returns paho's handle so the caller can tell when the broker
         acknowledged it (``is_published()``); None (and counted) when it was not queued."""
         if not self.connected:
             self.stats.publish_failed += 1
             return None
-        info = self._client.publish(topic, payload, qos=qos)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             self.stats.publish_failed += 1
             return None
@@ -318,6 +318,12 @@ class MqttSession:
             )
             if tls.insecure_skip_verify:
                 client.tls_insecure_set(True)
+            # paho writes a publish at once in the caller's thread, but an OpenSSL connection
+            # must not be written by one thread while another reads it (the network thread):
+            # that broke the record stream ("bad record mac") and cost a reconnect and the
+            # messages in flight. With a write callback set, paho leaves every write to
+            # loop(), on the network thread, which the socketpair wakes at once.
+            client.on_socket_register_write = _write_on_network_thread
         if will is not None:
             client.will_set(will[0], will[1], qos=1, retain=True)
         client.on_socket_open = _no_delay
@@ -443,6 +449,10 @@ class MqttSession:
             # A handler bug must not take the agent down; it is counted and logged.
             self.stats.handler_errors += 1
             log.exception("mqtt: handler for %s failed on a message on %s", sub.topic_filter, message.topic)
+
+
+def _write_on_network_thread(_client: paho.Client, _userdata: Any, _sock: Any) -> None:
+    """Nothing to do: being set is what makes paho defer writes to loop() (see _make_client)."""
 
 
 def _no_delay(_client: paho.Client, _userdata: Any, sock: Any) -> None:

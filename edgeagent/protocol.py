@@ -89,13 +89,31 @@ class Topics:
     def blocks(self, device: str) -> str:
         return f"{self.root}/device/{check_id(device, 'device')}/blocks"
 
+    def registry_get(self, device: str) -> str:
+        """Where ``device`` asks for blocks: its id in the topic, so a broker ACL can pin it."""
+        return f"{self.root}/registry/get/{check_id(device, 'device')}"
+
     @property
-    def registry_get(self) -> str:
-        return f"{self.root}/registry/get"
+    def registry_get_all(self) -> str:
+        """Every device's request topic (what a single registry subscribes to)."""
+        return f"{self.root}/registry/get/+"
 
     def registry_shared(self, share: str = "registry") -> str:
         """The shared subscription registry replicas use so each request reaches one of them."""
-        return f"$share/{check_id(share, 'share group')}/{self.registry_get}"
+        return f"$share/{check_id(share, 'share group')}/{self.registry_get_all}"
+
+    def requester_of(self, topic: str) -> str | None:
+        """The device id in a ``.../registry/get/{id}`` topic, or None (not a valid request topic)."""
+        prefix = f"{self.root}/registry/get/"
+        if not topic.startswith(prefix):
+            return None
+        device = topic[len(prefix) :]
+        return device if _ID.match(device) else None
+
+    @property
+    def trust(self) -> str:
+        """The retained, root-signed key set (edgeagent.trust)."""
+        return f"{self.root}/trust"
 
     def all_devices(self, leaf: str) -> str:
         """Wildcard subscription over every device's ``leaf`` topic (for fleet tools)."""
@@ -364,6 +382,9 @@ class Reported(_Report):
     models: dict[str, ModelStatus] = Field(default_factory=dict)
     last_deployment: DeploymentOutcome | None = None
     desired_seq: dict[str, int] = Field(default_factory=dict, description="Newest accepted seq per target.")
+    keyset_version: int | None = Field(
+        default=None, description="Version of the root-signed key set in use; None: no trust root."
+    )
     at: float = Field(default_factory=time.time)
 
 

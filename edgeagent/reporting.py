@@ -35,6 +35,7 @@ class Reporter:
         groups: list[str],
         states: Mapping[str, State],
         desired_seqs: Callable[[], dict[str, int]],
+        keyset_version: Callable[[], int | None] = lambda: None,
     ) -> None:
         self.device_id = device_id
         self.topics = topics
@@ -44,6 +45,7 @@ class Reporter:
         self.groups = groups
         self.states = states
         self.desired_seqs = desired_seqs
+        self.keyset_version = keyset_version
         self.session: MqttSession | None = None
         self.last_outcome: DeploymentOutcome | None = None
         # Store problems found on start, before the broker answered: sent on connect.
@@ -76,6 +78,7 @@ class Reporter:
             models=models,
             last_deployment=self.last_outcome,
             desired_seq=self.desired_seqs(),
+            keyset_version=self.keyset_version(),
         )
 
     def publish_reported(self) -> None:
