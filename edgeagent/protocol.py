@@ -114,7 +114,14 @@ _M = TypeVar("_M", bound=BaseModel)
 
 
 class _Msg(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """What the host tells a device (and a device the registry): strict.
+
+    Unknown fields are refused and nothing is coerced: ``"seq": "12345678901234"``, ``1.0``
+    for an int or ``"true"`` for a bool fail validation rather than being read as what they
+    resemble, so a device never acts on a value its signer did not write as such.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class _Report(_Msg):
@@ -130,6 +137,8 @@ class _Report(_Msg):
 
 
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+# Sequence numbers fit a signed 64-bit integer, whatever stores or compares them later.
+SEQ_MAX = 2**63 - 1
 
 
 class BundleRef(_Msg):
@@ -148,7 +157,9 @@ class DesiredState(_Msg):
     """What should run on a device (or on every device of a group), model name by model name."""
 
     v: Literal[1] = PROTOCOL_VERSION
-    seq: int = Field(ge=1, description="Monotonic sequence per target; the agent refuses one not newer.")
+    seq: int = Field(
+        ge=1, le=SEQ_MAX, description="Monotonic sequence per target; the agent refuses one not newer."
+    )
     target: str = Field(description="'device:ID' or 'group:NAME'; must match the topic it came on.")
     models: dict[ModelName, BundleRef] = Field(
         description="model name -> bundle; an empty map removes nothing."
@@ -165,7 +176,7 @@ class Command(_Msg):
     """A one-off instruction to one device; the reply goes to ``.../cmd/reply``."""
 
     v: Literal[1] = PROTOCOL_VERSION
-    seq: int = Field(ge=1, description="Monotonic per device; replays are refused.")
+    seq: int = Field(ge=1, le=SEQ_MAX, description="Monotonic per device; replays are refused.")
     id: str = Field(min_length=1, max_length=64, description="Echoed in the reply.")
     target: str = Field(description="'device:ID'.")
     name: Literal["refresh", "bench"] = Field(
