@@ -24,7 +24,7 @@ from edgeagent.bundle.manifest import MANIFEST_NAME, parse_manifest
 from edgeagent.bundle.reader import verify_bundle
 from edgeagent.config import AgentConfig
 from edgeagent.deployment import Event, Journal, JournalFile, State, crash_point, next_state, resume_state
-from edgeagent.desired import DesiredTracker, Wanted, check_not_downgrade
+from edgeagent.desired import DesiredTracker, Wanted, check_not_downgrade, refusal_detail
 from edgeagent.errors import (
     DocumentRefused,
     EdgeError,
@@ -46,6 +46,7 @@ from edgeagent.protocol import (
     parse,
 )
 from edgeagent.protocol import Event as EventMsg
+from edgeagent.ratelimit import RefusalReporter
 from edgeagent.serving.loader import prepare_served_model, served_gate
 from edgeagent.serving.server import InferenceServer, ServerLimits
 from edgeagent.signing import KeyRing
@@ -95,6 +96,8 @@ class Agent:
             topics=self.topics,
             insecure=config.insecure,
         )
+        # sechost: refusals are logged and published at a bounded rate (edgeagent/ratelimit.py)
+        self.refusals = RefusalReporter(self._event)
         self.refs_file = config.state_dir / "refs.json"
         self.refs: dict[str, BundleRef] = self._load_refs()
         self.states: dict[str, State] = {}
@@ -129,17 +132,11 @@ class Agent:
                 ),
             )
             self.session.subscribe(
-                self.topics.device_desired(self.config.device_id),
-                self._on_desired,
-                max_bytes=MAX_DESIRED_BYTES,
-            )
-            self.session.subscribe(
                 self.topics.cmd(self.config.device_id), self._on_command, max_bytes=MAX_DESIRED_BYTES
             )
-            for group in self.config.groups:
-                self.session.subscribe(
-                    self.topics.group_desired(group), self._on_desired, max_bytes=MAX_DESIRED_BYTES
-                )
+            # sechost: the device's and its groups' desired docs, and their models' own docs
+            for topic_filter in self.tracker.topic_filters():
+                self.session.subscribe(topic_filter, self._on_desired, max_bytes=MAX_DESIRED_BYTES)
             self.session.start()
             if self.config.telemetry_interval_s > 0:
                 self.telemetry = reporter_for(
@@ -159,6 +156,7 @@ class Agent:
         self._wake.set()
         if self._deployer is not None:
             self._deployer.join(timeout=30)
+        self.refusals.close()  # sechost: the pending summary goes out before the session closes
         if self.telemetry is not None:
             self.telemetry.close()  # before the session: unacknowledged messages go to the spool
         if self.session is not None:
@@ -232,9 +230,9 @@ class Agent:
         try:
             doc = self.tracker.offer(message.topic, message.payload)
         except (MalformedMessage, SignatureError, DocumentRefused) as exc:
-            code = exc.code
-            log.warning("refused a desired document on %s: %s", message.topic, exc)
-            self._event("refused", code=code, reason=str(exc), detail={"topic": message.topic})
+            # sechost: rate-limited (a flood of forged docs costs one summary per interval)
+            detail = refusal_detail(message.topic, message.payload, exc)
+            self.refusals.refused("a desired document", exc.code, str(exc), detail)
             return
         if doc is not None:
             log.info("accepted desired document %s seq %d", doc.target, doc.seq)
@@ -249,12 +247,12 @@ class Agent:
             command = parse(Command, opened.payload, "command")
             if command.target != f"device:{self.config.device_id}":
                 raise MalformedMessage(f"command for {command.target!r} arrived on this device's topic")
-            self.tracker.accept_command_seq(command.seq)
+            self.tracker.accept_command_seq(command.seq, reset=command.reset_seq)
         except (MalformedMessage, SignatureError, DocumentRefused) as exc:
-            log.warning("refused a command: %s", exc)
-            self._event("refused", code=exc.code, reason=str(exc), detail={"topic": message.topic})
+            # sechost: rate-limited; a suppressed refusal gets no reply either
+            detail = refusal_detail(message.topic, message.payload, exc)
             command_id = _command_id(message.payload)
-            if command_id:
+            if self.refusals.refused("a command", exc.code, str(exc), detail) and command_id:
                 self._reply(CommandReply(id=command_id, ok=False, code=exc.code, detail=str(exc)))
             return
         # Off the MQTT handler thread: a bench runs the golden set on every served model.

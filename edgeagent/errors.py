@@ -288,6 +288,7 @@ class RequestFailed(ServingError):
 # ├── MalformedMessage         an MQTT message does not parse or fails its schema
 # ├── DocumentRefused          a signed desired doc or command was refused; ``code`` says why
 # │   ├── ReplayedDocument         its seq is not newer than the last accepted one
+# │   ├── SeqInFuture              its seq is further ahead of the device clock than allowed
 # │   └── DowngradeRefused         it asks for a lower version without a signed rollback
 # └── TransferError            a block transfer gave up; carries ``sha256`` and ``block``
 # (Signatures on documents raise the SignatureError family above, like bundles.)
@@ -300,11 +301,22 @@ class MalformedMessage(EdgeError):
 
 
 class DocumentRefused(EdgeError):
+    """A signed document or command refused; ``seq`` is its sequence, ``last`` the device's."""
+
     code = "document_refused"
+
+    def __init__(self, message: str, *, seq: int | None = None, last: int | None = None) -> None:
+        super().__init__(message)
+        self.seq = seq
+        self.last = last
 
 
 class ReplayedDocument(DocumentRefused):
     code = "replayed"
+
+
+class SeqInFuture(DocumentRefused):
+    code = "seq_in_future"
 
 
 class DowngradeRefused(DocumentRefused):

@@ -71,6 +71,13 @@ class Topics:
     def group_desired(self, group: str) -> str:
         return f"{self.root}/group/{check_id(group, 'group')}/desired"
 
+    def device_desired_model(self, device: str, model: str) -> str:
+        """One model's own desired doc: concurrent pushes of different models never collide."""
+        return f"{self.device_desired(device)}/{check_id(model, 'model')}"
+
+    def group_desired_model(self, group: str, model: str) -> str:
+        return f"{self.group_desired(group)}/{check_id(model, 'model')}"
+
     def reported(self, device: str) -> str:
         return f"{self.root}/device/{check_id(device, 'device')}/reported"
 
@@ -133,7 +140,7 @@ class _Report(_Msg):
     strict, since a device must not act on an instruction it only half understands.
     """
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=False)
 
 
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -167,6 +174,11 @@ class DesiredState(_Msg):
     rollback: bool = Field(
         default=False, description="Permits versions lower than what runs (a signed rollback)."
     )
+    reset_seq: bool = Field(
+        default=False,
+        description="Accept this seq even if lower than the stored one (a signed way out of a seq "
+        "stuck ahead of the clock); each reset must be newer than the last reset.",
+    )
     issued_at: float = Field(
         default_factory=time.time, description="Unix time the host signed it (informational)."
     )
@@ -184,6 +196,7 @@ class Command(_Msg):
         "bench: re-run acceptance on the served models."
     )
     model: str | None = Field(default=None, description="Model name the command concerns (default: all).")
+    reset_seq: bool = Field(default=False, description="As DesiredState.reset_seq, for the command seq.")
     issued_at: float = Field(default_factory=time.time)
 
 
