@@ -88,7 +88,8 @@ class Follower:
         if status and status.bundle and status.bundle.sha256 == self.ref.sha256 and status.state == "idle":
             self._done(who, Result(who, True, f"active on {status.runtime}/{status.delegate}"))
             return
-        if self.published is not None and self.key is not None:
+        # A reset doc is lower than what the device holds until the device takes it.
+        if self.published is not None and self.key is not None and not self.published.doc.reset_seq:
             held = reported.desired_seq.get(self.key, 0)
             if held > self.published.seq:
                 self._overtaken(who, held)
