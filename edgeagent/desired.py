@@ -141,8 +141,15 @@ class DesiredTracker:
             raise MalformedMessage(f"the document on {model!r}'s own topic must carry exactly that model")
         if doc.seq == self.seqs.get(key) and self.docs.get(key) == doc:
             return None
+        # A target's doc speaks for all its models: it must be newer than each model's own doc;
+        # a model's doc, newer than its target's doc (other models' docs do not matter, so
+        # concurrent pushes of different models never refuse each other).
+        if model is None:
+            related = [seq for k, seq in self.seqs.items() if k == key or k.startswith(key + "/")]
+        else:
+            related = [self.seqs.get(key, 0), self.seqs.get(target, 0)]
         try:
-            self._check_seq(key, doc.seq, reset=doc.reset_seq)
+            self._check_seq(key, doc.seq, reset=doc.reset_seq, last=max(related, default=0))
         except SeqInFuture:
             self.deferred[key] = (topic, payload)
             raise
@@ -156,9 +163,11 @@ class DesiredTracker:
         self._check_seq(f"cmd:{self.device_id}", seq, reset=reset, what="command")
         self._save()
 
-    def _check_seq(self, key: str, seq: int, *, reset: bool, what: str = "document") -> None:
-        """Refuse a seq ahead of the clock or not newer than the last; else record it."""
-        last = self.seqs.get(key, 0)
+    def _check_seq(
+        self, key: str, seq: int, *, reset: bool, what: str = "document", last: int | None = None
+    ) -> None:
+        """Refuse a seq ahead of the clock or not newer than ``last`` (default: the key's); else record it."""
+        last = self.seqs.get(key, 0) if last is None else last
         limit = int(self.clock() * 1000) + SEQ_FUTURE_ALLOWANCE_MS
         if seq > limit:
             ahead_h = (seq - limit + SEQ_FUTURE_ALLOWANCE_MS) / 3_600_000

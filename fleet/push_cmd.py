@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edgeagent.defaults import DEFAULT_PREFIX
 from edgeagent.errors import UsageError
+from fleet.hostopts import add_broker_options, broker_settings
 
 if TYPE_CHECKING:  # pydantic models: imported by the handlers, not at --help time
     from collections.abc import Callable
@@ -20,9 +20,9 @@ if TYPE_CHECKING:  # pydantic models: imported by the handlers, not at --help ti
 PUSH_EPILOG = """\
 examples:
   edgectl push out/digits-1.1.0.bundle --device pi-kitchen-01 --key keys/release.key \\
-      --broker mqtt://broker:1883 --registry /srv/bundles
+      --broker mqtts://broker:8883 --registry /srv/bundles
   edgectl push out/digits-1.1.0.bundle --group canary --key keys/release.key \\
-      --broker mqtt://broker:1883 --registry /srv/bundles --timeout 600
+      --broker mqtts://broker:8883 --registry /srv/bundles --timeout 600
 
 The bundle is copied into the registry folder (which `edgectl registry serve` serves), then
 a signed desired-state document for that one model is published, retained, for the device
@@ -45,9 +45,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--device", metavar="ID", help="one device")
     where.add_argument("--group", metavar="NAME", help="every device of a group (see the agent's groups)")
     parser.add_argument("--key", required=True, type=Path, help="private key that signs the desired doc")
-    parser.add_argument("--broker", required=True, help="broker URL, e.g. mqtt://localhost:1883")
     parser.add_argument("--model", default="default", help="model name on the device (default: %(default)s)")
-    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix (default: %(default)s)")
     parser.add_argument("--no-wait", action="store_true", help="publish and return without following devices")
     parser.add_argument(
         "--timeout", type=float, default=300.0, help="seconds to wait for outcomes (default 300)"
@@ -58,6 +56,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="a signed reset of the devices' seq for this model, for a seq stuck ahead of the clock "
         "(refusals with code seq_in_future or replayed; docs/protocol.md)",
     )
+    add_broker_options(parser)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -91,17 +90,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _connection(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from edgeagent.mqtt import BrokerConfig
-    from edgeagent.protocol import Topics
     from fleet.push import FleetConnection, Target
 
     target = Target("device", args.device) if args.device else Target("group", args.group)
+    settings = broker_settings(args)
+    topics = settings.topics()
     try:
-        topics = Topics(args.prefix)
-        topics.device_desired(args.device) if args.device else topics.group_desired(args.group)
+        target.model_topic(topics, args.model)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    conn = FleetConnection(BrokerConfig.from_url(args.broker), topics, f"edgectl-{os.getpid()}")
+    conn = FleetConnection(settings.broker, topics, f"edgectl-{os.getpid()}")
     return target, conn
 
 

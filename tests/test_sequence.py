@@ -114,8 +114,9 @@ def test_command_seqs_are_bounded_and_can_be_reset(tracker, clock) -> None:  # t
 def test_per_model_documents_merge_with_the_targets_doc_by_seq(tracker, keypair) -> None:  # type: ignore[no-untyped-def]
     key = keypair.load()
     tracker.offer(T.device_desired("pi-1"), sign_document(_doc(100, {"default": A, "camera": C}), key))
-    tracker.offer(T.device_desired_model("pi-1", "default"), sign_document(_doc(50, {"default": B}), key))
-    assert tracker.effective()["default"].bundle == A  # older than the target's doc
+    with pytest.raises(errors.ReplayedDocument):  # older than the target's doc
+        tracker.offer(T.device_desired_model("pi-1", "default"), sign_document(_doc(50, {"default": B}), key))
+    assert tracker.effective()["default"].bundle == A
     tracker.offer(T.device_desired_model("pi-1", "default"), sign_document(_doc(200, {"default": B}), key))
     effective = tracker.effective()
     assert effective["default"].bundle == B and effective["camera"].bundle == C
@@ -131,3 +132,15 @@ def test_per_model_documents_merge_with_the_targets_doc_by_seq(tracker, keypair)
     assert T.device_desired("pi-1") + "/+" in tracker.topic_filters()
     with pytest.raises(errors.MalformedMessage):
         tracker.target_of(T.device_desired("pi-2") + "/default")
+
+
+def test_a_targets_doc_must_be_newer_than_its_models_docs(tracker, keypair) -> None:  # type: ignore[no-untyped-def]
+    key = keypair.load()
+    tracker.offer(T.device_desired_model("pi-1", "default"), sign_document(_doc(200, {"default": B}), key))
+    # An old signed doc for the whole target (kept by an attacker) is a replay, not news.
+    with pytest.raises(errors.ReplayedDocument):
+        tracker.offer(T.device_desired("pi-1"), sign_document(_doc(5, {"default": A}), key))
+    tracker.offer(T.device_desired("pi-1"), sign_document(_doc(300, {"default": A}), key))
+    with pytest.raises(errors.ReplayedDocument):  # and a model's doc older than the target's
+        tracker.offer(T.device_desired_model("pi-1", "camera"), sign_document(_doc(250, {"camera": C}), key))
+    assert tracker.effective()["default"].bundle == A
