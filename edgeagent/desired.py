@@ -20,9 +20,11 @@ whether it came in the target's doc or in the model's own doc.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,6 +86,9 @@ class DesiredTracker:
         # Documents refused only for being ahead of the clock: offered again by effective()
         # (a device that boots with a stale clock accepts them once NTP has set it).
         self.deferred: dict[str, tuple[str, bytes]] = {}
+        # offer() runs on the MQTT handler thread, effective() (which may accept a deferred
+        # doc) on the deployer's: one lock keeps the maps consistent between them.
+        self._lock = threading.RLock()
         self._load()
 
     def _load(self) -> None:
@@ -129,6 +134,10 @@ class DesiredTracker:
 
         Raises MalformedMessage, a SignatureError, ReplayedDocument or SeqInFuture.
         """
+        with self._lock:
+            return self._offer(topic, payload)
+
+    def _offer(self, topic: str, payload: bytes) -> DesiredState | None:
         target, model = self.target_of(topic)
         key = target if model is None else f"{target}/{model}"
         opened = open_envelope(payload, self.trusted, insecure=self.insecure)
@@ -160,8 +169,9 @@ class DesiredTracker:
 
     def accept_command_seq(self, seq: int, *, reset: bool = False) -> None:
         """Record a command's sequence number; raise ReplayedDocument unless it is newer."""
-        self._check_seq(f"cmd:{self.device_id}", seq, reset=reset, what="command")
-        self._save()
+        with self._lock:
+            self._check_seq(f"cmd:{self.device_id}", seq, reset=reset, what="command")
+            self._save()
 
     def _check_seq(
         self, key: str, seq: int, *, reset: bool, what: str = "document", last: int | None = None
@@ -209,6 +219,10 @@ class DesiredTracker:
         return accepted
 
     def effective(self) -> dict[str, Wanted]:
+        with self._lock:
+            return self._effective()
+
+    def _effective(self) -> dict[str, Wanted]:
         if self.deferred:
             self.retry_deferred()
         wanted: dict[str, Wanted] = {}
@@ -223,6 +237,11 @@ class DesiredTracker:
                 for name, ref in doc.models.items():
                     wanted[name] = Wanted(ref, doc.rollback, source, doc.seq)
         return wanted
+
+
+def payload_digest(payload: bytes) -> str:
+    """First 32 hex digits of the sha256 of a message as it travelled."""
+    return hashlib.sha256(payload).hexdigest()[:32]
 
 
 _SEMVER = re.compile(r"^(\d+)\.(\d+)\.(\d+)(?:-([0-9A-Za-z.-]+))?(?:\+.*)?$")
@@ -252,10 +271,11 @@ def check_not_downgrade(wanted: Wanted, current_version: str | None) -> None:
 
 
 def refusal_detail(topic: str, payload: bytes, exc: Exception) -> dict[str, object]:
-    """What a ``refused`` event carries besides the code: the topic, and the refused seq and
-    the device's last seq where known, so a pusher can tell its own refusal from another's.
-    The seq of a document refused before its signature was checked is a hint only."""
-    detail: dict[str, object] = {"topic": topic}
+    """What a ``refused`` event carries besides the code: the topic, a digest of the exact
+    message (a pusher matches it against what it published: a forged message cannot pass for
+    its own), and the refused seq and the device's last seq where known. The seq of a document
+    refused before its signature was checked is a hint only."""
+    detail: dict[str, object] = {"topic": topic, "digest": payload_digest(payload)}
     seq, last = getattr(exc, "seq", None), getattr(exc, "last", None)
     if seq is None:
         try:

@@ -2,7 +2,8 @@
 device's code and reason), superseded by a concurrent push, or no outcome in time.
 
 Subscribe before publishing (:class:`Follower` does so when it is made), so an immediate
-refusal is not missed. A refusal is this push's when it names the doc's topic and seq.
+refusal is not missed. A refusal is this push's when it carries the digest of the exact
+message published (from an older agent: when it names the doc's topic and seq).
 
 Concurrent pushes of one model race at the broker: the retained doc is the last one the
 broker received, the device holds the highest seq it received. When a device holds a seq
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from edgeagent.desired import payload_digest
 from edgeagent.mqtt import Message
 from edgeagent.protocol import BundleRef, Event, Reported
 from fleet.push import FleetConnection, Published, PushError, Result
@@ -136,8 +138,10 @@ class Follower:
             return event.bundle.sha256 == self.ref.sha256 and event.model in (self.model, None)
         if self.published is None:
             return True
-        # A doc refused before its signature was checked has only a hint of a seq (or none).
         detail = event.detail
+        if "digest" in detail:  # the digest of the exact message: a forged one cannot match
+            return bool(detail["digest"] == payload_digest(self.published.payload))
+        # An older agent: the topic and the seq (a hint when the signature was not checked).
         return detail.get("topic") == self.published.topic and detail.get("seq") in (None, self.published.seq)
 
     def _overtaken(self, who: str, held: int) -> None:

@@ -17,7 +17,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeagent.mqtt import BrokerConfig, MqttSession
-from edgeagent.protocol import DesiredState, Topics, unsigned_document
+from edgeagent.protocol import BundleRef, DesiredState, Topics, sign_document, unsigned_document
 from edgeagent.ratelimit import RateLimiter, RefusalReporter, Summary
 from tests.security_support import AgentProcess
 
@@ -85,9 +85,15 @@ def test_a_flood_of_unsigned_documents_costs_a_bounded_number_of_events_and_line
     watcher = MqttSession(BrokerConfig(mosquitto.host, mosquitto.port), f"watch-{device}")
     watcher.subscribe(topics.events(device), lambda m: events.put(json.loads(m.payload)))
     online = threading.Event()
-    watcher.subscribe(
-        topics.reported(device), lambda m: m.payload and json.loads(m.payload)["online"] and online.set()
-    )
+    state: dict[str, Any] = {}
+
+    def on_reported(msg: Any) -> None:
+        if msg.payload:
+            state.update(json.loads(msg.payload))
+            if state["online"]:
+                online.set()
+
+    watcher.subscribe(topics.reported(device), on_reported)
     watcher.start()
     try:
         assert online.wait(60), agent.log.read_text()
@@ -121,6 +127,15 @@ def test_a_flood_of_unsigned_documents_costs_a_bounded_number_of_events_and_line
                 assert event["code"] == "missing_signature"
                 reported += 1
         warnings = [line for line in agent.log.read_text().splitlines() if line.startswith("WARNING")]
+        # The agent still takes a genuine signed document after the flood.
+        ref = BundleRef(name="digits", version="1.0.0", sha256="a" * 64, size=10)
+        genuine = DesiredState(seq=int(time.time() * 1000), target=f"device:{device}", models={"m": ref})
+        watcher.publish(topics.device_desired_model(device, "m"), sign_document(genuine, keypair.load()))
+        key = f"device:{device}/m"
+        deadline = time.monotonic() + 60
+        while state.get("desired_seq", {}).get(key) != genuine.seq and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert state["desired_seq"].get(key) == genuine.seq, agent.log.read_text()[-2000:]
     finally:
         agent.stop()
         watcher.close()
