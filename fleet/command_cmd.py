@@ -56,7 +56,7 @@ def _command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     command = Command(
-        seq=next_seq(0, reset=args.reset_seq),
+        seq=next_seq(0, reset=args.reset_seq, jitter=False),
         reset_seq=args.reset_seq,
         id=uuid.uuid4().hex[:12],
         target=f"device:{args.device}",

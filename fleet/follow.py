@@ -93,7 +93,7 @@ class Follower:
         # A reset doc is lower than what the device holds until the device takes it.
         if self.published is not None and self.key is not None and not self.published.doc.reset_seq:
             held = reported.desired_seq.get(self.key, 0)
-            if held > self.published.seq:
+            if held > self.published.seq and who not in self.overtaken:
                 self._overtaken(who, held)
 
     def _on_event(self, who: str, payload: bytes) -> None:

@@ -124,19 +124,21 @@ def add_to_registry(bundle: Path, verified: VerifiedBundle, registry_dir: Path) 
     return dest
 
 
-def next_seq(previous: int, *, reset: bool = False) -> int:
+def next_seq(previous: int, *, reset: bool = False, jitter: bool = True) -> int:
     """The seq of a new desired doc: milliseconds since the epoch, never below ``previous`` + 1.
 
     Milliseconds increase across hosts without coordination; a random sub-second offset keeps
     concurrent pushes (several processes in the same millisecond, or all of them at
     ``previous`` + 1 while a device's seq is ahead of the clock) from sharing one seq. A
     ``reset`` doc takes the clock as it is: its purpose is to bring a stored seq back down.
+    Commands, which have no ``previous`` to read, go without the offset (``jitter=False``):
+    with it, a command sent right after another could draw a lower seq and be refused.
     """
     now = int(time.time() * 1000)
-    jitter = secrets.randbelow(1000)
+    offset = secrets.randbelow(1000) if jitter else 0
     if reset:
-        return now + jitter
-    seq = max(previous + 1, now) + jitter
+        return now + offset
+    seq = max(previous + 1, now) + offset
     if seq > now + SEQ_FUTURE_ALLOWANCE_MS:
         ahead_h = (previous - now) / 3_600_000
         raise PushError(
