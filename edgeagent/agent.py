@@ -20,10 +20,11 @@ from devices.detect import Detection
 from edgeagent.commands import Commands
 from edgeagent.config import AgentConfig
 from edgeagent.deploy import Backoff, DeviceStore, Engine, Ports, Settings, State, Supervisor, heal
-from edgeagent.desired import DesiredTracker
+from edgeagent.desired import DesiredTracker, refusal_detail
 from edgeagent.errors import DocumentRefused, MalformedMessage, SignatureError, UsageError
 from edgeagent.mqtt import BrokerConfig, Message, MqttSession, TLSConfig
 from edgeagent.protocol import CommandReply, Reported, Topics
+from edgeagent.ratelimit import RefusalReporter
 from edgeagent.reporting import Reporter
 from edgeagent.served import ServedModels
 from edgeagent.serving.server import InferenceServer, ServerLimits
@@ -105,6 +106,8 @@ class Agent:
             desired_seqs=lambda: dict(self.tracker.seqs),
             keyset_version=lambda: self.trust.version if self.trust else None,
         )
+        # Refusals are logged and published at a bounded rate: a flood costs one summary per interval.
+        self.refusals = RefusalReporter(self.reporter.event)
         self.engine = self._make_engine()
         self.supervisor = Supervisor(
             self.engine,
@@ -121,9 +124,7 @@ class Agent:
             insecure=config.insecure,
             refresh=self._refresh,
             reply=self._reply,
-            refused=lambda code, reason, topic: self.reporter.event(
-                "refused", code=code, reason=reason, detail={"topic": topic}
-            ),
+            refused=self.refusals.refused,
         )
         self.session: MqttSession | None = None
         self.telemetry: TelemetryReporter | None = None
@@ -179,6 +180,7 @@ class Agent:
 
     def close(self) -> None:
         self.supervisor.close(STOP_TIMEOUT_S)
+        self.refusals.close()  # the pending summary goes out before the session closes
         if self.telemetry is not None:
             self.telemetry.close()  # before the session: unacknowledged messages go to the spool
         if self.session is not None:
@@ -208,10 +210,10 @@ class Agent:
         device = self.config.device_id
         if self.trust is not None:  # first: a retained key set must apply to the retained docs
             session.subscribe(self.topics.trust, self._on_trust, max_bytes=MAX_KEYSET_BYTES)
-        session.subscribe(self.topics.device_desired(device), self._on_desired, max_bytes=MAX_DESIRED_BYTES)
         session.subscribe(self.topics.cmd(device), self.commands.on_message, max_bytes=MAX_DESIRED_BYTES)
-        for group in self.config.groups:
-            session.subscribe(self.topics.group_desired(group), self._on_desired, max_bytes=MAX_DESIRED_BYTES)
+        # the device's and its groups' desired docs, and their models' own docs
+        for topic_filter in self.tracker.topic_filters():
+            session.subscribe(topic_filter, self._on_desired, max_bytes=MAX_DESIRED_BYTES)
 
     # --- desired state, commands, healing -----------------------------------------------
 
@@ -221,8 +223,8 @@ class Agent:
         try:
             doc = self.tracker.offer(message.topic, message.payload)
         except (MalformedMessage, SignatureError, DocumentRefused) as exc:
-            log.warning("refused a desired document on %s: %s", message.topic, exc)
-            self.reporter.event("refused", code=exc.code, reason=str(exc), detail={"topic": message.topic})
+            detail = refusal_detail(message.topic, message.payload, exc)
+            self.refusals.refused("a desired document", exc.code, str(exc), detail)
             return
         if doc is not None:
             log.info("accepted desired document %s seq %d", doc.target, doc.seq)
@@ -235,8 +237,8 @@ class Agent:
         try:
             accepted = self.trust.offer(message.payload)
         except (MalformedMessage, SignatureError, DocumentRefused) as exc:
-            log.warning("refused a key set: %s", exc)
-            self.reporter.event("refused", code=exc.code, reason=str(exc), detail={"topic": message.topic})
+            detail = refusal_detail(message.topic, message.payload, exc)
+            self.refusals.refused("a key set", exc.code, str(exc), detail)
             return
         if accepted is not None:
             self.reporter.publish_reported()

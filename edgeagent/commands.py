@@ -6,8 +6,9 @@ import json
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
-from edgeagent.desired import DesiredTracker
+from edgeagent.desired import DesiredTracker, refusal_detail
 from edgeagent.errors import DocumentRefused, EdgeError, MalformedMessage, SignatureError
 from edgeagent.mqtt import Message
 from edgeagent.protocol import Command, CommandReply, open_envelope, parse
@@ -28,7 +29,7 @@ class Commands:
         insecure: bool,
         refresh: Callable[[], str],
         reply: Callable[[CommandReply], None],
-        refused: Callable[[str, str, str], None],
+        refused: Callable[[str, str, str, dict[str, Any]], bool],
     ) -> None:
         self.device_id = device_id
         self.trusted = trusted
@@ -37,16 +38,16 @@ class Commands:
         self.insecure = insecure
         self.refresh = refresh  # clears failed marks and wakes the engine; returns what it did
         self.reply = reply
-        self.refused = refused  # (code, reason, topic) -> a "refused" event
+        self.refused = refused  # (what, code, reason, detail) -> published (not rate-limited away)
 
     def on_message(self, message: Message) -> None:
         try:
             command = self.open(message.payload)
         except (MalformedMessage, SignatureError, DocumentRefused) as exc:
-            log.warning("refused a command: %s", exc)
-            self.refused(exc.code, str(exc), message.topic)
+            # Rate-limited (edgeagent/ratelimit.py): a suppressed refusal gets no reply either.
+            detail = refusal_detail(message.topic, message.payload, exc)
             command_id = _command_id(message.payload)
-            if command_id:
+            if self.refused("a command", exc.code, str(exc), detail) and command_id:
                 self.reply(CommandReply(id=command_id, ok=False, code=exc.code, detail=str(exc)))
             return
         # Off the MQTT handler thread: a bench runs the golden set on every served model.
@@ -58,7 +59,7 @@ class Commands:
         command = parse(Command, opened.payload, "command")
         if command.target != f"device:{self.device_id}":
             raise MalformedMessage(f"command for {command.target!r} arrived on this device's topic")
-        self.tracker.accept_command_seq(command.seq)
+        self.tracker.accept_command_seq(command.seq, reset=command.reset_seq)
         return command
 
     def run(self, command: Command) -> None:

@@ -298,6 +298,7 @@ class RequestFailed(ServingError):
 # ├── MalformedMessage         an MQTT message does not parse or fails its schema
 # ├── DocumentRefused          a signed desired doc or command was refused; ``code`` says why
 # │   ├── ReplayedDocument         its seq is not newer than the last accepted one
+# │   ├── SeqInFuture              its seq is further ahead of the device clock than allowed
 # │   ├── DowngradeRefused         it asks for a lower version without a signed rollback
 # │   └── KeySetRefused            a root-signed key set was refused (edgeagent.trust)
 # │       ├── KeySetRollback           its version is older than the one the device holds
@@ -317,11 +318,22 @@ class MalformedMessage(EdgeError):
 
 
 class DocumentRefused(EdgeError):
+    """A signed document or command refused; ``seq`` is its sequence, ``last`` the device's."""
+
     code = "document_refused"
+
+    def __init__(self, message: str, *, seq: int | None = None, last: int | None = None) -> None:
+        super().__init__(message)
+        self.seq = seq
+        self.last = last
 
 
 class ReplayedDocument(DocumentRefused):
     code = "replayed"
+
+
+class SeqInFuture(DocumentRefused):
+    code = "seq_in_future"
 
 
 class DowngradeRefused(DocumentRefused):

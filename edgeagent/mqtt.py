@@ -31,6 +31,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeagent.errors import UsageError
+from edgeagent.ratelimit import RateLimiter, Summary
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,8 @@ class MqttSession:
         self._stop = threading.Event()
         self._state = SessionState.NEW
         self._backoff = backoff or Backoff()
+        # A flood must not become as many log lines: drops are logged at a bounded rate.
+        self._drop_log = RateLimiter(self._log_drops)
         self._client = self._make_client(will, max_inflight)
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -228,6 +231,7 @@ class MqttSession:
                 info.wait_for_publish(timeout=2)
         self._state = SessionState.CLOSED
         self._stop.set()
+        self._drop_log.close()
         for _ in range(self._workers_n):
             with contextlib.suppress(queue.Full):
                 self._queue.put_nowait(None)
@@ -420,12 +424,13 @@ class MqttSession:
         for sub in subs:
             if len(message.payload) > sub.max_bytes:
                 self.stats.dropped_oversize += 1
-                log.warning(
-                    "mqtt: dropped %d-byte message on %s (limit %d)",
-                    len(message.payload),
-                    msg.topic,
-                    sub.max_bytes,
-                )
+                if self._drop_log.admit("oversize"):
+                    log.warning(
+                        "mqtt: dropped %d-byte message on %s (limit %d)",
+                        len(message.payload),
+                        msg.topic,
+                        sub.max_bytes,
+                    )
             elif sub.inline:
                 self._dispatch(sub, message)
             else:
@@ -433,7 +438,18 @@ class MqttSession:
                     self._queue.put_nowait((sub, message))
                 except queue.Full:
                     self.stats.dropped_queue_full += 1
-                    log.warning("mqtt: handler queue full, dropped a message on %s", msg.topic)
+                    if self._drop_log.admit("queue_full"):
+                        log.warning("mqtt: handler queue full, dropped a message on %s", msg.topic)
+
+    def _log_drops(self, summary: Summary) -> None:
+        kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(summary.by_key.items()))
+        log.warning(
+            "mqtt %s: dropped %d more messages in %.0f s without logging each (%s)",
+            self.client_id,
+            summary.suppressed,
+            summary.interval_s,
+            kinds,
+        )
 
     def _worker(self) -> None:
         while True:

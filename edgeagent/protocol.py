@@ -71,6 +71,13 @@ class Topics:
     def group_desired(self, group: str) -> str:
         return f"{self.root}/group/{check_id(group, 'group')}/desired"
 
+    def device_desired_model(self, device: str, model: str) -> str:
+        """One model's own desired doc: concurrent pushes of different models never collide."""
+        return f"{self.device_desired(device)}/{check_id(model, 'model')}"
+
+    def group_desired_model(self, group: str, model: str) -> str:
+        return f"{self.group_desired(group)}/{check_id(model, 'model')}"
+
     def reported(self, device: str) -> str:
         return f"{self.root}/device/{check_id(device, 'device')}/reported"
 
@@ -132,7 +139,14 @@ _M = TypeVar("_M", bound=BaseModel)
 
 
 class _Msg(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """What the host tells a device (and a device the registry): strict.
+
+    Unknown fields are refused and nothing is coerced: ``"seq": "12345678901234"``, ``1.0``
+    for an int or ``"true"`` for a bool fail validation rather than being read as what they
+    resemble, so a device never acts on a value its signer did not write as such.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class _Report(_Msg):
@@ -144,10 +158,12 @@ class _Report(_Msg):
     strict, since a device must not act on an instruction it only half understands.
     """
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=False)
 
 
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+# Sequence numbers fit a signed 64-bit integer, whatever stores or compares them later.
+SEQ_MAX = 2**63 - 1
 
 
 class BundleRef(_Msg):
@@ -166,13 +182,20 @@ class DesiredState(_Msg):
     """What should run on a device (or on every device of a group), model name by model name."""
 
     v: Literal[1] = PROTOCOL_VERSION
-    seq: int = Field(ge=1, description="Monotonic sequence per target; the agent refuses one not newer.")
+    seq: int = Field(
+        ge=1, le=SEQ_MAX, description="Monotonic sequence per target; the agent refuses one not newer."
+    )
     target: str = Field(description="'device:ID' or 'group:NAME'; must match the topic it came on.")
     models: dict[ModelName, BundleRef] = Field(
         description="model name -> bundle; an empty map removes nothing."
     )
     rollback: bool = Field(
         default=False, description="Permits versions lower than what runs (a signed rollback)."
+    )
+    reset_seq: bool = Field(
+        default=False,
+        description="Accept this seq even if lower than the stored one (a signed way out of a seq "
+        "stuck ahead of the clock); each reset must be newer than the last reset.",
     )
     issued_at: float = Field(
         default_factory=time.time, description="Unix time the host signed it (informational)."
@@ -183,7 +206,7 @@ class Command(_Msg):
     """A one-off instruction to one device; the reply goes to ``.../cmd/reply``."""
 
     v: Literal[1] = PROTOCOL_VERSION
-    seq: int = Field(ge=1, description="Monotonic per device; replays are refused.")
+    seq: int = Field(ge=1, le=SEQ_MAX, description="Monotonic per device; replays are refused.")
     id: str = Field(min_length=1, max_length=64, description="Echoed in the reply.")
     target: str = Field(description="'device:ID'.")
     name: Literal["refresh", "bench"] = Field(
@@ -192,6 +215,7 @@ class Command(_Msg):
         "bench: re-run acceptance on the served models."
     )
     model: str | None = Field(default=None, description="Model name the command concerns (default: all).")
+    reset_seq: bool = Field(default=False, description="As DesiredState.reset_seq, for the command seq.")
     issued_at: float = Field(default_factory=time.time)
 
 
