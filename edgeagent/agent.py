@@ -14,16 +14,16 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from devices.detect import Detection
 from edgeagent.commands import Commands
 from edgeagent.config import AgentConfig
+from edgeagent.connect import agent_session, load_trusted
 from edgeagent.deploy import Backoff, DeviceStore, Engine, Ports, Settings, State, Supervisor, heal
 from edgeagent.desired import DesiredTracker, refusal_detail
-from edgeagent.errors import DocumentRefused, MalformedMessage, SignatureError, UsageError
-from edgeagent.mqtt import BrokerConfig, Message, MqttSession, TLSConfig
-from edgeagent.protocol import CommandReply, Reported, Topics
+from edgeagent.errors import DocumentRefused, MalformedMessage, SignatureError
+from edgeagent.mqtt import Message, MqttSession
+from edgeagent.protocol import CommandReply, Topics
 from edgeagent.ratelimit import RefusalReporter
 from edgeagent.reporting import Reporter
 from edgeagent.served import ServedModels
@@ -66,7 +66,7 @@ class Agent:
         needs_keys = config.broker_url is not None and not config.insecure
         # With a trust root the folder is optional: key sets from edge/v1/trust replace it.
         folder_optional = not needs_keys or config.trust_root is not None
-        self.trusted = trusted if trusted is not None else _load_trusted(config.trusted_keys, folder_optional)
+        self.trusted = trusted if trusted is not None else load_trusted(config.trusted_keys, folder_optional)
         self.trust: TrustStore | None = device_trust(config.trust_root, config.state_dir, self.trusted)
         self.server = server or InferenceServer(
             config.socket_path,
@@ -154,7 +154,9 @@ class Agent:
         self.served.serve_installed()
         self.server.start()  # listening only once the installed models are loaded: no 503 window
         if self.config.broker_url:
-            self.session = self._make_session()
+            self.session = agent_session(
+                config=self.config, topics=self.topics, on_connect=self.reporter.publish_reported
+            )
             self.reporter.session = self.session
             self.engine.ports.downloader = BlockDownloader(
                 self.session,
@@ -187,24 +189,6 @@ class Agent:
             offline = self.reporter.reported(online=False).model_dump_json().encode()
             self.session.close(publish_last=(self.topics.reported(self.config.device_id), offline, True))
         self.server.close()
-
-    def _make_session(self) -> MqttSession:
-        url = self.config.broker_url or ""
-        tls = None
-        if self.config.tls_ca_file or self.config.tls_cert_file:
-            tls = TLSConfig(
-                ca_file=str(self.config.tls_ca_file) if self.config.tls_ca_file else None,
-                cert_file=str(self.config.tls_cert_file) if self.config.tls_cert_file else None,
-                key_file=str(self.config.tls_key_file) if self.config.tls_key_file else None,
-            )
-        broker = BrokerConfig.from_url(url, protocol=self.config.mqtt_protocol, tls=tls)
-        will = (
-            self.topics.reported(self.config.device_id),
-            Reported(device=self.config.device_id, online=False).model_dump_json().encode(),
-        )
-        return MqttSession(
-            broker, f"edgeagent-{self.config.device_id}", will=will, on_connect=self.reporter.publish_reported
-        )
 
     def _subscribe(self, session: MqttSession) -> None:
         device = self.config.device_id
@@ -254,12 +238,3 @@ class Agent:
 
     def _heal(self, *, serve: bool) -> None:
         heal(self.store, self.reporter, self.store.store.model_names(), server=self.served if serve else None)
-
-
-def _load_trusted(folder: Path, insecure: bool) -> KeyRing:
-    """Trusted keys; a missing folder is only fatal when something must be verified."""
-    if not folder.is_dir():
-        if insecure:
-            return KeyRing()
-        raise UsageError(f"trusted key folder {folder} does not exist (set trusted_keys in agent.toml)")
-    return KeyRing.from_paths([folder])
