@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 DEFAULT_CLIENT_ID = "edgectl-collector"
 DEFAULT_RETENTION_S = 7 * 86400.0
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024
+# Why a message was not stored although it arrived (edge_collector_malformed_total{reason}).
+MALFORMED_REASONS = ("not_json", "schema", "device_mismatch", "oversize", "out_of_bounds", "unstorable")
 
 
 @dataclass
@@ -144,6 +146,7 @@ class Collector:
         self._state = CollectorState.NEW
         self._malformed_log = RateLimitedLog()
         self._drop_log = RateLimitedLog()
+        self._store_log = RateLimitedLog()
         self._conn = fleetdb.open_for_writing(db)  # a bad --db fails here, before any connection
         config = ReceiverConfig(broker, client_id, self.topics.prefix, persistent, max_message_bytes,
                                 log_level=logging.getLogger().getEffectiveLevel())  # fmt: skip
@@ -275,24 +278,43 @@ class Collector:
         for item in items:
             self._parse_into(batch, *item)
         try:
-            stored = fleetdb.write_batch(self._conn, batch)
-        except Exception:
-            # A full disk or a locked file must not kill the collector; the batch is lost, counted.
-            log.exception("could not store a batch of %d messages", len(batch))
-            self.stats.store_failed += len(batch)
-        else:
-            self.stats.batches += 1
-            self.stats.duplicates += stored.duplicates
-            self.stats.stored["telemetry"] += len(stored.telemetry)
-            self.stats.stored["events"] += stored.events
-            self.stats.stored["reported"] += len(batch.reported)
-            self.fleet.add_telemetry(stored.telemetry)
-            for event, _payload, received in batch.events:
-                self.fleet.add_event(event.device, received)
-            for device, reported, received, retained in batch.reported:
-                seen = fleetdb.reported_seen(reported, received, retained) if reported else None
-                self.fleet.set_reported(device, reported, seen)
+            self._commit(batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                self._refused(batch, exc)
+            else:
+                # One message the database refuses must not cost the others of its batch: store
+                # them one by one, so only the refused one is lost (and counted).
+                log.warning("a batch of %d messages failed (%s); storing them one by one", len(batch), exc)
+                for single in batch.split():
+                    try:
+                        self._commit(single)
+                    except Exception as single_exc:
+                        self._refused(single, single_exc)
         self._processed += len(items)
+
+    def _refused(self, batch: fleetdb.Batch, exc: Exception) -> None:
+        if fleetdb.is_data_error(exc):
+            self.stats.malformed["unstorable"] += len(batch)
+            self._malformed_log.warning("the database refused a message: %s", exc)
+        else:
+            # A full disk or a locked file must not kill the collector; the message is lost, counted.
+            self.stats.store_failed += len(batch)
+            self._store_log.warning("could not store a message: %s", exc)
+
+    def _commit(self, batch: fleetdb.Batch) -> None:
+        stored = fleetdb.write_batch(self._conn, batch)
+        self.stats.batches += 1
+        self.stats.duplicates += stored.duplicates
+        self.stats.stored["telemetry"] += len(stored.telemetry)
+        self.stats.stored["events"] += stored.events
+        self.stats.stored["reported"] += len(batch.reported)
+        self.fleet.add_telemetry(stored.telemetry)
+        for event, _payload, received in batch.events:
+            self.fleet.add_event(event.device, received)
+        for device, reported, received, retained in batch.reported:
+            seen = fleetdb.reported_seen(reported, received, retained) if reported else None
+            self.fleet.set_reported(device, reported, seen)
 
     def _parse_into(
         self, batch: fleetdb.Batch, kind: str, topic: str, payload: bytes, retained: bool, received: float
@@ -306,6 +328,7 @@ class Collector:
             if kind == "telemetry":
                 telemetry = parse(Telemetry, payload, "telemetry")
                 _check_device(device, telemetry.device)
+                fleetdb.check_bounds(telemetry)
                 batch.telemetry.append((telemetry, received))
             elif kind == "reported":
                 reported = parse(Reported, payload, "reported state")
@@ -357,8 +380,8 @@ def _check_device(topic_device: str, body_device: str) -> None:
 
 
 def _reason(exc: MalformedMessage) -> str:
-    if isinstance(exc, _DeviceMismatch):
-        return "device_mismatch"
+    if isinstance(exc, _DeviceMismatch | fleetdb.OutOfBounds):
+        return exc.code
     cause = exc.__cause__
     if isinstance(cause, ValidationError) and any(e["type"] == "json_invalid" for e in cause.errors()):
         return "not_json"

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from edgeagent.errors import UsageError
 from edgeagent.protocol import ModelTelemetry, Telemetry
+from fleet.collector import MALFORMED_REASONS
 from fleet.state import DeviceState
 
 if TYPE_CHECKING:
@@ -146,7 +147,7 @@ class FleetMetrics:
         malformed = CounterMetricFamily(
             "edge_collector_malformed", "Messages refused, by reason.", labels=("reason",)
         )
-        for reason in ("not_json", "schema", "device_mismatch", "oversize"):
+        for reason in MALFORMED_REASONS:
             malformed.add_metric([reason], stats.malformed[reason])
         yield received
         yield stored

@@ -30,7 +30,7 @@ from typing import Any
 
 import pydantic_core
 
-from edgeagent.errors import UsageError
+from edgeagent.errors import MalformedMessage, UsageError
 from edgeagent.protocol import Event, Reported, Telemetry
 
 SCHEMA_VERSION = 2
@@ -225,6 +225,15 @@ class Batch:
     def __len__(self) -> int:
         return len(self.telemetry) + len(self.reported) + len(self.events)
 
+    def split(self) -> Iterator[Batch]:
+        """One batch per message, in the order a batch stores them."""
+        for t in self.telemetry:
+            yield Batch(telemetry=[t])
+        for e in self.events:
+            yield Batch(events=[e])
+        for r in self.reported:
+            yield Batch(reported=[r])
+
 
 @dataclass(frozen=True)
 class Stored:
@@ -233,6 +242,32 @@ class Stored:
     telemetry: list[tuple[Telemetry, float]]
     events: int
     duplicates: int
+
+
+INT64_MAX = 2**63 - 1  # SQLite INTEGER and PostgreSQL BIGINT
+
+
+class OutOfBounds(MalformedMessage):
+    """A value that parses but no database column can hold (a seq of 2**70)."""
+
+    code = "out_of_bounds"
+
+
+def check_bounds(t: Telemetry) -> None:
+    """Refuse integers the database cannot store, before they reach a batch: one such message
+    would otherwise make the whole batch's transaction fail."""
+    p, s, sp = t.process, t.system, t.spool
+    named = [("seq", t.seq), ("process.threads", p.threads), ("system.cpu_count", s.cpu_count),
+             ("spool.queued", sp.queued), ("spool.dropped", sp.dropped),
+             ("spool.dropped_total", sp.dropped_total)]  # fmt: skip
+    for m in t.models:
+        named += [
+            (f"models[{m.model}].{k}", getattr(m, k))
+            for k in ("count", "client_errors", "server_errors", "labelled", "correct")
+        ]
+    for name, value in named:
+        if not -INT64_MAX - 1 <= value <= INT64_MAX:
+            raise OutOfBounds(f"{name} = {value} does not fit a 64-bit integer")
 
 
 def _telemetry_row(t: Telemetry, received: float) -> tuple[Any, ...]:
@@ -289,6 +324,19 @@ def write_batch(conn: sqlite3.Connection, batch: Batch) -> Stored:
                 conn.execute(_REPORTED_SQL, _reported_row(reported, received, retained))
     duplicates = len(batch.telemetry) - len(new) + len(batch.events) - stored_events
     return Stored(new, stored_events, duplicates)
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """Whether the database refused the data itself (a value it cannot hold, a constraint),
+    rather than failing to write at all (disk full, locked, connection lost)."""
+    if isinstance(exc, OverflowError | ValueError | sqlite3.IntegrityError | sqlite3.DataError):
+        return True
+    return type(exc).__module__.startswith("psycopg") and type(exc).__name__ in _PG_DATA_ERRORS
+
+
+_PG_DATA_ERRORS = frozenset({"DataError", "IntegrityError"}) | {
+    "NumericValueOutOfRange", "CharacterNotInRepertoire", "UntranslatableCharacter", "RaiseException",
+}  # fmt: skip
 
 
 def _event_row(e: Event, payload: bytes, received: float) -> tuple[Any, ...]:
