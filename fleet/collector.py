@@ -114,7 +114,7 @@ class Collector:
     def __init__(
         self,
         broker: BrokerConfig,
-        db: Path,
+        db: str | Path,
         *,
         topics: Topics | None = None,
         client_id: str = DEFAULT_CLIENT_ID,
@@ -148,6 +148,8 @@ class Collector:
         self._drop_log = RateLimitedLog()
         self._store_log = RateLimitedLog()
         self._conn = fleetdb.open_for_writing(db)  # a bad --db fails here, before any connection
+        # One heartbeat per collector where several share a database (PostgreSQL).
+        self._heartbeat_name = client_id if self._conn.kind == "postgresql" else ""
         config = ReceiverConfig(broker, client_id, self.topics.prefix, persistent, max_message_bytes,
                                 log_level=logging.getLogger().getEffectiveLevel())  # fmt: skip
         self._receiver = Receiver(config, self._on_batch)
@@ -254,11 +256,11 @@ class Collector:
             if now >= next_heartbeat or self.connected != was_connected:  # views show a (dis)connect at once
                 next_heartbeat = now + self.heartbeat_s
                 was_connected = self.connected
-                self._guard(fleetdb.write_heartbeat, self._conn, self._heartbeat())
+                self._guard(fleetdb.write_heartbeat, self._conn, self._heartbeat(), self._heartbeat_name)
             if self.retention_s is not None and now >= next_retention:
                 next_retention = now + retention_every
                 self._apply_retention()
-        self._guard(fleetdb.write_heartbeat, self._conn, self._heartbeat(stopped=True))
+        self._guard(fleetdb.write_heartbeat, self._conn, self._heartbeat(stopped=True), self._heartbeat_name)
 
     def _take(self) -> list[Item]:
         """Whatever queued since the last commit (at least one item, or none after 0.2 s)."""
@@ -360,6 +362,7 @@ class Collector:
             "stopped": stopped,
             "queue": self._queue.qsize(),
             "broker": self.broker.url,
+            "client_id": self.client_id,
         }
 
     def _guard(self, fn: Any, *args: Any) -> Any:

@@ -119,8 +119,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _db_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--db", type=Path, default=Path("fleet.db"), help="the collector's database (default: ./fleet.db)"
+        "--db",
+        type=_db_target,
+        default=Path("fleet.db"),
+        metavar="PATH|DSN",
+        help="the fleet database: a SQLite file (default: ./fleet.db) or a PostgreSQL DSN, "
+        "postgresql://USER@HOST/DB (password from PGPASSWORD or ~/.pgpass, not the command line)",
     )
+
+
+def _db_target(text: str) -> str | Path:
+    """``--db``: a PostgreSQL DSN stays a string, anything else is a SQLite path."""
+    from fleet.dbbackend import is_postgres
+
+    return text if is_postgres(text) else Path(text)
 
 
 def _register_collect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
