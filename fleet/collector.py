@@ -124,9 +124,16 @@ class Collector:
         batch_max: int = 5000,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         heartbeat_s: float = 5.0,
+        share: str | None = None,
+        ack_after_commit: bool = False,
     ) -> None:
         if retention_s is not None and retention_s <= 0:
             raise UsageError(f"retention must be positive, not {retention_s} s")
+        if ack_after_commit and not persistent:
+            # Without a session the broker forgets an unacknowledged message when we disconnect.
+            raise UsageError("acknowledging after commit needs a persistent session (no --clean-session)")
+        if share is not None and not share.replace("-", "").replace("_", "").isalnum():
+            raise UsageError(f"--share {share!r}: letters, digits, '-' and '_' only")
         self.broker = broker
         self.db = db
         self.topics = topics or Topics()
@@ -136,6 +143,7 @@ class Collector:
         self.batch_max = batch_max
         self.max_message_bytes = max_message_bytes
         self.heartbeat_s = heartbeat_s
+        self.ack_after_commit = ack_after_commit
         self.stats = CollectorStats()
         self.fleet = FleetState()
         self._queue: queue.Queue[Item] = queue.Queue(maxsize=queue_size)
@@ -151,7 +159,8 @@ class Collector:
         # One heartbeat per collector where several share a database (PostgreSQL).
         self._heartbeat_name = client_id if self._conn.kind == "postgresql" else ""
         config = ReceiverConfig(broker, client_id, self.topics.prefix, persistent, max_message_bytes,
-                                log_level=logging.getLogger().getEffectiveLevel())  # fmt: skip
+                                log_level=logging.getLogger().getEffectiveLevel(), share=share,
+                                ack_after_commit=ack_after_commit)  # fmt: skip
         self._receiver = Receiver(config, self._on_batch)
         self._receiver.on_counters(self._on_counters)
         self._queue_drops = 0
@@ -293,6 +302,9 @@ class Collector:
                         self._commit(single)
                     except Exception as single_exc:
                         self._refused(single, single_exc)
+        if self.ack_after_commit:
+            # Committed, or refused for good and counted: the broker may forget them now.
+            self._receiver.ack([item[5] for item in items])
         self._processed += len(items)
 
     def _refused(self, batch: fleetdb.Batch, exc: Exception) -> None:
@@ -319,7 +331,14 @@ class Collector:
             self.fleet.set_reported(device, reported, seen)
 
     def _parse_into(
-        self, batch: fleetdb.Batch, kind: str, topic: str, payload: bytes, retained: bool, received: float
+        self,
+        batch: fleetdb.Batch,
+        kind: str,
+        topic: str,
+        payload: bytes,
+        retained: bool,
+        received: float,
+        _token: int = 0,
     ) -> None:
         device = self.topics.device_of(topic) or "?"
         try:

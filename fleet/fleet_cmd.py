@@ -26,9 +26,9 @@ if TYPE_CHECKING:
 
 DESCRIPTION = """\
 Watch the fleet. `collect` subscribes to every device's reported state, deployment events
-and telemetry and stores them in a SQLite database (and, with --prometheus, serves them as
-Prometheus metrics); `status`, `watch` and `report` read that database, also while the
-collector writes to it.
+and telemetry and stores them in a SQLite file or a PostgreSQL database (and, with
+--prometheus, serves them as Prometheus metrics); `status`, `watch` and `report` read that
+database, also while the collector writes to it.
 """
 
 EPILOG = """\
@@ -45,7 +45,8 @@ window instead of averaging percentiles. More: docs/fleet.md.
 
 COLLECT_DESCRIPTION = """\
 Subscribe (QoS 1) to every device's reported state, events and telemetry and store them
-in a SQLite database (WAL: views read while it writes). Runs until Ctrl-C or SIGTERM,
+in a SQLite file (WAL: views read while it writes) or, with --db postgresql://..., a
+PostgreSQL database that several collectors share (--share). Runs until Ctrl-C or SIGTERM,
 printing a line of counters every --stats-every seconds.
 
 The MQTT session is persistent: what devices send while the collector restarts waits at
@@ -143,7 +144,10 @@ def _register_collect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         epilog="examples:\n"
         "  edgectl fleet collect --broker mqtt://localhost:1883 --db fleet.db\n"
         "  edgectl fleet collect --broker mqtts://user:pass@broker:8883 --ca-file ca.pem "
-        "--db /var/lib/edgectl/fleet.db --retention 30d --prometheus 127.0.0.1:9108",
+        "--db /var/lib/edgectl/fleet.db --retention 30d --prometheus 127.0.0.1:9108\n"
+        "  # two of these (client ids c1, c2) share the load and one PostgreSQL database:\n"
+        "  edgectl fleet collect --broker mqtt://broker:1883 --db postgresql://edge@db/fleet "
+        "--share collectors --client-id c1 --ack-after-commit",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     collect.add_argument(
@@ -175,6 +179,18 @@ def _register_collect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     collect.add_argument(
         "--clean-session", action="store_true", help="do not keep a session at the broker between runs"
+    )
+    collect.add_argument(
+        "--share",
+        metavar="GROUP",
+        help="split telemetry and events with the other collectors of GROUP (MQTT shared subscription "
+        "$share/GROUP/...); each needs its own --client-id, and all write one PostgreSQL --db",
+    )
+    collect.add_argument(
+        "--ack-after-commit",
+        action="store_true",
+        help="acknowledge each message to the broker only once it is committed, so a killed collector "
+        "loses nothing (the broker sends it again); needs the broker settings of docs/fleet.md",
     )
     collect.add_argument(
         "--stats-every",
@@ -228,6 +244,8 @@ def _collect(args: argparse.Namespace) -> int:
         client_id=args.client_id,
         persistent=not args.clean_session,
         retention_s=retention,
+        share=args.share,
+        ack_after_commit=args.ack_after_commit,
     )
     server = exporter.serve(collector, args.prometheus) if args.prometheus else None
     stop = threading.Event()
