@@ -325,7 +325,7 @@ class Collector:
         self.stats.stored["reported"] += len(batch.reported)
         self.fleet.add_telemetry(stored.telemetry)
         for event, _payload, received in batch.events:
-            self.fleet.add_event(event.device, received)
+            self.fleet.add_event(event.device, received, event)
         for device, reported, received, retained in batch.reported:
             seen = fleetdb.reported_seen(reported, received, retained) if reported else None
             self.fleet.set_reported(device, reported, seen)

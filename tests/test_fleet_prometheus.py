@@ -65,7 +65,11 @@ def test_scrape_names_labels_and_values_follow_what_was_published(mosquitto, tmp
             wait_received(collector, base + 3 + 9 + 1)
             s = scrape(port)
 
-            pi_l = {"device": "pi-kitchen", "group": "canary,kitchen"}
+            pi_l = {"device": "pi-kitchen"}
+            # One series per group (not a comma-joined label): join on device to select a group.
+            groups = {(lbl["device"], lbl["group"]) for lbl, _ in s["edge_device_group_info"]}
+            assert groups >= {("pi-kitchen", "canary"), ("pi-kitchen", "kitchen"), ("jetson-yard", "yard")}
+            assert not [lbl for rows in s.values() for lbl, _ in rows if "," in lbl.get("group", "")]
             assert value(s, "edge_device_online", **pi_l) == 1
             assert value(s, "edge_device_info", **pi_l, profile="rpi4", agent_version="0.1.0") == 1
             assert time.time() - value(s, "edge_device_last_seen_timestamp_seconds", **pi_l) < 30
@@ -84,7 +88,6 @@ def test_scrape_names_labels_and_values_follow_what_was_published(mosquitto, tmp
 
             detector = {
                 "device": "jetson-yard",
-                "group": "yard",
                 "model": "detector",
                 "bundle": "yolo",
                 "version": "2.0.0",
@@ -95,12 +98,28 @@ def test_scrape_names_labels_and_values_follow_what_was_published(mosquitto, tmp
             assert value(s, "edge_inference_errors_total", **detector, kind="client") == 3
             assert value(s, "edge_inference_errors_total", **detector, kind="server") == 0
             last = jetson.telemetry(3, 0.0).models[0]  # regenerated: same seed, same numbers
-            assert value(s, "edge_inference_latency_seconds", **detector, quantile="0.99") == pytest.approx(
-                last.p99_ms / 1000
+            assert value(
+                s, "edge_inference_latency_quantile_seconds", **detector, quantile="0.99"
+            ) == pytest.approx(last.p99_ms / 1000)
+            # The fleet-wide histogram: every request of the configuration, no device label.
+            config = {k: v for k, v in detector.items() if k != "device"}
+            assert value(s, "edge_inference_latency_seconds_count", **config) == 600
+            sent_ms = jetson.samples["detector"][:600]
+            assert value(s, "edge_inference_latency_seconds_sum", **config) == pytest.approx(
+                sum(sent_ms) / 1000
             )
-            assert value(s, "edge_inference_latency_seconds_count", **detector) == 600
-            sent = sum(jetson.samples["detector"][:600]) / 1000
-            assert value(s, "edge_inference_latency_seconds_sum", **detector) == pytest.approx(sent)
+            buckets = sorted(
+                (float(lbl["le"]), v)
+                for lbl, v in s["edge_inference_latency_seconds_bucket"]
+                if all(lbl.get(k) == x for k, x in config.items())
+            )
+            assert buckets[-1] == (float("inf"), 600)
+            for le, n in buckets[:-1]:
+                # Each bucket holds the requests at or under its bound, within the sketch's 1%.
+                low = sum(1 for ms in sent_ms if ms / 1000 <= le / 1.01)
+                high = sum(1 for ms in sent_ms if ms / 1000 <= le * 1.01)
+                assert low <= n <= high, (le, low, n, high)
+            assert not [lbl for lbl, _ in s["edge_inference_latency_seconds_bucket"] if "device" in lbl]
             assert value(s, "edge_online_accuracy_ratio", **detector) == 0.9
             assert value(s, "edge_acceptance_passed", device="x86-lab", model="default", version="1.0.0") == 1
             assert value(s, "edge_acceptance_accuracy_ratio", device="x86-lab", model="default") == 0.98
