@@ -323,12 +323,13 @@ class Collector:
         self.stats.stored["telemetry"] += len(stored.telemetry)
         self.stats.stored["events"] += stored.events
         self.stats.stored["reported"] += len(batch.reported)
-        self.fleet.add_telemetry(stored.telemetry)
-        for event, _payload, received in batch.events:
-            self.fleet.add_event(event.device, received, event)
+        # Reported states first: telemetry of the same batch is labelled with their bundle names.
         for device, reported, received, retained in batch.reported:
             seen = fleetdb.reported_seen(reported, received, retained) if reported else None
             self.fleet.set_reported(device, reported, seen)
+        self.fleet.add_telemetry(stored.telemetry)
+        for event, _payload, received in batch.events:
+            self.fleet.add_event(event.device, received, event)
 
     def _parse_into(
         self,

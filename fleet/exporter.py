@@ -218,8 +218,10 @@ _MODEL_GAUGES: tuple[tuple[str, str, Callable[[ModelTelemetry], float | None]], 
 
 def _device_samples(state: DeviceState, gauge: _Add, counter: _Add) -> None:
     dl = [state.device]
-    for group in state.groups:
-        gauge("edge_device_group_info", "Always 1: one series per group the device is in.",
+    # A device in no group has one series with group="", so a join on device keeps it when
+    # every group is selected (group=~".*").
+    for group in state.groups or [""]:
+        gauge("edge_device_group_info", "Always 1: one series per group the device is in ('' for none).",
               ("device", "group"), [state.device, group], 1)  # fmt: skip
     r, t = state.reported, state.telemetry
     if r is not None:

@@ -33,6 +33,7 @@ from fleet import exporter, fleetdb
 from fleet.state import LATENCY_BOUNDS
 
 pytestmark = pytest.mark.mosquitto
+DASHBOARD = Path(__file__).parents[1] / "fleet" / "assets" / "grafana-dashboard.json"
 pytest.importorskip("prometheus_client")
 
 
@@ -113,6 +114,31 @@ def db_p99_by_version(db: Path) -> dict[str, float]:
     return {version: hist.quantile(0.99) for version, hist in merged.items()}
 
 
+def dashboard_queries_run(prom: Prometheus) -> None:
+    """Every query of the shipped dashboard, with every group and device chosen, is valid PromQL
+    and the panels that must show something do."""
+    doc = json.loads(DASHBOARD.read_text())
+    answers = {}
+    for panel in doc["panels"]:
+        for target in panel.get("targets", []):
+            expr = (
+                target["expr"]
+                .replace("$__rate_interval", "1m")
+                .replace("$device", ".*")
+                .replace("$group", ".*")
+            )
+            answers[(panel["title"], target["refId"])] = prom.query(expr)
+    assert answers[("Devices online", "A")][0][1] == 3
+    assert {lbl["version"] for lbl, _ in answers[("Top 10 devices by p99", "A")]} == {
+        "1.0.0",
+        "1.1.0",
+        "2.0.0",
+    }
+    assert {lbl["device"] for lbl, _ in answers[("Top 10 agent memory (RSS)", "A")]} == {
+        "pi-kitchen", "jetson-yard", "x86-lab"
+    }  # fmt: skip
+
+
 def test_promql_fleet_p99_per_version_groups_and_deployments_agree_with_the_database(
     mosquitto, tmp_path: Path, prometheus: tuple[Prometheus, int]
 ) -> None:  # type: ignore[no-untyped-def]
@@ -147,10 +173,11 @@ def test_promql_fleet_p99_per_version_groups_and_deployments_agree_with_the_data
             low, high = LATENCY_BOUNDS[k - 1] / 1.01, LATENCY_BOUNDS[k] * 1.01
             assert low <= got[version] <= high, (version, got[version], p99, low, high)
 
-        groups = dict(
-            (labels["group"], v) for labels, v in prom.query("count by (group) (edge_device_group_info)")
-        )
-        assert groups == {"canary": 2, "kitchen": 1, "yard": 1}
+        groups = {
+            lbl.get("group", ""): v for lbl, v in prom.query("count by (group) (edge_device_group_info)")
+        }
+        # Prometheus drops an empty label: the probe device, in no group, has none.
+        assert groups == {"canary": 2, "kitchen": 1, "yard": 1, "": 1}
         failed = prom.query('sum by (version, code) (edge_deployment_outcomes_total{result="failed"})')
         conn = fleetdb.open_for_reading(db)
         try:
@@ -167,6 +194,7 @@ def test_promql_fleet_p99_per_version_groups_and_deployments_agree_with_the_data
             ' * on (device) group_left edge_device_group_info{group="canary"}'
         )
         assert {lbl["device"] for lbl, _ in canary_rss} == {"pi-kitchen", "x86-lab"}
+        dashboard_queries_run(prom)
     finally:
         server.shutdown()
         server.server_close()
