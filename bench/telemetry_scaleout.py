@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.telemetry import Step, run_step
+from bench.telemetry import Step, run_step, tree_cpu
 from bench.transfer import start_broker
 
 BROKER_CONF = "max_inflight_messages 1000\nmax_queued_messages 1000000\n"
@@ -64,11 +64,11 @@ def start_postgres(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
 class Collectors:
     """``n`` edgectl fleet collect processes on one database, each in a process group of its own."""
 
-    def __init__(self, port: int, db: str, n: int, *, ack: bool = True) -> None:
+    def __init__(self, port: int, db: str, n: int, tag: str, *, ack: bool = True) -> None:
         self.port, self.db = port, db
         self.argv = [
             [str(Path(sys.executable).parent / "edgectl"), "fleet", "collect", "--broker", f"mqtt://127.0.0.1:{port}",
-             "--db", db, "--prefix", "bench", "--client-id", f"bench-c{i}", "--stats-every", "0",
+             "--db", db, "--prefix", "bench", "--client-id", f"bench-{tag}-c{i}", "--stats-every", "0",
              *(["--share", "bench"] if n > 1 or db.startswith("postgresql") else []),
              *(["--ack-after-commit"] if ack else [])]
             for i in range(n)
@@ -133,11 +133,12 @@ def fresh_database(db: str, workdir: Path, name: str) -> str:
     return db.replace("/postgres?", f"/{name}?")
 
 
-def ladder(port: int, broker: psutil.Process, db: str, n: int, devices: list[str], args: object,
+def ladder(port: int, servers: list[psutil.Process], db: str, n: int, devices: list[str], args: object,
            tag: str) -> tuple[list[Step], float]:  # fmt: skip
-    """The paced rates against ``n`` collectors on ``db``; returns the steps and the broker's CPU
-    share (fraction of one core) over the first step."""
-    collectors = Collectors(port, db, n)
+    """The paced rates against ``n`` collectors on ``db``; returns the steps and the CPU share
+    (fraction of one core) of ``servers`` (the broker, and PostgreSQL when it is the database)
+    over the first step."""
+    collectors = Collectors(port, db, n, tag)
     rows = row_counter(db)
     try:
         run_step(
@@ -146,11 +147,11 @@ def ladder(port: int, broker: psutil.Process, db: str, n: int, devices: list[str
         steps = []
         broker_cpu = 0.0
         for rate in args.scaleout_rates:  # type: ignore[attr-defined]
-            b0, t0 = sum(broker.cpu_times()[:2]), time.time()
+            b0, t0 = tree_cpu(servers), time.time()
             step = run_step(port, "bench", [f"{d}-{tag}-{int(rate)}" for d in devices], args.publishers,  # type: ignore[attr-defined]
                             rate, args.scaleout_seconds, rows, collectors.processes())  # type: ignore[attr-defined]  # fmt: skip
             if not steps:
-                broker_cpu = (sum(broker.cpu_times()[:2]) - b0) / (time.time() - t0)
+                broker_cpu = (tree_cpu(servers) - b0) / (time.time() - t0)
             steps.append(step)
             if not step.sustained:
                 break  # the next rate would only lag more
@@ -162,7 +163,7 @@ def ladder(port: int, broker: psutil.Process, db: str, n: int, devices: list[str
 def kill_run(port: int, db: str, devices: list[str], rate: float, seconds: float, publishers: int, *,
              ack: bool, tag: str) -> Step:  # fmt: skip
     """Two collectors at ``rate``; the first is killed with SIGKILL a third of the way in and restarted."""
-    collectors = Collectors(port, db, 2, ack=ack)
+    collectors = Collectors(port, db, 2, tag, ack=ack)
     rows = row_counter(db)
     try:
         run_step(port, "bench", devices[:10], 1, 100, 0.5, rows, collectors.processes())
@@ -187,7 +188,10 @@ def scaleout_section(args: object, workdir: Path) -> str:
             name = f"{backend.lower()}_{n}"
             db = fresh_database(dsn if backend == "PostgreSQL" else "", workdir, name)
             print(f"scale-out: {backend}, {n} collector(s) ...", flush=True)
-            steps, broker_cpu = ladder(port, psutil.Process(broker.pid), db, n, devices, args, name)
+            servers = [psutil.Process(broker.pid)] + (
+                [psutil.Process(pg.pid)] if backend == "PostgreSQL" else []
+            )
+            steps, broker_cpu = ladder(port, servers, db, n, devices, args, name)
             results.append((backend, n, steps, broker_cpu))
         best2 = max((s.rate for b, n, st, _ in results if (b, n) == ("PostgreSQL", 2) for s in st if s.sustained),
                     default=args.scaleout_rates[0])  # type: ignore[attr-defined]  # fmt: skip

@@ -1,4 +1,5 @@
-"""The collector: every device's reported state, events and telemetry, from MQTT into SQLite.
+"""The collector: every device's reported state, events and telemetry, from MQTT into the fleet
+database (SQLite, or PostgreSQL shared by several collectors: fleet/fleetdb.py).
 
     broker ──QoS 1──▶ receiver process ──batches──▶ bounded queue ──▶ writer thread ──▶ fleet.db
                       (the MQTT session,                             (parse, validate,  └─▶ FleetState
@@ -9,13 +10,17 @@ The MQTT side runs in a process of its own (fleet/receiver.py says why), so a sl
 stalls the connection and receiving and storing use two cores. The writer takes whatever has
 queued since its last commit as one transaction, so batches grow with the load. A full queue
 drops (counted, logged). Malformed messages (not JSON, wrong schema, a device id in the body
-that differs from the topic's, over the size bound) are counted by reason and logged at most
-once per interval; none stops it.
+that differs from the topic's, over the size bound, an integer no database column holds) are
+counted by reason and logged at most once per interval; none stops it. A batch the database
+refuses is stored again message by message, so a message it cannot take costs only itself.
 
 The session is persistent by default (clean session off, a fixed client id): while the
 collector is away the broker queues its QoS 1 messages (up to Mosquitto's
 ``max_queued_messages``), and a restart picks them up. A clean :meth:`Collector.stop`
-stores everything received before it returns; a kill loses what was queued in memory.
+stores everything received before it returns; a kill loses what was queued in memory, unless
+``ack_after_commit``: then each message is acknowledged to the broker only after its commit,
+and the broker sends the rest again when the collector comes back. ``share`` splits telemetry
+and events between the collectors of one MQTT shared-subscription group.
 """
 
 from __future__ import annotations
@@ -25,8 +30,6 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,7 @@ from edgeagent.errors import MalformedMessage, UsageError
 from edgeagent.mqtt import BrokerConfig
 from edgeagent.protocol import Event, Reported, Telemetry, Topics, parse
 from fleet import fleetdb
+from fleet.collector_stats import CollectorStats, RateLimitedLog
 from fleet.receiver import KINDS, Item, Receiver, ReceiverConfig, ReceiverCounters
 from fleet.state import FleetState
 
@@ -46,55 +50,6 @@ DEFAULT_RETENTION_S = 7 * 86400.0
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024
 # Why a message was not stored although it arrived (edge_collector_malformed_total{reason}).
 MALFORMED_REASONS = ("not_json", "schema", "device_mismatch", "oversize", "out_of_bounds", "unstorable")
-
-
-@dataclass
-class CollectorStats:
-    """Counters since start. The receiver's reader thread writes ``received``, ``dropped`` and
-    ``malformed["oversize"]``, the writer thread the rest: no counter has two writers."""
-
-    received: Counter[str] = field(default_factory=Counter)  # by kind
-    stored: Counter[str] = field(default_factory=Counter)  # by kind, duplicates left out
-    duplicates: int = 0
-    malformed: Counter[str] = field(default_factory=Counter)  # by reason
-    dropped: int = 0  # the collector's queue or the receiver's buffer was full
-    store_failed: int = 0  # messages of batches the database refused (disk full, ...)
-    batches: int = 0
-    retention_deleted: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "received": dict(self.received),
-            "stored": dict(self.stored),
-            "duplicates": self.duplicates,
-            "malformed": dict(self.malformed),
-            "dropped": self.dropped,
-            "store_failed": self.store_failed,
-            "batches": self.batches,
-            "retention_deleted": self.retention_deleted,
-        }
-
-
-class RateLimitedLog:
-    """At most one warning per ``interval_s``; the next one says how many were held back."""
-
-    def __init__(self, interval_s: float = 10.0) -> None:
-        self.interval_s = interval_s
-        self._last = -interval_s
-        self._held = 0
-        self._lock = threading.Lock()
-
-    def warning(self, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last < self.interval_s:
-                self._held += 1
-                return
-            held, self._held, self._last = self._held, 0, now
-        if held:
-            log.warning(msg + " (and %d more like it since the last report)", *args, held)
-        else:
-            log.warning(msg, *args)
 
 
 class CollectorState(enum.Enum):
@@ -209,6 +164,11 @@ class Collector:
             self._conn.close()
             return
         self._state = CollectorState.STOPPED
+        if self.ack_after_commit:
+            # Commit and acknowledge what arrived while the receiver is still connected: an
+            # acknowledgement after its disconnect is lost, and the broker would send those
+            # messages again to the next process with this client id (stored once, but counted twice).
+            self.flush(timeout_s)
         self._receiver.stop()  # no message arrives after this
         self._stopping.set()
         self._writer.join(timeout=timeout_s)
