@@ -62,14 +62,18 @@ def start_postgres(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 
 class Collectors:
-    """``n`` edgectl fleet collect processes on one database, each in a process group of its own."""
+    """``n`` edgectl fleet collect processes on one database, each in a process group of its own.
+
+    Every configuration has client ids and a shared-subscription group of its own: the stopped
+    collectors of an earlier one keep their sessions, and a group member that is away keeps
+    getting its share (docs/fleet.md)."""
 
     def __init__(self, port: int, db: str, n: int, tag: str, *, ack: bool = True) -> None:
         self.port, self.db = port, db
         self.argv = [
             [str(Path(sys.executable).parent / "edgectl"), "fleet", "collect", "--broker", f"mqtt://127.0.0.1:{port}",
              "--db", db, "--prefix", "bench", "--client-id", f"bench-{tag}-c{i}", "--stats-every", "0",
-             *(["--share", "bench"] if n > 1 or db.startswith("postgresql") else []),
+             *(["--share", f"bench-{tag}"] if n > 1 or db.startswith("postgresql") else []),
              *(["--ack-after-commit"] if ack else [])]
             for i in range(n)
         ]  # fmt: skip
@@ -223,7 +227,9 @@ def format_scaleout(results: list[tuple[str, int, list[Step], float]], kills: li
     summary = ", ".join(f"{b} x{n}: **{r:,.0f}**" for (b, n), r in best.items())
     first = {(b, n): (st[0], broker) for b, n, st, broker in results if st}
     cpu = "; ".join(
-        f"{b} x{n}: collectors {s.cpu:.0%}, broker {broker:.0%}" for (b, n), (s, broker) in first.items()
+        f"{b} x{n}: collectors {s.cpu:.0%}, broker{' and PostgreSQL server' if b == 'PostgreSQL' else ''} "
+        f"{srv:.0%}"
+        for (b, n), (s, srv) in first.items()
     )
     kill_lines = [
         f"- kill -9 of one of two PostgreSQL collectors at {kill_rate:,.0f} msg/s, restarted at once, "

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
 DEFAULT_WINDOW_S = 300.0
-Row = Any  # sqlite3.Row or a psycopg dict row: row["column"] and row.keys() in both
+Row = Any  # sqlite3.Row or fleet.dbbackend.Row: row["column"] and row.keys() in both
 
 
 @dataclass(frozen=True)
@@ -357,6 +357,9 @@ def summary(rows: list[StatusRow], heartbeat: dict[str, Any] | None, now: float 
     if heartbeat is None:
         return text + "; no collector has written to this database yet"
     wrote = age(now - float(heartbeat.get("at", 0)))
+    if "collectors" in heartbeat:  # several share this database (PostgreSQL)
+        running, total = heartbeat["running"], heartbeat["collectors"]
+        return text + f"; {running} of {total} collectors running, newest heartbeat {wrote} ago"
     if heartbeat.get("stopped"):
         return text + f"; the collector stopped {wrote} ago (data may be stale)"
     return text + f"; collector heartbeat {wrote} ago"

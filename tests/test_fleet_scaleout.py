@@ -22,6 +22,8 @@ from conftest import MosquittoProcess
 from fleet_support import FakeDevice, Publisher
 
 from edgeagent.protocol import Topics
+from fleet import fleetdb
+from fleet.status import status_rows, summary
 
 pytestmark = pytest.mark.mosquitto
 pytest_plugins = ["postgres_support"]  # the postgres and pg_dsn fixtures
@@ -143,3 +145,9 @@ def test_two_collectors_share_the_load_and_a_kill_9_of_one_loses_nothing(tmp_pat
         distinct = conn.execute("SELECT count(DISTINCT (device, seq)) FROM telemetry").fetchone()
     assert distinct == (total,)
     assert stored(pg_dsn) == total
+    db = fleetdb.open_for_reading(pg_dsn)
+    try:
+        line = summary(status_rows(db), fleetdb.collector_heartbeat(db))
+    finally:
+        db.close()
+    assert line.startswith("20 devices") and "0 of 2 collectors running" in line, line
