@@ -151,3 +151,23 @@ def test_two_collectors_share_the_load_and_a_kill_9_of_one_loses_nothing(tmp_pat
     finally:
         db.close()
     assert line.startswith("20 devices") and "0 of 2 collectors running" in line, line
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--ack-after-commit", "--clean-session"], "needs a persistent session"),
+        (["--share", "a/b"], "--share 'a/b'"),
+        (["--db", "postgresql://edge@/nosuchdb?host=/nonexistent"], "cannot connect"),
+    ],
+)
+def test_bad_scale_out_options_fail_in_one_line(
+    tmp_path: Path, argv: list[str], message: str, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    from edgeagent.cli.common import build_parser, run
+    from fleet.edgectl import COMMANDS, DESCRIPTION
+
+    args = ["fleet", "collect", "--broker", "mqtt://127.0.0.1:1", "--db", str(tmp_path / "fleet.db"), *argv]
+    assert run(build_parser("edgectl", DESCRIPTION, COMMANDS), args) != 0
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
