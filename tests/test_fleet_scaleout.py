@@ -97,20 +97,19 @@ def test_two_collectors_share_the_load_and_a_kill_9_of_one_loses_nothing(tmp_pat
         CollectorProcess(broker, pg_dsn, f"c{i}-{uuid.uuid4().hex[:4]}", prefix, tmp_path / f"c{i}.log")
         for i in (1, 2)
     ]
-    # The schema first, by one of them, so both do not race to make it.
-    collectors[0].start()
-    wait_until("the first collector", lambda: collectors[0].client_id in heartbeats(pg_dsn))
-    collectors[1].start()
-    wait_until(
-        "both collectors connected",
-        lambda: all(heartbeats(pg_dsn).get(c.client_id, {}).get("connected") for c in collectors),
-    )
-    time.sleep(0.5)  # their SUBSCRIBEs reach the broker before the first PUBLISH
-    devices = [FakeDevice(f"dev-{i:02d}", "rpi4", ["g"], []) for i in range(20)]
-    per_device = 150
-    total = len(devices) * per_device
-    sent = threading.Event()
     try:
+        # The schema first, by one of them, so both do not race to make it.
+        collectors[0].start()
+        wait_until("the first collector", lambda: collectors[0].client_id in heartbeats(pg_dsn))
+        collectors[1].start()
+        wait_until(
+            "both collectors connected",
+            lambda: all(heartbeats(pg_dsn).get(c.client_id, {}).get("connected") for c in collectors),
+        )
+        time.sleep(0.5)  # their SUBSCRIBEs reach the broker before the first PUBLISH
+        devices = [FakeDevice(f"dev-{i:02d}", "rpi4", ["g"], []) for i in range(20)]
+        per_device = 150
+        total = len(devices) * per_device
         with Publisher("127.0.0.1", broker.port, topics) as pub:
             payloads = [
                 (topics.telemetry(d.device), d.telemetry(seq, time.time()).model_dump_json())
@@ -123,7 +122,6 @@ def test_two_collectors_share_the_load_and_a_kill_9_of_one_loses_nothing(tmp_pat
                     pub.publish(topic, payload)
                     if i % 20 == 0:
                         time.sleep(0.002)  # a steady stream, not one burst
-                sent.set()
 
             sender = threading.Thread(target=send_all)
             sender.start()
