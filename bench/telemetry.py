@@ -169,12 +169,20 @@ class Step:
         return self.received / self.receive_s if self.receive_s else 0.0
 
 
-def tree_cpu(proc: psutil.Process) -> float:
-    """CPU seconds (user + system) of a process and its children (the collector's receiver)."""
+Receivers = psutil.Process | list[psutil.Process] | Callable[[], list[psutil.Process]]
+
+
+def tree_cpu(receivers: Receivers) -> float:
+    """CPU seconds (user + system) of the receiving processes and their children (a collector's
+    receiver); a callable gives the processes of the moment (a collector that was restarted)."""
+    if callable(receivers) and not isinstance(receivers, psutil.Process):
+        receivers = receivers()
     total = 0.0
-    for p in [proc, *proc.children(recursive=True)]:
+    for proc in receivers if isinstance(receivers, list) else [receivers]:
         with contextlib.suppress(psutil.Error):
-            total += sum(p.cpu_times()[:2])
+            for p in [proc, *proc.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    total += sum(p.cpu_times()[:2])
     return total
 
 
@@ -183,7 +191,7 @@ def tree_rss_mb(proc: psutil.Process) -> float:
 
 
 def run_step(port: int, prefix: str, devices: list[str], publishers: int, rate: float, seconds: float,
-             counted: Callable[[], int], receiver: psutil.Process) -> Step:  # fmt: skip
+             counted: Callable[[], int], receiver: Receivers) -> Step:  # fmt: skip
     """Publish; watch ``counted()`` until it reaches what was acknowledged or stops moving for 5 s."""
     step = Step(rate)
     before = counted()
@@ -324,7 +332,18 @@ def main() -> int:
     )
     parser.add_argument("--quick", action="store_true", help="one rate (5,000/s) for 3 s: a smoke run")
     parser.add_argument("--write", action="store_true", help="append the results to bench/RESULTS.md")
+    parser.add_argument(
+        "--scaleout",
+        action="store_true",
+        help="also SQLite vs PostgreSQL, 1/2/4 collectors and kill -9 (bench/telemetry_scaleout.py)",
+    )
+    parser.add_argument(
+        "--scaleout-rates", default="1000,2000,3000,4000", help="offered msg/s for --scaleout"
+    )
+    parser.add_argument("--scaleout-seconds", type=float, default=4.0, help="seconds per rate for --scaleout")
+    parser.add_argument("--skip-ingest", action="store_true", help="only the --scaleout section")
     args = parser.parse_args()
+    args.scaleout_rates = [float(r) for r in args.scaleout_rates.split(",")]
     args.rates = [5000.0] if args.quick else [float(r) for r in args.rates.split(",")]
     if args.quick:
         args.seconds, args.burst_rounds = 3.0, 5
@@ -333,7 +352,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         print(f"collector ingest: {args.devices} devices, rates {args.rates} msg/s, {args.seconds:.0f} s each ...",
               flush=True)  # fmt: skip
-        sections.append(("Collector ingest", ingest_section(args, Path(tmp))))
+        if not args.skip_ingest:
+            sections.append(("Collector ingest", ingest_section(args, Path(tmp))))
+    if args.scaleout:
+        from bench.telemetry_scaleout import scaleout_section
+
+        # Not under /tmp's root-only folders: the PostgreSQL server runs as nobody.
+        with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
+            Path(tmp).chmod(0o755)
+            sections.append(("Collectors that scale out (issue 21)", scaleout_section(args, Path(tmp))))
     # Further sections (the agent's own CPU and memory cost of telemetry) append
     # (title, markdown) to `sections` here; printing and --write handle them all.
     body = "\n\n".join(f"### {title}\n\n{text}" for title, text in sections)
@@ -341,9 +368,9 @@ def main() -> int:
     if args.write:
         date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
         header = (
-            f"\n## Telemetry collector (issue 6)\n\nMeasured {date} on a {machine()}; "
-            f"`.venv/bin/python bench/telemetry.py{' --quick' if args.quick else ''} --write` "
-            f"({time.time() - started:.0f} s). Publishers, broker (Mosquitto, max_queued_messages 100000) and "
+            f"\n## Telemetry collector{' scale-out (issue 21)' if args.skip_ingest else ' (issue 6)'}\n\n"
+            f"Measured {date} on a {machine()}; `.venv/bin/python bench/telemetry.py {' '.join(sys.argv[1:])}` "
+            f"({time.time() - started:.0f} s). Publishers, broker (Mosquitto) and "
             f"receiver share this machine, which other jobs share too (1-minute load average {load:.2f} at the "
             f"start, {os.getloadavg()[0]:.2f} at the end). Messages ~1.6 KB (one model with its latency "
             f"histogram). Lag: from the last acknowledged publish to the last message counted.\n\n"

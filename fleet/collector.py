@@ -1,4 +1,5 @@
-"""The collector: every device's reported state, events and telemetry, from MQTT into SQLite.
+"""The collector: every device's reported state, events and telemetry, from MQTT into the fleet
+database (SQLite, or PostgreSQL shared by several collectors: fleet/fleetdb.py).
 
     broker ──QoS 1──▶ receiver process ──batches──▶ bounded queue ──▶ writer thread ──▶ fleet.db
                       (the MQTT session,                             (parse, validate,  └─▶ FleetState
@@ -9,13 +10,17 @@ The MQTT side runs in a process of its own (fleet/receiver.py says why), so a sl
 stalls the connection and receiving and storing use two cores. The writer takes whatever has
 queued since its last commit as one transaction, so batches grow with the load. A full queue
 drops (counted, logged). Malformed messages (not JSON, wrong schema, a device id in the body
-that differs from the topic's, over the size bound) are counted by reason and logged at most
-once per interval; none stops it.
+that differs from the topic's, over the size bound, an integer no database column holds) are
+counted by reason and logged at most once per interval; none stops it. A batch the database
+refuses is stored again message by message, so a message it cannot take costs only itself.
 
 The session is persistent by default (clean session off, a fixed client id): while the
 collector is away the broker queues its QoS 1 messages (up to Mosquitto's
 ``max_queued_messages``), and a restart picks them up. A clean :meth:`Collector.stop`
-stores everything received before it returns; a kill loses what was queued in memory.
+stores everything received before it returns; a kill loses what was queued in memory, unless
+``ack_after_commit``: then each message is acknowledged to the broker only after its commit,
+and the broker sends the rest again when the collector comes back. ``share`` splits telemetry
+and events between the collectors of one MQTT shared-subscription group.
 """
 
 from __future__ import annotations
@@ -25,8 +30,6 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,7 @@ from edgeagent.errors import MalformedMessage, UsageError
 from edgeagent.mqtt import BrokerConfig
 from edgeagent.protocol import Event, Reported, Telemetry, Topics, parse
 from fleet import fleetdb
+from fleet.collector_stats import CollectorStats, RateLimitedLog
 from fleet.receiver import KINDS, Item, Receiver, ReceiverConfig, ReceiverCounters
 from fleet.state import FleetState
 
@@ -44,55 +48,8 @@ log = logging.getLogger(__name__)
 DEFAULT_CLIENT_ID = "edgectl-collector"
 DEFAULT_RETENTION_S = 7 * 86400.0
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024
-
-
-@dataclass
-class CollectorStats:
-    """Counters since start. The receiver's reader thread writes ``received``, ``dropped`` and
-    ``malformed["oversize"]``, the writer thread the rest: no counter has two writers."""
-
-    received: Counter[str] = field(default_factory=Counter)  # by kind
-    stored: Counter[str] = field(default_factory=Counter)  # by kind, duplicates left out
-    duplicates: int = 0
-    malformed: Counter[str] = field(default_factory=Counter)  # by reason
-    dropped: int = 0  # the collector's queue or the receiver's buffer was full
-    store_failed: int = 0  # messages of batches the database refused (disk full, ...)
-    batches: int = 0
-    retention_deleted: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "received": dict(self.received),
-            "stored": dict(self.stored),
-            "duplicates": self.duplicates,
-            "malformed": dict(self.malformed),
-            "dropped": self.dropped,
-            "store_failed": self.store_failed,
-            "batches": self.batches,
-            "retention_deleted": self.retention_deleted,
-        }
-
-
-class RateLimitedLog:
-    """At most one warning per ``interval_s``; the next one says how many were held back."""
-
-    def __init__(self, interval_s: float = 10.0) -> None:
-        self.interval_s = interval_s
-        self._last = -interval_s
-        self._held = 0
-        self._lock = threading.Lock()
-
-    def warning(self, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last < self.interval_s:
-                self._held += 1
-                return
-            held, self._held, self._last = self._held, 0, now
-        if held:
-            log.warning(msg + " (and %d more like it since the last report)", *args, held)
-        else:
-            log.warning(msg, *args)
+# Why a message was not stored although it arrived (edge_collector_malformed_total{reason}).
+MALFORMED_REASONS = ("not_json", "schema", "device_mismatch", "oversize", "out_of_bounds", "unstorable")
 
 
 class CollectorState(enum.Enum):
@@ -112,7 +69,7 @@ class Collector:
     def __init__(
         self,
         broker: BrokerConfig,
-        db: Path,
+        db: str | Path,
         *,
         topics: Topics | None = None,
         client_id: str = DEFAULT_CLIENT_ID,
@@ -122,9 +79,16 @@ class Collector:
         batch_max: int = 5000,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         heartbeat_s: float = 5.0,
+        share: str | None = None,
+        ack_after_commit: bool = False,
     ) -> None:
         if retention_s is not None and retention_s <= 0:
             raise UsageError(f"retention must be positive, not {retention_s} s")
+        if ack_after_commit and not persistent:
+            # Without a session the broker forgets an unacknowledged message when we disconnect.
+            raise UsageError("acknowledging after commit needs a persistent session (no --clean-session)")
+        if share is not None and not share.replace("-", "").replace("_", "").isalnum():
+            raise UsageError(f"--share {share!r}: letters, digits, '-' and '_' only")
         self.broker = broker
         self.db = db
         self.topics = topics or Topics()
@@ -134,6 +98,7 @@ class Collector:
         self.batch_max = batch_max
         self.max_message_bytes = max_message_bytes
         self.heartbeat_s = heartbeat_s
+        self.ack_after_commit = ack_after_commit
         self.stats = CollectorStats()
         self.fleet = FleetState()
         self._queue: queue.Queue[Item] = queue.Queue(maxsize=queue_size)
@@ -144,9 +109,13 @@ class Collector:
         self._state = CollectorState.NEW
         self._malformed_log = RateLimitedLog()
         self._drop_log = RateLimitedLog()
+        self._store_log = RateLimitedLog()
         self._conn = fleetdb.open_for_writing(db)  # a bad --db fails here, before any connection
+        # One heartbeat per collector where several share a database (PostgreSQL).
+        self._heartbeat_name = client_id if self._conn.kind == "postgresql" else ""
         config = ReceiverConfig(broker, client_id, self.topics.prefix, persistent, max_message_bytes,
-                                log_level=logging.getLogger().getEffectiveLevel())  # fmt: skip
+                                log_level=logging.getLogger().getEffectiveLevel(), share=share,
+                                ack_after_commit=ack_after_commit)  # fmt: skip
         self._receiver = Receiver(config, self._on_batch)
         self._receiver.on_counters(self._on_counters)
         self._queue_drops = 0
@@ -195,6 +164,11 @@ class Collector:
             self._conn.close()
             return
         self._state = CollectorState.STOPPED
+        if self.ack_after_commit:
+            # Commit and acknowledge what arrived while the receiver is still connected: an
+            # acknowledgement after its disconnect is lost, and the broker would send those
+            # messages again to the next process with this client id (stored once, but counted twice).
+            self.flush(timeout_s)
         self._receiver.stop()  # no message arrives after this
         self._stopping.set()
         self._writer.join(timeout=timeout_s)
@@ -251,11 +225,11 @@ class Collector:
             if now >= next_heartbeat or self.connected != was_connected:  # views show a (dis)connect at once
                 next_heartbeat = now + self.heartbeat_s
                 was_connected = self.connected
-                self._guard(fleetdb.write_heartbeat, self._conn, self._heartbeat())
+                self._guard(fleetdb.write_heartbeat, self._conn, self._heartbeat(), self._heartbeat_name)
             if self.retention_s is not None and now >= next_retention:
                 next_retention = now + retention_every
                 self._apply_retention()
-        self._guard(fleetdb.write_heartbeat, self._conn, self._heartbeat(stopped=True))
+        self._guard(fleetdb.write_heartbeat, self._conn, self._heartbeat(stopped=True), self._heartbeat_name)
 
     def _take(self) -> list[Item]:
         """Whatever queued since the last commit (at least one item, or none after 0.2 s)."""
@@ -275,27 +249,57 @@ class Collector:
         for item in items:
             self._parse_into(batch, *item)
         try:
-            stored = fleetdb.write_batch(self._conn, batch)
-        except Exception:
-            # A full disk or a locked file must not kill the collector; the batch is lost, counted.
-            log.exception("could not store a batch of %d messages", len(batch))
-            self.stats.store_failed += len(batch)
-        else:
-            self.stats.batches += 1
-            self.stats.duplicates += stored.duplicates
-            self.stats.stored["telemetry"] += len(stored.telemetry)
-            self.stats.stored["events"] += stored.events
-            self.stats.stored["reported"] += len(batch.reported)
-            self.fleet.add_telemetry(stored.telemetry)
-            for event, _payload, received in batch.events:
-                self.fleet.add_event(event.device, received)
-            for device, reported, received, retained in batch.reported:
-                seen = fleetdb.reported_seen(reported, received, retained) if reported else None
-                self.fleet.set_reported(device, reported, seen)
+            self._commit(batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                self._refused(batch, exc)
+            else:
+                # One message the database refuses must not cost the others of its batch: store
+                # them one by one, so only the refused one is lost (and counted).
+                log.warning("a batch of %d messages failed (%s); storing them one by one", len(batch), exc)
+                for single in batch.split():
+                    try:
+                        self._commit(single)
+                    except Exception as single_exc:
+                        self._refused(single, single_exc)
+        if self.ack_after_commit:
+            # Committed, or refused for good and counted: the broker may forget them now.
+            self._receiver.ack([item[5] for item in items])
         self._processed += len(items)
 
+    def _refused(self, batch: fleetdb.Batch, exc: Exception) -> None:
+        if fleetdb.is_data_error(exc):
+            self.stats.malformed["unstorable"] += len(batch)
+            self._malformed_log.warning("the database refused a message: %s", exc)
+        else:
+            # A full disk or a locked file must not kill the collector; the message is lost, counted.
+            self.stats.store_failed += len(batch)
+            self._store_log.warning("could not store a message: %s", exc)
+
+    def _commit(self, batch: fleetdb.Batch) -> None:
+        stored = fleetdb.write_batch(self._conn, batch)
+        self.stats.batches += 1
+        self.stats.duplicates += stored.duplicates
+        self.stats.stored["telemetry"] += len(stored.telemetry)
+        self.stats.stored["events"] += stored.events
+        self.stats.stored["reported"] += len(batch.reported)
+        # Reported states first: telemetry of the same batch is labelled with their bundle names.
+        for device, reported, received, retained in batch.reported:
+            seen = fleetdb.reported_seen(reported, received, retained) if reported else None
+            self.fleet.set_reported(device, reported, seen)
+        self.fleet.add_telemetry(stored.telemetry)
+        for event, _payload, received in batch.events:
+            self.fleet.add_event(event.device, received, event)
+
     def _parse_into(
-        self, batch: fleetdb.Batch, kind: str, topic: str, payload: bytes, retained: bool, received: float
+        self,
+        batch: fleetdb.Batch,
+        kind: str,
+        topic: str,
+        payload: bytes,
+        retained: bool,
+        received: float,
+        _token: int = 0,
     ) -> None:
         device = self.topics.device_of(topic) or "?"
         try:
@@ -306,6 +310,7 @@ class Collector:
             if kind == "telemetry":
                 telemetry = parse(Telemetry, payload, "telemetry")
                 _check_device(device, telemetry.device)
+                fleetdb.check_bounds(telemetry)
                 batch.telemetry.append((telemetry, received))
             elif kind == "reported":
                 reported = parse(Reported, payload, "reported state")
@@ -337,6 +342,7 @@ class Collector:
             "stopped": stopped,
             "queue": self._queue.qsize(),
             "broker": self.broker.url,
+            "client_id": self.client_id,
         }
 
     def _guard(self, fn: Any, *args: Any) -> Any:
@@ -357,8 +363,8 @@ def _check_device(topic_device: str, body_device: str) -> None:
 
 
 def _reason(exc: MalformedMessage) -> str:
-    if isinstance(exc, _DeviceMismatch):
-        return "device_mismatch"
+    if isinstance(exc, _DeviceMismatch | fleetdb.OutOfBounds):
+        return exc.code
     cause = exc.__cause__
     if isinstance(cause, ValidationError) and any(e["type"] == "json_invalid" for e in cause.errors()):
         return "not_json"

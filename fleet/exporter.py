@@ -6,20 +6,26 @@ heard from within the retention) and a bundle version a device no longer runs di
 from the next scrape instead of lingering as stale label sets.
 
 Names follow Prometheus conventions: base units (seconds, bytes, ratios 0-1), ``_total``
-for counters. Labels: ``device``, ``group`` (the device's groups, comma-separated), and on
-inference series ``model``, ``bundle``, ``version``, ``runtime``, ``delegate``. Counters
-count since the collector started (``rate()`` handles its restarts). Latency quantiles are
-the device's own over its last telemetry interval (DDSketch histogram, 1% relative error).
+for counters. Labels: ``device``, and on inference series ``model``, ``bundle``, ``version``,
+``runtime``, ``delegate``; a device's groups are one ``edge_device_group_info{device, group}``
+series each (join on ``device``). Counters count what this collector stored since it started
+(``rate()`` handles its restarts), so the counters of several collectors that share the load
+add up (``sum``). ``edge_inference_latency_seconds`` is a classic histogram of every request
+of the fleet per served configuration (no device label), built from the agents' latency
+sketches, for ``histogram_quantile(0.99, sum by (version, le) (rate(..._bucket[5m])))``;
+the per-device quantile gauges are the device's own over its last telemetry interval.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
 from edgeagent.errors import UsageError
 from edgeagent.protocol import ModelTelemetry, Telemetry
+from fleet.collector import MALFORMED_REASONS
 from fleet.state import DeviceState
 
 if TYPE_CHECKING:
@@ -29,22 +35,26 @@ if TYPE_CHECKING:
 
     from fleet.collector import Collector
 
-DEVICE_LABELS = ("device", "group")
+DEVICE_LABELS = ("device",)
 MODEL_LABELS = (*DEVICE_LABELS, "model", "bundle", "version", "runtime", "delegate")
+LATENCY_LABELS = ("model", "bundle", "version", "runtime", "delegate")
 QUANTILES = (("0.5", "p50_ms"), ("0.9", "p90_ms"), ("0.99", "p99_ms"), ("0.999", "p999_ms"))
 MB = 1024 * 1024  # the agent reports memory in MiB
 
 # Every metric name the exporter can produce (the dashboard test checks its queries against this).
 METRIC_NAMES = (
     "edge_device_info",
+    "edge_device_group_info",
     "edge_device_online",
     "edge_device_last_seen_timestamp_seconds",
     "edge_telemetry_last_timestamp_seconds",
     "edge_inference_requests_total",
     "edge_inference_errors_total",
     "edge_inference_latency_seconds",
+    "edge_inference_latency_seconds_bucket",
     "edge_inference_latency_seconds_sum",
     "edge_inference_latency_seconds_count",
+    "edge_inference_latency_quantile_seconds",
     "edge_inference_max_latency_seconds",
     "edge_online_accuracy_ratio",
     "edge_prediction_drift_ratio",
@@ -62,6 +72,9 @@ METRIC_NAMES = (
     "edge_disk_free_bytes",
     "edge_spool_queued_messages",
     "edge_spool_dropped_total",
+    "edge_power_mode",
+    "edge_deployment_outcomes_total",
+    "edge_deployed_devices",
     "edge_collector_messages_total",
     "edge_collector_stored_total",
     "edge_collector_duplicates_total",
@@ -127,7 +140,8 @@ class FleetMetrics:
             _device_samples(state, gauge, counter)
         yield from gauges.values()
         yield from counters.values()
-        yield from _latency(devices)
+        yield from _latency(self.collector, devices)
+        yield from _deployments(self.collector, devices)
         yield from self._collector_samples()
 
     def _collector_samples(self) -> Iterator[Metric]:
@@ -146,7 +160,7 @@ class FleetMetrics:
         malformed = CounterMetricFamily(
             "edge_collector_malformed", "Messages refused, by reason.", labels=("reason",)
         )
-        for reason in ("not_json", "schema", "device_mismatch", "oversize"):
+        for reason in MALFORMED_REASONS:
             malformed.add_metric([reason], stats.malformed[reason])
         yield received
         yield stored
@@ -203,7 +217,12 @@ _MODEL_GAUGES: tuple[tuple[str, str, Callable[[ModelTelemetry], float | None]], 
 
 
 def _device_samples(state: DeviceState, gauge: _Add, counter: _Add) -> None:
-    dl = [state.device, ",".join(state.groups)]
+    dl = [state.device]
+    # A device in no group has one series with group="", so a join on device keeps it when
+    # every group is selected (group=~".*").
+    for group in state.groups or [""]:
+        gauge("edge_device_group_info", "Always 1: one series per group the device is in ('' for none).",
+              ("device", "group"), [state.device, group], 1)  # fmt: skip
     r, t = state.reported, state.telemetry
     if r is not None:
         gauge(
@@ -282,45 +301,59 @@ def _device_samples(state: DeviceState, gauge: _Add, counter: _Add) -> None:
             )
 
 
-def _latency(devices: list[DeviceState]) -> Iterator[Metric]:
-    """One summary family: quantiles of the last interval, _sum and _count since collector start."""
-    from prometheus_client.metrics_core import Metric
+def _latency(collector: Collector, devices: list[DeviceState]) -> Iterator[Metric]:
+    """The fleet-wide latency histograms, and each device's quantiles of its last interval."""
+    from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
-    family = Metric(
+    histogram = HistogramMetricFamily(
         "edge_inference_latency_seconds",
-        "Inference latency: quantiles over the device's last interval, sum and count since collector start.",
-        "summary",
+        "Inference latency of every request the devices answered since the collector started, per served "
+        "configuration (from the agents' latency sketches: 1% error, then these buckets).",
+        labels=LATENCY_LABELS,
+    )
+    for key, totals in sorted(collector.fleet.latency().items()):
+        histogram.add_metric(list(key), totals.cumulative(), sum_value=totals.sum_s)
+    yield histogram
+    quantiles = GaugeMetricFamily(
+        "edge_inference_latency_quantile_seconds",
+        "Latency quantiles of the device's last telemetry interval (1% relative error).",
+        labels=(*MODEL_LABELS, "quantile"),
     )
     for state in devices:
-        if state.telemetry is None:
-            continue
-        for m in state.telemetry.models:
-            labels = dict(
-                zip(
-                    MODEL_LABELS,
-                    [
-                        state.device,
-                        ",".join(state.groups),
-                        m.model,
-                        state.bundle_of(m.model),
-                        m.version,
-                        m.runtime,
-                        m.delegate,
-                    ],
-                    strict=True,
-                )
-            )
+        for m in state.telemetry.models if state.telemetry else ():
+            ml = [state.device, m.model, state.bundle_of(m.model), m.version, m.runtime, m.delegate]
             for q, attr in QUANTILES:
-                value = getattr(m, attr)
-                if value is not None:
-                    family.add_sample(
-                        "edge_inference_latency_seconds", {**labels, "quantile": q}, value / 1000
-                    )
-            totals = state.totals.get((m.model, m.version, m.runtime, m.delegate))
-            if totals is not None:
-                family.add_sample("edge_inference_latency_seconds_sum", labels, totals.latency_sum_s)
-                family.add_sample("edge_inference_latency_seconds_count", labels, totals.latency_count)
-    yield family
+                v = getattr(m, attr)
+                if v is not None:
+                    quantiles.add_metric([*ml, q], v / 1000)
+    yield quantiles
+
+
+def _deployments(collector: Collector, devices: list[DeviceState]) -> Iterator[Metric]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    outcomes = CounterMetricFamily(
+        "edge_deployment_outcomes",
+        "Deployment outcomes the devices reported since the collector started (result: committed or "
+        "failed, code: why).",
+        labels=("model", "bundle", "version", "result", "code"),
+    )
+    for (model, bundle, version, ok, code), n in sorted(collector.fleet.outcomes().items()):
+        outcomes.add_metric([model, bundle, version, "committed" if ok else "failed", code], n)
+    yield outcomes
+    running: Counter[tuple[str, str, str, str]] = Counter()
+    for state in devices:
+        for model, status in state.reported.models.items() if state.reported else ():
+            if status.bundle is not None:
+                running[(model, status.bundle.name, status.bundle.version, status.state or "")] += 1
+    deployed = GaugeMetricFamily(
+        "edge_deployed_devices",
+        "Devices whose reported state names this bundle version for a model, by deployment state.",
+        labels=("model", "bundle", "version", "state"),
+    )
+    for labels, n in sorted(running.items()):
+        deployed.add_metric(list(labels), n)
+    yield deployed
 
 
 def serve(collector: Collector, listen: str) -> WSGIServer:

@@ -25,9 +25,9 @@ if TYPE_CHECKING:
 
 DESCRIPTION = """\
 Watch the fleet. `collect` subscribes to every device's reported state, deployment events
-and telemetry and stores them in a SQLite database (and, with --prometheus, serves them as
-Prometheus metrics); `status`, `watch` and `report` read that database, also while the
-collector writes to it.
+and telemetry and stores them in a SQLite file or a PostgreSQL database (and, with
+--prometheus, serves them as Prometheus metrics); `status`, `watch` and `report` read that
+database, also while the collector writes to it.
 """
 
 EPILOG = """\
@@ -44,7 +44,8 @@ window instead of averaging percentiles. More: docs/fleet.md.
 
 COLLECT_DESCRIPTION = """\
 Subscribe (QoS 1) to every device's reported state, events and telemetry and store them
-in a SQLite database (WAL: views read while it writes). Runs until Ctrl-C or SIGTERM,
+in a SQLite file (WAL: views read while it writes) or, with --db postgresql://..., a
+PostgreSQL database that several collectors share (--share). Runs until Ctrl-C or SIGTERM,
 printing a line of counters every --stats-every seconds.
 
 The MQTT session is persistent: what devices send while the collector restarts waits at
@@ -118,8 +119,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _db_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--db", type=Path, default=Path("fleet.db"), help="the collector's database (default: ./fleet.db)"
+        "--db",
+        type=_db_target,
+        default=Path("fleet.db"),
+        metavar="PATH|DSN",
+        help="the fleet database: a SQLite file (default: ./fleet.db) or a PostgreSQL DSN, "
+        "postgresql://USER@HOST/DB (password from PGPASSWORD or ~/.pgpass, not the command line)",
     )
+
+
+def _db_target(text: str) -> str | Path:
+    """``--db``: a PostgreSQL DSN stays a string, anything else is a SQLite path."""
+    from fleet.dbbackend import is_postgres
+
+    return text if is_postgres(text) else Path(text)
 
 
 def _register_collect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -131,7 +144,10 @@ def _register_collect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "  edgectl fleet collect --broker mqtt://localhost:1883 --db fleet.db\n"
         "  EDGECTL_PASSWORD_FILE=/etc/edgectl/password edgectl fleet collect --broker mqtts://broker:8883 "
         "--username collector --ca-file ca.pem "
-        "--db /var/lib/edgectl/fleet.db --retention 30d --prometheus 127.0.0.1:9108",
+        "--db /var/lib/edgectl/fleet.db --retention 30d --prometheus 127.0.0.1:9108\n"
+        "  # two of these (client ids c1, c2) share the load and one PostgreSQL database:\n"
+        "  edgectl fleet collect --broker mqtt://broker:1883 --db postgresql://edge@db/fleet "
+        "--share collectors --client-id c1 --ack-after-commit",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _db_option(collect)
@@ -154,6 +170,18 @@ def _register_collect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     collect.add_argument(
         "--clean-session", action="store_true", help="do not keep a session at the broker between runs"
+    )
+    collect.add_argument(
+        "--share",
+        metavar="GROUP",
+        help="split telemetry and events with the other collectors of GROUP (MQTT shared subscription "
+        "$share/GROUP/...); each needs its own --client-id, and all write one PostgreSQL --db",
+    )
+    collect.add_argument(
+        "--ack-after-commit",
+        action="store_true",
+        help="acknowledge each message to the broker only once it is committed, so a killed collector "
+        "loses nothing (the broker sends it again); needs the broker settings of docs/fleet.md",
     )
     collect.add_argument(
         "--stats-every",
@@ -186,6 +214,8 @@ def _collect(args: argparse.Namespace) -> int:
         client_id=args.client_id,
         persistent=not args.clean_session,
         retention_s=retention,
+        share=args.share,
+        ack_after_commit=args.ack_after_commit,
     )
     server = exporter.serve(collector, args.prometheus) if args.prometheus else None
     stop = threading.Event()

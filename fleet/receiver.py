@@ -29,7 +29,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-from edgeagent.mqtt import Backoff, BrokerConfig, Handler, Message, MqttSession
+from edgeagent.mqtt import Backoff, BrokerConfig, Message, MqttSession
 from edgeagent.protocol import Topics
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,11 @@ KINDS = ("telemetry", "reported", "events")
 FLUSH_S = 0.005  # how often the child ships what arrived
 BATCH_MAX = 2000  # items per pickled batch
 
-# (kind, topic, payload, retained, received at as Unix s)
-Item = tuple[str, str, bytes, bool, float]
+# (kind, topic, payload, retained, received at as Unix s, ack token: 0, or the connection's
+# generation << 16 | the packet id when the collector acknowledges after its commit)
+Item = tuple[str, str, bytes, bool, float, int]
+# Routed to by the topic's last level: (message, ack token).
+Route = Callable[[Message, int], None]
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,8 @@ class ReceiverConfig:
     max_message_bytes: int
     pending_max: int = 100_000  # items the child holds when the parent does not read
     log_level: int = logging.WARNING
+    share: str | None = None  # telemetry and events through $share/{share}/...: collectors split them
+    ack_after_commit: bool = False  # PUBACK only once the collector committed the message
 
 
 @dataclass
@@ -66,25 +71,53 @@ class _IngestSession(MqttSession):
     asked (the broker keeps the subscriptions and queues QoS 1 messages while the collector
     restarts) and one route per message by the topic's last level: fleet topics are unbounded
     (one per device), so MqttSession's per-topic route cache would only churn here.
+
+    With ``manual_ack`` paho sends no PUBACK by itself: :meth:`ack` sends it once the collector
+    committed the message, so a collector killed before its commit leaves the message with the
+    broker, which sends it again when the session reconnects. Packet ids are per connection, so
+    an ack token carries the connection's generation and a stale one is ignored (the broker
+    resends that message on the new connection, where it is acknowledged in turn).
     """
 
-    def __init__(self, broker: BrokerConfig, client_id: str, *, persistent: bool) -> None:
+    def __init__(self, broker: BrokerConfig, client_id: str, *, persistent: bool, manual_ack: bool) -> None:
         self._persistent = persistent
-        self._routes: dict[str, Handler] = {}
-        super().__init__(broker, client_id, queue_size=1, clean_session=not persistent)
+        self._manual_ack = manual_ack
+        self._routes: dict[str, Route] = {}
+        self.generation = 0
+        super().__init__(
+            broker, client_id, queue_size=1, clean_session=not persistent, on_connect=self._next_generation
+        )
+        if manual_ack:
+            self._client.manual_ack_set(True)
 
-    def route(self, topic_filter: str, handler: Handler) -> None:
+    def _next_generation(self) -> None:
+        # paho's network thread: runs before any message of the new connection is handled.
+        self.generation = (self.generation + 1) % (1 << 40)
+
+    def route(self, topic_filter: str, handler: Route) -> None:
         """Subscribe (QoS 1) and send messages whose topic ends like ``topic_filter`` to ``handler``."""
         self._routes[topic_filter.rsplit("/", 1)[1]] = handler
-        self.subscribe(topic_filter, handler, qos=1, inline=True)
+        self.subscribe(topic_filter, _unused_handler, qos=1, inline=True)
+
+    def ack(self, tokens: list[int]) -> None:
+        generation = self.generation
+        for token in tokens:
+            if token and token >> 16 == generation:
+                self._client.ack(token & 0xFFFF, 1)
 
     def _handle_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
         self.stats.received += 1
+        token = (self.generation << 16 | msg.mid) if self._manual_ack and msg.qos > 0 else 0
         handler = self._routes.get(msg.topic.rsplit("/", 1)[-1])
         if handler is None:
             self.stats.dropped_unrouted += 1
+            self.ack([token])
             return
-        handler(Message(msg.topic, bytes(msg.payload), bool(msg.retain), int(msg.qos)))
+        handler(Message(msg.topic, bytes(msg.payload), bool(msg.retain), int(msg.qos)), token)
+
+
+def _unused_handler(_message: Message) -> None:
+    """MqttSession wants a handler per subscription; _IngestSession routes by itself."""
 
 
 class Receiver:
@@ -102,6 +135,7 @@ class Receiver:
         self._proc: Any = None
         self._data: Connection | None = None
         self._cmd: Connection | None = None
+        self._cmd_lock = threading.Lock()  # the writer thread's acks and stop() share the pipe
         self._reader = threading.Thread(target=self._read_loop, name="collector-receiver", daemon=True)
 
     @property
@@ -118,11 +152,20 @@ class Receiver:
         self._spawn()
         self._reader.start()
 
+    def ack(self, tokens: list[int]) -> None:
+        """Acknowledge committed messages to the broker (``ack_after_commit``). Tokens of a
+        receiver that has since died are ignored: the broker sends those messages again."""
+        tokens = [t for t in tokens if t]
+        if not tokens or self._cmd is None:
+            return
+        with self._cmd_lock, contextlib.suppress(OSError, ValueError):  # the child is gone
+            self._cmd.send(("ack", tokens))
+
     def stop(self, timeout_s: float = 15.0) -> None:
         """Ask the child to disconnect; return once its last batch was delivered."""
         self._stopping.set()
         if self._cmd is not None:
-            with contextlib.suppress(OSError):  # already gone
+            with self._cmd_lock, contextlib.suppress(OSError):  # already gone
                 self._cmd.send("stop")
         self._reader.join(timeout=timeout_s)
         if self._proc is not None:
@@ -199,26 +242,39 @@ def _child_main(data: Connection, cmd: Connection, config: ReceiverConfig) -> No
     counters = ReceiverCounters()
     topics = Topics(config.prefix)
 
-    def on_message(kind: str, msg: Message) -> None:
+    session = _IngestSession(
+        config.broker, config.client_id, persistent=config.persistent, manual_ack=config.ack_after_commit
+    )
+
+    def on_message(kind: str, msg: Message, token: int) -> None:
         if len(msg.payload) > config.max_message_bytes:
             counters.oversize[kind] += 1
             log.warning("dropped a %d-byte message on %s (limit %d)", len(msg.payload), msg.topic,
                         config.max_message_bytes)  # fmt: skip
+            session.ack([token])  # refused for good: redelivering it would not help
             return
         with lock:
             if len(pending) >= config.pending_max:
-                counters.dropped += 1
+                counters.dropped += 1  # not acknowledged: the broker sends it again after a reconnect
                 return
-            pending.append((kind, msg.topic, msg.payload, msg.retain, time.time()))
+            pending.append((kind, msg.topic, msg.payload, msg.retain, time.time(), token))
 
-    session = _IngestSession(config.broker, config.client_id, persistent=config.persistent)
     for kind in KINDS:
-        session.route(topics.all_devices(kind), functools.partial(on_message, kind))
+        topic_filter = topics.all_devices(kind)
+        # Retained reported states are not delivered to shared subscriptions, and every
+        # collector keeps the device table: reported is never shared.
+        if config.share and kind != "reported":
+            topic_filter = f"$share/{config.share}/{topic_filter}"
+        session.route(topic_filter, functools.partial(on_message, kind))
     stop = threading.Event()
 
     def watch_parent() -> None:
         with contextlib.suppress(EOFError, OSError):
-            cmd.recv()  # "stop", or EOF when the parent is gone
+            while True:
+                order = cmd.recv()  # ("ack", tokens), "stop", or EOF when the parent is gone
+                if order == "stop":
+                    break
+                session.ack(order[1])
         stop.set()
 
     threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import html
 import math
-import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -86,7 +85,7 @@ class _Buckets:
 
 
 def build_report(
-    db: Path,
+    db: str | Path,
     *,
     since_s: float = 86400.0,
     now: float | None = None,
@@ -186,7 +185,7 @@ def _memory_section(memory: _Buckets, axis: Axis) -> _Section:
     return "Memory", charts, note
 
 
-def _latency(conn: sqlite3.Connection, since: float, width: float) -> tuple[_Buckets, int]:
+def _latency(conn: fleetdb.Database, since: float, width: float) -> tuple[_Buckets, int]:
     acc = _Buckets(since, width)
     read = 0
     for row in conn.execute(
@@ -204,7 +203,7 @@ def _latency(conn: sqlite3.Connection, since: float, width: float) -> tuple[_Buc
     return acc, read
 
 
-def _memory(conn: sqlite3.Connection, since: float, width: float) -> _Buckets:
+def _memory(conn: fleetdb.Database, since: float, width: float) -> _Buckets:
     acc = _Buckets(since, width)
     for row in conn.execute("SELECT device, at, rss_mb FROM telemetry WHERE at >= ?", (since,)):
         acc.add_value(("device", row["device"]), row["at"], row["rss_mb"])

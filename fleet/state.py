@@ -4,15 +4,58 @@ running totals that Prometheus counters need. The database holds the history; th
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import dataclasses
 import threading
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from edgeagent.protocol import Reported, Telemetry
+from edgeagent.histogram import Histogram
+from edgeagent.protocol import Event, Reported, Telemetry
 
 # (model, version, runtime, delegate): one served configuration, the unit of inference series.
 ModelKey = tuple[str, str, str, str]
+# (model, bundle, version, runtime, delegate): the fleet-wide latency histogram's labels.
+LatencyKey = tuple[str, str, str, str, str]
+# (model, bundle, version, ok, code) of a deployment outcome event.
+OutcomeKey = tuple[str, str, str, bool, str]
+
+#: Upper bounds (s) of the classic Prometheus latency buckets: 10 per decade from 0.1 ms to 10 s
+#: (each 1.26x the last), so histogram_quantile's linear interpolation inside one bucket is off
+#: by at most that bucket's width. The series carry no device label, so 52 buckets per served
+#: configuration cost little however large the fleet.
+LATENCY_BOUNDS = tuple(float(f"{10 ** (e / 10):.6g}") for e in range(-40, 11))
+
+
+@dataclass
+class LatencyTotals:
+    """Requests of one served configuration across the fleet since the collector started,
+    bucketed by LATENCY_BOUNDS (the last count is above the last bound)."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS) + 1))
+    sum_s: float = 0.0
+    count: int = 0
+
+    def add_sketch(self, data: Mapping[str, Any]) -> None:
+        """Add an agent's latency sketch (Histogram.to_dict(), seconds): each sketch bucket's
+        requests go to the classic bucket holding its representative value (1% error)."""
+        hist = Histogram.from_dict(data)  # validates the sketch's parameters and totals
+        for index, n in data.get("buckets", {}).items():
+            value = 2.0 * hist.gamma ** int(index) / (hist.gamma + 1.0)
+            self.counts[bisect.bisect_left(LATENCY_BOUNDS, value)] += int(n)
+        self.sum_s += hist.sum
+        self.count += hist.count
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """Prometheus buckets: (le, requests at or under it), +Inf last."""
+        out, seen = [], 0
+        for bound, n in zip((*LATENCY_BOUNDS, float("inf")), self.counts, strict=True):
+            seen += n
+            out.append(("+Inf" if bound == float("inf") else repr(bound), float(seen)))
+        return out
 
 
 @dataclass
@@ -52,6 +95,8 @@ class FleetState:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._devices: dict[str, DeviceState] = {}
+        self._latency: dict[LatencyKey, LatencyTotals] = {}
+        self._outcomes: Counter[OutcomeKey] = Counter()
 
     def _device(self, device: str) -> DeviceState:
         state = self._devices.get(device)
@@ -82,10 +127,38 @@ class FleetState:
                     hist = m.latency_hist or {}
                     totals.latency_sum_s += float(hist.get("sum") or 0.0)
                     totals.latency_count += int(hist.get("count") or 0)
+                    if hist:
+                        self._add_latency(state, m.model, m.bundle, (m.version, m.runtime, m.delegate), hist)
 
-    def add_event(self, device: str, received: float) -> None:
+    def _add_latency(
+        self, state: DeviceState, model: str, bundle: str | None, rest: tuple[str, str, str], hist: Any
+    ) -> None:
+        key = (model, bundle or state.bundle_of(model), *rest)
+        latency = self._latency.get(key)
+        if latency is None:
+            latency = self._latency[key] = LatencyTotals()
+        # A sketch with other parameters than this edgectl's is left out; its requests still count.
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            latency.add_sketch(hist)
+
+    def add_event(self, device: str, received: float, event: Event | None = None) -> None:
         with self._lock:
             self._seen(self._device(device), received)
+            if event is not None and event.kind == "outcome" and event.ok is not None:
+                name, version = (event.bundle.name, event.bundle.version) if event.bundle else ("", "")
+                code = event.code or ("committed" if event.ok else "error")
+                key = (event.model or "default", name, version, event.ok, code)
+                self._outcomes[key] += 1
+
+    def latency(self) -> dict[LatencyKey, LatencyTotals]:
+        """Copies of the fleet-wide latency histograms."""
+        with self._lock:
+            return {k: dataclasses.replace(v, counts=list(v.counts)) for k, v in self._latency.items()}
+
+    def outcomes(self) -> dict[OutcomeKey, int]:
+        """Deployment outcomes (events) received since the collector started."""
+        with self._lock:
+            return dict(self._outcomes)
 
     def set_reported(self, device: str, reported: Reported | None, seen: float | None) -> None:
         """The device's reported state; None removes the device (its retained state was cleared)."""

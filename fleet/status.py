@@ -10,7 +10,6 @@ merge, within the histogram's 1% relative error. Only intervals of the row's cur
 from __future__ import annotations
 
 import math
-import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
 DEFAULT_WINDOW_S = 300.0
+Row = Any  # sqlite3.Row or fleet.dbbackend.Row: row["column"] and row.keys() in both
 
 
 @dataclass(frozen=True)
@@ -75,16 +75,15 @@ class StatusRow:
 
 
 def status_rows(
-    db: Path | sqlite3.Connection,
+    db: str | Path | fleetdb.Database,
     *,
     group: str | None = None,
     bundle: str | None = None,
     window_s: float = DEFAULT_WINDOW_S,
 ) -> list[StatusRow]:
     """Rows for every device (filtered by group and ``NAME`` or ``NAME@VERSION`` of the bundle)."""
-    conn = fleetdb.open_for_reading(db) if isinstance(db, Path) else db
+    conn = db if isinstance(db, fleetdb.Database) else fleetdb.open_for_reading(db)
     try:
-        conn.row_factory = sqlite3.Row
         rows: list[StatusRow] = []
         for device in conn.execute("SELECT * FROM devices ORDER BY device"):
             groups = fleetdb.loads(device["groups"], [])
@@ -92,7 +91,7 @@ def status_rows(
                 continue
             rows.extend(_device_rows(conn, device, groups, window_s))
     finally:
-        if isinstance(db, Path):
+        if not isinstance(db, fleetdb.Database):
             conn.close()
     if bundle is not None:
         name, _, version = bundle.partition("@")
@@ -100,9 +99,7 @@ def status_rows(
     return rows
 
 
-def _device_rows(
-    conn: sqlite3.Connection, device: sqlite3.Row, groups: list[str], window_s: float
-) -> list[StatusRow]:
+def _device_rows(conn: fleetdb.Database, device: Row, groups: list[str], window_s: float) -> list[StatusRow]:
     name = device["device"]
     latest = conn.execute(
         "SELECT * FROM telemetry WHERE device = ? ORDER BY seq DESC LIMIT 1", (name,)
@@ -158,7 +155,7 @@ def _device_rows(
     return rows
 
 
-def _model_windows(conn: sqlite3.Connection, device: str, since: float | None) -> dict[str, dict[str, Any]]:
+def _model_windows(conn: fleetdb.Database, device: str, since: float | None) -> dict[str, dict[str, Any]]:
     """Per model: the window's figures for the (version, runtime, delegate) of its newest interval."""
     if since is None:
         return {}
@@ -230,7 +227,7 @@ def _acceptance(from_telemetry: dict[str, Any] | None, reported: dict[str, Any] 
 
 
 def _last_outcomes(
-    conn: sqlite3.Connection, device: str, last_deployment: dict[str, Any] | None
+    conn: fleetdb.Database, device: str, last_deployment: dict[str, Any] | None
 ) -> dict[str, tuple[str, bool]]:
     """Model -> (text, ok) of its newest deployment outcome (events first, then the reported state)."""
     outcomes: dict[str, tuple[str, bool]] = {}
@@ -268,8 +265,8 @@ def age(seconds: float | None) -> str:
     return f"{seconds:.0f}s"
 
 
-def _power_mode(latest: sqlite3.Row) -> str | None:
-    # sqlite3.Row: `in` would search the values, not the column names.
+def _power_mode(latest: Row) -> str | None:
+    # sqlite3.Row: `in` would search the values, not the column names (.keys() works for both).
     if "power_mode" not in latest.keys():  # noqa: SIM118 - a schema 1 database, not yet migrated
         return None
     mode: dict[str, Any] = fleetdb.loads(latest["power_mode"], {})
@@ -370,6 +367,9 @@ def summary(rows: list[StatusRow], heartbeat: dict[str, Any] | None, now: float 
     if heartbeat is None:
         return text + "; no collector has written to this database yet"
     wrote = age(now - float(heartbeat.get("at", 0)))
+    if "collectors" in heartbeat:  # several share this database (PostgreSQL)
+        running, total = heartbeat["running"], heartbeat["collectors"]
+        return text + f"; {running} of {total} collectors running, newest heartbeat {wrote} ago"
     if heartbeat.get("stopped"):
         return text + f"; the collector stopped {wrote} ago (data may be stale)"
     return text + f"; collector heartbeat {wrote} ago"
