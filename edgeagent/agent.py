@@ -52,7 +52,7 @@ from edgeagent.signing import KeyRing
 from edgeagent.storage import atomic_write_bytes
 from edgeagent.store import Store
 from edgeagent.telemetry import TelemetryReporter, reporter_for
-from edgeagent.transfer import BlockDownloader, TransferConfig
+from edgeagent.transfer import BlockDownloader, TransferConfig, block_size_for
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ class Agent:
         self._deployer: threading.Thread | None = None
         self.session: MqttSession | None = None
         self.downloader: BlockDownloader | None = None
+        self.fetcher: Any = None  # delivery by content (edgeagent.delivery.fetch.ContentFetcher)
         self.telemetry: TelemetryReporter | None = None
         if config.insecure:
             log.warning(
@@ -125,9 +126,25 @@ class Agent:
                 self.store.downloads,
                 topics=self.topics,
                 config=TransferConfig(
-                    block_size=self.config.transfer_block_kib * 1024, window=self.config.transfer_window
+                    block_size=block_size_for(
+                        self.config.broker_profile, self.config.transfer_block_kib * 1024
+                    ),
+                    window=self.config.transfer_window,
                 ),
             )
+            # --- delivery by content (edgeagent/delivery) ---
+            from edgeagent.delivery.fetch import ContentFetcher
+
+            self.fetcher = ContentFetcher(
+                self.config.state_dir,
+                self.trusted,
+                downloader=self.downloader,
+                candidates=self.candidates,
+                profile=self.detection.profile,
+                allow_unsigned=self.config.insecure,
+                mqtt_block_cap=self.downloader.config.block_size,
+            )
+            # --- end delivery by content ---
             self.session.subscribe(
                 self.topics.device_desired(self.config.device_id),
                 self._on_desired,
@@ -398,6 +415,21 @@ class Agent:
         name, ref = journal.model, journal.target
         assert ref is not None  # a journal in a working state always has its target
         if state is State.DOWNLOADING:
+            # --- delivery by content: installs bundles/<sha256>/ itself (the next steps skip) ---
+            if ref.index is not None and not self.store.has_bundle(ref.sha256) and self.fetcher is not None:
+                self.fetcher.fetch(
+                    ref,
+                    progress=lambda got, total: self._event(
+                        "progress", model=name, bundle=ref, received=got, total=total
+                    ),
+                    precisions=self.config.precision_for(name),
+                )
+                self._event(
+                    "progress", model=name, bundle=ref, detail={"served_by": self.fetcher.report.served_by}
+                )
+            elif ref.source.startswith(("http://", "https://")) and self.fetcher is not None:
+                self.fetcher.fetch_bundle_url(ref)  # the whole bundle over HTTP(S); else the registry
+            # --- end delivery by content ---
             if not self.store.has_bundle(ref.sha256):
                 if self.downloader is None:
                     raise DeploymentFailed("no broker configured to download from", code="no_broker")

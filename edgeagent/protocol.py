@@ -132,6 +132,31 @@ class _Report(_Msg):
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
+class IndexRef(_Msg):
+    """The delivery index of a bundle (docs/bundle.md, "Delivery by content")."""
+
+    sha256: Sha256Hex = Field(description="sha256 of the index object (its name under objects/).")
+    size: int = Field(gt=0, le=1 << 20, description="Index size in bytes (at most 1 MiB).")
+
+
+class HttpSource(_Msg):
+    kind: Literal["http"] = "http"
+    url: str = Field(pattern=r"^https?://", description="Base URL; an object is URL + objects/<wire sha256>.")
+
+
+class PresignedSource(_Msg):
+    kind: Literal["presigned"] = "presigned"
+    urls: dict[Sha256Hex, str] = Field(description="wire sha256 -> a presigned https URL of that object.")
+    expires: float = Field(description="Unix time after which the URLs no longer work.")
+
+
+class MqttSource(_Msg):
+    kind: Literal["mqtt"] = "mqtt"
+
+
+Source = Annotated[HttpSource | PresignedSource | MqttSource, Field(discriminator="kind")]
+
+
 class BundleRef(_Msg):
     """Which bundle a model name should run."""
 
@@ -140,8 +165,22 @@ class BundleRef(_Msg):
     sha256: Sha256Hex = Field(description="sha256 of the bundle file: its id.")
     size: int = Field(gt=0, description="Bundle file size in bytes.")
     source: str = Field(
-        default="mqtt", description="'mqtt' (block transfer from the registry) or an http(s) URL."
+        default="mqtt",
+        description="Where the whole bundle file is: 'mqtt' (the registry's block transfer) or an "
+        "http(s) URL of the .bundle (tried first, then the registry). Unused when `index` is set.",
     )
+    index: IndexRef | None = Field(
+        default=None, description="The delivery index: fetch only the files this device uses."
+    )
+    sources: list[Source] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Where the index's objects are, in preference order; empty = [{'kind': 'mqtt'}].",
+    )
+
+    def __hash__(self) -> int:
+        # Sources hold lists and maps; a bundle's identity is what it is, not where it lies.
+        return hash((self.name, self.version, self.sha256, self.size))
 
 
 class DesiredState(_Msg):

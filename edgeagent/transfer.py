@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeagent.errors import HashMismatch, MalformedMessage, TransferError
+from edgeagent.errors import BundleError, HashMismatch, MalformedMessage, SizeMismatch, TransferError
 from edgeagent.mqtt import Message, MqttSession
 from edgeagent.protocol import BLOCK_HEADER_SIZE, BlockReply, BlockRequest, BlockStatus, BundleRef, Topics
 from edgeagent.storage import atomic_write_bytes, hash_file
@@ -145,6 +145,7 @@ class _Transfer:
         self.delayed: dict[int, float] = {}  # block -> when to ask again (after an error reply)
         self.unsynced = 0
         self.fatal: str | None = None
+        self.refused: BundleError | None = None  # bad bytes kept coming for one block
 
 
 class BlockDownloader:
@@ -286,6 +287,8 @@ class BlockDownloader:
         last_progress = 0.0
         while True:
             with t.cond:
+                if t.refused is not None:
+                    raise t.refused
                 if t.fatal:
                     raise TransferError(t.fatal, sha256=t.ref.sha256)
                 while t.retry:
@@ -388,12 +391,13 @@ class BlockDownloader:
             or len(reply.payload) != expected
         ):
             self.stats.corrupt += 1
-            self._ask_again(t, i, "failed its check")
+            wrong_size = reply.total_size != t.ref.size
+            self._ask_again(t, i, "failed its check", SizeMismatch if wrong_size else HashMismatch)
             return
         if t.hashes and hashlib.sha256(reply.payload).hexdigest() != t.hashes[i]:
             # Right size and CRC but other bytes: forged or served from a bad copy.
             self.stats.forged += 1
-            self._ask_again(t, i, "differs from the index's block hash")
+            self._ask_again(t, i, "differs from the index's block hash", HashMismatch)
             return
         with t.cond:
             if i in t.bitmap:
@@ -408,14 +412,19 @@ class BlockDownloader:
             self.stats.bytes_received += len(reply.payload)
             t.cond.notify_all()
 
-    def _ask_again(self, t: _Transfer, i: int, why: str) -> None:
+    def _ask_again(self, t: _Transfer, i: int, why: str, refusal: type[BundleError]) -> None:
         log.warning("block %d of %s %s; asking again", i, t.ref.sha256[:12], why)
         with t.cond:
             # Only a block still awaited is asked again: a stray copy of one already
             # received, or already re-requested, costs nothing more.
             if i in t.pending and i not in t.bitmap:
                 del t.pending[i]
-                t.retry.append(i)
+                t.tries[i] = t.tries.get(i, 0) + 1
+                if t.tries[i] >= self.config.max_tries:
+                    # Every copy is bad: the source holds other bytes under this name.
+                    t.refused = refusal(f"block {i} of {t.ref.sha256[:12]}… {why} {t.tries[i]} times")
+                else:
+                    t.retry.append(i)
             t.cond.notify_all()
 
     def _on_error_reply(self, t: _Transfer, reply: BlockReply) -> None:

@@ -56,6 +56,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--registry", required=True, type=Path, metavar="DIR", help="the registry's bundle folder"
     )
     push.add_argument("--rollback", action="store_true", help="allow a lower version than the one running")
+    push.add_argument(
+        "--whole",
+        action="store_true",
+        help="devices download the whole bundle (agents older than delivery by content)",
+    )
+    push.add_argument(
+        "--http-source",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="base URL where the bundle was published (edgectl registry publish); tried before "
+        "the registry, in the order given (repeatable)",
+    )
     push.set_defaults(handler=_push)
 
     rollback = subparsers.add_parser(
@@ -115,6 +128,8 @@ def _push(args: argparse.Namespace) -> int:
     with conn:
         # Copied only once the broker answers: a failed push leaves nothing in the registry.
         stored = add_to_registry(args.bundle, verified, args.registry)
+        if not args.whole:
+            ref = _by_content(args, ref)
         devices = devices_of(conn, target)
         doc = publish_desired(conn, target, args.model, ref, key, rollback=args.rollback)
         print(
@@ -123,6 +138,16 @@ def _push(args: argparse.Namespace) -> int:
             flush=True,
         )
         return _report(args, conn, devices, args.model, ref)
+
+
+def _by_content(args: argparse.Namespace, ref: BundleRef) -> BundleRef:
+    """``ref`` with its delivery index (published into the registry folder) and sources."""
+    from edgeagent.protocol import HttpSource, MqttSource
+    from fleet.publish import FolderDestination, publish
+
+    done = publish(args.bundle, FolderDestination(args.registry))
+    sources = [HttpSource(url=url) for url in args.http_source] + [MqttSource()]
+    return ref.model_copy(update={"index": done.index, "sources": sources if args.http_source else []})
 
 
 def _rollback(args: argparse.Namespace) -> int:
