@@ -25,7 +25,7 @@ from edgeagent.bundle.manifest import MANIFEST_NAME, SIGNATURE_NAME, parse_manif
 from edgeagent.bundle.reader import Limits
 from edgeagent.delivery.choose import needed_files
 from edgeagent.delivery.http import download
-from edgeagent.delivery.index import DeliveryIndex, IndexFile, parse_index
+from edgeagent.delivery.index import MAX_INDEX_BYTES, DeliveryIndex, IndexFile, parse_index
 from edgeagent.delivery.objects import ObjectStore
 from edgeagent.errors import (
     BundleError,
@@ -98,6 +98,9 @@ class ContentFetcher:
         dest = self.bundles / ref.sha256
         if dest.is_dir():
             return
+        if ref.index.size > MAX_INDEX_BYTES:  # refused before a byte of it is fetched
+            bound = f"the bound is {MAX_INDEX_BYTES}"
+            raise SizeLimitExceeded(f"delivery index is {ref.index.size} bytes; {bound}")
         self.report = FetchReport()
         sources = list(ref.sources) or [MqttSource()]
         index_entry = IndexFile(
