@@ -28,7 +28,7 @@ from edgeagent.bundle.reader import read_manifest_unverified
 from edgeagent.delivery.codec import encode
 from edgeagent.delivery.index import DEFAULT_BLOCK_SIZE, DeliveryIndex, IndexFile
 from edgeagent.errors import UsageError
-from edgeagent.protocol import IndexRef
+from edgeagent.protocol import IndexRef, PresignedSource
 from edgeagent.storage import atomic_write_bytes, hash_file
 
 log = logging.getLogger(__name__)
@@ -204,3 +204,16 @@ def destination(to: str, *, endpoint_url: str | None = None) -> Destination:
     if scheme == "s3":
         return S3Destination(to, endpoint_url=endpoint_url)
     return FolderDestination(Path(to))
+
+
+def presigned_source(dest: S3Destination, index_sha256: str, expires_s: int) -> PresignedSource:
+    """Presigned URLs of every object of a published bundle (its index included), valid ``expires_s``."""
+    import time
+
+    from edgeagent.delivery.index import parse_index
+
+    response = dest.client.get_object(Bucket=dest.bucket, Key=dest._key(f"objects/{index_sha256}"))
+    index = parse_index(response["Body"].read())
+    names = {index_sha256} | {f.wire_sha256 for f in index.files.values()}
+    urls = {sha: dest.presign(f"objects/{sha}", expires_s) for sha in sorted(names)}
+    return PresignedSource(urls=urls, expires=time.time() + expires_s)

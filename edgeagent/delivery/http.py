@@ -5,7 +5,7 @@ that stopped mid-file, the next try asks for ``Range: bytes=<what is on disk>-``
 index's block hashes, every complete block is checked as it lands (and the blocks already on
 disk when resuming): a block that differs truncates the file to its start and fails this
 source. A server that sends more than the expected size is refused (oversized) without
-writing past it.
+writing past it. After a power cut the blocks on disk are checked again before a resume.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def _copy(response, want: Wanted, part: Path, have: int, stop, url: str) -> None
             while True:
                 if stop is not None and stop.is_set():
                     raise HttpSourceError("transfer stopped; will resume later", sha256=want.sha256)
-                chunk = response.read(CHUNK)
+                chunk = response.read1(CHUNK)  # what has arrived: read() would wait for CHUNK
                 if not chunk:
                     break
                 if written + len(pending) + len(chunk) > want.size:
@@ -125,6 +125,7 @@ def _copy(response, want: Wanted, part: Path, have: int, stop, url: str) -> None
                     del pending[: len(piece)]
                     _check_block(want, written // block, piece, url)
                     out.write(piece)
+                    out.flush()  # on disk for a resume after a kill (re-checked then)
                     written += len(piece)
         except (OSError, urllib.error.URLError) as exc:
             raise HttpSourceError(
