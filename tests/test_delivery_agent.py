@@ -1,0 +1,154 @@
+"""Delivery by content with the agent as a real process: it deploys from the MQTT registry and
+from nginx, resumes after a kill -9 and after the server stops mid-file, and reports which
+source served each file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from edgeagent.mqtt import BrokerConfig, MqttSession
+from edgeagent.protocol import BundleRef, HttpSource, MqttSource, Topics
+from fleet.publish import FolderDestination, publish
+from fleet.registry import Registry
+from tests.delivery_support import bundle_path, make_bundle
+from tests.http_support import Nginx
+from tests.test_deploy import AgentProcess, Watcher
+
+pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
+PREFIX = "e2e"  # tests.test_deploy's agent and watcher use it
+
+
+@dataclass
+class Keys:
+    keys: Path
+
+
+class SlowRegistry(Registry):
+    """A registry whose replies trickle (time to kill the agent mid-object)."""
+
+    def _send(self, topic: str, data: bytes) -> None:
+        time.sleep(0.3)
+        super()._send(topic, data)
+
+
+@pytest.fixture
+def world(tmp_path: Path, mosquitto, keypair, model_dir: Path) -> Iterator[dict]:  # type: ignore[no-untyped-def,type-arg]
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    ref = make_bundle(model_dir, out, keypair.load(), "1.0.0")
+    www = tmp_path / "www"
+    www.mkdir()
+    (tmp_path / "nginx").mkdir()
+    nginx = Nginx(tmp_path / "nginx", www, rate=2048).start()
+    for dest in (registry, www):  # the registry's folder and the web server's root
+        done = publish(bundle_path(out, ref), FolderDestination(dest), block_size=4096)
+    ref = ref.model_copy(update={"index": done.index})
+    name = f"dlv-{os.getpid()}-{time.monotonic_ns() % 100000}"
+    keys = Keys(keypair.public.parent)
+    (tmp_path / "agent").mkdir()
+    agent = AgentProcess(tmp_path / "agent", mosquitto, keys, name)
+    with agent.config.open("a") as fh:
+        fh.write('broker_profile = "aws-iot"\n')  # blocks of at most 64 KiB (the index's are 4 KiB)
+    watcher = Watcher(mosquitto, name)
+    broker = BrokerConfig(mosquitto.host, mosquitto.port)
+    yield {
+        "ref": ref,
+        "registry": registry,
+        "nginx": nginx,
+        "agent": agent,
+        "watcher": watcher,
+        "broker": broker,
+        "key": keypair.load(),
+        "name": name,
+    }
+    agent.stop()
+    watcher.close()
+    nginx.stop()
+    s = MqttSession(broker, f"clean-{name}").start()
+    s.wait_connected(5)
+    for topic in (Topics(PREFIX).device_desired(name), Topics(PREFIX).reported(name)):
+        s.publish(topic, b"", retain=True)
+    time.sleep(0.1)
+    s.close()
+
+
+def _desire(world: dict, ref: BundleRef) -> None:  # type: ignore[type-arg]
+    from fleet.push import FleetConnection, Target, publish_desired
+
+    with FleetConnection(world["broker"], Topics(PREFIX), f"push-{time.monotonic_ns()}") as conn:
+        publish_desired(conn, Target("device", world["name"]), "default", ref, world["key"])
+
+
+def _served_by(world: dict) -> dict[str, str]:  # type: ignore[type-arg]
+    event = world["watcher"].wait_event(lambda e: "served_by" in e.get("detail", {}), timeout=90)
+    return event["detail"]["served_by"]
+
+
+def _partial_download(state: Path, suffix: str, at_least: int = 1) -> bool:
+    return any(p.stat().st_size >= at_least for p in (state / "downloads").glob(f"*{suffix}"))
+
+
+def _kill_when(agent: AgentProcess, ready) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + 60
+    while not ready() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert ready(), "the download never started"
+    assert agent.proc is not None
+    agent.proc.send_signal(signal.SIGKILL)
+    agent.proc.wait()
+
+
+def test_mqtt_path_deploys_and_resumes_after_kill_9(world) -> None:  # type: ignore[no-untyped-def]
+    reg = SlowRegistry(world["broker"], world["registry"], topics=Topics(PREFIX)).start()
+    agent, watcher = world["agent"], world["watcher"]
+    try:
+        agent.start()
+        _desire(world, world["ref"])
+        _kill_when(agent, lambda: reg.stats.blocks_served >= 4)
+        served_before = reg.stats.blocks_served
+        agent.start()
+        model = watcher.wait_active(world["ref"], timeout=120)
+        served = _served_by(world)
+    finally:
+        reg.close()
+    assert model["runtime"] == "litert"  # the int8 TFLite artifact, the only model fetched
+    assert set(served.values()) <= {"mqtt", "store"}
+    assert sorted(
+        p.name for p in (agent.root / "state" / "bundles" / world["ref"].sha256 / "models").iterdir()
+    ) == ["mlp_int8.tflite"]
+    assert served_before >= 4
+    assert "store" in served.values()  # what was verified before the kill was not fetched again
+
+
+def test_http_path_resumes_after_kill_9_then_falls_back_when_the_server_stops(world) -> None:  # type: ignore[no-untyped-def]
+    nginx: Nginx = world["nginx"]
+    reg = Registry(world["broker"], world["registry"], topics=Topics(PREFIX)).start()
+    agent, watcher = world["agent"], world["watcher"]
+    ref = world["ref"].model_copy(update={"sources": [HttpSource(url=nginx.url + "slow/"), MqttSource()]})
+    state = agent.root / "state"
+    try:
+        agent.start()
+        _desire(world, ref)
+        # At least one verified 4 KiB block of an object that has more (the golden set).
+        _kill_when(agent, lambda: _partial_download(state, ".hpart", at_least=4096))
+        agent.start()
+        # The restarted agent asks for the rest (a Range request); then the server goes away.
+        deadline = time.monotonic() + 60
+        while not any(" GET /slow/objects/" in s and s.startswith("206") for s in nginx.statuses()):
+            assert time.monotonic() < deadline, nginx.statuses()
+            time.sleep(0.05)
+        nginx.stop()
+        watcher.wait_active(ref, timeout=120)
+        served = _served_by(world)
+    finally:
+        reg.close()
+    assert "mqtt" in served.values()  # what nginx did not finish came from the registry
