@@ -69,6 +69,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="base URL where the bundle was published (edgectl registry publish); tried before "
         "the registry, in the order given (repeatable)",
     )
+    push.add_argument(
+        "--presign",
+        metavar="s3://BUCKET/PREFIX",
+        help="publish into this bucket too and give devices presigned URLs of the objects (tried first)",
+    )
+    push.add_argument(
+        "--presign-expires",
+        type=int,
+        default=7 * 24 * 3600,
+        metavar="S",
+        help="lifetime of the presigned URLs in seconds (default: a week)",
+    )
+    push.add_argument("--endpoint-url", help="S3 endpoint of an S3-compatible store (MinIO, Ceph, ...)")
     push.set_defaults(handler=_push)
 
     rollback = subparsers.add_parser(
@@ -142,12 +155,24 @@ def _push(args: argparse.Namespace) -> int:
 
 def _by_content(args: argparse.Namespace, ref: BundleRef) -> BundleRef:
     """``ref`` with its delivery index (published into the registry folder) and sources."""
-    from edgeagent.protocol import HttpSource, MqttSource
-    from fleet.publish import FolderDestination, publish
+    from pydantic import ValidationError
+
+    from edgeagent.protocol import HttpSource, MqttSource, Source
+    from fleet.publish import FolderDestination, S3Destination, presigned_source, publish
 
     done = publish(args.bundle, FolderDestination(args.registry))
-    sources = [HttpSource(url=url) for url in args.http_source] + [MqttSource()]
-    return ref.model_copy(update={"index": done.index, "sources": sources if args.http_source else []})
+    sources: list[Source] = []
+    if args.presign:
+        bucket = S3Destination(args.presign, endpoint_url=args.endpoint_url)
+        publish(args.bundle, bucket)  # the same objects and index (publishing is deterministic)
+        sources.append(presigned_source(bucket, done.index.sha256, args.presign_expires))
+    try:
+        sources += [HttpSource(url=url) for url in args.http_source]
+    except ValidationError as exc:
+        raise UsageError(f"--http-source must be an http(s):// URL ({exc.errors()[0]['msg']})") from exc
+    return ref.model_copy(
+        update={"index": done.index, "sources": [*sources, MqttSource()] if sources else []}
+    )
 
 
 def _rollback(args: argparse.Namespace) -> int:

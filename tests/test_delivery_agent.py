@@ -68,6 +68,7 @@ def world(tmp_path: Path, mosquitto, keypair, model_dir: Path) -> Iterator[dict]
         "watcher": watcher,
         "broker": broker,
         "key": keypair.load(),
+        "key_file": keypair.private,
         "name": name,
     }
     agent.stop()
@@ -152,3 +153,48 @@ def test_http_path_resumes_after_kill_9_then_falls_back_when_the_server_stops(wo
     finally:
         reg.close()
     assert "mqtt" in served.values()  # what nginx did not finish came from the registry
+
+
+def test_edgectl_push_fills_the_index_and_sources(world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+
+    from tests.test_deploy import BIN
+
+    reg = Registry(world["broker"], world["registry"], topics=Topics(PREFIX)).start()
+    world["agent"].start()
+    broker = f"mqtt://{world['broker'].host}:{world['broker'].port}"
+    bundle = next((tmp_path / "out").glob("*.bundle"))
+    key = world["key_file"]
+    try:
+        done = subprocess.run(
+            [
+                str(BIN / "edgectl"),
+                "push",
+                str(bundle),
+                "--device",
+                world["name"],
+                "--key",
+                str(key),
+                "--broker",
+                broker,
+                "--prefix",
+                PREFIX,
+                "--registry",
+                str(world["registry"]),
+                "--http-source",
+                world["nginx"].url,
+                "--timeout",
+                "120",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        served = _served_by(world)
+    finally:
+        reg.close()
+    assert done.returncode == 0, done.stdout + done.stderr
+    # The web root was published with other block hashes, so push's index is only in the
+    # registry; every file it names is the same object on both, and came from nginx.
+    assert served.pop("(index)") == "mqtt"
+    assert set(served.values()) == {"http"}
