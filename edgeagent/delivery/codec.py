@@ -30,7 +30,11 @@ MIN_SAVING = 0.05
 
 def encode(data: bytes) -> tuple[Encoding, bytes]:
     """The wire form of ``data``: xz when it saves at least 5 %, else the bytes as they are."""
-    packed = lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, preset=XZ_PRESET)
+    # The decoder allocates the dictionary the stream names: no bigger than the file, so a
+    # small file costs a device kilobytes to decode, not preset 6's 8 MiB.
+    dict_size = max(4096, min(8 << 20, len(data)))
+    filters = [{"id": lzma.FILTER_LZMA2, "preset": XZ_PRESET, "dict_size": dict_size}]
+    packed = lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, filters=filters)
     if len(packed) <= len(data) * (1 - MIN_SAVING):
         return "xz", packed
     return "identity", data
@@ -76,7 +80,7 @@ def _decoded_chunks(fh: BinaryIO, encoding: str, size: int, name: str):  # type:
         while not decoder.eof:
             # Ask for at most one chunk of output per call: memory stays bounded whatever
             # the ratio, and a bomb is seen after one chunk past the declared size.
-            data = b"" if decoder.needs_input is False else fh.read(CHUNK)
+            data = b"" if decoder.needs_input is False else fh.read(64 * 1024)
             if not data and decoder.needs_input:
                 raise TruncatedBundle(f"{name}: the xz stream ends early", member=name)
             yield decoder.decompress(data, max_length=min(CHUNK, size + 1))
