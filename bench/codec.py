@@ -62,7 +62,6 @@ def child(codec: str, path: str) -> None:
     """Decode one file in a fresh process; print the peak RSS it added (KiB)."""
     if codec == "xz-stream":  # what the device runs: 1 MiB chunks, output to a file
         import hashlib
-        import os
 
         sys.path.insert(0, str(ROOT))
         from edgeagent.delivery.codec import decode_file
@@ -73,9 +72,10 @@ def child(codec: str, path: str) -> None:
         import tracemalloc
 
         tracemalloc.start()  # liblzma allocates through PyMem_RawMalloc: traced
-        with open(path + ".out", "wb") as out:
+        target = Path(path + ".out")
+        with target.open("wb") as out:
             decode_file(Path(path), out, "xz", size=size, sha256=sha, name=path)
-        os.unlink(path + ".out")
+        target.unlink()
         print(tracemalloc.get_traced_memory()[1] // 1024)
         return
     else:
