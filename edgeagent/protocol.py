@@ -18,7 +18,15 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
 
 from edgeagent.defaults import DEFAULT_PREFIX
 from edgeagent.errors import BadSignature, MalformedMessage, MissingSignature
@@ -181,6 +189,17 @@ class BundleRef(_Msg):
     def __hash__(self) -> int:
         # Sources hold lists and maps; a bundle's identity is what it is, not where it lies.
         return hash((self.name, self.version, self.sha256, self.size))
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_delivery(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Agents older than delivery by content refuse unknown fields: a reference without an
+        # index (the whole-bundle path, `edgectl push --whole`) must read as it did before.
+        body: dict[str, Any] = handler(self)
+        if self.index is None:
+            body.pop("index", None)
+        if not self.sources:
+            body.pop("sources", None)
+        return body
 
 
 class DesiredState(_Msg):

@@ -132,3 +132,17 @@ def test_an_interrupted_fetch_keeps_every_object_it_verified(env) -> None:  # ty
     assert served["models/mlp.onnx"] == "mqtt"
     assert served["acceptance/golden.npz"] == served["manifest.json"] == "store"
     assert (dev.state / "bundles" / ref.sha256 / "models" / "mlp.onnx").exists()
+
+
+def test_a_reference_without_an_index_reads_as_before_and_unknown_fields_are_refused() -> None:
+    from edgeagent.errors import MalformedMessage
+    from edgeagent.protocol import BundleRef, DesiredState, IndexRef, parse
+
+    ref = BundleRef(name="d", version="1.0.0", sha256="a" * 64, size=3)
+    # Agents older than delivery by content refuse unknown fields: `push --whole` must not send them.
+    assert set(ref.model_dump()) == {"name", "version", "sha256", "size", "source"}
+    with_index = ref.model_copy(update={"index": IndexRef(sha256="b" * 64, size=10)})
+    assert BundleRef.model_validate_json(with_index.model_dump_json()) == with_index
+    doc = {"seq": 1, "target": "device:x", "models": {"m": {**ref.model_dump(), "mirror": "x"}}}
+    with pytest.raises(MalformedMessage, match="mirror"):
+        parse(DesiredState, doc, "desired document")
