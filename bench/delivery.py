@@ -196,7 +196,7 @@ def http_vs_curl(nginx, www: Path, size: int = 256 * MiB) -> None:  # type: igno
         ".obj",
     )
     with tempfile.TemporaryDirectory() as tmp:
-        ours, theirs = [], []
+        ours, theirs, hashed = [], [], []
         for _ in range(3):
             part = Path(tmp) / f"{want.sha256}.hpart"
             start = time.perf_counter()
@@ -208,10 +208,14 @@ def http_vs_curl(nginx, www: Path, size: int = 256 * MiB) -> None:  # type: igno
                 check=True,
             )
             theirs.append(time.perf_counter() - start)
-    best_ours, best_curl = min(ours), min(theirs)
+            start = time.perf_counter()  # what checking curl's file costs (we hash as we go)
+            hashlib.sha256((Path(tmp) / "c").read_bytes()).hexdigest()
+            hashed.append(theirs[-1] + time.perf_counter() - start)
+    best_ours, best_curl, best_hashed = min(ours), min(theirs), min(hashed)
     print(
-        f"\nHTTP {size // MiB} MiB from nginx: ours {size / best_ours / 1e6:.0f} MB/s (block hashes and "
-        f"sha256 checked), curl {size / best_curl / 1e6:.0f} MB/s: {best_curl / best_ours:.2f}x curl"
+        f"\nHTTP {size // MiB} MiB from nginx: ours {size / best_ours / 1e6:.0f} MB/s (every 64 KiB block "
+        f"checked against its sha256), curl {size / best_curl / 1e6:.0f} MB/s ({best_curl / best_ours:.2f}x), "
+        f"curl then sha256 {size / best_hashed / 1e6:.0f} MB/s ({best_hashed / best_ours:.2f}x)"
     )
 
 

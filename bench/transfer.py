@@ -1,6 +1,6 @@
 """Block transfer vs one raw publish, through a local Mosquitto started by this script.
 
-    .venv/bin/python bench/transfer.py [--size-mb 20] [--quick]
+    .venv/bin/python bench/transfer.py [--size-mb 20] [--quick] [--delivery]
 
 Prints one table: throughput of the registry -> device block transfer for each block size
 and window, next to the same bytes sent as one raw QoS-1 publish/subscribe measured in the
@@ -202,6 +202,11 @@ def main() -> int:
     parser.add_argument("--size-mb", type=float, default=20.0)
     parser.add_argument("--repeat", type=int, default=3, help="runs per cell; the median is shown")
     parser.add_argument("--quick", action="store_true", help="fewer cells (a smoke run)")
+    parser.add_argument(
+        "--delivery",
+        action="store_true",
+        help="then delivery by content vs the whole bundle, MQTT and HTTP, and HTTP vs curl (bench/delivery.py)",
+    )
     args = parser.parse_args()
     size = int(args.size_mb * MiB)
     data = os.urandom(size)
@@ -249,6 +254,11 @@ def main() -> int:
             registry.wait()
             proc.terminate()
             proc.wait()
+    if args.delivery:
+        from bench import delivery
+
+        print()
+        delivery.main()
     return 0
 
 
