@@ -23,6 +23,7 @@ from edgeagent.acceptance import load_golden, run_acceptance
 from edgeagent.bundle.manifest import MANIFEST_NAME, parse_manifest
 from edgeagent.bundle.reader import verify_bundle
 from edgeagent.config import AgentConfig
+from edgeagent.delivery.fetch import ContentFetcher  # delivery by content
 from edgeagent.deployment import Event, Journal, JournalFile, State, crash_point, next_state, resume_state
 from edgeagent.desired import DesiredTracker, Wanted, check_not_downgrade
 from edgeagent.errors import (
@@ -106,7 +107,7 @@ class Agent:
         self._deployer: threading.Thread | None = None
         self.session: MqttSession | None = None
         self.downloader: BlockDownloader | None = None
-        self.fetcher: Any = None  # delivery by content (edgeagent.delivery.fetch.ContentFetcher)
+        self.fetcher: ContentFetcher | None = None  # delivery by content
         self.telemetry: TelemetryReporter | None = None
         if config.insecure:
             log.warning(
@@ -133,8 +134,6 @@ class Agent:
                 ),
             )
             # --- delivery by content (edgeagent/delivery) ---
-            from edgeagent.delivery.fetch import ContentFetcher
-
             self.fetcher = ContentFetcher(
                 self.config.state_dir,
                 self.trusted,

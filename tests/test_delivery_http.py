@@ -185,3 +185,20 @@ def test_publish_to_s3_and_fetch_by_presigned_urls(env, s3: str, tmp_path: Path)
             dev.fetcher.fetch(late)
     finally:
         dev.close()
+
+
+def test_a_bundle_url_in_source_is_used_not_ignored(env, nginx: Nginx) -> None:  # type: ignore[no-untyped-def]
+    """The reported fact: `source` said "or an http(s) URL" and the agent ignored it."""
+    publish(env["bundle"], HttpDestination(nginx.url))
+    url = f"{nginx.url}bundles/{env['ref'].sha256}.bundle"
+    dev = _device(env, "whole-http")
+    try:
+        assert dev.fetcher.fetch_bundle_url(env["ref"].model_copy(update={"source": url}))
+        broken = env["ref"].model_copy(update={"source": nginx.url + "nothing-here.bundle"})
+        other = dev.state / "downloads" / f"{env['ref'].sha256}.bundle"
+        assert other.read_bytes() == env["bundle"].read_bytes()
+        other.unlink()
+        assert not dev.fetcher.fetch_bundle_url(broken)  # the agent then asks the registry
+    finally:
+        dev.close()
+    assert any(line.startswith("200 GET /bundles/") for line in nginx.statuses())

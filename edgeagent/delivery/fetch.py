@@ -139,6 +139,22 @@ class ContentFetcher:
             self.report.served_by,
         )
 
+    def fetch_bundle_url(self, ref: BundleRef, *, stop: threading.Event | None = None) -> bool:
+        """Download the whole bundle from ``ref.source`` (an http(s) URL) into the downloads folder.
+
+        The file lands where the registry download would put it (``downloads/<sha256>.bundle``),
+        so the verifying and installing steps read it as usual. False (logged) when the URL
+        fails: the caller falls back to the registry.
+        """
+        want = Wanted(ref.sha256, ref.size)
+        try:
+            download(ref.source, want, self.downloads / f"{ref.sha256}.hpart", stop=stop)
+        except (TransferError, BundleError) as exc:
+            log.warning("%s failed (%s); falling back to the registry", ref.source.split("?")[0], exc)
+            return False
+        self.report = FetchReport(served_by={"(bundle)": "http"}, wire_bytes=ref.size)
+        return True
+
     def _manifest(self, index: DeliveryIndex, sources: list[Source], stop: threading.Event | None):  # type: ignore[no-untyped-def]
         entry = index.files[MANIFEST_NAME]
         if entry.size > self.limits.max_manifest_bytes:
