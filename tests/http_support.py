@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,25 @@ class Nginx:
             line.split('"')[2].split()[0] + " " + line.split('"')[1]
             for line in self.access_log.read_text().splitlines()
         ]
+
+
+def s3_server(monkeypatch) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """moto's S3 server on a loopback port with a bucket ``edge``; yields its endpoint URL."""
+    moto_server = pytest.importorskip("moto.server", reason="pip install 'moto[server]' (the dev extra)")
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="edge")
+    try:
+        yield endpoint
+    finally:
+        server.stop()

@@ -18,7 +18,7 @@ from edgeagent.protocol import BundleRef, HttpSource, MqttSource, Topics
 from fleet.publish import FolderDestination, publish
 from fleet.registry import Registry
 from tests.delivery_support import bundle_path, make_bundle
-from tests.http_support import Nginx
+from tests.http_support import Nginx, s3_server
 from tests.test_deploy import AgentProcess, Watcher
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
@@ -198,3 +198,22 @@ def test_edgectl_push_fills_the_index_and_sources(world, tmp_path: Path) -> None
     # registry; every file it names is the same object on both, and came from nginx.
     assert served.pop("(index)") == "mqtt"
     assert set(served.values()) == {"http"}
+
+
+@pytest.fixture
+def s3(monkeypatch) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    yield from s3_server(monkeypatch)
+
+
+def test_s3_path_deploys_by_presigned_urls(world, s3: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from fleet.publish import S3Destination, presigned_source
+
+    bucket = S3Destination("s3://edge/fleet", endpoint_url=s3)
+    done = publish(next((tmp_path / "out").glob("*.bundle")), bucket)
+    ref = world["ref"].model_copy(
+        update={"index": done.index, "sources": [presigned_source(bucket, done.index.sha256, 600)]}
+    )
+    world["agent"].start()  # no registry at all: the bucket is the only source
+    _desire(world, ref)
+    world["watcher"].wait_active(ref, timeout=120)
+    assert set(_served_by(world).values()) == {"presigned"}

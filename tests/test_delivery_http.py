@@ -21,7 +21,7 @@ from edgeagent.transfer import Wanted
 from fleet.publish import HttpDestination, S3Destination, build, presigned_source, publish
 from fleet.registry import Registry
 from tests.delivery_support import Device, bundle_path, make_bundle, published_ref
-from tests.http_support import Nginx
+from tests.http_support import Nginx, s3_server
 
 pytestmark = pytest.mark.mosquitto
 PREFIX = "dhttp"
@@ -144,24 +144,7 @@ def test_bad_bytes_from_a_server_are_refused(env, nginx: Nginx, how: str) -> Non
 
 @pytest.fixture
 def s3(monkeypatch) -> Iterator[str]:  # type: ignore[no-untyped-def]
-    moto_server = pytest.importorskip("moto.server")
-    from tests.conftest import free_port
-
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(name, value)
-    port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="edge")
-    yield endpoint
-    server.stop()
+    yield from s3_server(monkeypatch)
 
 
 def test_publish_to_s3_and_fetch_by_presigned_urls(env, s3: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -202,3 +185,23 @@ def test_a_bundle_url_in_source_is_used_not_ignored(env, nginx: Nginx) -> None: 
     finally:
         dev.close()
     assert any(line.startswith("200 GET /bundles/") for line in nginx.statuses())
+
+
+def test_a_bomb_from_a_server_is_refused(env, nginx: Nginx) -> None:  # type: ignore[no-untyped-def]
+    from tests.delivery_support import hostile_ref
+    from tests.test_delivery_hostile import bomb
+
+    index, objects = build(env["bundle"])
+    (nginx.root / "objects").mkdir()
+    for sha, wire in objects.items():
+        (nginx.root / "objects" / sha).write_bytes(wire)
+    extra: dict[str, bytes] = {}
+    ref = hostile_ref(env["ref"], nginx.root, bomb(index, extra, nginx.root, None), extra)
+    ref = ref.model_copy(update={"sources": [HttpSource(url=nginx.url)]})
+    dev = _device(env, "bomb")
+    try:
+        with pytest.raises(errors.DecompressionBomb):
+            dev.fetcher.fetch(ref)
+    finally:
+        dev.close()
+    assert not (dev.state / "bundles" / ref.sha256).exists()
