@@ -101,9 +101,19 @@ class Topics:
     def registry_get(self) -> str:
         return f"{self.root}/registry/get"
 
-    def registry_shared(self, share: str = "registry") -> str:
+    def registry_get_for(self, device: str) -> str:
+        """Where ``device`` sends its block requests: its own topic, so a broker ACL pins it."""
+        return f"{self.registry_get}/{check_id(device, 'device')}"
+
+    def registry_shared(self, share: str = "registry", *, per_device: bool = False) -> str:
         """The shared subscription registry replicas use so each request reaches one of them."""
-        return f"$share/{check_id(share, 'share group')}/{self.registry_get}"
+        topic = f"{self.registry_get}/+" if per_device else self.registry_get
+        return f"$share/{check_id(share, 'share group')}/{topic}"
+
+    def requester_of(self, topic: str) -> str | None:
+        """The device id in a ``.../registry/get/{id}`` topic, or None (the shared legacy topic)."""
+        prefix = f"{self.registry_get}/"
+        return topic[len(prefix) :] if topic.startswith(prefix) else None
 
     def all_devices(self, leaf: str) -> str:
         """Wildcard subscription over every device's ``leaf`` topic (for fleet tools)."""

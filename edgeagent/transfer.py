@@ -360,7 +360,8 @@ class BlockDownloader:
                 device=self.device_id, sha256=t.ref.sha256, first=first, count=count, block_size=t.block_size
             )
             self.stats.requests += 1
-            if not self.session.publish(self.topics.registry_get, request.model_dump_json(), qos=1):
+            topic = self.topics.registry_get_for(self.device_id)
+            if not self.session.publish(topic, request.model_dump_json(), qos=1):
                 with t.cond:  # not connected any more: give them back
                     for i in range(first, first + count):
                         t.pending.pop(i, None)

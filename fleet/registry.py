@@ -5,7 +5,9 @@ It serves, by sha256, the ``*.bundle`` files of the folder (hashed when found) a
 objects ``objects/<wire sha256>`` (served by name; the device checks every block against
 the index and every object against its hash, so the registry need not hash them).
 
-Replicas share ``edge/v1/registry/get`` through an MQTT shared subscription, so each request
+Devices ask on their own topic ``edge/v1/registry/get/{device}`` (the legacy shared
+``edge/v1/registry/get`` is still answered), and a request whose device differs from its
+topic's is dropped. Replicas share both through MQTT shared subscriptions, so each request
 reaches exactly one of them; they need nothing from each other but the same folder (or the
 same object store). Reads are ``pread`` of one block at a time: memory stays bounded by the
 blocks in flight, whatever the bundle size. New files in the folder are picked up when a
@@ -166,8 +168,14 @@ class Registry:
         if not self.folder.is_dir():
             raise UsageError(f"{self.folder}: no such folder of bundles")
         self.index.rescan()
-        subscription = self.topics.registry_shared(self._share) if self._share else self.topics.registry_get
-        self.session.subscribe(subscription, self._on_request, qos=1, max_bytes=MAX_REQUEST_BYTES)
+        # Requests come on each device's own topic (registry/get/{device}); the shared
+        # registry/get is still answered for agents that predate it.
+        for per_device in (True, False):
+            if self._share:
+                subscription = self.topics.registry_shared(self._share, per_device=per_device)
+            else:
+                subscription = self.topics.registry_get + ("/+" if per_device else "")
+            self.session.subscribe(subscription, self._on_request, qos=1, max_bytes=MAX_REQUEST_BYTES)
         self.session.start()
         return self
 
@@ -187,6 +195,14 @@ class Registry:
             with self._stats_lock:
                 self.stats.malformed += 1
             log.warning("registry: dropped a malformed block request: %s", exc)
+            return
+        requester = self.topics.requester_of(message.topic)
+        if requester is not None and requester != request.device:
+            # A device asking on behalf of another would aim the replies at it: the topic,
+            # which the broker's ACL pins to the sender, decides who may ask.
+            with self._stats_lock:
+                self.stats.malformed += 1
+            log.warning("registry: dropped a request for %s sent on %s's topic", request.device, requester)
             return
         with self._stats_lock:
             self.stats.requests += 1

@@ -37,7 +37,7 @@ class Forger:
         self.blocks = blocks  # which block indexes to forge (once each)
         self.forged: list[int] = []
         self.session = MqttSession(broker, f"forger-{time.monotonic_ns()}")
-        self.session.subscribe(topics.registry_get, self._on_request, qos=1)
+        self.session.subscribe(topics.registry_get + "/+", self._on_request, qos=1)
         self.session.start()
         assert self.session.wait_connected(5)
 
@@ -117,3 +117,33 @@ def test_default_block_exceeds_aws_iot_payload_limit_without_a_profile() -> None
     assert BROKER_BLOCK_CAPS["aws-iot"] + BLOCK_HEADER_SIZE <= 128 * 1000
     with pytest.raises(ValueError, match="unknown broker profile"):
         block_size_for("hivemq-cloud", 4096)
+
+
+def test_requests_go_to_the_devices_own_topic_and_spoofed_ones_are_dropped(mosquitto, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    folder = tmp_path / "reg"
+    folder.mkdir()
+    ref = _bundle(folder, "p", 32 * KiB, seed=9)
+    topics = Topics("tp")
+    seen: list[str] = []
+    spy = MqttSession(_broker(mosquitto), f"spy-{time.monotonic_ns()}")
+    spy.subscribe(topics.registry_get + "/#", lambda m: seen.append(m.topic), qos=1)
+    spy.start()
+    assert spy.wait_connected(5)
+    reg = Registry(_broker(mosquitto), folder, topics=topics).start()
+    session, dl = _device(_broker(mosquitto), tmp_path, prefix="tp", block_size=16 * KiB)
+    try:
+        assert reg.session.wait_connected(5)
+        dl.fetch(ref)
+        # dev1 asks for blocks to be sent to victim: on dev1's own topic, that is refused.
+        spoof = BlockRequest(device="victim", sha256=ref.sha256, first=0, count=1, block_size=16 * KiB)
+        spy.publish(topics.registry_get_for("dev1"), spoof.model_dump_json())
+        deadline = time.monotonic() + 10
+        while reg.stats.malformed < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        session.close()
+        spy.close()
+        reg.close()
+    assert set(seen) == {topics.registry_get_for("dev1")}
+    assert reg.stats.malformed == 1
+    assert reg.stats.blocks_served == 2  # dev1's two blocks; none for the spoofed request
