@@ -3,6 +3,7 @@ compressed; what it holds never moves again; every byte is checked (docs/bundle.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -146,3 +147,23 @@ def test_a_reference_without_an_index_reads_as_before_and_unknown_fields_are_ref
     doc = {"seq": 1, "target": "device:x", "models": {"m": {**ref.model_dump(), "mirror": "x"}}}
     with pytest.raises(MalformedMessage, match="mirror"):
         parse(DesiredState, doc, "desired document")
+
+
+def test_edgectl_registry_publish_to_a_folder(tmp_path: Path, keypair, model_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    ref = make_bundle(model_dir, tmp_path, keypair.load(), "1.0.0")
+    dest = tmp_path / "www"
+    dest.mkdir()
+    edgectl = Path(sys.executable).parent / "edgectl"
+    argv = [str(edgectl), "registry", "publish", str(bundle_path(tmp_path, ref)), "--to", str(dest)]
+    first = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    again = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    index, objects = build(bundle_path(tmp_path, ref))
+    assert (dest / "bundles" / f"{ref.sha256}.bundle").read_bytes() == bundle_path(tmp_path, ref).read_bytes()
+    assert {p.name for p in (dest / "objects").iterdir()} == set(objects) | {
+        hashlib.sha256(index.to_bytes()).hexdigest()
+    }
+    assert f"{len(objects) + 1} objects ({len(objects) + 1} new)" in first
+    assert "(0 new)" in again  # objects are immutable: nothing is sent twice
