@@ -100,6 +100,18 @@ def _partial_download(state: Path, suffix: str, at_least: int = 1) -> bool:
     return any(p.stat().st_size >= at_least for p in (state / "downloads").glob(f"*{suffix}"))
 
 
+def _predict_when_up(agent: AgentProcess, x):  # type: ignore[no-untyped-def]
+    """The restarted agent's answer (its socket file may be the old process's for a moment)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return agent.predict(x)
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def _kill_when(agent: AgentProcess, ready) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + 60
     while not ready() and time.monotonic() < deadline:
@@ -116,7 +128,11 @@ def test_mqtt_path_deploys_and_resumes_after_kill_9(world) -> None:  # type: ign
     try:
         agent.start()
         _desire(world, world["ref"])
-        _kill_when(agent, lambda: reg.stats.blocks_served >= 4)
+        objects = agent.root / "state" / "objects"
+        # Killed once two objects are verified in the store and the registry is still serving.
+        _kill_when(
+            agent, lambda: objects.is_dir() and sum(1 for p in objects.iterdir() if p.name[0] != ".") >= 2
+        )
         served_before = reg.stats.blocks_served
         agent.start()
         model = watcher.wait_active(world["ref"], timeout=120)
@@ -128,16 +144,13 @@ def test_mqtt_path_deploys_and_resumes_after_kill_9(world) -> None:  # type: ign
     assert sorted(
         p.name for p in (agent.root / "state" / "bundles" / world["ref"].sha256 / "models").iterdir()
     ) == ["mlp_int8.tflite"]
-    assert served_before >= 4
+    assert served_before >= 2
     assert "store" in served.values()  # what was verified before the kill was not fetched again
     # After a restart the partial bundle serves again (selection skips what was not fetched).
     agent.stop()
     agent.start()
-    deadline = time.monotonic() + 60
-    while not agent.socket.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
     x = load_golden(world["golden"]).only_input[:1]
-    assert agent.predict(x).version == "1.0.0"
+    assert _predict_when_up(agent, x).version == "1.0.0"
 
 
 def test_http_path_resumes_after_kill_9_then_falls_back_when_the_server_stops(world) -> None:  # type: ignore[no-untyped-def]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import lzma
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Literal
 
@@ -68,7 +69,7 @@ def decode_file(src: Path, dest: BinaryIO, encoding: str, *, size: int, sha256: 
     os.fsync(dest.fileno())
 
 
-def _decoded_chunks(fh: BinaryIO, encoding: str, size: int, name: str):  # type: ignore[no-untyped-def]
+def _decoded_chunks(fh: BinaryIO, encoding: str, size: int, name: str) -> Iterator[bytes]:
     if encoding == "identity":
         while chunk := fh.read(CHUNK):
             yield chunk

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from devices.profile import Candidate
-from edgeagent.bundle.manifest import MANIFEST_NAME, SIGNATURE_NAME, parse_manifest
+from edgeagent.bundle.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest, parse_manifest
 from edgeagent.bundle.reader import Limits
 from edgeagent.delivery.choose import needed_files
 from edgeagent.delivery.http import download
@@ -155,7 +155,9 @@ class ContentFetcher:
         self.report = FetchReport(served_by={"(bundle)": "http"}, wire_bytes=ref.size)
         return True
 
-    def _manifest(self, index: DeliveryIndex, sources: list[Source], stop: threading.Event | None):  # type: ignore[no-untyped-def]
+    def _manifest(
+        self, index: DeliveryIndex, sources: list[Source], stop: threading.Event | None
+    ) -> tuple[bytes, Manifest]:
         entry = index.files[MANIFEST_NAME]
         if entry.size > self.limits.max_manifest_bytes:
             raise SizeLimitExceeded(

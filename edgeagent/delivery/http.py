@@ -16,6 +16,7 @@ import ssl
 import threading
 import urllib.error
 import urllib.request
+from http.client import HTTPResponse
 from pathlib import Path
 
 from edgeagent.errors import HashMismatch, SizeLimitExceeded, TransferError
@@ -109,7 +110,9 @@ def _fetch_range(
         _copy(response, want, part, have, stop, url)
 
 
-def _copy(response, want: Wanted, part: Path, have: int, stop, url: str) -> None:  # type: ignore[no-untyped-def]
+def _copy(
+    response: HTTPResponse, want: Wanted, part: Path, have: int, stop: threading.Event | None, url: str
+) -> None:
     block = want.block_size or CHUNK
     # One block per read, into one reused buffer: no copy between the socket, the hash and the
     # file, and every verified block is on disk before the next is read (a slow link resumes
@@ -143,7 +146,7 @@ def _copy(response, want: Wanted, part: Path, have: int, stop, url: str) -> None
         raise HttpSourceError(stopped, sha256=want.sha256)
 
 
-def _fill(response, view: memoryview) -> int:  # type: ignore[no-untyped-def]
+def _fill(response: HTTPResponse, view: memoryview) -> int:
     """Read into ``view`` until it is full or the response ends; return the bytes read."""
     got = 0
     while got < len(view):
