@@ -240,3 +240,55 @@ def test_s3_path_deploys_by_presigned_urls(world, s3: str, tmp_path: Path) -> No
     _desire(world, ref)
     world["watcher"].wait_active(ref, timeout=120)
     assert set(_served_by(world).values()) == {"presigned"}
+
+
+def test_mqtt_path_resumes_when_the_registry_stops_mid_file(world) -> None:  # type: ignore[no-untyped-def]
+    reg = SlowRegistry(world["broker"], world["registry"], topics=Topics(PREFIX)).start()
+    agent, watcher = world["agent"], world["watcher"]
+    objects = agent.root / "state" / "objects"
+    agent.start()
+    _desire(world, world["ref"])
+    deadline = time.monotonic() + 60
+    while not (objects.is_dir() and sum(1 for p in objects.iterdir() if p.name[0] != ".") >= 2):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    reg.close()  # mid-delivery: blocks in flight are lost
+    time.sleep(2)
+    reg = Registry(world["broker"], world["registry"], topics=Topics(PREFIX)).start()
+    try:
+        watcher.wait_active(world["ref"], timeout=120)
+        served = _served_by(world)
+    finally:
+        reg.close()
+    assert "mqtt" in served.values()
+
+
+def test_a_tampered_object_is_refused_and_the_previous_model_keeps_serving(
+    world, tmp_path: Path, model_dir: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from fleet.publish import build
+
+    reg = Registry(world["broker"], world["registry"], topics=Topics(PREFIX)).start()
+    agent, watcher = world["agent"], world["watcher"]
+    v2 = make_bundle(model_dir, tmp_path / "out", world["key"], "1.1.0")
+    bundle = bundle_path(tmp_path / "out", v2)
+    v2 = v2.model_copy(
+        update={"index": publish(bundle, FolderDestination(world["registry"]), block_size=4096).index}
+    )
+    # Every file of 1.1.0 but its manifest is in the device's store after 1.0.0 (same bytes,
+    # same objects): the manifest is what 1.1.0 must fetch, so that is what the registry breaks.
+    manifest = world["registry"] / "objects" / build(bundle, 4096)[0].files["manifest.json"].wire_sha256
+    try:
+        agent.start()
+        _desire(world, world["ref"])
+        watcher.wait_active(world["ref"], timeout=120)
+        manifest.write_bytes(bytes(b ^ 0x33 for b in manifest.read_bytes()))
+        watcher.drain()
+        _desire(world, v2)
+        outcome = watcher.wait_event(lambda e: e.get("kind") == "outcome", timeout=180)
+    finally:
+        reg.close()
+    assert outcome["ok"] is False and outcome["code"] == "hash_mismatch", outcome
+    x = load_golden(world["golden"]).only_input[:1]
+    assert _predict_when_up(agent, x).version == "1.0.0"
+    assert not (agent.root / "state" / "bundles" / v2.sha256).exists()
