@@ -1,6 +1,6 @@
 """Block transfer vs one raw publish, through a local Mosquitto started by this script.
 
-    .venv/bin/python bench/transfer.py [--size-mb 20] [--quick]
+    .venv/bin/python bench/transfer.py [--size-mb 20] [--quick] [--delivery]
 
 Prints one table: throughput of the registry -> device block transfer for each block size
 and window, next to the same bytes sent as one raw QoS-1 publish/subscribe measured in the
@@ -33,7 +33,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeagent.mqtt import BrokerConfig, MqttSession
 from edgeagent.protocol import BundleRef, Topics
-from edgeagent.transfer import BlockDownloader, TransferConfig
+from edgeagent.transfer import BlockDownloader, TransferConfig, Wanted
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -105,7 +105,9 @@ def start_registry(port: int, folder: Path, prefix: str) -> subprocess.Popen[byt
     return proc
 
 
-def block_transfer(port: int, ref: BundleRef, prefix: str, block: int, window: int, run: int) -> float:
+def block_transfer(
+    port: int, ref: BundleRef | Wanted, prefix: str, block: int, window: int, run: int
+) -> float:
     broker = BrokerConfig("127.0.0.1", port)
     with tempfile.TemporaryDirectory() as tmp:
         session = MqttSession(broker, f"bench-dev-{block}-{window}-{time.monotonic_ns()}")
@@ -202,6 +204,11 @@ def main() -> int:
     parser.add_argument("--size-mb", type=float, default=20.0)
     parser.add_argument("--repeat", type=int, default=3, help="runs per cell; the median is shown")
     parser.add_argument("--quick", action="store_true", help="fewer cells (a smoke run)")
+    parser.add_argument(
+        "--delivery",
+        action="store_true",
+        help="then delivery by content vs the whole bundle, MQTT and HTTP, and HTTP vs curl (bench/delivery.py)",
+    )
     args = parser.parse_args()
     size = int(args.size_mb * MiB)
     data = os.urandom(size)
@@ -242,6 +249,17 @@ def main() -> int:
                 print(
                     f"{block // KiB:>5}Ki {window:>6} {run:>4} {inflight:>7.1f}Mi {secs:>8.3f} {mbs:>7.1f} {mbs / raw_mbs:>7.2f}"
                 )
+            # Objects of a delivery index: every block checked against its sha256 on arrival.
+            for block, window in ((64 * KiB, 64), (256 * KiB, 32)):
+                hashes = tuple(hashlib.sha256(data[i : i + block]).hexdigest() for i in range(0, size, block))
+                want = Wanted(ref.sha256, size, block, hashes, ".obj")
+                secs = statistics.median(
+                    block_transfer(port, want, "bench", block, window, 1) for _ in range(args.repeat)
+                )
+                mbs = size / secs / 1e6
+                print(
+                    f"{block // KiB:>5}Ki {window:>6} {1:>4} {'hashed':>9} {secs:>8.3f} {mbs:>7.1f} {mbs / raw_mbs:>7.2f}"
+                )
             if not args.quick:
                 push_to_active(port, workdir, folder)
         finally:
@@ -249,6 +267,11 @@ def main() -> int:
             registry.wait()
             proc.terminate()
             proc.wait()
+    if args.delivery:
+        from bench import delivery
+
+        print()
+        delivery.main()
     return 0
 
 

@@ -19,11 +19,12 @@ from devices.detect import Detection
 from edgeagent.commands import Commands
 from edgeagent.config import AgentConfig
 from edgeagent.connect import agent_session, load_trusted
+from edgeagent.delivery.downloader import DeliveryDownloader, device_downloader
 from edgeagent.deploy import Backoff, DeviceStore, Engine, Ports, Settings, State, Supervisor, heal
 from edgeagent.desired import DesiredTracker, refusal_detail
 from edgeagent.errors import DocumentRefused, MalformedMessage, SignatureError
 from edgeagent.mqtt import Message, MqttSession
-from edgeagent.protocol import CommandReply, Topics
+from edgeagent.protocol import BundleRef, CommandReply, Topics
 from edgeagent.ratelimit import RefusalReporter
 from edgeagent.reporting import Reporter
 from edgeagent.served import ServedModels
@@ -31,7 +32,6 @@ from edgeagent.serving.server import InferenceServer, ServerLimits
 from edgeagent.signing import KeyRing
 from edgeagent.store import Store
 from edgeagent.telemetry import TelemetryReporter, reporter_for
-from edgeagent.transfer import BlockDownloader, TransferConfig
 from edgeagent.trust import MAX_KEYSET_BYTES, TrustStore, device_trust
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,7 @@ class Agent:
             refused=self.refusals.refused,
         )
         self.session: MqttSession | None = None
+        self.downloader: DeliveryDownloader | None = None
         self.telemetry: TelemetryReporter | None = None
         if config.insecure:
             log.warning(
@@ -158,15 +159,19 @@ class Agent:
                 config=self.config, topics=self.topics, on_connect=self.reporter.publish_reported
             )
             self.reporter.session = self.session
-            self.engine.ports.downloader = BlockDownloader(
+            self.downloader = device_downloader(
+                self.config,
                 self.session,
-                self.config.device_id,
-                self.store.store.downloads,
                 topics=self.topics,
-                config=TransferConfig(
-                    block_size=self.config.transfer_block_kib * 1024, window=self.config.transfer_window
+                trusted=self.trusted,
+                detection=self.detection,
+                precisions_for=lambda ref: self.config.precision_for(self._model_of(ref)),
+                served_by=lambda ref, by: self.reporter.event(
+                    "progress", model=self._model_of(ref), bundle=ref, detail={"served_by": by}
                 ),
+                installed=self.store.has_bundle,
             )
+            self.engine.ports.downloader = self.downloader
             self._subscribe(self.session)
             self.session.start()
             if self.config.telemetry_interval_s > 0:
@@ -235,6 +240,11 @@ class Agent:
     def _reply(self, reply: CommandReply) -> None:
         if self.session is not None:
             self.session.publish(self.topics.cmd_reply(self.config.device_id), reply.model_dump_json(), qos=1)
+
+    def _model_of(self, ref: BundleRef) -> str:
+        """The model name the desired state gives ``ref`` (its bundle name when none does)."""
+        names = [n for n, w in self.tracker.effective().items() if w.bundle.sha256 == ref.sha256]
+        return names[0] if names else ref.name
 
     def _heal(self, *, serve: bool) -> None:
         heal(self.store, self.reporter, self.store.store.model_names(), server=self.served if serve else None)

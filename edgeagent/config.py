@@ -191,6 +191,11 @@ class AgentConfig(BaseModel):
     transfer_block_kib: int = Field(
         default=256, ge=4, le=256, description="Block size of bundle downloads in KiB (bench/transfer.py)."
     )
+    broker_profile: Literal["mosquitto", "emqx", "aws-iot"] = Field(
+        default="mosquitto",
+        description="The broker's payload limit caps the MQTT block size: aws-iot carries at most "
+        "64 KiB blocks (AWS IoT Core refuses payloads over 128 KB); mosquitto and emqx 256 KiB.",
+    )
     transfer_window: int = Field(
         default=32,
         ge=1,

@@ -174,6 +174,14 @@ class TruncatedBundle(IntegrityError):
     code = "truncated"
 
 
+class IndexMismatch(IntegrityError):
+    code = "index_mismatch"
+
+
+class DecompressionBomb(IntegrityError):
+    code = "decompression_bomb"
+
+
 class UnsafeMember(BundleError):
     code = "unsafe_member"
 

@@ -18,7 +18,15 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+)
 
 from edgeagent.defaults import DEFAULT_PREFIX
 from edgeagent.errors import BadSignature, MalformedMessage, MissingSignature
@@ -166,6 +174,31 @@ Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 SEQ_MAX = 2**63 - 1
 
 
+class IndexRef(_Msg):
+    """The delivery index of a bundle (docs/bundle.md, "Delivery by content")."""
+
+    sha256: Sha256Hex = Field(description="sha256 of the index object (its name under objects/).")
+    size: int = Field(gt=0, le=1 << 20, description="Index size in bytes (at most 1 MiB).")
+
+
+class HttpSource(_Msg):
+    kind: Literal["http"] = "http"
+    url: str = Field(pattern=r"^https?://", description="Base URL; an object is URL + objects/<wire sha256>.")
+
+
+class PresignedSource(_Msg):
+    kind: Literal["presigned"] = "presigned"
+    urls: dict[Sha256Hex, str] = Field(description="wire sha256 -> a presigned https URL of that object.")
+    expires: float = Field(description="Unix time after which the URLs no longer work.")
+
+
+class MqttSource(_Msg):
+    kind: Literal["mqtt"] = "mqtt"
+
+
+Source = Annotated[HttpSource | PresignedSource | MqttSource, Field(discriminator="kind")]
+
+
 class BundleRef(_Msg):
     """Which bundle a model name should run."""
 
@@ -174,8 +207,33 @@ class BundleRef(_Msg):
     sha256: Sha256Hex = Field(description="sha256 of the bundle file: its id.")
     size: int = Field(gt=0, description="Bundle file size in bytes.")
     source: str = Field(
-        default="mqtt", description="'mqtt' (block transfer from the registry) or an http(s) URL."
+        default="mqtt",
+        description="Where the whole bundle file is: 'mqtt' (the registry's block transfer) or an "
+        "http(s) URL of the .bundle (tried first, then the registry). Unused when `index` is set.",
     )
+    index: IndexRef | None = Field(
+        default=None, description="The delivery index: fetch only the files this device uses."
+    )
+    sources: list[Source] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Where the index's objects are, in preference order; empty = [{'kind': 'mqtt'}].",
+    )
+
+    def __hash__(self) -> int:
+        # Sources hold lists and maps; a bundle's identity is what it is, not where it lies.
+        return hash((self.name, self.version, self.sha256, self.size))
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_delivery(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Agents older than delivery by content refuse unknown fields: a reference without an
+        # index (the whole-bundle path, `edgectl push --whole`) must read as it did before.
+        body: dict[str, Any] = handler(self)
+        if self.index is None:
+            body.pop("index", None)
+        if not self.sources:
+            body.pop("sources", None)
+        return body
 
 
 class DesiredState(_Msg):

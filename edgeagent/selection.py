@@ -204,6 +204,17 @@ def select_runtime(
             untried.append(str(candidate))
             continue
         for entry in found:
+            if not (bundle_dir / entry.path).is_file():
+                # A bundle delivered by content holds only the artifacts the device chose to fetch.
+                rejected.append(
+                    Rejection(
+                        candidate=str(candidate),
+                        stage="artifact",
+                        reason=f"{entry.path} was not fetched (partial bundle)",
+                        artifact=entry.path,
+                    )
+                )
+                continue
             loaded = load_candidate(bundle_dir, manifest, candidate, profile, entry)
             if isinstance(loaded, Rejection):
                 rejected.append(loaded)

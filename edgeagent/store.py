@@ -16,6 +16,7 @@ every instant ``current`` points at a complete bundle or does not exist.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -81,10 +82,12 @@ class Store:
     def remove_bundle(self, sha256: str) -> None:
         path = self.bundle_dir(sha256)
         if path.exists():
-            # Extracted files are read-only; make them writable so rmtree works unprivileged.
-            for sub in path.rglob("*"):
-                with contextlib.suppress(OSError):
-                    sub.chmod(0o644 if sub.is_file() else 0o755)
+            # Removing a read-only file needs only a writable folder: files keep their mode,
+            # which matters for hard links shared with the object store (edgeagent/delivery).
+            for sub in [path, *path.rglob("*")]:
+                if sub.is_dir():
+                    with contextlib.suppress(OSError):
+                        sub.chmod(0o755)
             shutil.rmtree(path, ignore_errors=True)
 
     def check_bundle(self, sha256: str, trusted: KeyRing, *, allow_unsigned: bool = False) -> str | None:
@@ -101,7 +104,10 @@ class Store:
             elif not allow_unsigned:
                 return f"{SIGNATURE_NAME} is missing"
             manifest = parse_manifest(manifest_bytes)
+            absent = _absent(folder)
             for entry in manifest.files:
+                if entry.path in absent and not (folder / entry.path).exists():
+                    continue  # delivered by content: a model this device does not run was never fetched
                 size, digest = hash_file(folder / entry.path)
                 if (size, digest) != (entry.size, entry.sha256):
                     return f"{entry.path} does not match its sha256 in the manifest"
@@ -222,3 +228,15 @@ class Store:
             self.remove_bundle(path.name)
             removed.append(path.name)
         return removed
+
+
+def _absent(folder: Path) -> frozenset[str]:
+    """Files a partial bundle lacks on purpose (``.delivery.json``, written by edgeagent/delivery)."""
+    try:
+        note = json.loads((folder / ".delivery.json").read_bytes())
+    except FileNotFoundError:
+        return frozenset()
+    except ValueError:
+        return frozenset()  # unreadable note: every file must be there
+    absent = note.get("absent") if isinstance(note, dict) else None
+    return frozenset(a for a in absent if isinstance(a, str)) if isinstance(absent, list) else frozenset()

@@ -13,16 +13,22 @@ device holds at most ``window * block_size`` bytes of payload in broker/socket b
 bitmap (one bit per block).
 
 The finished file's sha256 must equal the one asked for; its signature is checked by the
-bundle reader at the verifying step.
+bundle reader at the verifying step. An object of a delivery index (docs/bundle.md, "Delivery
+by content") also comes with the sha256 of each block: a block that differs is discarded on
+arrival and asked for again, so a forged block costs one more block, never the whole file.
+An error reply from the registry (not found, out of range) is retried with backoff: one
+replica that lacks a file, or a forged error, must not end a transfer on its own.
 """
 
 from __future__ import annotations
 
 import base64
 import errno
+import hashlib
 import json
 import logging
 import os
+import random
 import threading
 import time
 from collections import deque
@@ -30,7 +36,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeagent.errors import HashMismatch, MalformedMessage, TransferError, TransferPaused
+from edgeagent.errors import (
+    BundleError,
+    HashMismatch,
+    MalformedMessage,
+    SizeMismatch,
+    TransferError,
+    TransferPaused,
+)
 from edgeagent.mqtt import Message, MqttSession
 from edgeagent.protocol import BLOCK_HEADER_SIZE, BlockReply, BlockRequest, BlockStatus, BundleRef, Topics
 from edgeagent.storage import atomic_write_bytes, hash_file
@@ -38,6 +51,19 @@ from edgeagent.storage import atomic_write_bytes, hash_file
 log = logging.getLogger(__name__)
 
 KiB = 1024
+
+#: The largest block each broker profile carries (agent.toml ``broker_profile``). AWS IoT
+#: Core refuses payloads over 128 KB; 64 KiB (+ the block header) leaves room for its limit.
+BROKER_BLOCK_CAPS: dict[str, int] = {"mosquitto": 256 * KiB, "emqx": 256 * KiB, "aws-iot": 64 * KiB}
+
+
+def block_size_for(profile: str, wanted: int) -> int:
+    """``wanted`` (bytes) capped by the broker profile's largest block."""
+    try:
+        return min(wanted, BROKER_BLOCK_CAPS[profile])
+    except KeyError:
+        known = ", ".join(BROKER_BLOCK_CAPS)
+        raise ValueError(f"unknown broker profile {profile!r} (one of {known})") from None
 
 
 @dataclass(frozen=True)
@@ -49,6 +75,8 @@ class TransferConfig:
     run: int = 1
     block_timeout_s: float = 5.0
     max_tries: int = 10
+    max_error_replies: int = 6  # registry error replies for one block before giving up
+    error_backoff_s: float = 0.2  # first retry delay after an error reply; doubles, with jitter
     connect_timeout_s: float = 300.0
     progress_interval_s: float = 0.5  # at most one progress callback per interval
 
@@ -66,6 +94,8 @@ class TransferStats:
     blocks_received: int = 0
     duplicates: int = 0
     corrupt: int = 0
+    forged: int = 0  # blocks whose sha256 differs from the index (discarded and asked again)
+    error_replies: int = 0
     timeouts: int = 0
     requests: int = 0
     bytes_received: int = 0
@@ -104,12 +134,28 @@ class _Bitmap:
         return sum(bin(b).count("1") for b in self.bits)
 
 
+@dataclass(frozen=True)
+class Wanted:
+    """A file to fetch: its sha256 and size, and (for an index object) its block size and hashes."""
+
+    sha256: str
+    size: int
+    block_size: int | None = None
+    block_hashes: tuple[str, ...] = ()
+    suffix: str = ".bundle"  # of the finished file in the downloads folder
+
+    @classmethod
+    def bundle(cls, ref: BundleRef) -> Wanted:
+        return cls(ref.sha256, ref.size)
+
+
 class _Transfer:
     """State of one download, shared between the fetch loop and the network thread."""
 
-    def __init__(self, ref: BundleRef, block_size: int, part: Path, bitmap: _Bitmap) -> None:
+    def __init__(self, ref: Wanted, block_size: int, part: Path, bitmap: _Bitmap) -> None:
         self.ref = ref
         self.block_size = block_size
+        self.hashes = ref.block_hashes if len(ref.block_hashes) == bitmap.n else ()
         self.n = bitmap.n
         self.bitmap = bitmap
         self.fd = os.open(part, os.O_RDWR)
@@ -117,9 +163,12 @@ class _Transfer:
         self.pending: dict[int, float] = {}  # block -> deadline (monotonic)
         self.tries: dict[int, int] = {}
         self.retry: deque[int] = deque()
+        self.errors: dict[int, int] = {}  # block -> error replies so far
+        self.delayed: dict[int, float] = {}  # block -> when to ask again (after an error reply)
         self.unsynced = 0
         self.fatal: str | None = None
         self.write_error: OSError | None = None  # raised by the fetch loop, not the network thread
+        self.refused: BundleError | None = None  # bad bytes kept coming for one block
 
 
 class BlockDownloader:
@@ -151,24 +200,26 @@ class BlockDownloader:
             max_bytes=BLOCK_HEADER_SIZE + 256 * KiB,
         )
 
-    def paths(self, sha256: str) -> tuple[Path, Path, Path]:
-        """(.part, .state, finished .bundle) paths for a sha256."""
-        return self.dir / f"{sha256}.part", self.dir / f"{sha256}.state", self.dir / f"{sha256}.bundle"
+    def paths(self, sha256: str, suffix: str = ".bundle") -> tuple[Path, Path, Path]:
+        """(.part, .state, finished) paths for a sha256."""
+        return self.dir / f"{sha256}.part", self.dir / f"{sha256}.state", self.dir / f"{sha256}{suffix}"
 
-    def discard(self, sha256: str) -> None:
+    def discard(self, sha256: str, suffix: str = ".bundle") -> None:
         """Forget a download (partial or finished)."""
-        for path in self.paths(sha256):
+        for path in self.paths(sha256, suffix):
             path.unlink(missing_ok=True)
 
     def fetch(
         self,
-        ref: BundleRef,
+        ref: BundleRef | Wanted,
         *,
         progress: Callable[[int, int], None] | None = None,
         stop: threading.Event | None = None,
     ) -> Path:
         """Download ``ref`` (resuming what is on disk) and return the finished file's path."""
-        part, state, done = self.paths(ref.sha256)
+        if isinstance(ref, BundleRef):
+            ref = Wanted.bundle(ref)
+        part, state, done = self.paths(ref.sha256, ref.suffix)
         if done.exists() and done.stat().st_size == ref.size:
             return done
         started = time.monotonic()
@@ -189,7 +240,7 @@ class BlockDownloader:
         digest = hash_file(part)[1]
         if digest != ref.sha256:
             # Every block was checked, so this is a registry serving other bytes under this id.
-            self.discard(ref.sha256)
+            self.discard(ref.sha256, ref.suffix)
             raise HashMismatch(f"downloaded file has sha256 {digest[:12]}…, expected {ref.sha256[:12]}…")
         part.replace(done)
         state.unlink(missing_ok=True)
@@ -197,13 +248,18 @@ class BlockDownloader:
 
     # --- internals ---------------------------------------------------------------------
 
-    def _open(self, ref: BundleRef, part: Path, state: Path) -> _Transfer:
-        block_size = self.config.block_size
+    def _open(self, ref: Wanted, part: Path, state: Path) -> _Transfer:
+        # An index object uses the index's block size: the block hashes are of those slices.
+        block_size = ref.block_size or self.config.block_size
         bitmap: _Bitmap | None = None
         if part.exists() and state.exists():
             try:
                 saved = json.loads(state.read_text())
-                if saved["size"] == ref.size and part.stat().st_size == ref.size:
+                if (
+                    saved["size"] == ref.size
+                    and part.stat().st_size == ref.size
+                    and (ref.block_size is None or saved["block_size"] == ref.block_size)
+                ):
                     block_size = int(saved["block_size"])
                     n = -(-ref.size // block_size)
                     bitmap = _Bitmap(n, base64.b64decode(saved["bitmap"]))
@@ -226,7 +282,7 @@ class BlockDownloader:
         return _Transfer(ref, block_size, part, bitmap)
 
     @staticmethod
-    def _save_state(state: Path, ref: BundleRef, block_size: int, bitmap: _Bitmap) -> None:
+    def _save_state(state: Path, ref: Wanted, block_size: int, bitmap: _Bitmap) -> None:
         body = {
             "size": ref.size,
             "block_size": block_size,
@@ -256,11 +312,17 @@ class BlockDownloader:
             with t.cond:
                 if t.write_error is not None:
                     raise t.write_error
+                if t.refused is not None:
+                    raise t.refused
                 if t.fatal:
                     raise TransferError(t.fatal, sha256=t.ref.sha256)
                 while t.retry:
                     todo.appendleft(t.retry.pop())
-                if not todo and not t.pending:
+                now = time.monotonic()
+                for i in [i for i, at in t.delayed.items() if at <= now]:
+                    del t.delayed[i]
+                    todo.appendleft(i)
+                if not todo and not t.pending and not t.delayed:
                     break
             if stop.is_set():
                 raise TransferPaused("transfer stopped", sha256=t.ref.sha256)
@@ -345,10 +407,7 @@ class BlockDownloader:
             self.stats.duplicates += 1  # a late reply for a transfer that is over
             return
         if reply.status is not BlockStatus.OK:
-            reason = reply.payload.decode("utf-8", "replace")[:200]
-            with t.cond:
-                t.fatal = f"registry answered {reply.status.name.lower()}: {reason}"
-                t.cond.notify_all()
+            self._on_error_reply(t, reply)
             return
         i = reply.index
         expected = min(t.block_size, t.ref.size - i * t.block_size) if i < t.n else -1
@@ -359,12 +418,13 @@ class BlockDownloader:
             or len(reply.payload) != expected
         ):
             self.stats.corrupt += 1
-            log.warning("block %d of %s failed its check; asking again", i, t.ref.sha256[:12])
-            with t.cond:
-                if i in t.pending:
-                    del t.pending[i]
-                    t.retry.append(i)
-                t.cond.notify_all()
+            wrong_size = reply.total_size != t.ref.size
+            self._ask_again(t, i, "failed its check", SizeMismatch if wrong_size else HashMismatch)
+            return
+        if t.hashes and hashlib.sha256(reply.payload).hexdigest() != t.hashes[i]:
+            # Right size and CRC but other bytes: forged or served from a bad copy.
+            self.stats.forged += 1
+            self._ask_again(t, i, "differs from the index's block hash", HashMismatch)
             return
         with t.cond:
             if i in t.bitmap:
@@ -383,4 +443,37 @@ class BlockDownloader:
             t.unsynced += 1
             self.stats.blocks_received += 1
             self.stats.bytes_received += len(reply.payload)
+            t.cond.notify_all()
+
+    def _ask_again(self, t: _Transfer, i: int, why: str, refusal: type[BundleError]) -> None:
+        log.warning("block %d of %s %s; asking again", i, t.ref.sha256[:12], why)
+        with t.cond:
+            # Only a block still awaited is asked again: a stray copy of one already
+            # received, or already re-requested, costs nothing more.
+            if i in t.pending and i not in t.bitmap:
+                del t.pending[i]
+                t.tries[i] = t.tries.get(i, 0) + 1
+                if t.tries[i] >= self.config.max_tries:
+                    # Every copy is bad: the source holds other bytes under this name.
+                    t.refused = refusal(f"block {i} of {t.ref.sha256[:12]}… {why} {t.tries[i]} times")
+                else:
+                    t.retry.append(i)
+            t.cond.notify_all()
+
+    def _on_error_reply(self, t: _Transfer, reply: BlockReply) -> None:
+        reason = reply.payload.decode("utf-8", "replace")[:200]
+        i = reply.index
+        self.stats.error_replies += 1
+        with t.cond:
+            if i not in t.pending:
+                return  # a late or unsolicited error: nothing awaits it
+            del t.pending[i]
+            tries = t.errors[i] = t.errors.get(i, 0) + 1
+            if tries >= self.config.max_error_replies:
+                t.fatal = f"registry answered {reply.status.name.lower()} {tries} times: {reason}"
+            else:
+                # Another replica may have the file, or it may be on its way into the folder.
+                delay = self.config.error_backoff_s * 2 ** (tries - 1) * random.uniform(0.5, 1.0)  # noqa: S311 - jitter
+                t.delayed[i] = time.monotonic() + delay
+                log.info("registry answered %s for block %d: %s; asking again", reply.status.name, i, reason)
             t.cond.notify_all()

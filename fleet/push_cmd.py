@@ -73,6 +73,32 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--registry", required=True, type=Path, metavar="DIR", help="the registry's bundle folder"
     )
     push.add_argument("--rollback", action="store_true", help="allow a lower version than the one running")
+    push.add_argument(
+        "--whole",
+        action="store_true",
+        help="devices download the whole bundle (agents older than delivery by content)",
+    )
+    push.add_argument(
+        "--http-source",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="base URL where the bundle was published (edgectl registry publish); tried before "
+        "the registry, in the order given (repeatable)",
+    )
+    push.add_argument(
+        "--presign",
+        metavar="s3://BUCKET/PREFIX",
+        help="publish into this bucket too and give devices presigned URLs of the objects (tried first)",
+    )
+    push.add_argument(
+        "--presign-expires",
+        type=int,
+        default=7 * 24 * 3600,
+        metavar="S",
+        help="lifetime of the presigned URLs in seconds (default: a week)",
+    )
+    push.add_argument("--endpoint-url", help="S3 endpoint of an S3-compatible store (MinIO, Ceph, ...)")
     push.set_defaults(handler=_push)
 
     rollback = subparsers.add_parser(
@@ -157,6 +183,8 @@ def _push(args: argparse.Namespace) -> int:
     with conn:
         # Copied only once the broker answers: a failed push leaves nothing in the registry.
         stored = add_to_registry(args.bundle, verified, args.registry)
+        if not args.whole:
+            ref = _by_content(args, ref)
         reported = conn.retained(conn.topics.all_devices("reported"))
         return _publish_and_follow(
             args,
@@ -171,6 +199,28 @@ def _push(args: argparse.Namespace) -> int:
                 f"{target.id} as model {args.model!r}, seq {seq}"
             ),
         )
+
+
+def _by_content(args: argparse.Namespace, ref: BundleRef) -> BundleRef:
+    """``ref`` with its delivery index (published into the registry folder) and sources."""
+    from pydantic import ValidationError
+
+    from edgeagent.protocol import HttpSource, MqttSource, Source
+    from fleet.publish import FolderDestination, S3Destination, presigned_source, publish
+
+    done = publish(args.bundle, FolderDestination(args.registry))
+    sources: list[Source] = []
+    if args.presign:
+        bucket = S3Destination(args.presign, endpoint_url=args.endpoint_url)
+        publish(args.bundle, bucket)  # the same objects and index (publishing is deterministic)
+        sources.append(presigned_source(bucket, done.index.sha256, args.presign_expires))
+    try:
+        sources += [HttpSource(url=url) for url in args.http_source]
+    except ValidationError as exc:
+        raise UsageError(f"--http-source must be an http(s):// URL ({exc.errors()[0]['msg']})") from exc
+    return ref.model_copy(
+        update={"index": done.index, "sources": [*sources, MqttSource()] if sources else []}
+    )
 
 
 def _rollback(args: argparse.Namespace) -> int:

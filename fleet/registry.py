@@ -1,5 +1,10 @@
 """The bundle registry: answers block requests for every bundle in a folder, over MQTT.
 
+It serves, by sha256, the ``*.bundle`` files of the folder (hashed when found) and what
+``edgectl registry publish`` wrote there: ``bundles/<sha256>.bundle`` and the delivery
+objects ``objects/<wire sha256>`` (served by name; the device checks every block against
+the index and every object against its hash, so the registry need not hash them).
+
 Each device asks on its own topic, ``edge/v1/registry/get/{device}``, and is answered only on
 ``edge/v1/device/{that device}/blocks``, so a broker ACL that pins both topics to the device's
 identity keeps one device from asking on behalf of another (docs/security.md). Replicas share
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -29,6 +35,7 @@ from edgeagent.storage import hash_file
 log = logging.getLogger(__name__)
 
 BUNDLE_SUFFIX = ".bundle"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")  # a name under objects/: never a path
 MAX_REQUEST_BYTES = 4096
 
 
@@ -78,7 +85,22 @@ class BundleIndex:
         except FileNotFoundError:
             return frozenset()
 
+    def published(self, sha256: str) -> IndexedBundle | None:
+        """An object or bundle published under its content name, or None."""
+        for path in (self.folder / "objects" / sha256, self.folder / "bundles" / f"{sha256}{BUNDLE_SUFFIX}"):
+            try:
+                st = path.stat()
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if path.is_file():
+                return IndexedBundle(path, st.st_size, sha256)
+        return None
+
     def lookup(self, sha256: str) -> IndexedBundle | None:
+        if _SHA256.match(sha256):
+            hit = self.published(sha256)
+            if hit is not None:
+                return hit
         with self._lock:
             hit = self._by_sha.get(sha256)
         if hit is not None:

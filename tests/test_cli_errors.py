@@ -46,6 +46,7 @@ BAD: dict[str, tuple[str, int, str]] = {
     "edgectl bundle verify": ("bundle verify {tmp} --trusted {pub}", 2, "Is a directory"),
     "edgectl bundle inspect": ("bundle inspect {tmp}", 2, "Is a directory"),
     "edgectl bundle extract": ("bundle extract {missing} --trusted {pub} --to {tmp}/x", 2, "no such file"),
+    "edgectl registry publish": ("registry publish {missing} --to {tmp}", 2, "no such bundle"),
     "edgectl registry serve": (
         f"registry serve --dir {{missing}} --broker {UNREACHABLE}",
         2,
