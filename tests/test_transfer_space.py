@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeagent.protocol import BundleRef
-from edgeagent.transfer import BlockDownloader, TransferConfig
+from edgeagent.transfer import BlockDownloader, TransferConfig, Wanted
 
 
 def test_preallocation_that_does_not_fit_raises_enospc_and_leaves_nothing(tmp_path: Path) -> None:
@@ -22,7 +21,7 @@ def test_preallocation_that_does_not_fit_raises_enospc_and_leaves_nothing(tmp_pa
         # _open needs no session: the downloader's state without its MQTT subscription.
         downloader = BlockDownloader.__new__(BlockDownloader)
         downloader.config = TransferConfig()
-        ref = BundleRef(name="big", version="1.0.0", sha256="c" * 64, size=4 * 1024 * 1024)
+        ref = Wanted(sha256="c" * 64, size=4 * 1024 * 1024)
         part, state = mnt / f"{ref.sha256}.part", mnt / f"{ref.sha256}.state"
         with pytest.raises(OSError) as info:
             downloader._open(ref, part, state)
