@@ -75,10 +75,29 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="one threshold or one per tensor",
     )
     passes.add_argument(
+        "--structured",
+        type=_sparsity,
+        metavar="FRACTION",
+        help="ONNX: remove this fraction of every prunable layer's filters/neurons (smaller, faster graph)",
+    )
+    passes.add_argument(
+        "--structured-criterion",
+        choices=("l1", "l2"),
+        help="--structured: rank channels by the L1 (default) or L2 norm of their weights",
+    )
+    passes.add_argument(
+        "--cluster",
+        type=_clusters,
+        metavar="K",
+        help="ONNX: share K weights per tensor (k-means, 2-256): uint8 indices + a codebook, expanded by "
+        "ONNX Runtime at load; far smaller to transfer",
+    )
+    passes.add_argument(
         "--finetune",
         type=_positive,
         metavar="EPOCHS",
-        help="retrain after --prune for at most EPOCHS epochs, pruned weights held at zero (ONNX, Keras)",
+        help="retrain after each of --structured, --prune and --cluster for at most EPOCHS epochs, pruned "
+        "weights held at zero and cluster assignments fixed (ONNX; Keras after --prune)",
     )
     passes.add_argument(
         "--qat",
@@ -137,6 +156,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="F",
         help="search int8 settings for the best model whose top-1 drop is <= F (e.g. 0.01) and that is "
         "no larger and no slower than the float model",
+    )
+    passes.add_argument(
+        "--mixed-precision",
+        action="store_true",
+        help="--max-drop: scan each layer's int8 sensitivity alone and keep the most sensitive in fp32, "
+        "the rest int8, within the budget",
     )
     passes.add_argument(
         "--objective",
@@ -226,6 +251,13 @@ def _sparsity(text: str) -> float:
     return _fraction(text, below_one=True)
 
 
+def _clusters(text: str) -> int:
+    value = _positive(text)
+    if not 2 <= value <= 256:
+        raise argparse.ArgumentTypeError(f"{text} clusters: expected 2-256 (uint8 indices)")
+    return value
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -251,12 +283,16 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
         or args.qat is not None
         or args.distill is not None
         or args.objective is not None
+        or args.structured is not None
+        or args.cluster is not None
+        or args.mixed_precision
     )
     if args.recipe is not None:
         if pass_flags:
             raise RecipeError(
                 "give passes either in --recipe or as flags "
-                "(--distill/--prune/--finetune/--qat/--quantize/--max-drop/--objective/--sparse/--tflite)"
+                "(--distill/--structured/--prune/--cluster/--finetune/--qat/--quantize/--max-drop/"
+                "--mixed-precision/--objective/--sparse/--tflite)"
             )
         recipe = load_recipe(args.recipe)
     else:
@@ -333,12 +369,7 @@ def _pass_tables(args: argparse.Namespace) -> list[dict[str, Any]]:
         v is not None for v in (args.distill_epochs, args.temperature, args.alpha, args.distill_augment)
     ):
         raise RecipeError("--distill-epochs/--distill-augment/--temperature/--alpha apply to --distill")
-    if args.prune is not None:
-        tables.append({"type": "prune", "sparsity": args.prune, "scope": args.prune_scope})
-    if args.finetune is not None:
-        if args.prune is None:
-            raise RecipeError("--finetune retrains after pruning: give --prune SPARSITY too")
-        tables.append({"type": "finetune", "epochs": args.finetune, "seed": args.seed})
+    tables += _shrinking_tables(args, keras)
     if args.objective is not None and args.max_drop is None:
         raise RecipeError("--objective ranks the candidates of --max-drop: give --max-drop F too")
     if args.qat is not None and args.quantize != "int8":
@@ -348,7 +379,7 @@ def _pass_tables(args: argparse.Namespace) -> list[dict[str, Any]]:
             tables.append(
                 {"type": "finetune", "epochs": args.qat, "seed": args.seed, "quantization_aware": True}
             )
-        if args.max_drop is not None:
+        if args.max_drop is not None or args.mixed_precision:
             raise RecipeError("--max-drop searches ONNX Runtime settings; for Keras choose --quantize")
         if args.sparse:
             raise RecipeError("--sparse applies to ONNX models")
@@ -372,6 +403,12 @@ def _pass_tables(args: argparse.Namespace) -> list[dict[str, Any]]:
                 f"--max-drop searches int8 settings; it cannot be combined with --quantize {args.quantize}"
             )
         search: dict[str, Any] = {"type": "search", "max_drop": args.max_drop}
+        if args.mixed_precision:
+            search = {"type": "mixed", "max_drop": args.max_drop}
+            if args.objective is not None or args.quantize == "dynamic":
+                raise RecipeError(
+                    "--mixed-precision keeps layers fp32 or static int8: no --objective/dynamic"
+                )
         if args.objective is not None:
             search["objective"] = args.objective
         if args.quantize == "dynamic":
@@ -395,12 +432,52 @@ def _pass_tables(args: argparse.Namespace) -> list[dict[str, Any]]:
         tables.append(table)
         if args.qat is not None:
             tables.append({"type": "finetune", "epochs": args.qat, "seed": args.seed})
-    if args.int8_target is not None and not any(t["type"] in ("quantize", "search") for t in tables):
+    if args.int8_target is not None and not any(t["type"] in ("quantize", "search", "mixed") for t in tables):
         raise RecipeError("--int8-target applies to --quantize int8/dynamic or --max-drop")
     if args.sparse:
-        if any(t["type"] in ("quantize", "search") for t in tables):
-            raise RecipeError("--sparse stores fp32 weights; it cannot follow --quantize or --max-drop")
+        if any(t["type"] in ("quantize", "search", "mixed", "cluster") for t in tables):
+            raise RecipeError(
+                "--sparse stores fp32 weights; it cannot follow --quantize, --max-drop or --cluster"
+            )
         tables.append({"type": "sparsify"})
+    return tables
+
+
+def _shrinking_tables(args: argparse.Namespace, keras: bool) -> list[dict[str, Any]]:
+    """--structured, --prune and --cluster in that order, each followed by --finetune when given."""
+    from converter.errors import RecipeError
+
+    tables: list[dict[str, Any]] = []
+    finetune = {"type": "finetune", "epochs": args.finetune, "seed": args.seed}
+    if args.mixed_precision and args.max_drop is None:
+        raise RecipeError("--mixed-precision chooses layers within a budget: give --max-drop F too")
+    if args.structured_criterion is not None and args.structured is None:
+        raise RecipeError("--structured-criterion applies to --structured")
+    if keras and (args.structured is not None or args.cluster is not None):
+        raise RecipeError("--structured and --cluster apply to ONNX models")
+    if args.cluster is not None and (args.quantize != "none" or args.max_drop is not None):
+        raise RecipeError(
+            "--cluster stores float codebooks; it cannot be combined with --quantize/--max-drop"
+        )
+    if args.structured is not None:
+        table: dict[str, Any] = {"type": "structured", "fraction": args.structured}
+        if args.structured_criterion is not None:
+            table["criterion"] = args.structured_criterion
+        tables.append(table)
+    if args.prune is not None:
+        if args.finetune is not None and tables:
+            tables.append(finetune)
+        tables.append({"type": "prune", "sparsity": args.prune, "scope": args.prune_scope})
+    if args.cluster is not None:
+        if args.finetune is not None and tables:
+            tables.append(finetune)
+        tables.append({"type": "cluster", "clusters": args.cluster})
+    if args.finetune is not None:
+        if not tables:
+            raise RecipeError(
+                "--finetune retrains after --structured, --prune or --cluster: give one of them"
+            )
+        tables.append(finetune)
     return tables
 
 
