@@ -49,6 +49,8 @@ class Producer:
     #: Per-channel weight rows: (tensor, output-channel axis) of the weight itself.
     weight_axis: int
     cuts: list[Cut] = field(default_factory=list)
+    #: Depthwise Convs on the path: their ``group`` becomes the kept channel count.
+    depthwise: list[str] = field(default_factory=list)
 
     def importance(self, weights: dict[str, npt.NDArray[Any]], criterion: str) -> npt.NDArray[np.float64]:
         """L1 or L2 norm of each output channel's weights (larger = more important)."""
@@ -159,6 +161,11 @@ class ChannelGraph:
             raise _Blocked(f"{op} {node.name!r} reads the channels as a parameter")
         if op in ("Conv", "Gemm", "MatMul") and _weight_of(node, self.inits) is not None:
             self._consume(node, axis, groups, producer)
+        elif op == "Conv" and self._depthwise(node, axis, groups):
+            # One filter per channel: the channel and its filter go together, the count stays.
+            producer.cuts += [Cut(name, 0, groups) for name in node.input[1:3] if name]
+            producer.depthwise.append(node.name)
+            self._follow(out, axis, groups, producer, depth + 1)
         elif op in _PASSTHROUGH:
             self._follow(out, axis, groups, producer, depth + 1)
         elif op in _CHANNEL_KEEPING and axis == 1:
@@ -176,6 +183,18 @@ class ChannelGraph:
             self._flatten(node, tensor, axis, groups, producer, depth)
         else:
             raise _Blocked(f"its channels reach {op} {node.name!r}, which structured pruning cannot trace")
+
+    def _depthwise(self, node: Any, axis: int, groups: tuple[int, ...]) -> bool:
+        weight = self.inits.get(node.input[1]) if len(node.input) > 1 else None
+        return (
+            axis == 1
+            and weight is not None
+            and node.input[1] not in self.shared
+            and node.name != ""
+            and _attr(node, "group", 1) == len(groups) == weight.shape[0]
+            and weight.shape[1] == 1
+            and groups == tuple(range(len(groups)))
+        )
 
     def _consume(self, node: Any, axis: int, groups: tuple[int, ...], producer: Producer) -> None:
         weight = node.input[1]

@@ -144,6 +144,50 @@ def test_structured_through_batchnorm_pool_and_matmul(tmp_path: Path) -> None:
     np.testing.assert_allclose(outputs(out.model.path, x), outputs(dead, x), rtol=1e-5, atol=1e-5)
 
 
+def test_structured_through_a_depthwise_conv(tmp_path: Path) -> None:
+    """Conv(1->8) -> Relu -> depthwise Conv(group 8) -> Relu -> GlobalAveragePool -> Flatten -> Gemm
+    (MobileNet's pattern): a channel takes its depthwise filter along and the group count follows."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from converter.passes.structured import StructuredConfig, StructuredPass
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "w": rng.normal(size=(8, 1, 3, 3)).astype(np.float32),
+        "b": rng.normal(size=8).astype(np.float32),
+        "dw": rng.normal(size=(8, 1, 3, 3)).astype(np.float32),
+        "dw_b": rng.normal(size=8).astype(np.float32),
+        "fc": rng.normal(size=(10, 8)).astype(np.float32),
+        "fc_b": rng.normal(size=10).astype(np.float32),
+    }
+    arrays["w"][1::2] *= 1e-3  # the least important filters ...
+    arrays["fc"][:, 1::2] = 0.0  # ... whose channels nothing downstream reads
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], "conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], "relu"),
+        helper.make_node("Conv", ["r", "dw", "dw_b"], ["d"], "dw", group=8, pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["d"], ["r2"], "relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"], "gap"),
+        helper.make_node("Flatten", ["g"], ["f"], "flatten"),
+        helper.make_node("Gemm", ["f", "fc", "fc_b"], ["logits"], "fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        [numpy_helper.from_array(a, n) for n, a in arrays.items()],
+    )  # fmt: skip
+    source = tmp_path / "dw.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(source))
+    out = StructuredPass(StructuredConfig(fraction=0.5)).run(artifact(source), tmp_path)
+    after = initializers(out.model.path)
+    assert after["dw"].shape == (4, 1, 3, 3) and after["fc"].shape == (10, 4)
+    group = next(a.i for n in onnx.load(str(out.model.path)).graph.node if n.name == "dw" for a in n.attribute
+                 if a.name == "group")  # fmt: skip
+    assert group == 4
+    x = np.random.default_rng(1).normal(size=(16, 1, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(outputs(out.model.path, x), outputs(source, x), rtol=1e-5, atol=1e-5)
+
+
 def test_structured_sensitivity_scan_leaves_sensitive_layers_whole(tmp_path: Path, model_dir: Path) -> None:
     from converter.data import DataConfig, load_data
     from converter.evaluate import EvaluateConfig, Evaluator

@@ -131,6 +131,11 @@ class StructuredPass(Pass[StructuredConfig]):
         for init in graph_model.graph.initializer:
             if init.name in new:
                 init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new[init.name]), init.name))
+        groups = {n: len(kept[p.node]) for p in producers if p.node in kept for n in p.depthwise}
+        for node in graph_model.graph.node:
+            for attribute in node.attribute:
+                if node.name in groups and attribute.name == "group":
+                    attribute.i = groups[node.name]
         # Inferred intermediate shapes name the old channel counts; ORT re-infers them.
         del graph_model.graph.value_info[:]
         try:
