@@ -45,6 +45,7 @@ from converter.runners import fit_inputs, open_runner, time_invocations
 
 sys.path.insert(0, str(Path(__file__).parent))
 import compression_methods
+import compression_real
 from bench_common import RESULTS, machine, now, train, write_results
 
 SECTION = "## Compression (issue 3)"
@@ -224,8 +225,9 @@ def main() -> None:
         methods = compression_methods.measure_methods(
             list(compression_methods.MODELS), args.epochs, args.ft_epochs, args.runs, args.rounds
         )
+        real = compression_real.real_table(compression_real.real_rows(args.runs, args.rounds))
         text = compression_methods.section(
-            methods, time.monotonic() - started, args.epochs, args.ft_epochs, args.rounds
+            methods, time.monotonic() - started, args.epochs, args.ft_epochs, args.rounds, real
         )
         print(text)
         if args.write:

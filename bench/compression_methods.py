@@ -268,7 +268,9 @@ def findings(results: dict[str, list[Row]]) -> str:
     return "\n".join(out)
 
 
-def section(results: dict[str, list[Row]], seconds: float, epochs: int, ft_epochs: int, rounds: int) -> str:
+def section(
+    results: dict[str, list[Row]], seconds: float, epochs: int, ft_epochs: int, rounds: int, real: str
+) -> str:
     from bench_common import machine, now
 
     ort = extras.require("onnxruntime")
@@ -293,4 +295,9 @@ Sparse weights in LiteRT (`tflite` pass with `sparse = true`: TFLite's EXPERIMEN
 format), same weights, dense vs sparse file:
 
 {sparse_table(results)}
+
+Structured pruning on the real-model suite's CNNs (`bench/compression_real.py`; `multiple_of = 8`;
+top-1 on 24 rendered, turned text samples; **not fine-tuned**: that needs the models' training data):
+
+{real}
 """
