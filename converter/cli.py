@@ -172,7 +172,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     passes.add_argument(
         "--sparse",
         action="store_true",
-        help="ONNX fp32: store mostly-zero (pruned) weights as sparse initializers, smaller on disk",
+        help="store mostly-zero (pruned) weights sparsely, smaller on disk: ONNX fp32 as sparse "
+        "initializers, "
+        "Keras in TFLite's sparse format",
     )
     passes.add_argument("--tflite", action="store_true", help="convert a Keras/SavedModel model to TFLite")
     passes.add_argument("--recipe", type=Path, metavar="FILE.toml", help="data, passes and package settings")

@@ -46,15 +46,13 @@ def pass_tables(args: argparse.Namespace) -> list[dict[str, Any]]:
             )
         if args.max_drop is not None or args.mixed_precision:
             raise RecipeError("--max-drop searches ONNX Runtime settings; for Keras choose --quantize")
-        if args.sparse:
-            raise RecipeError("--sparse applies to ONNX models")
         if args.per_channel or args.calibration != "minmax" or args.int8_target is not None:
             raise RecipeError(
                 "--per-channel/--calibration/--int8-target apply to ONNX models "
                 "(TFLite int8 is per-channel and does not saturate on any CPU)"
             )
         mode = {"int8": "int8", "dynamic": "dynamic", "fp16": "fp16", "none": "fp32"}[args.quantize]
-        tables.append({"type": "tflite", "mode": mode})
+        tables.append({"type": "tflite", "mode": mode, **({"sparse": True} if args.sparse else {})})
         return tables
     if args.tflite:
         raise RecipeError("--tflite converts Keras/SavedModel models; ONNX -> TFLite is not supported")
