@@ -207,6 +207,12 @@ def main() -> None:
         help="only the issue-3 table (pruning/int8) or only the issue-22 table (structured, cluster, mixed)",
     )
     parser.add_argument("--ft-epochs", type=int, default=20, help="issue-22 fine-tuning: most epochs")
+    parser.add_argument(
+        "--arm64",
+        action="store_true",
+        help="issue-22: also time every variant under the arm64 emulation (docs/arm64.md; QEMU's "
+        "soft-float makes those ratios unlike a real board's, see RESULTS.md)",
+    )
     args, rest = parser.parse_known_args()
     if args.training:
         import training
@@ -223,7 +229,7 @@ def main() -> None:
             write_results(section(results, elapsed, args.epochs, args.runs, args.rounds), SECTION)
     if args.only != "basic":
         methods = compression_methods.measure_methods(
-            list(compression_methods.MODELS), args.epochs, args.ft_epochs, args.runs, args.rounds
+            list(compression_methods.MODELS), args.epochs, args.ft_epochs, args.runs, args.rounds, args.arm64
         )
         real = compression_real.real_table(compression_real.real_rows(args.runs, args.rounds))
         text = compression_methods.section(

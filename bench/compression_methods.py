@@ -155,7 +155,7 @@ def _litert(row: Row, model: ModelArtifact, mode: str, ctx: PassContext, work: P
 
 
 def measure_methods(
-    kinds: list[str], epochs: int, ft_epochs: int, runs: int, rounds: int
+    kinds: list[str], epochs: int, ft_epochs: int, runs: int, rounds: int, arm64: bool = False
 ) -> dict[str, list[Row]]:
     """Every variant of every model in ``kinds``, timed on ORT and LiteRT (round-robin per runtime)."""
     from bench_common import train
@@ -180,7 +180,8 @@ def measure_methods(
             models = [r.sparse_tflite for r in sparse if r.sparse_tflite is not None]
             for row, p50 in zip(sparse, interleaved_p50(models, data, runs, rounds), strict=True):
                 row.sparse_p50 = p50
-            _arm64(rows, runs)
+            if arm64:
+                _arm64(rows, runs)
             for row in rows:  # the files vanish with the folder: keep their sizes
                 row.tflite_bytes = row.tflite.size_bytes() if row.tflite else None
                 row.sparse_bytes = row.sparse_tflite.size_bytes() if row.sparse_tflite else None
@@ -206,10 +207,12 @@ def _ratio(base: float | None, value: float | None) -> str:
 
 
 def table(results: dict[str, list[Row]]) -> str:
+    arm = any(r.arm_ort_p50 is not None for rows in results.values() for r in rows)
     lines = [
         "| model | variant | top-1 | Δ pts | bytes | xz bytes | xz ×smaller | ORT p50 µs | ORT speed-up "
-        "| LiteRT top-1 | LiteRT p50 µs | LiteRT speed-up | arm64 emu ORT speed-up | arm64 emu LiteRT speed-up |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| LiteRT top-1 | LiteRT p50 µs | LiteRT speed-up |"
+        + (" arm64 emu ORT | arm64 emu LiteRT |" if arm else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if arm else ""),
     ]
     for kind, rows in results.items():
         base = rows[0]
@@ -221,8 +224,12 @@ def table(results: dict[str, list[Row]]) -> str:
                 f"| {kind} | {r.label} | {(m.accuracy or 0) * 100:.2f}% | {((m.accuracy or 0) - acc0) * 100:+.2f} "
                 f"| {m.size_bytes:,} | {m.transfer_bytes:,} | {base.metrics.size_bytes / m.transfer_bytes:.1f} "
                 f"| {r.ort_p50 * 1000:.1f} | {_ratio(base.ort_p50, r.ort_p50)} | {lite_acc} | {lite} "
-                f"| {_ratio(base.litert_p50, r.litert_p50)} | {_ratio(base.arm_ort_p50, r.arm_ort_p50)} "
-                f"| {_ratio(base.arm_litert_p50, r.arm_litert_p50)} |"
+                f"| {_ratio(base.litert_p50, r.litert_p50)} |"
+                + (
+                    f" {_ratio(base.arm_ort_p50, r.arm_ort_p50)} | {_ratio(base.arm_litert_p50, r.arm_litert_p50)} |"
+                    if arm
+                    else ""
+                )
             )
     return "\n".join(lines)
 
@@ -278,7 +285,7 @@ def section(
 
 Measured {now()} on {machine()}; onnxruntime {ort.__version__}, LiteRT through the converter's
 TFLite runner, {extras.THREADS} threads; `.venv/bin/python bench/compression.py --write`
-({seconds:.0f} s for both sections). Models trained {epochs} epochs; every "+ ft" is the `finetune`
+({seconds:.0f} s; `--only methods` runs this table alone). Models trained {epochs} epochs; every "+ ft" is the `finetune`
 pass, at most {ft_epochs} epochs (patience 6) on the digits training split, pruning masks and
 cluster assignments held. int8 = ORT static QDQ, per-tensor, float biases, MinMax; LiteRT int8 =
 the `tflite` pass's full-int8 conversion of the same float weights (float I/O). LiteRT columns time
@@ -291,10 +298,35 @@ model timed round-robin ({rounds} rounds), single-sample calls.
 
 {findings(results)}
 
+Where it does not pay: the small digits CNN (~10 µs a call) is bound by per-call overhead, so
+removing channels barely moves ORT's p50 (LiteRT, with less overhead, gains a little); int8 is
+slower than fp32 on ORT at batch 1 for the MLP and the small CNN, and LiteRT's int8 pays clearly
+only on `cnn-large` (1.7-2.5x over three runs; MLP 0.98-1.24x, small CNN slower); clustering changes no latency at all (ORT folds the codebook into dense weights
+when the session loads; LiteRT runs the twin's dense weights), it pays in transfer size only;
+mixed precision chose all-int8 on every model here because int8 alone cost nothing (the pass
+matters where a layer breaks under int8: `tests/test_converter_shrink.py`); the small CNN loses
+8-12 points with 90% or 85% magnitude pruning even after fine-tuning (6k weights have no slack).
+
+arm64 emulation (`--arm64`: every file timed under `qemu-aarch64`, Cortex-A72, see docs/arm64.md)
+is cheap (~1 min a model) but its ratios are not a board's. Measured once (2026-12-02, host load
+average ~20): int8/fp32 "speed-ups" of 3.6x (ORT) and 38.6x (LiteRT) on the MLP, and 0.09-2.5x
+between files that run the same dense kernels (fp32 vs cluster 16, whose codebook ORT folds at
+load). QEMU executes floating-point instructions in software (softfloat) while integer SIMD maps
+almost directly, so emulated float is many times slower than on silicon. The structured rows
+pointed the same way as on x86 (mlp 2.7x, cnn-large 10.8x ORT), but only a real Pi gives numbers.
+
 Sparse weights in LiteRT (`tflite` pass with `sparse = true`: TFLite's EXPERIMENTAL_SPARSITY
 format), same weights, dense vs sparse file:
 
 {sparse_table(results)}
+
+The sparse format shrinks the file of a 90%-pruned model 6.4x (mlp; xz of the dense file is still
+smaller) and changes no latency beyond noise (sparse/dense p50 0.74-1.28 over three runs, in no
+consistent direction): the tensors are densified when LiteRT prepares the graph, and XNNPACK runs
+its dense kernels. XNNPACK's sparse inference (the Fast Sparse ConvNets kernels) applies only to
+float subgraphs that start with a 3x3 stride-2 convolution on 3 input channels, end in a spatial
+MEAN, and hold 1x1 convolutions at least 2/3 zero (its README): MobileNet-shaped image models, not
+these 1-channel 8x8 CNNs or MLPs. It pays for disk, not for speed.
 
 Structured pruning on the real-model suite's CNNs (`bench/compression_real.py`; `multiple_of = 8`;
 top-1 on 24 rendered, turned text samples; **not fine-tuned**: that needs the models' training data):

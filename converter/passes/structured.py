@@ -75,8 +75,7 @@ class StructuredPass(Pass[StructuredConfig]):
         inits = {i.name: numpy_helper.to_array(i) for i in graph_model.graph.initializer}
         graph = ChannelGraph(graph_model, inits)
         producers = [p for p in graph.producers if not self._excluded(p)]
-        kept = {p.node: self._keep(p, inits) for p in producers}
-        kept = {n: k for n, k in kept.items() if len(k) < next(p.channels for p in producers if p.node == n)}
+        kept = {p.node: k for p in producers if len(k := self._keep(p, inits)) < p.channels}
         if not kept:
             reasons = (
                 "; ".join(f"{n}: {r}" for n, r in graph.blocked.items()) or "no Conv/Gemm/MatMul weights"

@@ -47,8 +47,8 @@ class TfliteConfig(PassConfig):
     sparse: bool = Field(
         default=False,
         description="Store mostly-zero (pruned) weights in TFLite's sparse format (the converter's "
-        "EXPERIMENTAL_SPARSITY); LiteRT runs them with sparse kernels where it has some "
-        "(see docs/converter.md for where that pays).",
+        "EXPERIMENTAL_SPARSITY): a smaller file. LiteRT densifies them when it loads the model, "
+        "except in the MobileNet-shaped subgraphs XNNPACK's sparse inference takes (docs/converter.md).",
     )
 
     @model_validator(mode="after")
