@@ -340,3 +340,30 @@ def test_bad_flags_are_one_line(
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
     assert message in err
+
+
+def test_clustered_bundle_passes_acceptance_on_the_device_runtime(
+    tmp_path: Path, model_dir: Path, keypair: Any
+) -> None:
+    """The device needs nothing new: its ONNX Runtime adapter loads the indices + codebook graph
+    (ORT expands it at load) and the artifact passes its own gate on the bundle's golden set."""
+    from edgeagent.acceptance import load_golden, run_acceptance
+    from edgeagent.bundle.reader import extract_bundle
+    from edgeagent.runtimes import LoadOptions, load_model
+    from edgeagent.signing import KeyRing
+
+    out = tmp_path / "o"
+    rc = edgectl("convert", model_dir / "mlp.onnx", "--dataset", "digits", "--cluster", "16", "--name", "m",
+                 "--version", "1.0.0", "--key", keypair.private, "-o", out)  # fmt: skip
+    assert rc == 0
+    dest = tmp_path / "extracted"
+    manifest = extract_bundle(next(out.glob("*.bundle")), dest, KeyRing.from_paths([keypair.public])).manifest
+    (entry,) = manifest.models
+    assert entry.path.endswith("-c16.onnx")
+    golden = load_golden(dest / "acceptance" / "golden.npz")
+    model = load_model(dest / entry.path, "onnxruntime", LoadOptions("CPUExecutionProvider", threads=1))
+    try:
+        verdict = run_acceptance(model, entry.acceptance or manifest.acceptance, golden)
+    finally:
+        model.close()
+    assert verdict.passed, verdict.reason
