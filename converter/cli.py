@@ -416,11 +416,11 @@ def summary(result: ConvertResult) -> str:
     pipeline = result.pipeline
     rows = [("source", pipeline.source.path.name, pipeline.baseline)]
     rows += [(s.name, s.model.path.name, s.after) for s in pipeline.steps]
-    lines = [f"{'step':<9} {'artifact':<32} {'top-1':>7} {'bytes':>10} {'transfer':>9} {'p50 ms':>8}"]
+    lines = [f"{'step':<10} {'artifact':<32} {'top-1':>7} {'bytes':>10} {'transfer':>9} {'p50 ms':>8}"]
     for name, artifact, m in rows:
         acc = "-" if m.accuracy is None else f"{m.accuracy * 100:.2f}%"
         sizes = f"{m.size_bytes:>10,} {m.transfer_bytes:>9,}"
-        lines.append(f"{name:<9} {artifact:<32} {acc:>7} {sizes} {m.latency_p50_ms:>8.3f}")
+        lines.append(f"{name:<10} {artifact:<32} {acc:>7} {sizes} {m.latency_p50_ms:>8.3f}")
     lines += [n for s in pipeline.steps if (n := f"{s.name}: {s.notes}") and s.notes]
     lines += [f"warning: {w}" for w in artifact_warnings(pipeline)]
     if result.packaged is not None:
