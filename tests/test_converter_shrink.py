@@ -367,3 +367,15 @@ def test_clustered_bundle_passes_acceptance_on_the_device_runtime(
     finally:
         model.close()
     assert verdict.passed, verdict.reason
+
+
+def test_cluster_can_be_followed_only_by_finetune(tmp_path: Path, model_dir: Path, capsys: Any) -> None:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        '[data]\ndataset = "digits"\n[[passes]]\ntype = "cluster"\nclusters = 16\n'
+        '[[passes]]\ntype = "quantize"\n[package]\nname = "m"\nversion = "1.0.0"\n'
+    )
+    rc = edgectl("convert", model_dir / "mlp.onnx", "--recipe", recipe, "--unsigned", "-o", tmp_path / "o")
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "cluster can be followed only by finetune, not quantize" in err

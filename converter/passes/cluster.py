@@ -83,6 +83,8 @@ class ClusterPass(Pass[ClusterConfig]):
     name = "cluster"
     config_class = ClusterConfig
     accepts: ClassVar[frozenset[ModelKind]] = frozenset({"onnx"})
+    #: Other passes read weights as initializers; the codebook graph is for fine-tuning and shipping.
+    followers: ClassVar[frozenset[str] | None] = frozenset({"finetune"})
 
     def _eligible(self, name: str, array: npt.NDArray[Any]) -> bool:
         if array.dtype != np.float32 or array.size < self.config.min_elements:

@@ -77,8 +77,8 @@ class StructuredPass(Pass[StructuredConfig]):
         producers = [p for p in graph.producers if not self._excluded(p)]
         kept = {p.node: k for p in producers if len(k := self._keep(p, inits)) < p.channels}
         if not kept:
-            reasons = (
-                "; ".join(f"{n}: {r}" for n, r in graph.blocked.items()) or "no Conv/Gemm/MatMul weights"
+            reasons = "; ".join(f"{n}: {r}" for n, r in graph.blocked.items()) or (
+                "no Conv/Gemm/MatMul with float initializer weights; run it before quantize"
             )
             raise PassFailed(f"no layer can lose channels ({reasons})", pass_name=self.name)
         sensitivity: dict[str, float] = {}
