@@ -78,7 +78,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--structured",
         type=_sparsity,
         metavar="FRACTION",
-        help="ONNX: remove this fraction of every prunable layer's filters/neurons (smaller, faster graph)",
+        help="remove this fraction of every prunable layer's filters/neurons (smaller, faster graph; "
+        "ONNX, Keras Sequential)",
     )
     passes.add_argument(
         "--structured-criterion",

@@ -114,8 +114,8 @@ def _shrinking_tables(args: argparse.Namespace, keras: bool) -> list[dict[str, A
         raise RecipeError("--mixed-precision chooses layers within a budget: give --max-drop F too")
     if args.structured_criterion is not None and args.structured is None:
         raise RecipeError("--structured-criterion applies to --structured")
-    if keras and (args.structured is not None or args.cluster is not None):
-        raise RecipeError("--structured and --cluster apply to ONNX models")
+    if keras and args.cluster is not None:
+        raise RecipeError("--cluster applies to ONNX models")
     if args.cluster is not None and (args.quantize != "none" or args.max_drop is not None):
         raise RecipeError(
             "--cluster stores float codebooks; it cannot be combined with --quantize/--max-drop"

@@ -1,4 +1,4 @@
-"""``structured`` (ONNX): remove whole filters and neurons, giving a smaller dense graph.
+"""``structured`` (ONNX, Keras Sequential): remove whole filters and neurons: a smaller dense graph.
 
 Magnitude pruning (``prune``) zeroes single weights: the file and the arithmetic stay dense, so
 only the transfer size falls. This pass removes whole output channels instead: the filters of a
@@ -26,7 +26,7 @@ from pydantic import Field
 from converter import extras
 from converter.channels import ChannelGraph, Producer, apply_cuts
 from converter.errors import PassFailed
-from converter.model import ModelArtifact, ModelKind, load_onnx
+from converter.model import ModelArtifact, ModelKind, load_keras, load_onnx
 from converter.passes.base import Pass, PassConfig, PassOutput
 
 
@@ -65,10 +65,12 @@ def kept_count(channels: int, config: StructuredConfig) -> int:
 class StructuredPass(Pass[StructuredConfig]):
     name = "structured"
     config_class = StructuredConfig
-    accepts: ClassVar[frozenset[ModelKind]] = frozenset({"onnx"})
+    accepts: ClassVar[frozenset[ModelKind]] = frozenset({"onnx", "keras"})
 
     def run(self, model: ModelArtifact, out_dir: Path) -> PassOutput:
         self.check_input(model)
+        if model.kind == "keras":
+            return self._run_keras(model, out_dir)
         from onnx import numpy_helper
 
         graph_model = load_onnx(model.path)
@@ -101,6 +103,33 @@ class StructuredPass(Pass[StructuredConfig]):
             model=ModelArtifact(out, "onnx"),
             details={"layers": layers, "unprunable": graph.blocked, "parameters": [before, after]},
             notes=f"{len(kept)} of {len(layers)} layers lost channels; parameters {before:,} -> {after:,} "
+            f"({after / max(before, 1):.0%}); not fine-tuned",
+        )
+
+    def _run_keras(self, model: ModelArtifact, out_dir: Path) -> PassOutput:
+        from converter.keras_channels import prune_sequential
+
+        if self.config.sensitivity_max_drop is not None:
+            raise PassFailed("sensitivity_max_drop applies to ONNX models", pass_name=self.name)
+        net = load_keras(model.path)
+
+        def choose(kernel: npt.NDArray[Any], _name: str) -> npt.NDArray[np.int64] | None:
+            flat = np.moveaxis(kernel.astype(np.float64), -1, 0).reshape(kernel.shape[-1], -1)
+            scores = np.abs(flat).sum(1) if self.config.criterion == "l1" else np.sqrt((flat * flat).sum(1))
+            count = kept_count(len(scores), self.config)
+            return None if count == len(scores) else np.sort(np.argsort(-scores, kind="stable")[:count])
+
+        pruned, layers, blocked = prune_sequential(net, choose, self.config.exclude)
+        if not layers:
+            reasons = "; ".join(f"{n}: {r}" for n, r in blocked.items()) or "no Dense/Conv2D layers"
+            raise PassFailed(f"no layer can lose channels ({reasons})", pass_name=self.name)
+        out = out_dir / f"{model.stem}-s{round(self.config.fraction * 100)}.keras"
+        pruned.save(str(out))
+        before, after = net.count_params(), pruned.count_params()
+        return PassOutput(
+            model=ModelArtifact(out, "keras"),
+            details={"layers": layers, "unprunable": blocked, "parameters": [before, after]},
+            notes=f"{len(layers)} layers lost channels; parameters {before:,} -> {after:,} "
             f"({after / max(before, 1):.0%}); not fine-tuned",
         )
 
