@@ -32,7 +32,7 @@ _ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div"})
 
 @dataclass(frozen=True)
 class Cut:
-    """Keep only ``keep`` (a boolean mask) along ``axis`` of initializer ``tensor``."""
+    """A slice of initializer ``tensor`` along ``axis``: index i belongs to channel ``groups[i]``."""
 
     tensor: str
     axis: int
@@ -46,7 +46,7 @@ class Producer:
     node: str
     weight: str
     channels: int
-    #: Per-channel weight rows: (tensor, output-channel axis) of the weight itself.
+    #: The weight's output-channel axis (0 for Conv and Gemm with transB, 1 for MatMul).
     weight_axis: int
     cuts: list[Cut] = field(default_factory=list)
     #: Depthwise Convs on the path: their ``group`` becomes the kept channel count.
