@@ -15,7 +15,9 @@ latency of single-sample inference (ORT, 2 threads), and the ratios against fp32
     .venv/bin/python bench/compression.py              # print the table
     .venv/bin/python bench/compression.py --write      # also put it into bench/RESULTS.md
 
-Fine-tuning and distillation (issue 8) have their own benchmark: ``bench/training.py``
+The second table (issue 22: structured pruning, weight clustering, mixed precision, and their
+combinations, timed on ORT and LiteRT; ``--only methods`` runs it alone) is built by
+``bench/compression_methods.py``. Fine-tuning and distillation (issue 8) have their own benchmark: ``bench/training.py``
 (``--training`` here runs it).
 """
 
@@ -42,6 +44,8 @@ from converter.passes.sparsify import SparsifyConfig, SparsifyPass
 from converter.runners import fit_inputs, open_runner, time_invocations
 
 sys.path.insert(0, str(Path(__file__).parent))
+import compression_methods
+import compression_real
 from bench_common import RESULTS, machine, now, train, write_results
 
 SECTION = "## Compression (issue 3)"
@@ -197,6 +201,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="round-robin timing rounds")
     parser.add_argument("--write", action="store_true", help=f"write the table into {RESULTS}")
     parser.add_argument("--training", action="store_true", help="run bench/training.py (issue 8) instead")
+    parser.add_argument(
+        "--only",
+        choices=("basic", "methods"),
+        help="only the issue-3 table (pruning/int8) or only the issue-22 table (structured, cluster, mixed)",
+    )
+    parser.add_argument("--ft-epochs", type=int, default=20, help="issue-22 fine-tuning: most epochs")
+    parser.add_argument(
+        "--arm64",
+        action="store_true",
+        help="issue-22: also time every variant under the arm64 emulation (docs/arm64.md; QEMU's "
+        "soft-float makes those ratios unlike a real board's, see RESULTS.md)",
+    )
     args, rest = parser.parse_known_args()
     if args.training:
         import training
@@ -204,13 +220,25 @@ def main() -> None:
         training.main(rest + (["--write"] if args.write else []))
         return
     started = time.monotonic()
-    results = {kind: measure(kind, args.epochs, args.runs, args.rounds) for kind in ("mlp", "cnn")}
-    print(table(results))
-    print(summary(results))
-    if args.write:
-        write_results(
-            section(results, time.monotonic() - started, args.epochs, args.runs, args.rounds), SECTION
+    if args.only != "methods":
+        results = {kind: measure(kind, args.epochs, args.runs, args.rounds) for kind in ("mlp", "cnn")}
+        print(table(results))
+        print(summary(results))
+        if args.write:
+            elapsed = time.monotonic() - started
+            write_results(section(results, elapsed, args.epochs, args.runs, args.rounds), SECTION)
+    if args.only != "basic":
+        methods = compression_methods.measure_methods(
+            list(compression_methods.MODELS), args.epochs, args.ft_epochs, args.runs, args.rounds, args.arm64
         )
+        real = compression_real.real_table(compression_real.real_rows(args.runs, args.rounds))
+        text = compression_methods.section(
+            methods, time.monotonic() - started, args.epochs, args.ft_epochs, args.rounds, real
+        )
+        print(text)
+        if args.write:
+            write_results(text, compression_methods.SECTION)
+    if args.write:
         print(f"written to {RESULTS}")
 
 

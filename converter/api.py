@@ -83,6 +83,16 @@ def _check_passes(source: ModelArtifact, recipe: Recipe) -> None:
             )
         if cls.terminal and i != len(recipe.passes) - 1:
             raise RecipeError(f"{spec.name} must be the last pass", where=f"passes[{i}]")
+        later = [
+            s.name
+            for s in recipe.passes[i + 1 :]
+            if cls.followers is not None and s.name not in cls.followers
+        ]
+        if later:
+            allowed = ", ".join(sorted(cls.followers or ())) or "nothing"
+            raise RecipeError(
+                f"{spec.name} can be followed only by {allowed}, not {later[0]}", where=f"passes[{i}]"
+            )
         kind = cls.produces or kind
     if recipe.package is not None and kind not in DEPLOYABLE:
         fix = "distill it (--distill)" if kind == "torch" else "add the tflite pass (--tflite)"

@@ -75,10 +75,30 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="one threshold or one per tensor",
     )
     passes.add_argument(
+        "--structured",
+        type=_sparsity,
+        metavar="FRACTION",
+        help="remove this fraction of every prunable layer's filters/neurons (smaller, faster graph; "
+        "ONNX, Keras Sequential)",
+    )
+    passes.add_argument(
+        "--structured-criterion",
+        choices=("l1", "l2"),
+        help="--structured: rank channels by the L1 (default) or L2 norm of their weights",
+    )
+    passes.add_argument(
+        "--cluster",
+        type=_clusters,
+        metavar="K",
+        help="ONNX: share K weights per tensor (k-means, 2-256): uint8 indices + a codebook, expanded by "
+        "ONNX Runtime at load; far smaller to transfer",
+    )
+    passes.add_argument(
         "--finetune",
         type=_positive,
         metavar="EPOCHS",
-        help="retrain after --prune for at most EPOCHS epochs, pruned weights held at zero (ONNX, Keras)",
+        help="retrain after each of --structured, --prune and --cluster for at most EPOCHS epochs, pruned "
+        "weights held at zero and cluster assignments fixed (ONNX; Keras after --prune)",
     )
     passes.add_argument(
         "--qat",
@@ -139,6 +159,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "no larger and no slower than the float model",
     )
     passes.add_argument(
+        "--mixed-precision",
+        action="store_true",
+        help="--max-drop: scan each layer's int8 sensitivity alone and keep the most sensitive in fp32, "
+        "the rest int8, within the budget",
+    )
+    passes.add_argument(
         "--objective",
         choices=("size", "latency", "balanced"),
         help="--max-drop: what 'best' means: fewest bytes, lowest host p50, or the lowest product of "
@@ -147,7 +173,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     passes.add_argument(
         "--sparse",
         action="store_true",
-        help="ONNX fp32: store mostly-zero (pruned) weights as sparse initializers, smaller on disk",
+        help="store mostly-zero (pruned) weights sparsely, smaller on disk: ONNX fp32 as sparse "
+        "initializers, "
+        "Keras in TFLite's sparse format",
     )
     passes.add_argument("--tflite", action="store_true", help="convert a Keras/SavedModel model to TFLite")
     passes.add_argument("--recipe", type=Path, metavar="FILE.toml", help="data, passes and package settings")
@@ -226,6 +254,13 @@ def _sparsity(text: str) -> float:
     return _fraction(text, below_one=True)
 
 
+def _clusters(text: str) -> int:
+    value = _positive(text)
+    if not 2 <= value <= 256:
+        raise argparse.ArgumentTypeError(f"{text} clusters: expected 2-256 (uint8 indices)")
+    return value
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -239,6 +274,7 @@ def _positive(text: str) -> int:
 def build_recipe(args: argparse.Namespace) -> Recipe:
     """The recipe the flags describe, or the --recipe file with flags layered on top."""
     from converter.errors import RecipeError
+    from converter.flags import pass_tables
     from converter.recipe import load_recipe, recipe_from_dict
 
     pass_flags = (
@@ -251,16 +287,20 @@ def build_recipe(args: argparse.Namespace) -> Recipe:
         or args.qat is not None
         or args.distill is not None
         or args.objective is not None
+        or args.structured is not None
+        or args.cluster is not None
+        or args.mixed_precision
     )
     if args.recipe is not None:
         if pass_flags:
             raise RecipeError(
                 "give passes either in --recipe or as flags "
-                "(--distill/--prune/--finetune/--qat/--quantize/--max-drop/--objective/--sparse/--tflite)"
+                "(--distill/--structured/--prune/--cluster/--finetune/--qat/--quantize/--max-drop/"
+                "--mixed-precision/--objective/--sparse/--tflite)"
             )
         recipe = load_recipe(args.recipe)
     else:
-        recipe = recipe_from_dict({"passes": _pass_tables(args)})
+        recipe = recipe_from_dict({"passes": pass_tables(args)})
     data_update: dict[str, Any] = {}
     if args.eval is not None:
         data_update.update(eval=args.eval, dataset=None)
@@ -309,99 +349,6 @@ def _state_pairs(items: list[str]) -> dict[str, str]:
             raise RecipeError(f"--state {item!r}: expected OUT=IN, each OUT once")
         pairs[out] = inp
     return pairs
-
-
-def _pass_tables(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from converter.errors import RecipeError
-
-    if args.model is None:
-        raise RecipeError("give the MODEL to convert")
-    keras = args.model.suffix.lower() in (".keras", ".h5") or args.model.is_dir()
-    tables: list[dict[str, Any]] = []
-    if args.distill is not None:
-        distill: dict[str, Any] = {"type": "distill", "student": args.distill, "seed": args.seed}
-        optional = {
-            "epochs": args.distill_epochs,
-            "temperature": args.temperature,
-            "alpha": args.alpha,
-            "augment": args.distill_augment,
-        }
-        distill.update({k: v for k, v in optional.items() if v is not None})
-        tables.append(distill)
-        keras = False  # the student is an ONNX model
-    elif any(
-        v is not None for v in (args.distill_epochs, args.temperature, args.alpha, args.distill_augment)
-    ):
-        raise RecipeError("--distill-epochs/--distill-augment/--temperature/--alpha apply to --distill")
-    if args.prune is not None:
-        tables.append({"type": "prune", "sparsity": args.prune, "scope": args.prune_scope})
-    if args.finetune is not None:
-        if args.prune is None:
-            raise RecipeError("--finetune retrains after pruning: give --prune SPARSITY too")
-        tables.append({"type": "finetune", "epochs": args.finetune, "seed": args.seed})
-    if args.objective is not None and args.max_drop is None:
-        raise RecipeError("--objective ranks the candidates of --max-drop: give --max-drop F too")
-    if args.qat is not None and args.quantize != "int8":
-        raise RecipeError("--qat fine-tunes an int8 model: give --quantize int8 too")
-    if keras:
-        if args.qat is not None:
-            tables.append(
-                {"type": "finetune", "epochs": args.qat, "seed": args.seed, "quantization_aware": True}
-            )
-        if args.max_drop is not None:
-            raise RecipeError("--max-drop searches ONNX Runtime settings; for Keras choose --quantize")
-        if args.sparse:
-            raise RecipeError("--sparse applies to ONNX models")
-        if args.per_channel or args.calibration != "minmax" or args.int8_target is not None:
-            raise RecipeError(
-                "--per-channel/--calibration/--int8-target apply to ONNX models "
-                "(TFLite int8 is per-channel and does not saturate on any CPU)"
-            )
-        mode = {"int8": "int8", "dynamic": "dynamic", "fp16": "fp16", "none": "fp32"}[args.quantize]
-        tables.append({"type": "tflite", "mode": mode})
-        return tables
-    if args.tflite:
-        raise RecipeError("--tflite converts Keras/SavedModel models; ONNX -> TFLite is not supported")
-    if args.max_drop is not None:
-        if args.qat is not None:
-            raise RecipeError(
-                "--qat trains the int8 model --quantize int8 makes; it cannot follow --max-drop"
-            )
-        if args.quantize not in ("none", "int8", "dynamic"):
-            raise RecipeError(
-                f"--max-drop searches int8 settings; it cannot be combined with --quantize {args.quantize}"
-            )
-        search: dict[str, Any] = {"type": "search", "max_drop": args.max_drop}
-        if args.objective is not None:
-            search["objective"] = args.objective
-        if args.quantize == "dynamic":
-            search["modes"] = ["dynamic"]
-        if args.int8_target is not None:
-            search["target"] = args.int8_target
-        tables.append(search)
-    elif args.quantize != "none":
-        table: dict[str, Any] = {
-            "type": "quantize",
-            "mode": "static" if args.quantize == "int8" else args.quantize,
-        }
-        if args.per_channel:
-            table["per_channel"] = True
-        if args.calibration != "minmax":
-            table["calibration"] = args.calibration
-        if args.int8_target is not None:
-            if args.quantize == "fp16":
-                raise RecipeError("--int8-target applies to --quantize int8 or dynamic, not fp16")
-            table["target"] = args.int8_target
-        tables.append(table)
-        if args.qat is not None:
-            tables.append({"type": "finetune", "epochs": args.qat, "seed": args.seed})
-    if args.int8_target is not None and not any(t["type"] in ("quantize", "search") for t in tables):
-        raise RecipeError("--int8-target applies to --quantize int8/dynamic or --max-drop")
-    if args.sparse:
-        if any(t["type"] in ("quantize", "search") for t in tables):
-            raise RecipeError("--sparse stores fp32 weights; it cannot follow --quantize or --max-drop")
-        tables.append({"type": "sparsify"})
-    return tables
 
 
 class RichProgress:
@@ -470,11 +417,11 @@ def summary(result: ConvertResult) -> str:
     pipeline = result.pipeline
     rows = [("source", pipeline.source.path.name, pipeline.baseline)]
     rows += [(s.name, s.model.path.name, s.after) for s in pipeline.steps]
-    lines = [f"{'step':<9} {'artifact':<32} {'top-1':>7} {'bytes':>10} {'transfer':>9} {'p50 ms':>8}"]
+    lines = [f"{'step':<10} {'artifact':<32} {'top-1':>7} {'bytes':>10} {'transfer':>9} {'p50 ms':>8}"]
     for name, artifact, m in rows:
         acc = "-" if m.accuracy is None else f"{m.accuracy * 100:.2f}%"
         sizes = f"{m.size_bytes:>10,} {m.transfer_bytes:>9,}"
-        lines.append(f"{name:<9} {artifact:<32} {acc:>7} {sizes} {m.latency_p50_ms:>8.3f}")
+        lines.append(f"{name:<10} {artifact:<32} {acc:>7} {sizes} {m.latency_p50_ms:>8.3f}")
     lines += [n for s in pipeline.steps if (n := f"{s.name}: {s.notes}") and s.notes]
     lines += [f"warning: {w}" for w in artifact_warnings(pipeline)]
     if result.packaged is not None:

@@ -148,6 +148,30 @@ def _candidate_lines(details: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _shrink_lines(details: dict[str, Any]) -> list[str]:
+    """Tables of the structured, cluster and mixed passes: channels, codebooks, sensitivities."""
+    lines: list[str] = []
+    if layers := details.get("layers"):
+        lines += ["| layer | channels before | after | top-1 drop alone |", "|---|---:|---:|---:|"]
+        for name, d in layers.items():
+            drop = d.get("sensitivity_drop")
+            alone = "-" if drop is None else f"{drop * 100:+.2f} pts"
+            lines.append(f"| `{name}` | {d['channels_before']} | {d['channels_after']} | {alone} |")
+    if clustered := details.get("clustered"):
+        lines += ["| tensor | shape | clusters | RMS error |", "|---|---|---:|---:|"]
+        lines += [
+            f"| `{n}` | {d['shape']} | {d['clusters']} | {d['rms_error']:.4g} |" for n, d in clustered.items()
+        ]
+    if sensitivity := details.get("sensitivity"):
+        fp32 = set(details.get("fp32_nodes") or [])
+        lines += ["| node | top-1 drop int8 alone | kept |", "|---|---:|---|"]
+        lines += [
+            f"| `{n}` | {d * 100:+.2f} pts | {'fp32' if n in fp32 else 'int8'} |"
+            for n, d in sensitivity.items()
+        ]
+    return lines
+
+
 def render_markdown(result: PipelineResult, data_source: str, packaged: Packaged | None) -> str:
     """The report as Markdown: the steps table, then per-step details."""
     m0 = result.baseline
@@ -181,6 +205,7 @@ def render_markdown(result: PipelineResult, data_source: str, packaged: Packaged
                 f"| `{name}` | {t['shape']} | {t['sparsity'] * 100:.2f}% | {t['threshold']:.4g} |"
                 for name, t in tensors.items()
             ]
+        lines += _shrink_lines(step.details)
         lines += _training_lines(step.details)
         lines += _candidate_lines(step.details)
     if packaged is not None:

@@ -36,7 +36,7 @@ def test_every_registered_pass_imports_and_is_complete(name: str) -> None:
 
 
 def test_unknown_pass_names_the_known_ones() -> None:
-    known = "known: distill, finetune, prune, quantize, search, sparsify, tflite"
+    known = "known: cluster, distill, finetune, mixed, prune, quantize, search, sparsify, structured, tflite"
     with pytest.raises(RecipeError, match=known):
         pass_class("distil")
 

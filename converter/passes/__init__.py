@@ -14,12 +14,15 @@ from converter.passes.base import EpochLog, Pass, PassConfig, PassContext, PassO
 
 #: Every pass, by the name recipes use. Values are "module:Class".
 REGISTRY: dict[str, str] = {
+    "cluster": "converter.passes.cluster:ClusterPass",
     "distill": "converter.passes.distill:DistillPass",
     "finetune": "converter.passes.finetune:FinetunePass",
+    "mixed": "converter.passes.mixed:MixedPass",
     "prune": "converter.passes.prune:PrunePass",
     "quantize": "converter.passes.quantize:QuantizePass",
     "search": "converter.passes.search:SearchPass",
     "sparsify": "converter.passes.sparsify:SparsifyPass",
+    "structured": "converter.passes.structured:StructuredPass",
     "tflite": "converter.passes.tflite:TflitePass",
 }
 

@@ -70,6 +70,8 @@ class Pass(ABC, Generic[C]):
     produces: ClassVar[ModelKind | None] = None
     #: True when no pass may follow (its output is not what other passes read).
     terminal: ClassVar[bool] = False
+    #: The only passes that may come after this one; None = any.
+    followers: ClassVar[frozenset[str] | None] = None
 
     def __init__(self, config: C, context: PassContext | None = None) -> None:
         self.config = config

@@ -44,6 +44,12 @@ class TfliteConfig(PassConfig):
         "false keeps float32 input/output with quantize/dequantize ops inside.",
     )
     batch_size: int = Field(default=1, ge=1, description="Fixed batch dimension of the artifact.")
+    sparse: bool = Field(
+        default=False,
+        description="Store mostly-zero (pruned) weights in TFLite's sparse format (the converter's "
+        "EXPERIMENTAL_SPARSITY): a smaller file. LiteRT densifies them when it loads the model, "
+        "except in the MobileNet-shaped subgraphs XNNPACK's sparse inference takes (docs/converter.md).",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TfliteConfig:
@@ -110,9 +116,11 @@ class TflitePass(Pass[TfliteConfig]):
 
     def _configure(self, tf: Any, converter: Any, sample_shape: tuple[int, ...] | None) -> None:
         mode = self.config.mode
+        sparsity = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY] if self.config.sparse else []
+        converter.optimizations = sparsity
         if mode == "fp32":
             return
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.optimizations = [tf.lite.Optimize.DEFAULT, *sparsity]
         if mode == "fp16":
             converter.target_spec.supported_types = [tf.float16]
         if mode != "int8":
