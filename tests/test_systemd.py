@@ -207,6 +207,7 @@ EXAMPLE_VALUES = (
     "tls_key_file",
     "groups",
     "telemetry_root",
+    "trust_root",
 )
 
 
