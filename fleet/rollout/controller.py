@@ -61,7 +61,7 @@ class Controller:
         self.lease_s = lease_s
         self.reader: EvidenceReader | None = None
         self.verdict = Verdict(None)
-        self._tokens = 0.0
+        self._tokens = 1.0  # the first device starts on the first tick
         self._last: float | None = None
 
     # --- one tick ---------------------------------------------------------------------------
