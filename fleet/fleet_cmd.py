@@ -115,6 +115,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     report.add_argument("--since", default="24h", metavar="DURATION", help="period to plot (default 24h)")
     report.set_defaults(handler=_report)
+    # --- rollout (issue 20): `fleet history` and `fleet tag` live in fleet/rollout/cli.py
+    from fleet.rollout.cli import register_fleet
+
+    register_fleet(sub)
+    # --- end rollout
 
 
 def _db_option(parser: argparse.ArgumentParser) -> None:

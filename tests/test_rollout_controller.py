@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from fleet_support import FakeDevice, ServedModel
 
 from edgeagent.protocol import BundleRef, DeploymentOutcome, Event, ModelStatus, Reported
 from fleet import fleetdb
@@ -18,7 +19,6 @@ from fleet.rollout import create as creating
 from fleet.rollout.controller import Controller, LeaseHeld, progress_line
 from fleet.rollout.model import DeviceState, Gates, Pacing, RolloutSpec, RolloutState, Target
 from fleet.rollout.store import RolloutStore, open_db
-from fleet_support import FakeDevice, ServedModel
 
 OLD = BundleRef(name="digits", version="1.0.0", sha256="a" * 64, size=1000)
 NEW = BundleRef(name="digits", version="1.1.0", sha256="b" * 64, size=1000)
@@ -47,11 +47,15 @@ class World:
     def __post_init__(self) -> None:
         self.writer = fleetdb.open_for_writing(self.path)
 
-    def add(self, device: str, profile: str = "rpi4", behaviour: str = "ok", groups: tuple[str, ...] = ("cams",)) -> None:  # fmt: skip
+    def add(
+        self, device: str, profile: str = "rpi4", behaviour: str = "ok", groups: tuple[str, ...] = ("cams",)
+    ) -> None:
         self.behaviour[device] = behaviour
         self.report(device, OLD, profile, list(groups))
 
-    def report(self, device: str, active: BundleRef, profile: str = "rpi4", groups: list[str] | None = None) -> None:  # fmt: skip
+    def report(
+        self, device: str, active: BundleRef, profile: str = "rpi4", groups: list[str] | None = None
+    ) -> None:
         reported = Reported(
             device=device, online=True, groups=groups or ["cams"], profile=profile,
             models={"default": ModelStatus(bundle=active, state="idle")},
@@ -81,7 +85,9 @@ class World:
             ok = self.behaviour[device] != "acceptance"
             event = Event(device=device, kind="outcome", model="default", bundle=ref, ok=ok,
                           code="committed" if ok else "acceptance_failed", at=now)  # fmt: skip
-            fleetdb.write_batch(self.writer, fleetdb.Batch(events=[(event, event.model_dump_json().encode(), now)]))
+            fleetdb.write_batch(
+                self.writer, fleetdb.Batch(events=[(event, event.model_dump_json().encode(), now)])
+            )
             if ok:
                 self.report(device, ref)
 

@@ -56,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     run.add_argument("--key", required=True, type=Path, help="private key that signs the desired docs")
     run.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix (default: %(default)s)")
     run.add_argument("--poll", type=float, default=1.0, help="seconds between ticks (default 1)")
+    run.add_argument("--lease", type=float, default=30.0, help="seconds a dead controller blocks a successor")
     run.add_argument("--json", action="store_true", help="print the final status as JSON")
     _db(run)
     run.set_defaults(handler=_run)
@@ -202,14 +203,14 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     db = open_db(args.db)
     try:
-        states = drive(
-            db, BrokerConfig.from_url(args.broker), topics, key, args.id, stop, args.poll, whoami()
-        )
-        if args.id is not None:
-            return _print_status(db, args.id, args.json, devices=False) or (
-                0 if states.get(args.id) == "completed" else 1
-            )
-        return 0
+        broker = BrokerConfig.from_url(args.broker)
+        states = drive(db, broker, topics, key, args.id, stop, args.poll, whoami(), lease_s=args.lease)
+        if args.id is None:
+            return 0
+        if args.json:
+            _print_status(db, args.id, True, devices=False)
+        # The progress lines were printed while it ran; the status says how it ended.
+        return 0 if states.get(args.id) == "completed" else 1
     finally:
         db.close()
 
@@ -286,4 +287,82 @@ def _print_status(db: Any, rollout_id: str, as_json: bool, *, devices: bool) -> 
     for d in data.get("devices", []):
         line = f"  {d['device']:<24} wave {d['wave']}  {d['state']:<11} {d['code'] or ''} {d['detail'] or ''}"
         print(line.rstrip())
+    return 0
+
+
+# --- edgectl fleet history | tag -------------------------------------------------------------
+
+
+def register_fleet(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``edgectl fleet history`` and ``edgectl fleet tag``, added to the ``fleet`` command."""
+    history = sub.add_parser("history", help="who pushed what to which device, when, and the outcome")
+    history.add_argument("--since", default="7d", metavar="DURATION", help="how far back (default 7d)")
+    history.add_argument("--device", help="only this device")
+    history.add_argument("--limit", type=int, default=200, help="newest N rows (default 200)")
+    history.add_argument("--json", action="store_true")
+    _db(history)
+    history.set_defaults(handler=_history)
+    tag = sub.add_parser("tag", help="host-side tags that rollout targets can name (--tag/--group)")
+    tag.add_argument("action", choices=("add", "rm", "ls"))
+    tag.add_argument("devices", nargs="*", metavar="DEVICE")
+    tag.add_argument("--tag", action="append", default=[], help="the tag (repeatable)")
+    tag.add_argument("--json", action="store_true")
+    _db(tag)
+    tag.set_defaults(handler=_tag)
+
+
+def _history(args: argparse.Namespace) -> int:
+    from fleet.fleet_cmd import parse_duration
+    from fleet.rollout.store import RolloutStore, open_db
+
+    since = time.time() - parse_duration(args.since, "--since")
+    db = open_db(args.db)
+    try:
+        rows = RolloutStore(db).history(since, args.device, args.limit)
+    finally:
+        db.close()
+    keys = ("at", "who", "rollout", "device", "model", "bundle", "version", "rollback", "state", "code")
+    records = [dict(zip(keys, r, strict=True)) for r in rows]
+    for r in records:
+        r["rollback"] = bool(r["rollback"])
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    if not records:
+        print("no pushes recorded in that period")
+    for r in records:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"]))
+        what = f"{'rollback to ' if r['rollback'] else ''}{r['bundle']} {r['version']}"
+        outcome = r["code"] or r["state"] or "-"
+        who, device, rollout = r["who"], r["device"], r["rollout"] or "-"
+        print(f"{when}  {who:<20} {device:<20} {r['model']:<10} {what:<28} {rollout:<22} {outcome}")
+    return 0
+
+
+def _tag(args: argparse.Namespace) -> int:
+    from edgeagent.protocol import check_id
+    from fleet.rollout.store import RolloutStore, open_db
+
+    try:
+        for name in [*args.devices, *args.tag]:
+            check_id(name, "device or tag")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if args.action != "ls" and (not args.devices or not args.tag):
+        raise UsageError(f"fleet tag {args.action}: name devices and at least one --tag")
+    db = open_db(args.db)
+    try:
+        store = RolloutStore(db)
+        if args.action != "ls":
+            store.set_tags(args.devices, args.tag, remove=args.action == "rm")
+        tags = {
+            d: sorted(t) for d, t in sorted(store.tags().items()) if not args.devices or d in args.devices
+        }
+    finally:
+        db.close()
+    if args.json:
+        print(json.dumps(tags, indent=2))
+    else:
+        for device, names in tags.items():
+            print(f"{device}: {', '.join(names)}")
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -70,8 +71,10 @@ class Controller:
         now = self.clock()
         if not self.store.acquire(self.id, self.owner, now, self.lease_s):
             row = self.store.get(self.id)
+            until = time.strftime("%H:%M:%S", time.localtime(row.lease_expires or now))
             raise LeaseHeld(
-                f"rollout {self.id} is driven by {row.lease_owner} (lease until {row.lease_expires:.0f})",
+                f"rollout {self.id} is driven by {row.lease_owner}; if that controller is dead, its lease "
+                f"expires at {until} and a controller started after that continues the rollout",
                 owner=row.lease_owner,
             )
         row = self.store.get(self.id)

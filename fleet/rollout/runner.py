@@ -12,7 +12,7 @@ from edgeagent.errors import UsageError
 from edgeagent.mqtt import BrokerConfig
 from edgeagent.protocol import Topics
 from edgeagent.signing import SigningKey
-from fleet.rollout.controller import Controller, LeaseHeld, progress_line
+from fleet.rollout.controller import DEFAULT_LEASE_S, Controller, LeaseHeld, progress_line
 from fleet.rollout.publisher import Publisher, connect
 from fleet.rollout.store import Db, RolloutStore
 
@@ -28,6 +28,8 @@ def drive(
     stop: threading.Event,
     poll_s: float,
     who: str,
+    *,
+    lease_s: float = DEFAULT_LEASE_S,
 ) -> dict[str, str]:
     """Drive one rollout (or, with None, every active one, forever) until it is final or ``stop``
     is set; returns the last state of each rollout driven."""
