@@ -90,6 +90,7 @@ class Controller:
         if row.state in (RolloutState.RUNNING, RolloutState.PAUSED):
             self.verdict = self._judge(row, devices, now)
             if self.verdict.abort:
+                self.verdict = Verdict(self.verdict.reason, {**self.verdict.figures, "aborted_at": now})
                 log.warning("rollout %s: aborting: %s", self.id, self.verdict.reason)
                 self.store.set_state(
                     self.id, {RolloutState.RUNNING, RolloutState.PAUSED}, RolloutState.ABORTING, now,
