@@ -18,7 +18,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import queue
 import shutil
 import socket
 import sqlite3
@@ -36,16 +35,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fleet_sim_device import DeviceSpec, WorkerConfig, worker_main  # noqa: E402
+from fleet_sim_device import DeviceSpec, WorkerConfig, worker_main
 
-from edgeagent.mqtt import BrokerConfig, MqttSession  # noqa: E402
-from edgeagent.protocol import BundleRef, Topics  # noqa: E402
-from edgeagent.signing import SigningKey, generate_keypair  # noqa: E402
-from fleet.rollout import create as creating  # noqa: E402
-from fleet.rollout.controller import Controller, progress_line  # noqa: E402
-from fleet.rollout.model import DeviceState, Gates, Pacing, RolloutSpec, RolloutState, Target  # noqa: E402
-from fleet.rollout.publisher import Publisher, connect  # noqa: E402
-from fleet.rollout.store import RolloutStore, open_db  # noqa: E402
+from edgeagent.mqtt import BrokerConfig, MqttSession
+from edgeagent.protocol import BundleRef, Topics
+from edgeagent.signing import SigningKey, generate_keypair
+from fleet.rollout import create as creating
+from fleet.rollout.controller import Controller
+from fleet.rollout.model import DeviceState, Gates, Pacing, RolloutSpec, RolloutState, Target
+from fleet.rollout.publisher import Publisher, connect
+from fleet.rollout.store import RolloutStore, open_db
 
 BIN = Path(sys.executable).parent
 PREFIX = "sim"
@@ -349,7 +348,9 @@ def collector_lag(db_path: Path) -> float | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", default="100,300,1000")
     parser.add_argument("--scenarios", default="complete")
     parser.add_argument("--workers", type=int, default=4)

@@ -90,7 +90,9 @@ class Acceptance:
                 dest = self.root / f"acceptance-{os.getpid()}-{sha256[:16]}"
                 verified = extract_bundle(path, dest, self.ring)
                 m = verified.manifest
-                model = load_model(dest / m.models[0].path, "onnxruntime", LoadOptions(delegate="CPUExecutionProvider"))
+                model = load_model(
+                    dest / m.models[0].path, "onnxruntime", LoadOptions(delegate="CPUExecutionProvider")
+                )
                 self._loaded[sha256] = (model, m.acceptance, load_golden(dest / str(m.acceptance.golden)))
             model, gate, golden = self._loaded[sha256]
             verdict = run_acceptance(model, gate, golden)
@@ -166,8 +168,12 @@ class SimDevice:
             self.previous, self.current = self.current, ref
         else:
             self.failed.add(ref.sha256)
-        self.shared.last[self.id] = DeploymentOutcome(model=MODEL, bundle=ref, ok=ok, code=code, reason=reason)
-        event = Event(device=self.id, kind="outcome", model=MODEL, bundle=ref, ok=ok, code=code, reason=reason)
+        self.shared.last[self.id] = DeploymentOutcome(
+            model=MODEL, bundle=ref, ok=ok, code=code, reason=reason
+        )
+        event = Event(
+            device=self.id, kind="outcome", model=MODEL, bundle=ref, ok=ok, code=code, reason=reason
+        )
         self.session.publish(self.topics.events(self.id), event.model_dump_json())
         self.report()
         # A newer document may have arrived while this one was deployed (a rollback).

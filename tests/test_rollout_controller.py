@@ -6,6 +6,7 @@ restart."""
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,3 +248,29 @@ def test_target_resolution_and_tags(world: World) -> None:
     assert creating.resolve(Target(group="canary"), known) == ["b"]
     with pytest.raises(Exception, match="never heard of zz"):
         creating.resolve(Target(devices=["a", "zz"]), known)
+
+
+def test_fleet_views_tags_inventory_and_history(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    from fleet.edgectl import main
+
+    world.add("a", groups=("cams",))
+    world.add("b", groups=("yard",))
+    store, rid = make(world, waves=["100%"], soak_s=0)
+    drive(world, Controller(store, rid, world, world.clock, owner="c1"), 10)
+
+    def edgectl(*argv: str) -> str:
+        with pytest.raises(SystemExit) as done:
+            main([*argv, "--db", str(world.path)])
+        assert done.value.code == 0
+        return capsys.readouterr().out
+
+    edgectl("fleet", "tag", "add", "b", "--tag", "canary")
+    assert json.loads(edgectl("fleet", "tag", "ls", "--json")) == {"b": ["canary"]}
+    rows = json.loads(edgectl("fleet", "status", "--tag", "canary", "--json"))["rows"]
+    assert {r["device"] for r in rows} == {"b"}
+    inv = {r["device"]: r for r in json.loads(edgectl("fleet", "inventory", "--json"))}
+    assert inv["b"]["tags"] == ["canary"] and inv["a"]["profile"] == "rpi4"
+    assert inv["a"]["models"]["default"]["version"] == "1.1.0"
+    history = json.loads(edgectl("fleet", "history", "--since", "3000w", "--json"))
+    assert [(h["device"], h["version"], h["state"]) for h in history] == [("a", "1.1.0", "committed")]
+    assert "1/1 committed" in edgectl("rollout", "status")

@@ -302,6 +302,13 @@ def register_fleet(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     history.add_argument("--json", action="store_true")
     _db(history)
     history.set_defaults(handler=_history)
+    inventory = sub.add_parser(
+        "inventory", help="per device: groups, tags, profile, agent, runtimes, free disk"
+    )
+    inventory.add_argument("--tag", metavar="QUERY", help="only devices matching a tag query (a,b,!c)")
+    inventory.add_argument("--json", action="store_true")
+    _db(inventory)
+    inventory.set_defaults(handler=_inventory)
     tag = sub.add_parser("tag", help="host-side tags that rollout targets can name (--tag/--group)")
     tag.add_argument("action", choices=("add", "rm", "ls"))
     tag.add_argument("devices", nargs="*", metavar="DEVICE")
@@ -365,4 +372,33 @@ def _tag(args: argparse.Namespace) -> int:
     else:
         for device, names in tags.items():
             print(f"{device}: {', '.join(names)}")
+    return 0
+
+
+def _inventory(args: argparse.Namespace) -> int:
+    from fleet import fleetdb
+    from fleet.rollout.create import Known, matches_tags
+    from fleet.rollout.views import inventory
+
+    fleetdb.open_for_reading(args.db).close()  # the same one-line refusal as the other views
+    records = inventory(args.db)
+    if args.tag:
+        records = [
+            r for r in records
+            if matches_tags(args.tag, Known(r["device"], frozenset(r["groups"]), frozenset(r["tags"]),
+                                            None, None))
+        ]  # fmt: skip
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    for r in records:
+        models = "; ".join(
+            f"{name}={m['bundle']}@{m['version']} {m['runtime']}/{m['delegate']}"
+            for name, m in r["models"].items()
+        )
+        disk = f"{r['disk_free_mb']:.0f} MB free" if r["disk_free_mb"] is not None else "disk ?"
+        state = {True: "online", False: "offline", None: "?"}[r["online"]]
+        member = ",".join(r["groups"] + [f"#{t}" for t in r["tags"]]) or "-"
+        print(f"{r['device']:<22} {state:<7} {r['profile'] or '?':<16} agent {r['agent_version'] or '?':<8} "
+              f"{disk:<14} {member:<24} {models}")  # fmt: skip
     return 0
