@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from fleet_sim import device_specs, run_one  # noqa: E402
+from fleet_sim import device_specs, run_one
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
 
