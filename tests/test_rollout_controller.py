@@ -274,3 +274,16 @@ def test_fleet_views_tags_inventory_and_history(world: World, capsys: pytest.Cap
     history = json.loads(edgectl("fleet", "history", "--since", "3000w", "--json"))
     assert [(h["device"], h["version"], h["state"]) for h in history] == [("a", "1.1.0", "committed")]
     assert "1/1 committed" in edgectl("rollout", "status")
+
+
+def test_the_report_marks_rollouts_on_the_latency_plots(world: World) -> None:
+    from fleet.report import build_report
+
+    world.add("a")
+    world.telemetry("a", "1.0.0", 10.0)
+    store, rid = make(world, waves=["100%"], soak_s=0)
+    drive(world, Controller(store, rid, world, world.clock, owner="c1"), 10)
+    world.clock.now += 5
+    world.telemetry("a", "1.1.0", 10.0)
+    page = build_report(world.path, since_s=3600, now=world.clock.now + 10).html
+    assert "▶ digits 1.1.0" in page and "■ digits 1.1.0 completed" in page

@@ -100,3 +100,23 @@ def inventory(path: Path) -> list[dict[str, Any]]:
         return records
     finally:
         conn.close()
+
+
+def rollout_markers(path: Path, since: float) -> list[tuple[float, str]]:
+    """(time, label) of rollouts starting (first device pushed) and ending since ``since``."""
+    conn = _open(path)
+    try:
+        if not _has_rollout_tables(conn):
+            return []
+        store = RolloutStore(Db(conn))
+        markers = []
+        for row in store.rollouts():
+            pushed = [d.pushed_at for d in store.devices(row.id) if d.pushed_at is not None]
+            name = f"{row.spec.bundle.name} {row.spec.bundle.version}"
+            if pushed and max(pushed) >= since:
+                markers.append((min(pushed), f"▶ {name}"))
+            if row.state.final and row.updated_at >= since:
+                markers.append((row.updated_at, f"■ {name} {row.state.value}"))
+        return markers
+    finally:
+        conn.close()
