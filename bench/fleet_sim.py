@@ -200,6 +200,8 @@ class Result:
     bound_s: float
     raw_mb_s: float
     detect_s: float | None  # abort decided this long after the evidence was stored
+    devices_cpu_s: float = 0.0  # the simulated devices' worker processes, all together
+    broker_cpu_s: float = 0.0
 
 
 SCENARIOS: dict[str, dict[str, float]] = {
@@ -258,7 +260,11 @@ def run_one(scenario: str, n: int, workers: int, telemetry_s: float, keep: bool)
         raw = raw_throughput(broker, v2_path.read_bytes(), 20)
         bytes0, reg0, col0 = BrokerBytes(broker), cpu_seconds(reg.pid), cpu_seconds(col.pid)
         b0 = bytes0.total()
+        dev0 = sum(cpu_seconds(c.pid or 0) for c in children)
+        mosq0 = cpu_seconds(procs.procs[0].pid)
         result = roll_out(db_path, broker, key, v2, n, scenario, specs, telemetry_s)
+        result.devices_cpu_s = sum(cpu_seconds(c.pid or 0) for c in children) - dev0
+        result.broker_cpu_s = cpu_seconds(procs.procs[0].pid) - mosq0
         result.broker_mb = (bytes0.total() - b0) / 1e6
         result.registry_cpu_s = cpu_seconds(reg.pid) - reg0
         result.collector_cpu_s = cpu_seconds(col.pid) - col0
