@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -204,7 +205,15 @@ def _run(args: argparse.Namespace) -> int:
     db = open_db(args.db)
     try:
         broker = BrokerConfig.from_url(args.broker)
-        states = drive(db, broker, topics, key, args.id, stop, args.poll, whoami(), lease_s=args.lease)
+        # With --json the progress lines go to stderr, so stdout is one JSON document.
+        out = sys.stderr if args.json else sys.stdout
+
+        def say(line: str) -> None:
+            print(line, file=out, flush=True)
+
+        states = drive(
+            db, broker, topics, key, args.id, stop, args.poll, whoami(), lease_s=args.lease, say=say
+        )
         if args.id is None:
             return 0
         if args.json:

@@ -114,7 +114,7 @@ class Controller:
             # A predecessor may have died between marking a device pushed and publishing.
             for device in self.store.devices(self.id):
                 if device.state is DeviceState.PUSHED:
-                    self._publish(device.device, spec.bundle, now, rollback=False)
+                    self._publish(device.device, spec.model, spec.bundle, now, rollback=False)
         self._last = now
 
     def _observe(self, row: RolloutRow, devices: list[DeviceRow], now: float) -> None:
@@ -151,10 +151,9 @@ class Controller:
 
     # --- acting -----------------------------------------------------------------------------
 
-    def _publish(self, device: str, ref: BundleRef, now: float, *, rollback: bool) -> None:
+    def _publish(self, device: str, model: str, ref: BundleRef, now: float, *, rollback: bool) -> None:
         seq = self.publisher.publish(device, ref, rollback=rollback)
-        self.store.record_push(now, self.owner, self.id, device, self.store.get(self.id).spec.model, ref, seq,
-                               rollback)  # fmt: skip
+        self.store.record_push(now, self.owner, self.id, device, model, ref, seq, rollback)
 
     def _advance(self, row: RolloutRow, devices: list[DeviceRow], now: float) -> None:
         pacing = row.spec.pacing
@@ -171,7 +170,7 @@ class Controller:
         for device in pending[: max(room, 0)]:
             # Write-ahead: a crash after this line republishes on recovery, never skips the device.
             self.store.set_device(self.id, device.device, DeviceState.PUSHED, at=now)
-            self._publish(device.device, row.spec.bundle, now, rollback=False)
+            self._publish(device.device, row.spec.model, row.spec.bundle, now, rollback=False)
             device.state = DeviceState.PUSHED
             self._tokens -= 1
         wave, soak_until = row.wave, row.soak_until
@@ -198,7 +197,7 @@ class Controller:
                     detail="ran no bundle for this model before; nothing to return to",
                 )  # fmt: skip
                 continue
-            self._publish(device.device, device.previous, now, rollback=True)
+            self._publish(device.device, row.spec.model, device.previous, now, rollback=True)
             self.store.set_device(
                 self.id, device.device, DeviceState.ROLLED_BACK, at=now,
                 detail=f"rolled back to {device.previous.name} {device.previous.version}",

@@ -34,11 +34,9 @@ class CachedConnection(FleetConnection):
         return len(self._docs)
 
     def retained(self, topic_filter: str, settle_s: float = 1.0) -> dict[str, bytes]:
-        if (
-            self._docs is not None
-            and self.topics.device_of(topic_filter) is not None
-            and "+" not in topic_filter
-        ):
+        # Only one device's desired topic is served from the copy; anything else is read live.
+        one_doc = "+" not in topic_filter and topic_filter.endswith("/desired")
+        if self._docs is not None and one_doc and self.topics.device_of(topic_filter) is not None:
             payload = self._docs.get(topic_filter)
             return {topic_filter: payload} if payload else {}
         return super().retained(topic_filter, settle_s)

@@ -7,6 +7,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Callable
 
 from edgeagent.errors import UsageError
 from edgeagent.mqtt import BrokerConfig
@@ -30,6 +31,7 @@ def drive(
     who: str,
     *,
     lease_s: float = DEFAULT_LEASE_S,
+    say: Callable[[str], None] = print,
 ) -> dict[str, str]:
     """Drive one rollout (or, with None, every active one, forever) until it is final or ``stop``
     is set; returns the last state of each rollout driven."""
@@ -58,7 +60,7 @@ def drive(
                     continue
                 line = progress_line(store, rid)
                 if shown.get(rid) != line:
-                    print(line, flush=True)
+                    say(line)
                     shown[rid] = line
             done = rollout_id is not None and states.get(rollout_id) in ("completed", "aborted")
             if done or stop.wait(poll_s):
