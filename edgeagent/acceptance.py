@@ -19,76 +19,19 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from edgeagent import agreement
 from edgeagent.bundle import golden as bundle_golden
 from edgeagent.bundle.golden import GoldenSet, match_inputs, match_outputs
 from edgeagent.bundle.manifest import AcceptanceGate, OutputGate
 from edgeagent.errors import UsageError
+from edgeagent.protocol import Check, Latency, Verdict
 from edgeagent.runtimes.model import LoadedModel
 from edgeagent.state import StateCarrier
 
 WARMUP_RUNS = 3
 # Latency-only gates (no golden set) time this many zero inputs.
 SYNTHETIC_RUNS = 50
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Check(_Frozen):
-    """One number of the verdict against its bound."""
-
-    name: str = Field(
-        description="accuracy, top1_agreement, tolerance_ratio (tolerance_ratio[<output>] for each "
-        "output of a model with several), latency_p95_ms, or a per-output bound of a task gate: "
-        "top1_agreement[<output>], topk_agreement[<output>], mse[<output>], max_abs[<output>], "
-        "cosine[<output>], iou[<output>], box_match[<output>], tolerance_ratio[<output>]."
-    )
-    value: float | None = Field(description="What was measured; None when it could not be.")
-    op: Literal[">=", "<="] = Field(description="How value must compare with bound to pass.")
-    bound: float = Field(description="The gate's bound.")
-    passed: bool
-    detail: str = Field(default="", description="How the number was obtained, or why it is missing.")
-
-    def sentence(self) -> str:
-        if self.value is None:
-            return f"{self.name} not measured ({self.detail})"
-        broken = "<" if self.op == ">=" else ">"
-        return f"{self.name} {self.value:.4g} {broken} bound {self.bound:.4g}"
-
-
-class Latency(_Frozen):
-    """Per-sample latency of the model call (ms), over the timed runs."""
-
-    runs: int
-    p50_ms: float
-    p95_ms: float
-    p99_ms: float
-    max_ms: float
-
-
-class Verdict(_Frozen):
-    """The outcome of acceptance on one runtime/delegate: every number next to its bound."""
-
-    passed: bool
-    reason: str | None = Field(
-        description="Why it failed (the missed bounds, in words); None when it passed."
-    )
-    runtime: str
-    delegate: str
-    precision: str
-    profile: str | None = Field(description="Device profile whose latency budget applied.")
-    samples: int = Field(description="Golden samples run (0: no golden set, latency from zero inputs).")
-    checks: list[Check]
-    latency: Latency
-    predicted_classes: dict[str, int] | None = Field(
-        default=None,
-        description="Top-1 class -> count over the golden set when the output is class scores: "
-        "the reference distribution that telemetry's drift figure compares live predictions with.",
-    )
 
 
 def load_golden(path: Path) -> GoldenSet:

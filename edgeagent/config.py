@@ -146,12 +146,47 @@ class AgentConfig(BaseModel):
         default=Path("/etc/edgeagent/keys"),
         description="Folder of trusted Ed25519 public keys (*.pub) for bundles and desired docs.",
     )
+    trust_root: Path | None = Field(
+        default=None,
+        description=(
+            "Public key of the offline root that signs key sets (edge/v1/trust); unset = the "
+            "trusted_keys folder only, forever."
+        ),
+    )
     insecure: bool = Field(
         default=False,
         description="Accept unsigned desired docs and bundles. Only for the local demo; logged loudly.",
     )
     keep_bundles: int = Field(
         default=3, ge=1, le=100, description="Installed bundles kept, current/previous included."
+    )
+    max_bundle_mb: float = Field(
+        default=2048.0,
+        gt=0,
+        le=65536,
+        description="Largest bundle (MiB) a desired doc may name; a larger one is refused unread.",
+    )
+    free_space_margin_mb: float = Field(
+        default=16.0,
+        ge=0,
+        le=65536,
+        description="Free space (MiB) a download must leave after the bundle and its extraction.",
+    )
+    store_check_interval_s: float = Field(
+        default=3600.0,
+        ge=0,
+        le=7 * 86400,
+        description="Seconds between checks of the active bundles against their signed manifests "
+        "(also on every start); 0 = only on start.",
+    )
+    deploy_max_attempts: int = Field(
+        default=5, ge=1, le=100, description="Starts of one bundle's deployment before it is given up."
+    )
+    retry_base_s: float = Field(
+        default=10.0, gt=0, le=3600, description="First wait (s) before a transient failure is retried."
+    )
+    retry_cap_s: float = Field(
+        default=600.0, gt=0, le=86400, description="Longest wait (s) between retries (backoff with jitter)."
     )
     transfer_block_kib: int = Field(
         default=256, ge=4, le=256, description="Block size of bundle downloads in KiB (bench/transfer.py)."

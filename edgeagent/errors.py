@@ -23,6 +23,8 @@
         ├── SignatureError
         │   ├── MissingSignature        no manifest.sig and unsigned bundles are not allowed
         │   ├── UnknownKey              signed by a key id that is not trusted
+    │   ├── RevokedKey              signed by a key the current key set revokes (edgeagent.trust)
+    │   ├── ExpiredKey              signed by a key past its expiry, or its key set's
         │   └── BadSignature            the signature does not match the manifest bytes
         ├── IntegrityError
         │   ├── HashMismatch            a file's sha256 differs from the manifest
@@ -138,6 +140,14 @@ class UnknownKey(SignatureError):
 
 class BadSignature(SignatureError):
     code = "bad_signature"
+
+
+class RevokedKey(SignatureError):
+    code = "revoked_key"
+
+
+class ExpiredKey(SignatureError):
+    code = "expired_key"
 
 
 class IntegrityError(BundleError):
@@ -288,8 +298,16 @@ class RequestFailed(ServingError):
 # ├── MalformedMessage         an MQTT message does not parse or fails its schema
 # ├── DocumentRefused          a signed desired doc or command was refused; ``code`` says why
 # │   ├── ReplayedDocument         its seq is not newer than the last accepted one
-# │   └── DowngradeRefused         it asks for a lower version without a signed rollback
-# └── TransferError            a block transfer gave up; carries ``sha256`` and ``block``
+# │   ├── SeqInFuture              its seq is further ahead of the device clock than allowed
+# │   ├── DowngradeRefused         it asks for a lower version without a signed rollback
+# │   └── KeySetRefused            a root-signed key set was refused (edgeagent.trust)
+# │       ├── KeySetRollback           its version is older than the one the device holds
+# │       └── KeySetExpired            it has expired
+# ├── TransferError            a block transfer gave up; carries ``sha256`` and ``block``
+# │   └── TransferPaused           stopped or the broker is away: the download resumes later
+# └── DeploymentError          a deployment step refused or failed; ``code`` names why
+#     └── InsufficientSpace        the store's filesystem lacks room; carries ``needed`` and ``free``
+# (edgeagent.deploy.machine.IllegalTransition is deliberately not an EdgeError: it is a bug.)
 # (Signatures on documents raise the SignatureError family above, like bundles.)
 
 
@@ -300,15 +318,38 @@ class MalformedMessage(EdgeError):
 
 
 class DocumentRefused(EdgeError):
+    """A signed document or command refused; ``seq`` is its sequence, ``last`` the device's."""
+
     code = "document_refused"
+
+    def __init__(self, message: str, *, seq: int | None = None, last: int | None = None) -> None:
+        super().__init__(message)
+        self.seq = seq
+        self.last = last
 
 
 class ReplayedDocument(DocumentRefused):
     code = "replayed"
 
 
+class SeqInFuture(DocumentRefused):
+    code = "seq_in_future"
+
+
 class DowngradeRefused(DocumentRefused):
     code = "downgrade"
+
+
+class KeySetRefused(DocumentRefused):
+    code = "keyset_refused"
+
+
+class KeySetRollback(KeySetRefused):
+    code = "keyset_rollback"
+
+
+class KeySetExpired(KeySetRefused):
+    code = "keyset_expired"
 
 
 class TransferError(EdgeError):
@@ -320,3 +361,26 @@ class TransferError(EdgeError):
         super().__init__(message)
         self.sha256 = sha256
         self.block = block
+
+
+class TransferPaused(TransferError):
+    """The transfer stopped without failing (a stop was asked, the broker is away); it resumes later."""
+
+    code = "transfer_paused"
+
+
+class DeploymentError(EdgeError):
+    """A deployment step refused or failed; ``code`` is the reason reported in the outcome."""
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class InsufficientSpace(DeploymentError):
+    """The store's filesystem has ``free`` bytes where a step needs ``needed``."""
+
+    def __init__(self, message: str, *, needed: int, free: int) -> None:
+        super().__init__(message, code="insufficient_space")
+        self.needed = needed
+        self.free = free

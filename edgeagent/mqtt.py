@@ -31,6 +31,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeagent.errors import UsageError
+from edgeagent.ratelimit import RateLimiter, Summary
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +187,8 @@ class MqttSession:
         self._stop = threading.Event()
         self._state = SessionState.NEW
         self._backoff = backoff or Backoff()
+        # A flood must not become as many log lines: drops are logged at a bounded rate.
+        self._drop_log = RateLimiter(self._log_drops)
         self._client = self._make_client(will, max_inflight)
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -228,6 +231,7 @@ class MqttSession:
                 info.wait_for_publish(timeout=2)
         self._state = SessionState.CLOSED
         self._stop.set()
+        self._drop_log.close()
         for _ in range(self._workers_n):
             with contextlib.suppress(queue.Full):
                 self._queue.put_nowait(None)
@@ -281,14 +285,14 @@ class MqttSession:
         return True
 
     def publish_tracked(
-        self, topic: str, payload: bytes | str, *, qos: int = 1
+        self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False
     ) -> paho.MQTTMessageInfo | None:
         """Like :meth:`publish`, but returns paho's handle so the caller can tell when the broker
         acknowledged it (``is_published()``); None (and counted) when it was not queued."""
         if not self.connected:
             self.stats.publish_failed += 1
             return None
-        info = self._client.publish(topic, payload, qos=qos)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             self.stats.publish_failed += 1
             return None
@@ -318,6 +322,12 @@ class MqttSession:
             )
             if tls.insecure_skip_verify:
                 client.tls_insecure_set(True)
+            # paho writes a publish at once in the caller's thread, but an OpenSSL connection
+            # must not be written by one thread while another reads it (the network thread):
+            # that broke the record stream ("bad record mac") and cost a reconnect and the
+            # messages in flight. With a write callback set, paho leaves every write to
+            # loop(), on the network thread, which the socketpair wakes at once.
+            client.on_socket_register_write = _write_on_network_thread
         if will is not None:
             client.will_set(will[0], will[1], qos=1, retain=True)
         client.on_socket_open = _no_delay
@@ -414,12 +424,13 @@ class MqttSession:
         for sub in subs:
             if len(message.payload) > sub.max_bytes:
                 self.stats.dropped_oversize += 1
-                log.warning(
-                    "mqtt: dropped %d-byte message on %s (limit %d)",
-                    len(message.payload),
-                    msg.topic,
-                    sub.max_bytes,
-                )
+                if self._drop_log.admit("oversize"):
+                    log.warning(
+                        "mqtt: dropped %d-byte message on %s (limit %d)",
+                        len(message.payload),
+                        msg.topic,
+                        sub.max_bytes,
+                    )
             elif sub.inline:
                 self._dispatch(sub, message)
             else:
@@ -427,7 +438,18 @@ class MqttSession:
                     self._queue.put_nowait((sub, message))
                 except queue.Full:
                     self.stats.dropped_queue_full += 1
-                    log.warning("mqtt: handler queue full, dropped a message on %s", msg.topic)
+                    if self._drop_log.admit("queue_full"):
+                        log.warning("mqtt: handler queue full, dropped a message on %s", msg.topic)
+
+    def _log_drops(self, summary: Summary) -> None:
+        kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(summary.by_key.items()))
+        log.warning(
+            "mqtt %s: dropped %d more messages in %.0f s without logging each (%s)",
+            self.client_id,
+            summary.suppressed,
+            summary.interval_s,
+            kinds,
+        )
 
     def _worker(self) -> None:
         while True:
@@ -443,6 +465,10 @@ class MqttSession:
             # A handler bug must not take the agent down; it is counted and logged.
             self.stats.handler_errors += 1
             log.exception("mqtt: handler for %s failed on a message on %s", sub.topic_filter, message.topic)
+
+
+def _write_on_network_thread(_client: paho.Client, _userdata: Any, _sock: Any) -> None:
+    """Nothing to do: being set is what makes paho defer writes to loop() (see _make_client)."""
 
 
 def _no_delay(_client: paho.Client, _userdata: Any, sock: Any) -> None:

@@ -71,6 +71,13 @@ class Topics:
     def group_desired(self, group: str) -> str:
         return f"{self.root}/group/{check_id(group, 'group')}/desired"
 
+    def device_desired_model(self, device: str, model: str) -> str:
+        """One model's own desired doc: concurrent pushes of different models never collide."""
+        return f"{self.device_desired(device)}/{check_id(model, 'model')}"
+
+    def group_desired_model(self, group: str, model: str) -> str:
+        return f"{self.group_desired(group)}/{check_id(model, 'model')}"
+
     def reported(self, device: str) -> str:
         return f"{self.root}/device/{check_id(device, 'device')}/reported"
 
@@ -89,13 +96,31 @@ class Topics:
     def blocks(self, device: str) -> str:
         return f"{self.root}/device/{check_id(device, 'device')}/blocks"
 
+    def registry_get(self, device: str) -> str:
+        """Where ``device`` asks for blocks: its id in the topic, so a broker ACL can pin it."""
+        return f"{self.root}/registry/get/{check_id(device, 'device')}"
+
     @property
-    def registry_get(self) -> str:
-        return f"{self.root}/registry/get"
+    def registry_get_all(self) -> str:
+        """Every device's request topic (what a single registry subscribes to)."""
+        return f"{self.root}/registry/get/+"
 
     def registry_shared(self, share: str = "registry") -> str:
         """The shared subscription registry replicas use so each request reaches one of them."""
-        return f"$share/{check_id(share, 'share group')}/{self.registry_get}"
+        return f"$share/{check_id(share, 'share group')}/{self.registry_get_all}"
+
+    def requester_of(self, topic: str) -> str | None:
+        """The device id in a ``.../registry/get/{id}`` topic, or None (not a valid request topic)."""
+        prefix = f"{self.root}/registry/get/"
+        if not topic.startswith(prefix):
+            return None
+        device = topic[len(prefix) :]
+        return device if _ID.match(device) else None
+
+    @property
+    def trust(self) -> str:
+        """The retained, root-signed key set (edgeagent.trust)."""
+        return f"{self.root}/trust"
 
     def all_devices(self, leaf: str) -> str:
         """Wildcard subscription over every device's ``leaf`` topic (for fleet tools)."""
@@ -114,7 +139,14 @@ _M = TypeVar("_M", bound=BaseModel)
 
 
 class _Msg(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """What the host tells a device (and a device the registry): strict.
+
+    Unknown fields are refused and nothing is coerced: ``"seq": "12345678901234"``, ``1.0``
+    for an int or ``"true"`` for a bool fail validation rather than being read as what they
+    resemble, so a device never acts on a value its signer did not write as such.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class _Report(_Msg):
@@ -126,10 +158,12 @@ class _Report(_Msg):
     strict, since a device must not act on an instruction it only half understands.
     """
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=False)
 
 
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+# Sequence numbers fit a signed 64-bit integer, whatever stores or compares them later.
+SEQ_MAX = 2**63 - 1
 
 
 class BundleRef(_Msg):
@@ -148,13 +182,20 @@ class DesiredState(_Msg):
     """What should run on a device (or on every device of a group), model name by model name."""
 
     v: Literal[1] = PROTOCOL_VERSION
-    seq: int = Field(ge=1, description="Monotonic sequence per target; the agent refuses one not newer.")
+    seq: int = Field(
+        ge=1, le=SEQ_MAX, description="Monotonic sequence per target; the agent refuses one not newer."
+    )
     target: str = Field(description="'device:ID' or 'group:NAME'; must match the topic it came on.")
     models: dict[ModelName, BundleRef] = Field(
         description="model name -> bundle; an empty map removes nothing."
     )
     rollback: bool = Field(
         default=False, description="Permits versions lower than what runs (a signed rollback)."
+    )
+    reset_seq: bool = Field(
+        default=False,
+        description="Accept this seq even if lower than the stored one (a signed way out of a seq "
+        "stuck ahead of the clock); each reset must be newer than the last reset.",
     )
     issued_at: float = Field(
         default_factory=time.time, description="Unix time the host signed it (informational)."
@@ -165,14 +206,16 @@ class Command(_Msg):
     """A one-off instruction to one device; the reply goes to ``.../cmd/reply``."""
 
     v: Literal[1] = PROTOCOL_VERSION
-    seq: int = Field(ge=1, description="Monotonic per device; replays are refused.")
+    seq: int = Field(ge=1, le=SEQ_MAX, description="Monotonic per device; replays are refused.")
     id: str = Field(min_length=1, max_length=64, description="Echoed in the reply.")
     target: str = Field(description="'device:ID'.")
     name: Literal["refresh", "bench"] = Field(
-        description="refresh: republish reported state and reconcile now; "
+        description="refresh: republish reported state, clear the failed marks of the desired bundles "
+        "and reconcile now; "
         "bench: re-run acceptance on the served models."
     )
     model: str | None = Field(default=None, description="Model name the command concerns (default: all).")
+    reset_seq: bool = Field(default=False, description="As DesiredState.reset_seq, for the command seq.")
     issued_at: float = Field(default_factory=time.time)
 
 
@@ -185,6 +228,151 @@ class CommandReply(_Report):
     result: dict[str, Any] = Field(default_factory=dict)
 
 
+# --- what a device reports about a model it proved and chose -------------------------
+# The acceptance verdict (edgeagent.acceptance makes it) and the selection decision
+# (edgeagent.selection makes it) travel in reported state, events, command replies and
+# telemetry; the host reads them as these types, never by string keys.
+
+
+class Check(_Report):
+    """One number of the verdict against its bound."""
+
+    name: str = Field(
+        description="accuracy, top1_agreement, tolerance_ratio (tolerance_ratio[<output>] for each "
+        "output of a model with several), latency_p95_ms, or a per-output bound of a task gate: "
+        "top1_agreement[<output>], topk_agreement[<output>], mse[<output>], max_abs[<output>], "
+        "cosine[<output>], iou[<output>], box_match[<output>], tolerance_ratio[<output>]."
+    )
+    value: float | None = Field(description="What was measured; None when it could not be.")
+    op: Literal[">=", "<="] = Field(description="How value must compare with bound to pass.")
+    bound: float = Field(description="The gate's bound.")
+    passed: bool
+    detail: str = Field(default="", description="How the number was obtained, or why it is missing.")
+
+    def sentence(self) -> str:
+        if self.value is None:
+            return f"{self.name} not measured ({self.detail})"
+        broken = "<" if self.op == ">=" else ">"
+        return f"{self.name} {self.value:.4g} {broken} bound {self.bound:.4g}"
+
+
+class Latency(_Report):
+    """Per-sample latency of the model call (ms), over the timed runs."""
+
+    runs: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+class Verdict(_Report):
+    """The outcome of acceptance on one runtime/delegate: every number next to its bound."""
+
+    passed: bool
+    reason: str | None = Field(
+        description="Why it failed (the missed bounds, in words); None when it passed."
+    )
+    runtime: str
+    delegate: str
+    precision: str
+    profile: str | None = Field(description="Device profile whose latency budget applied.")
+    samples: int = Field(description="Golden samples run (0: no golden set, latency from zero inputs).")
+    checks: list[Check]
+    latency: Latency
+    predicted_classes: dict[str, int] | None = Field(
+        default=None,
+        description="Top-1 class -> count over the golden set when the output is class scores: "
+        "the reference distribution that telemetry's drift figure compares live predictions with.",
+    )
+
+
+Stage = Literal["artifact", "runtime", "delegate", "load", "acceptance", "slower"]
+
+
+class Rejection(_Report):
+    """A candidate that was not chosen, the stage that ruled it out, and why."""
+
+    candidate: str = Field(description="runtime/delegate/precision as the profile names it.")
+    stage: Stage = Field(description="artifact, runtime, delegate, load, acceptance, or slower (autotune).")
+    reason: str
+    artifact: str | None = Field(
+        default=None, description="Model path inside the bundle, once one was picked for the candidate."
+    )
+
+
+class Timing(_Report):
+    """What a candidate that loaded measured (ms)."""
+
+    candidate: str
+    artifact: str = Field(description="Model path inside the bundle.")
+    load_ms: float
+    p50_ms: float | None = Field(default=None, description="Golden-set p50 of the acceptance run.")
+    p95_ms: float | None = Field(default=None, description="Golden-set p95 of the acceptance run.")
+    accepted: bool | None = Field(default=None, description="Whether it passed its own gate.")
+
+
+class Chosen(_Report):
+    candidate: str
+    runtime: str
+    delegate: str
+    precision: str
+    artifact: str = Field(description="Model path inside the bundle.")
+
+
+class Decision(_Report):
+    """The structured outcome of selection, as the agent reports it."""
+
+    bundle: str
+    version: str
+    profile: str | None
+    mode: Literal["first", "autotune"]
+    chosen: Chosen | None
+    rejected: list[Rejection]
+    untried: list[str] = Field(description="Candidates after the chosen one that were not loaded.")
+    timings: list[Timing]
+
+
+class AcceptanceSummary(_Report):
+    """The figures of an active bundle's verdict that telemetry carries every interval."""
+
+    version: str | None = None
+    runtime: str | None = None
+    delegate: str | None = None
+    passed: bool | None = None
+    accuracy: float | None = Field(default=None, description="Golden-set accuracy (0-1).")
+    top1_agreement: float | None = Field(
+        default=None, description="Top-1 agreement with the reference (0-1)."
+    )
+    p95_ms: float | None = Field(default=None, description="Golden-set p95 latency on the device (ms).")
+    samples: int | None = None
+
+    @classmethod
+    def of(cls, verdict: Verdict | None, *, version: str, runtime: str, delegate: str) -> AcceptanceSummary:
+        checks = {c.name: c.value for c in verdict.checks} if verdict is not None else {}
+        return cls(
+            version=version,
+            runtime=runtime,
+            delegate=delegate,
+            passed=verdict.passed if verdict is not None else None,
+            accuracy=checks.get("accuracy"),
+            top1_agreement=checks.get("top1_agreement"),
+            p95_ms=verdict.latency.p95_ms if verdict is not None else None,
+            samples=verdict.samples if verdict is not None else None,
+        )
+
+
+def verdict_in(detail: dict[str, Any], key: str = "acceptance") -> Verdict | None:
+    """The verdict an event's or reply's ``detail[key]`` carries, typed; None when absent or unreadable."""
+    body = detail.get(key)
+    if body is None:
+        return None
+    try:
+        return Verdict.model_validate(body)
+    except ValidationError:
+        return None
+
+
 class ModelStatus(_Report):
     """One named model as the device runs it."""
 
@@ -193,9 +381,7 @@ class ModelStatus(_Report):
     runtime: str | None = None
     delegate: str | None = None
     state: str = Field(default="idle", description="Deployment state of this model name.")
-    acceptance: dict[str, Any] | None = Field(
-        default=None, description="The active bundle's acceptance verdict."
-    )
+    acceptance: Verdict | None = Field(default=None, description="The active bundle's acceptance verdict.")
 
 
 class DeploymentOutcome(_Report):
@@ -220,6 +406,9 @@ class Reported(_Report):
     models: dict[str, ModelStatus] = Field(default_factory=dict)
     last_deployment: DeploymentOutcome | None = None
     desired_seq: dict[str, int] = Field(default_factory=dict, description="Newest accepted seq per target.")
+    keyset_version: int | None = Field(
+        default=None, description="Version of the root-signed key set in use; None: no trust root."
+    )
     at: float = Field(default_factory=time.time)
 
 
@@ -342,7 +531,7 @@ class Telemetry(_Report):
     groups: list[str] = Field(default_factory=list)
     profile: str | None = None
     models: list[ModelTelemetry] = Field(default_factory=list)
-    acceptance: dict[str, dict[str, Any]] = Field(
+    acceptance: dict[str, AcceptanceSummary] = Field(
         default_factory=dict,
         description="Model name -> the active bundle's acceptance: passed, accuracy, p95_ms, version.",
     )

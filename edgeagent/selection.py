@@ -26,12 +26,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NoReturn
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import NoReturn
 
 from devices.profile import EDGETPU_SUFFIX, Candidate
-from edgeagent.acceptance import Verdict, load_golden, run_acceptance
+from edgeagent.acceptance import load_golden, run_acceptance
 from edgeagent.bundle.golden import GoldenSet
 from edgeagent.bundle.manifest import AcceptanceGate, Manifest, ModelEntry
 from edgeagent.errors import (
@@ -43,59 +41,11 @@ from edgeagent.errors import (
     RuntimeUnavailable,
     UsageError,
 )
+from edgeagent.protocol import Chosen, Decision, Rejection, Timing, Verdict
 from edgeagent.runtimes import LoadedModel, LoadOptions, get_adapter, load_model
 from edgeagent.state import StateCarrier
 
 log = logging.getLogger(__name__)
-
-Stage = Literal["artifact", "runtime", "delegate", "load", "acceptance", "slower"]
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Rejection(_Frozen):
-    """A candidate that was not chosen, the stage that ruled it out, and why."""
-
-    candidate: str = Field(description="runtime/delegate/precision as the profile names it.")
-    stage: Stage = Field(description="artifact, runtime, delegate, load, acceptance, or slower (autotune).")
-    reason: str
-    artifact: str | None = Field(
-        default=None, description="Model path inside the bundle, once one was picked for the candidate."
-    )
-
-
-class Timing(_Frozen):
-    """What a candidate that loaded measured (ms)."""
-
-    candidate: str
-    artifact: str = Field(description="Model path inside the bundle.")
-    load_ms: float
-    p50_ms: float | None = Field(default=None, description="Golden-set p50 of the acceptance run.")
-    p95_ms: float | None = Field(default=None, description="Golden-set p95 of the acceptance run.")
-    accepted: bool | None = Field(default=None, description="Whether it passed its own gate.")
-
-
-class Chosen(_Frozen):
-    candidate: str
-    runtime: str
-    delegate: str
-    precision: str
-    artifact: str = Field(description="Model path inside the bundle.")
-
-
-class Decision(_Frozen):
-    """The structured outcome of selection, as the agent reports it."""
-
-    bundle: str
-    version: str
-    profile: str | None
-    mode: Literal["first", "autotune"]
-    chosen: Chosen | None
-    rejected: list[Rejection]
-    untried: list[str] = Field(description="Candidates after the chosen one that were not loaded.")
-    timings: list[Timing]
 
 
 @dataclass

@@ -76,6 +76,7 @@ class StopSignal:
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
         self._reason: str | None = None
+        self._exit_code = 0
         self._closed = False
         # Re-entrant: a signal handler runs on the main thread, possibly inside request().
         self._lock = threading.RLock()
@@ -88,11 +89,21 @@ class StopSignal:
     def reason(self) -> str | None:
         return self._reason
 
-    def request(self, reason: str) -> None:
-        """Ask the service to stop; the first reason is kept. Safe from handlers and threads."""
+    @property
+    def exit_code(self) -> int:
+        return self._exit_code
+
+    def request(self, reason: str, *, exit_code: int = 0) -> None:
+        """Ask the service to stop; the first reason is kept. Safe from handlers and threads.
+
+        A non-zero ``exit_code`` (a bug in a thread) wins over 0 whatever came first, so
+        systemd restarts the agent.
+        """
         with self._lock:
             if self._reason is None:
                 self._reason = reason
+            if exit_code:
+                self._exit_code = self._exit_code or exit_code
             if not self._closed:  # a closed descriptor number may already belong to another file
                 with contextlib.suppress(BlockingIOError, OSError):
                     os.write(self._write, b"\0")
@@ -208,7 +219,8 @@ class AgentService:
         self._tasks.append(task)
 
     def run(self) -> int:
-        """Run until SIGTERM/SIGINT or ``stop.request()``; returns the exit status (0).
+        """Run until SIGTERM/SIGINT or ``stop.request()``; returns the exit status (0, or the
+        non-zero code a ``stop.request(..., exit_code=)`` asked for).
 
         Must be called from the main thread (signal handlers are installed there).
         """
@@ -228,8 +240,9 @@ class AgentService:
                     self._notify("STOPPING=1", f"STATUS=stopping ({reason})")
                     self._state = ServiceState.STOPPED
         finally:
+            code = self.stop.exit_code
             self.stop.close()  # after the handlers are gone, so none can write to a closed pipe
-        return 0
+        return code
 
     def _loop(self) -> None:
         due = {task.name: self._clock() for task in self._tasks}

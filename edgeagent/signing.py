@@ -9,18 +9,20 @@ public key: short enough to read, long enough not to collide in one fleet.
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edgeagent.errors import BadSignature, KeyFileError, UnknownKey, UsageError
+from edgeagent.errors import BadSignature, ExpiredKey, KeyFileError, RevokedKey, UnknownKey, UsageError
 
 ALGORITHM = "ed25519"
 PRIVATE_SUFFIX = ".key"
@@ -89,18 +91,47 @@ class Signature:
         return cls(key_id=kid, signature=sig, algorithm=algorithm)
 
 
-class KeyRing:
-    """The public keys a reader trusts, by key id."""
+@dataclass(frozen=True)
+class _Trust:
+    """One consistent view of a ring: swapped whole, so a check never sees half an update."""
 
-    def __init__(self, keys: Iterable[Ed25519PublicKey] = ()) -> None:
-        self._keys: dict[str, Ed25519PublicKey] = {}
+    keys: Mapping[str, Ed25519PublicKey]
+    revoked: frozenset[str] = frozenset()
+    expires: Mapping[str, float] = field(default_factory=dict)  # key id -> Unix time
+
+
+class KeyRing:
+    """The public keys a reader trusts, by key id.
+
+    A flat ring (keys added from a folder) trusts its keys forever. A device with a trust
+    root (:mod:`edgeagent.trust`) replaces the whole ring with each root-signed key set it
+    accepts, which can also revoke keys and give them an expiry; every verification, of
+    bundles, desired documents and commands alike, then refuses a revoked or expired key.
+    """
+
+    def __init__(
+        self, keys: Iterable[Ed25519PublicKey] = (), *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._trust = _Trust({})
+        self._clock = clock
         for key in keys:
             self.add(key)
 
     def add(self, key: Ed25519PublicKey) -> str:
         kid = key_id(key)
-        self._keys[kid] = key
+        current = self._trust
+        self._trust = _Trust({**current.keys, kid: key}, current.revoked, current.expires)
         return kid
+
+    def replace(
+        self,
+        keys: Iterable[Ed25519PublicKey],
+        *,
+        revoked: Iterable[str] = (),
+        expires: Mapping[str, float] | None = None,
+    ) -> None:
+        """Trust exactly ``keys`` from now on, refusing the ``revoked`` ids and expired ones."""
+        self._trust = _Trust({key_id(k): k for k in keys}, frozenset(revoked), dict(expires or {}))
 
     @classmethod
     def from_paths(cls, paths: Iterable[Path]) -> KeyRing:
@@ -113,24 +144,37 @@ class KeyRing:
         return ring
 
     def __contains__(self, kid: object) -> bool:
-        return kid in self._keys
+        return kid in self._trust.keys
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._keys))
+        return iter(sorted(self._trust.keys))
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._trust.keys)
 
     def verify(self, data: bytes, signature: Signature) -> None:
-        """Raise :class:`UnknownKey` or :class:`BadSignature` unless ``signature`` signs ``data``."""
-        key = self._keys.get(signature.key_id)
+        """Raise :class:`UnknownKey`, :class:`RevokedKey`, :class:`ExpiredKey` or
+        :class:`BadSignature` unless a trusted key's ``signature`` signs ``data``."""
+        trust = self._trust
+        kid = signature.key_id
+        if kid in trust.revoked:
+            raise RevokedKey(f"signed by key {kid}, which the current key set revokes")
+        key = trust.keys.get(kid)
         if key is None:
-            trusted = ", ".join(self) or "none"
-            raise UnknownKey(f"signed by key {signature.key_id}, which is not trusted (trusted: {trusted})")
+            trusted = ", ".join(sorted(trust.keys)) or "none"
+            raise UnknownKey(f"signed by key {kid}, which is not trusted (trusted: {trusted})")
+        expiry = trust.expires.get(kid)
+        if expiry is not None and self._clock() >= expiry:
+            raise ExpiredKey(f"signed by key {kid}, which expired at {utc_text(expiry)}")
         try:
             key.verify(signature.signature, data)
         except InvalidSignature as exc:
-            raise BadSignature(f"signature by key {signature.key_id} does not match the manifest") from exc
+            raise BadSignature(f"signature by key {kid} does not match the manifest") from exc
+
+
+def utc_text(unix_s: float) -> str:
+    """A Unix time as ISO 8601 UTC to the second, for messages."""
+    return datetime.datetime.fromtimestamp(unix_s, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:

@@ -7,6 +7,7 @@ Layout under ``state_dir`` (``/var/lib/edgeagent`` by default)::
     models/<name>/current -> ../../bundles/<sha256>
     models/<name>/previous -> ../../bundles/<sha256>
     journal/<name>.json                        the deployment journal of each model name
+    refs.json                                  what each installed sha256 is (name, version, size)
 
 Links are swapped atomically (a new link under a temp name, then ``os.replace``), so at
 every instant ``current`` points at a complete bundle or does not exist.
@@ -21,9 +22,11 @@ import re
 import shutil
 from pathlib import Path
 
+from edgeagent.bundle.manifest import MANIFEST_NAME, SIGNATURE_NAME, parse_manifest
 from edgeagent.bundle.reader import Limits, VerifiedBundle, extract_bundle
-from edgeagent.signing import KeyRing
-from edgeagent.storage import fsync_dir
+from edgeagent.errors import EdgeError
+from edgeagent.signing import KeyRing, Signature
+from edgeagent.storage import fsync_dir, hash_file
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +35,16 @@ BUNDLE_ID = re.compile(r"^[0-9a-f]{64}$")
 
 
 class Store:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, read_only: bool = False) -> None:
+        """Open the store at ``root``; ``read_only`` (``edgeagent status``) creates and cleans nothing,
+        so it is safe beside a running agent."""
         self.root = root
         self.downloads = root / "downloads"
         self.bundles = root / "bundles"
         self.models = root / "models"
         self.journal_dir = root / "journal"
+        if read_only:
+            return
         for folder in (self.downloads, self.bundles, self.models, self.journal_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self._clean_staging()
@@ -80,6 +87,73 @@ class Store:
                     sub.chmod(0o644 if sub.is_file() else 0o755)
             shutil.rmtree(path, ignore_errors=True)
 
+    def check_bundle(self, sha256: str, trusted: KeyRing, *, allow_unsigned: bool = False) -> str | None:
+        """None when ``bundles/<sha256>/`` still matches its signed manifest, else the first problem.
+
+        Reads every file once (the cost of a store that notices a flipped bit).
+        """
+        folder = self.bundle_dir(sha256)
+        try:
+            manifest_bytes = (folder / MANIFEST_NAME).read_bytes()
+            sig = folder / SIGNATURE_NAME
+            if sig.exists():
+                trusted.verify(manifest_bytes, Signature.from_json(sig.read_bytes()))
+            elif not allow_unsigned:
+                return f"{SIGNATURE_NAME} is missing"
+            manifest = parse_manifest(manifest_bytes)
+            for entry in manifest.files:
+                size, digest = hash_file(folder / entry.path)
+                if (size, digest) != (entry.size, entry.sha256):
+                    return f"{entry.path} does not match its sha256 in the manifest"
+        except EdgeError as exc:
+            return f"manifest: {exc}"
+        except OSError as exc:
+            return f"cannot read the bundle: {exc.strerror or exc}"
+        return None
+
+    def version_of(self, sha256: str) -> str | None:
+        try:
+            return parse_manifest((self.bundle_dir(sha256) / MANIFEST_NAME).read_bytes()).version
+        except (OSError, EdgeError):
+            return None
+
+    # --- downloads and space -----------------------------------------------------------
+
+    def download_files(self, sha256: str) -> tuple[Path, Path, Path]:
+        """(.part, .state, finished .bundle) of a download, as the block downloader names them."""
+        base = self.downloads / sha256
+        return base.with_suffix(".part"), base.with_suffix(".state"), base.with_suffix(".bundle")
+
+    def download_bytes(self, sha256: str) -> int:
+        """Bytes the download of ``sha256`` already occupies (allocated blocks)."""
+        total = 0
+        for path in self.download_files(sha256):
+            with contextlib.suppress(OSError):
+                total += path.stat().st_blocks * 512
+        return total
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def discard_download(self, sha256: str, *, keep_partial: bool = False) -> None:
+        part, state, done = self.download_files(sha256)
+        done.unlink(missing_ok=True)
+        if not keep_partial:
+            part.unlink(missing_ok=True)
+            state.unlink(missing_ok=True)
+
+    def clean_downloads(self, keep: set[str]) -> list[str]:
+        """Remove every download that is not of a bundle in ``keep``; return the names removed."""
+        removed = []
+        for path in self.downloads.iterdir():
+            sha = path.name.split(".", 1)[0]
+            if sha not in keep or (path.suffix == ".bundle" and self.has_bundle(sha)):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed.append(path.name)
+        return removed
+
     # --- links -------------------------------------------------------------------------
 
     def _link(self, name: str, which: str) -> Path:
@@ -92,7 +166,10 @@ class Store:
         return self._read_link(self._link(name, "previous"))
 
     def model_names(self) -> list[str]:
-        return sorted(p.name for p in self.models.iterdir() if p.is_dir())
+        try:
+            return sorted(p.name for p in self.models.iterdir() if p.is_dir())
+        except FileNotFoundError:
+            return []
 
     def _read_link(self, link: Path) -> str | None:
         try:
@@ -144,7 +221,4 @@ class Store:
         for path in candidates[max(0, keep - len(protected)) :]:
             self.remove_bundle(path.name)
             removed.append(path.name)
-        for leftover in self.downloads.glob("*.bundle"):
-            if leftover.stem in protected or self.has_bundle(leftover.stem):
-                leftover.unlink(missing_ok=True)
         return removed

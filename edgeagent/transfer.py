@@ -19,6 +19,7 @@ bundle reader at the verifying step.
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgeagent.errors import HashMismatch, MalformedMessage, TransferError
+from edgeagent.errors import HashMismatch, MalformedMessage, TransferError, TransferPaused
 from edgeagent.mqtt import Message, MqttSession
 from edgeagent.protocol import BLOCK_HEADER_SIZE, BlockReply, BlockRequest, BlockStatus, BundleRef, Topics
 from edgeagent.storage import atomic_write_bytes, hash_file
@@ -72,6 +73,20 @@ class TransferStats:
     errors: list[str] = field(default_factory=list)
 
 
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve ``size`` bytes for real; ENOSPC is raised, never hidden behind a sparse file.
+
+    Only a filesystem that cannot preallocate at all (EOPNOTSUPP, EINVAL) gets a sparse
+    file; the free-space check before the download stands in for the reservation there.
+    """
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        os.ftruncate(fd, size)
+
+
 class _Bitmap:
     def __init__(self, n: int, data: bytes | None = None) -> None:
         self.n = n
@@ -104,6 +119,7 @@ class _Transfer:
         self.retry: deque[int] = deque()
         self.unsynced = 0
         self.fatal: str | None = None
+        self.write_error: OSError | None = None  # raised by the fetch loop, not the network thread
 
 
 class BlockDownloader:
@@ -200,12 +216,12 @@ class BlockDownloader:
             bitmap = _Bitmap(n)
             fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                try:
-                    os.posix_fallocate(fd, 0, ref.size)
-                except OSError:
-                    os.ftruncate(fd, ref.size)  # filesystems without fallocate
-            finally:
+                _preallocate(fd, ref.size)
+            except OSError:
                 os.close(fd)
+                part.unlink(missing_ok=True)  # a file that could not get its space is no download
+                raise
+            os.close(fd)
             self._save_state(state, ref, block_size, bitmap)
         return _Transfer(ref, block_size, part, bitmap)
 
@@ -238,6 +254,8 @@ class BlockDownloader:
         last_progress = 0.0
         while True:
             with t.cond:
+                if t.write_error is not None:
+                    raise t.write_error
                 if t.fatal:
                     raise TransferError(t.fatal, sha256=t.ref.sha256)
                 while t.retry:
@@ -245,14 +263,14 @@ class BlockDownloader:
                 if not todo and not t.pending:
                     break
             if stop.is_set():
-                raise TransferError("transfer stopped", sha256=t.ref.sha256)
+                raise TransferPaused("transfer stopped", sha256=t.ref.sha256)
             if not self.session.connected:
                 # Requests in flight are lost with the connection: ask again once back.
                 with t.cond:
                     todo.extendleft(sorted(t.pending, reverse=True))
                     t.pending.clear()
                 if not self.session.wait_connected(cfg.connect_timeout_s):
-                    raise TransferError("broker unreachable; will resume later", sha256=t.ref.sha256)
+                    raise TransferPaused("broker unreachable; will resume later", sha256=t.ref.sha256)
                 continue
             self._fill_window(t, todo)
             with t.cond:
@@ -305,7 +323,9 @@ class BlockDownloader:
                 device=self.device_id, sha256=t.ref.sha256, first=first, count=count, block_size=t.block_size
             )
             self.stats.requests += 1
-            if not self.session.publish(self.topics.registry_get, request.model_dump_json(), qos=1):
+            # On this device's own request topic: the broker's ACL pins it to our identity.
+            topic = self.topics.registry_get(self.device_id)
+            if not self.session.publish(topic, request.model_dump_json(), qos=1):
                 with t.cond:  # not connected any more: give them back
                     for i in range(first, first + count):
                         t.pending.pop(i, None)
@@ -350,7 +370,13 @@ class BlockDownloader:
             if i in t.bitmap:
                 self.stats.duplicates += 1
                 return
-        os.pwrite(t.fd, reply.payload, i * t.block_size)
+        try:
+            os.pwrite(t.fd, reply.payload, i * t.block_size)
+        except OSError as exc:  # ENOSPC on a sparse file, EIO: the fetch loop raises it
+            with t.cond:
+                t.write_error = exc
+                t.cond.notify_all()
+            return
         with t.cond:
             t.bitmap.add(i)
             t.pending.pop(i, None)

@@ -10,8 +10,8 @@ import time
 import uuid
 from pathlib import Path
 
-from edgeagent.defaults import DEFAULT_PREFIX
 from edgeagent.errors import UsageError
+from fleet.hostopts import add_broker_options, broker_settings
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -30,35 +30,41 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     cmd.add_argument("name", choices=("refresh", "bench"))
     cmd.add_argument("--device", required=True, metavar="ID")
     cmd.add_argument("--key", required=True, type=Path, help="private key that signs the command")
-    cmd.add_argument("--broker", required=True, help="broker URL, e.g. mqtt://localhost:1883")
     cmd.add_argument("--model", help="only this model name (bench)")
-    cmd.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix (default: %(default)s)")
+    cmd.add_argument(
+        "--reset-seq",
+        action="store_true",
+        help="a signed reset of the device's command seq (docs/protocol.md)",
+    )
     cmd.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the reply (default 60)")
     cmd.add_argument("--json", action="store_true", help="print the reply as JSON")
+    add_broker_options(cmd)
     cmd.set_defaults(handler=_command)
 
 
 def _command(args: argparse.Namespace) -> int:
-    from edgeagent.mqtt import BrokerConfig, Message
-    from edgeagent.protocol import Command, CommandReply, Topics, sign_document
+    from edgeagent.mqtt import Message
+    from edgeagent.protocol import Command, CommandReply, sign_document, verdict_in
     from edgeagent.signing import SigningKey
-    from fleet.push import FleetConnection, PushError
+    from fleet.push import FleetConnection, PushError, next_seq
 
     key = SigningKey.load(args.key)
+    settings = broker_settings(args)
+    topics = settings.topics()
     try:
-        topics = Topics(args.prefix)
         reply_topic = topics.cmd_reply(args.device)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     command = Command(
-        seq=int(time.time() * 1000),
+        seq=next_seq(0, reset=args.reset_seq, jitter=False),
+        reset_seq=args.reset_seq,
         id=uuid.uuid4().hex[:12],
         target=f"device:{args.device}",
         name=args.name,
         model=args.model,
     )
     replies: queue.Queue[Message] = queue.Queue()
-    with FleetConnection(BrokerConfig.from_url(args.broker), topics, f"edgectl-cmd-{os.getpid()}") as conn:
+    with FleetConnection(settings.broker, topics, f"edgectl-cmd-{os.getpid()}") as conn:
         conn.session.subscribe(reply_topic, replies.put)
         time.sleep(0.2)  # let the subscription settle before the device can answer
         if not conn.session.publish(topics.cmd(args.device), sign_document(command, key), qos=1):
@@ -79,18 +85,21 @@ def _command(args: argparse.Namespace) -> int:
                 print(json.dumps(reply.model_dump(mode="json"), indent=2))
             else:
                 print(f"{args.device}: {'OK' if reply.ok else 'FAILED'} ({reply.code}) - {reply.detail}")
-                for name, verdict in reply.result.items():
-                    latency = verdict.get("latency") or {}
+                for name in reply.result:
+                    verdict = verdict_in(reply.result, name)
+                    if verdict is None:
+                        print(f"  {name}: unreadable verdict")
+                        continue
                     checks = ", ".join(
-                        f"{c['name']} {c['value']:.4g} ({c['op']} {c['bound']:.4g})"
-                        for c in verdict.get("checks", [])
-                        if c.get("value") is not None
+                        f"{c.name} {c.value:.4g} ({c.op} {c.bound:.4g})"
+                        for c in verdict.checks
+                        if c.value is not None
                     )
                     print(
-                        f"  {name}: {'passed' if verdict.get('passed') else 'FAILED'} on "
-                        f"{verdict.get('runtime')}/{verdict.get('delegate')}; "
-                        f"p50 {latency.get('p50_ms', 0):.3f} ms, "
-                        f"p95 {latency.get('p95_ms', 0):.3f} ms; {checks or 'no bounds'}"
+                        f"  {name}: {'passed' if verdict.passed else 'FAILED'} on "
+                        f"{verdict.runtime}/{verdict.delegate}; "
+                        f"p50 {verdict.latency.p50_ms:.3f} ms, "
+                        f"p95 {verdict.latency.p95_ms:.3f} ms; {checks or 'no bounds'}"
                     )
             return 0 if reply.ok else 1
     raise PushError(f"no reply from {args.device} within {args.timeout:.0f} s (is it online?)")

@@ -313,15 +313,14 @@ def _show_reported(reported: Reported, say: Any) -> None:
             f"  default: {model.bundle.name} {model.bundle.version} ({model.bundle.sha256[:12]}) on "
             f"{model.runtime}/{model.delegate}"
         )
-        for check in (model.acceptance or {}).get("checks", []):
-            if check.get("value") is not None:
-                bound = f"{check['op']} {check['bound']:.4g}"
-                say(f"  acceptance {check['name']}: {check['value']:.4g} (bound {bound})")
-        latency = (model.acceptance or {}).get("latency") or {}
-        if latency:
+        verdict = model.acceptance
+        for check in verdict.checks if verdict is not None else []:
+            if check.value is not None:
+                say(f"  acceptance {check.name}: {check.value:.4g} (bound {check.op} {check.bound:.4g})")
+        if verdict is not None:
             say(
-                f"  acceptance latency p50 {latency.get('p50_ms', float('nan')):.3f} ms, "
-                f"p95 {latency.get('p95_ms', float('nan')):.3f} ms"
+                f"  acceptance latency p50 {verdict.latency.p50_ms:.3f} ms, "
+                f"p95 {verdict.latency.p95_ms:.3f} ms"
             )
     if reported.last_deployment:
         outcome = reported.last_deployment

@@ -263,22 +263,22 @@ def _device_samples(state: DeviceState, gauge: _Add, counter: _Add) -> None:
             gauge(name, doc, MODEL_LABELS, ml, model_value(m))
     for model, acc in sorted(t.acceptance.items()):
         labels = (*DEVICE_LABELS, "model", "bundle", "version")
-        al = [*dl, model, state.bundle_of(model), str(acc.get("version", ""))]
-        if acc.get("passed") is not None:
+        al = [*dl, model, state.bundle_of(model), acc.version or ""]
+        if acc.passed is not None:
             gauge(
                 "edge_acceptance_passed",
                 "1 when the active bundle passed its acceptance gate.",
                 labels,
                 al,
-                int(bool(acc["passed"])),
+                int(acc.passed),
             )
-        if isinstance(acc.get("accuracy"), int | float):
+        if acc.accuracy is not None:
             gauge(
                 "edge_acceptance_accuracy_ratio",
                 "Accuracy on the bundle's golden set on the device.",
                 labels,
                 al,
-                float(acc["accuracy"]),
+                acc.accuracy,
             )
 
 

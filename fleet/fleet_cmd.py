@@ -14,13 +14,12 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from edgeagent.defaults import DEFAULT_PREFIX
 from edgeagent.errors import UsageError
+from fleet.hostopts import add_broker_options, broker_settings
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from edgeagent.mqtt import BrokerConfig
     from fleet.collector import Collector
     from fleet.status import StatusRow
 
@@ -137,16 +136,11 @@ def _register_collect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description=COLLECT_DESCRIPTION,
         epilog="examples:\n"
         "  edgectl fleet collect --broker mqtt://localhost:1883 --db fleet.db\n"
-        "  edgectl fleet collect --broker mqtts://user:pass@broker:8883 --ca-file ca.pem "
+        "  EDGECTL_PASSWORD_FILE=/etc/edgectl/password edgectl fleet collect --broker mqtts://broker:8883 "
+        "--username collector --ca-file ca.pem "
         "--db /var/lib/edgectl/fleet.db --retention 30d --prometheus 127.0.0.1:9108",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    collect.add_argument(
-        "--broker", required=True, help="broker URL: mqtt://[user:pass@]host:1883 or mqtts://host:8883"
-    )
-    collect.add_argument("--ca-file", type=Path, help="CA bundle for the broker's certificate (mqtts)")
-    collect.add_argument("--cert-file", type=Path, help="client certificate for mutual TLS")
-    collect.add_argument("--key-file", type=Path, help="private key of the client certificate")
     _db_option(collect)
     collect.add_argument(
         "--retention",
@@ -158,9 +152,6 @@ def _register_collect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--prometheus",
         metavar="[HOST]:PORT",
         help="serve Prometheus metrics here, e.g. :9108 (all interfaces)",
-    )
-    collect.add_argument(
-        "--prefix", "--topic-prefix", default=DEFAULT_PREFIX, help="topic prefix (default: %(default)s)"
     )
     collect.add_argument(
         "--client-id",
@@ -178,42 +169,21 @@ def _register_collect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         metavar="S",
         help="print a line of counters every S seconds (default 60; 0: only at exit)",
     )
+    add_broker_options(collect)
     collect.set_defaults(handler=_collect)
 
 
-def _broker(args: argparse.Namespace) -> BrokerConfig:
-    from edgeagent.mqtt import BrokerConfig, TLSConfig
-
-    for option in ("ca_file", "cert_file", "key_file"):
-        path = getattr(args, option)
-        if path is not None and not path.is_file():
-            raise UsageError(f"--{option.replace('_', '-')} {path}: no such file")
-    if (args.cert_file is None) != (args.key_file is None):
-        raise UsageError("mutual TLS needs both --cert-file and --key-file")
-    tls = None
-    if args.ca_file or args.cert_file:
-        tls = TLSConfig(
-            ca_file=str(args.ca_file) if args.ca_file else None,
-            cert_file=str(args.cert_file) if args.cert_file else None,
-            key_file=str(args.key_file) if args.key_file else None,
-        )
-    return BrokerConfig.from_url(args.broker, tls=tls)
-
-
 def _collect(args: argparse.Namespace) -> int:
-    from edgeagent.protocol import Topics
     from fleet import exporter
     from fleet.collector import Collector
 
     retention = parse_duration(args.retention, "--retention")
-    broker = _broker(args)
+    settings = broker_settings(args)
+    broker = settings.broker
     if args.prometheus:
         exporter.require_prometheus_client()
         exporter.parse_listen(args.prometheus)
-    try:
-        topics = Topics(args.prefix)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
+    topics = settings.topics()
     if not args.client_id:
         raise UsageError("--client-id must not be empty")
     collector = Collector(

@@ -3,27 +3,25 @@ follow the devices until they report the outcome; roll back the same way."""
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
+import secrets
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from edgeagent.bundle.reader import VerifiedBundle, verify_bundle
-from edgeagent.errors import EdgeError, MalformedMessage, SignatureError, UsageError
+from edgeagent.desired import SEQ_FUTURE_ALLOWANCE_MS
+from edgeagent.errors import EdgeError, UsageError
 from edgeagent.mqtt import BrokerConfig, Message, MqttSession
 from edgeagent.protocol import (
     BundleRef,
     DesiredState,
-    Event,
     Reported,
     Topics,
-    open_envelope,
-    parse,
     sign_document,
 )
 from edgeagent.signing import KeyRing, SigningKey
@@ -48,12 +46,19 @@ class Target:
     def desired_topic(self, topics: Topics) -> str:
         return topics.device_desired(self.name) if self.kind == "device" else topics.group_desired(self.name)
 
+    def model_topic(self, topics: Topics, model: str) -> str:
+        """The model's own desired doc (docs/protocol.md)."""
+        if self.kind == "device":
+            return topics.device_desired_model(self.name, model)
+        return topics.group_desired_model(self.name, model)
+
 
 @dataclass(frozen=True)
 class Result:
     device: str
     ok: bool
     detail: str
+    status: str = "committed"  # committed | failed | refused | superseded | timeout (docs/cli.md)
 
 
 class FleetConnection:
@@ -119,26 +124,72 @@ def add_to_registry(bundle: Path, verified: VerifiedBundle, registry_dir: Path) 
     return dest
 
 
-def _next_seq(previous: int) -> int:
-    # Milliseconds since the epoch: increases across hosts without coordination, and
-    # never below the last published doc's seq + 1.
-    return max(previous + 1, int(time.time() * 1000))
+def next_seq(previous: int, *, reset: bool = False, jitter: bool = True) -> int:
+    """The seq of a new desired doc: milliseconds since the epoch, never below ``previous`` + 1.
 
-
-def read_desired(conn: FleetConnection, target: Target, public: Ed25519PublicKey) -> DesiredState | None:
-    """The target's retained desired doc, checked against our key (None when there is none)."""
-    payload = conn.retained(target.desired_topic(conn.topics)).get(target.desired_topic(conn.topics))
-    if not payload:
-        return None
-    try:
-        opened = open_envelope(payload, KeyRing([public]), insecure=True)
-    except SignatureError as exc:
+    Milliseconds increase across hosts without coordination; a random sub-second offset keeps
+    concurrent pushes (several processes in the same millisecond, or all of them at
+    ``previous`` + 1 while a device's seq is ahead of the clock) from sharing one seq. A
+    ``reset`` doc takes the clock as it is: its purpose is to bring a stored seq back down.
+    Commands, which have no ``previous`` to read, go without the offset (``jitter=False``):
+    with it, a command sent right after another could draw a lower seq and be refused.
+    """
+    now = int(time.time() * 1000)
+    offset = secrets.randbelow(1000) if jitter else 0
+    if reset:
+        return now + offset
+    seq = max(previous + 1, now) + offset
+    if seq > now + SEQ_FUTURE_ALLOWANCE_MS:
+        ahead_h = (previous - now) / 3_600_000
         raise PushError(
-            f"the desired doc of {target.id} is signed by another key ({exc}); push with that key"
-        ) from exc
-    except MalformedMessage as exc:
-        raise PushError(f"the retained desired doc of {target.id} is unreadable: {exc}") from exc
-    return parse(DesiredState, opened.payload, "desired document")
+            f"the newest seq for this target ({previous}) is {ahead_h:.1f} h ahead of this host's clock, "
+            "so devices would refuse the next one (seq_in_future); push with --reset-seq (docs/protocol.md)"
+        )
+    return seq
+
+
+@dataclass(frozen=True)
+class Published:
+    """A desired doc as published: where, its exact bytes, and the doc."""
+
+    topic: str
+    payload: bytes
+    doc: DesiredState
+
+    @property
+    def seq(self) -> int:
+        return self.doc.seq
+
+
+def seq_floor(conn: FleetConnection, target: Target, reported: dict[str, bytes] | None = None) -> int:
+    """The highest seq a new doc for ``target``'s models must exceed: the retained docs of the
+    target (its own doc and every model's) and what its devices report having accepted.
+
+    Retained docs are read without their signatures (only their seq is used), and a seq too far
+    ahead of this clock is ignored: a device would have refused that doc anyway.
+    """
+    limit = int(time.time() * 1000) + SEQ_FUTURE_ALLOWANCE_MS
+    seqs = [0]
+    base = target.desired_topic(conn.topics)
+    for payload in conn.retained(f"{base}/#").values():
+        seqs.append(_seq_of(payload))
+    if reported is None:
+        reported = conn.retained(conn.topics.all_devices("reported"))
+    for payload in reported.values():
+        try:
+            accepted = Reported.model_validate_json(payload).desired_seq
+        except ValueError:
+            continue
+        seqs += [seq for key, seq in accepted.items() if key == target.id or key.startswith(target.id + "/")]
+    return max(seq for seq in seqs if seq <= limit)
+
+
+def _seq_of(envelope: bytes) -> int:
+    try:
+        seq = json.loads(json.loads(envelope)["payload"]).get("seq")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return 0
+    return seq if type(seq) is int else 0
 
 
 def publish_desired(
@@ -149,31 +200,45 @@ def publish_desired(
     key: SigningKey,
     *,
     rollback: bool = False,
-) -> DesiredState:
-    """Merge ``model -> ref`` into the target's desired doc and publish it, signed, retained."""
-    current = read_desired(conn, target, key.private.public_key())
-    models = dict(current.models) if current else {}
-    models[model] = ref
+    reset_seq: bool = False,
+    floor: int | None = None,
+) -> Published:
+    """Publish ``model -> ref`` as the model's own desired doc for ``target``, signed, retained.
+
+    One doc per model: a concurrent push of another model cannot drop this entry, as a
+    read-merge-publish of one shared doc could. ``floor`` (default: :func:`seq_floor`) is the
+    seq the new one must exceed.
+    """
+    if floor is None:
+        floor = seq_floor(conn, target)
     doc = DesiredState(
-        seq=_next_seq(current.seq if current else 0), target=target.id, models=models, rollback=rollback
+        seq=next_seq(floor, reset=reset_seq),
+        target=target.id,
+        models={model: ref},
+        rollback=rollback,
+        reset_seq=reset_seq,
     )
+    topic = target.model_topic(conn.topics, model)
     payload = sign_document(doc, key)
-    if not conn.session.publish(target.desired_topic(conn.topics), payload, qos=1, retain=True):
+    if not conn.session.publish(topic, payload, qos=1, retain=True):
         raise PushError("lost the broker connection while publishing the desired doc")
-    return doc
+    return Published(topic, payload, doc)
 
 
-def devices_of(conn: FleetConnection, target: Target) -> list[str]:
+def devices_of(conn: FleetConnection, target: Target, reported: dict[str, bytes] | None = None) -> list[str]:
+    """The devices a push to ``target`` concerns (a group's: those whose reported state lists it)."""
     if target.kind == "device":
         return [target.name]
+    if reported is None:
+        reported = conn.retained(conn.topics.all_devices("reported"))
     found = []
-    for topic, payload in conn.retained(conn.topics.all_devices("reported")).items():
+    for topic, payload in reported.items():
         try:
-            reported = Reported.model_validate_json(payload)
+            state = Reported.model_validate_json(payload)
         except ValueError:
             continue
-        if target.name in reported.groups:
-            found.append(conn.topics.device_of(topic) or reported.device)
+        if target.name in state.groups:
+            found.append(conn.topics.device_of(topic) or state.device)
     return sorted(found)
 
 
@@ -185,57 +250,12 @@ def wait_for(
     timeout_s: float,
     say: Callable[[str], None],
 ) -> list[Result]:
-    """Follow events and reported state until every device has an outcome for ``ref``."""
-    pending = set(devices)
-    results: dict[str, Result] = {}
-    for device in devices:
-        conn.subscribe(conn.topics.events(device))
-        conn.subscribe(conn.topics.reported(device))
-    deadline = time.monotonic() + timeout_s
-    last_pct: dict[str, int] = {}
-    while pending and (left := deadline - time.monotonic()) > 0:
-        try:
-            msg = conn.inbox.get(timeout=min(left, 0.5))
-        except queue.Empty:
-            continue
-        who = conn.topics.device_of(msg.topic)
-        if who is None or who not in pending:
-            continue
-        if msg.topic.endswith("/reported"):
-            try:
-                reported = Reported.model_validate_json(msg.payload)
-            except ValueError:
-                continue
-            status = reported.models.get(model)
-            if status and status.bundle and status.bundle.sha256 == ref.sha256 and status.state == "idle":
-                results[who] = Result(who, True, f"active on {status.runtime}/{status.delegate}")
-                pending.discard(who)
-            continue
-        try:
-            event = Event.model_validate_json(msg.payload)
-        except ValueError:
-            continue
-        if event.bundle is not None and event.bundle.sha256 != ref.sha256:
-            continue
-        if event.kind == "progress" and event.total:
-            pct = int(100 * (event.received or 0) / event.total)
-            if pct // 10 != last_pct.get(who, -1) // 10:
-                last_pct[who] = pct
-                say(f"{who}: downloading {pct}%")
-        elif event.kind == "state":
-            say(f"{who}: {event.state}")
-        elif event.kind in ("outcome", "refused") and event.ok is not True and event.model in (model, None):
-            results[who] = Result(who, False, f"{event.code}: {event.reason}")
-            pending.discard(who)
-        elif event.kind == "outcome" and event.ok:
-            accept = event.detail.get("acceptance") or {}
-            checks = ", ".join(
-                f"{c['name']} {c['value']:.4g} (bound {c['op']} {c['bound']:.4g})"
-                for c in accept.get("checks", [])
-                if c.get("value") is not None
-            )
-            results[who] = Result(who, True, f"committed; acceptance: {checks or 'no bounds'}")
-            pending.discard(who)
-    for device in pending:
-        results[device] = Result(device, False, f"no outcome within {timeout_s:.0f} s")
-    return [results[d] for d in devices]
+    """Follow events and reported state until every device has an outcome for ``ref``.
+
+    Subscribes only now: a refusal sent before this call is missed. ``edgectl push`` uses
+    :class:`fleet.follow.Follower`, which subscribes before publishing and attributes
+    refusals by seq.
+    """
+    from fleet.follow import Follower
+
+    return Follower(conn, devices, model, ref, say).follow(None, timeout_s)

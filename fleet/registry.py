@@ -1,7 +1,10 @@
 """The bundle registry: answers block requests for every bundle in a folder, over MQTT.
 
-Replicas share ``edge/v1/registry/get`` through an MQTT shared subscription, so each request
-reaches exactly one of them; they need nothing from each other but the same folder (or the
+Each device asks on its own topic, ``edge/v1/registry/get/{device}``, and is answered only on
+``edge/v1/device/{that device}/blocks``, so a broker ACL that pins both topics to the device's
+identity keeps one device from asking on behalf of another (docs/security.md). Replicas share
+``edge/v1/registry/get/+`` through an MQTT shared subscription, so each request reaches exactly
+one of them; they need nothing from each other but the same folder (or the
 same object store). Reads are ``pread`` of one block at a time: memory stays bounded by the
 blocks in flight, whatever the bundle size. New files in the folder are picked up when a
 request names a sha256 the index does not know yet (rescans are rate-limited).
@@ -107,6 +110,7 @@ class RegistryStats:
     bytes_served: int = 0
     not_found: int = 0
     malformed: int = 0
+    foreign: int = 0  # requests naming another device than the topic they came on (refused)
     served_by_block: Counter[tuple[str, int]] = field(default_factory=Counter)
 
 
@@ -144,7 +148,8 @@ class Registry:
         if not self.folder.is_dir():
             raise UsageError(f"{self.folder}: no such folder of bundles")
         self.index.rescan()
-        subscription = self.topics.registry_shared(self._share) if self._share else self.topics.registry_get
+        topics = self.topics
+        subscription = topics.registry_shared(self._share) if self._share else topics.registry_get_all
         self.session.subscribe(subscription, self._on_request, qos=1, max_bytes=MAX_REQUEST_BYTES)
         self.session.start()
         return self
@@ -166,9 +171,24 @@ class Registry:
                 self.stats.malformed += 1
             log.warning("registry: dropped a malformed block request: %s", exc)
             return
+        # The topic, not the payload, names who asks: only the topic is pinned by the broker's ACL.
+        requester = self.topics.requester_of(message.topic)
+        if requester is None or requester != request.device:
+            with self._stats_lock:
+                self.stats.foreign += 1
+                foreign = self.stats.foreign
+            # Counted always, logged sparsely: a hostile client must not flood the log.
+            if foreign == 1 or foreign % 1000 == 0:
+                log.warning(
+                    "registry: refused a block request for %r that came on %s (%d refused so far)",
+                    request.device,
+                    message.topic,
+                    foreign,
+                )
+            return
         with self._stats_lock:
             self.stats.requests += 1
-        reply_topic = self.topics.blocks(request.device)
+        reply_topic = self.topics.blocks(requester)
         bundle = self.index.lookup(request.sha256)
         if bundle is None:
             with self._stats_lock:

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from edgeagent.defaults import DEFAULT_PREFIX
+from fleet.hostopts import add_broker_options, broker_settings
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     serve.add_argument("--dir", required=True, type=Path, help="folder of *.bundle files")
     serve.add_argument(
-        "--broker", required=True, help="broker URL, e.g. mqtt://localhost:1883 or mqtts://host:8883"
-    )
-    serve.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix (default: %(default)s)")
-    serve.add_argument(
         "--share",
         default="registry",
         help="shared-subscription group of the replicas (default: %(default)s); '' subscribes plainly",
@@ -45,14 +41,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     serve.add_argument(
         "--workers", type=int, default=2, help="request-handling threads (default: %(default)s)"
     )
+    add_broker_options(serve)
     serve.set_defaults(handler=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from edgeagent.mqtt import BrokerConfig
-    from edgeagent.protocol import Topics
     from fleet.registry import Registry
 
+    settings = broker_settings(args)
+    topics = settings.topics()
     stop = threading.Event()
 
     def on_signal(_signum: int, _frame: FrameType | None) -> None:
@@ -61,14 +58,15 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     registry = Registry(
-        BrokerConfig.from_url(args.broker),
+        settings.broker,
         args.dir,
-        topics=Topics(args.prefix),
+        topics=topics,
         share=args.share or None,
         workers=args.workers,
     ).start()
     print(
-        f"serving {len(registry.index)} bundles from {args.dir} on {args.broker} (Ctrl-C stops)", flush=True
+        f"serving {len(registry.index)} bundles from {args.dir} on {settings.broker.url} (Ctrl-C stops)",
+        flush=True,
     )
     try:
         stop.wait()

@@ -207,16 +207,26 @@ def _model_windows(conn: sqlite3.Connection, device: str, since: float | None) -
     return found
 
 
-def _acceptance(from_telemetry: dict[str, Any] | None, verdict: dict[str, Any] | None) -> dict[str, Any]:
-    if from_telemetry:
-        return {
-            "acceptance_passed": from_telemetry.get("passed"),
-            "acceptance_accuracy": from_telemetry.get("accuracy"),
-        }
-    if verdict:
-        checks = {c.get("name"): c.get("value") for c in verdict.get("checks", []) if isinstance(c, dict)}
-        return {"acceptance_passed": verdict.get("passed"), "acceptance_accuracy": checks.get("accuracy")}
-    return {}
+def _acceptance(from_telemetry: dict[str, Any] | None, reported: dict[str, Any] | None) -> dict[str, Any]:
+    """Passed and accuracy of a model's acceptance: the newest telemetry's, else the reported verdict's."""
+    from pydantic import ValidationError
+
+    from edgeagent.protocol import AcceptanceSummary, Verdict
+
+    summary: AcceptanceSummary | None = None
+    try:
+        if from_telemetry:
+            summary = AcceptanceSummary.model_validate(from_telemetry)
+        elif reported:
+            verdict = Verdict.model_validate(reported)
+            summary = AcceptanceSummary.of(
+                verdict, version="", runtime=verdict.runtime, delegate=verdict.delegate
+            )
+    except ValidationError:  # a row written by an older or newer agent: show nothing, not a crash
+        return {}
+    if summary is None:
+        return {}
+    return {"acceptance_passed": summary.passed, "acceptance_accuracy": summary.accuracy}
 
 
 def _last_outcomes(

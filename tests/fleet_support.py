@@ -18,8 +18,10 @@ from edgeagent.histogram import Histogram
 from edgeagent.mqtt import BrokerConfig
 from edgeagent.protocol import (
     BundleRef,
+    Check,
     DeploymentOutcome,
     Event,
+    Latency,
     ModelStatus,
     ModelTelemetry,
     PowerMode,
@@ -30,6 +32,7 @@ from edgeagent.protocol import (
     Telemetry,
     Throttling,
     Topics,
+    Verdict,
 )
 from fleet.collector import Collector
 
@@ -82,10 +85,19 @@ class FakeDevice:
                     runtime=m.runtime,
                     delegate=m.delegate,
                     state="committed",
-                    acceptance={
-                        "passed": m.passed,
-                        "checks": [{"name": "accuracy", "value": m.accuracy, "passed": m.passed}],
-                    },
+                    acceptance=Verdict(
+                        passed=m.passed,
+                        reason=None if m.passed else "accuracy below its bound",
+                        runtime=m.runtime,
+                        delegate=m.delegate,
+                        precision="int8",
+                        profile=self.profile,
+                        samples=100,
+                        checks=[
+                            Check(name="accuracy", value=m.accuracy, op=">=", bound=0.9, passed=m.passed)
+                        ],
+                        latency=Latency(runs=100, p50_ms=1.0, p95_ms=2.0, p99_ms=3.0, max_ms=4.0),
+                    ),
                 )
                 for m in self.models
             },

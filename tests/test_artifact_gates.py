@@ -22,6 +22,7 @@ from edgeagent.bundle.manifest import GATED_MODELS_VERSION, Manifest, parse_mani
 from edgeagent.cli.agent import COMMANDS, DESCRIPTION
 from edgeagent.cli.common import build_parser, run
 from edgeagent.errors import AcceptanceFailed, SchemaViolation, UsageError
+from edgeagent.protocol import Chosen, Decision
 from edgeagent.selection import select_runtime
 from edgeagent.serving.loader import prepare_served_model, served_gate
 from tests.runtimes_support import extract, golden_arrays, write_golden
@@ -134,12 +135,13 @@ def test_the_weak_artifact_the_profile_prefers_is_never_served(
         assert manifest.acceptance.min_accuracy == 0.5
     served = prepare_served_model(folder, manifest, _candidates(profile), profile=profile)
     try:
-        decision = served.decision or {}
-        assert decision["chosen"]["artifact"] == "models/mlp.onnx"
-        refused = [r for r in decision["rejected"] if r["stage"] == "acceptance"]
-        assert [(r["candidate"], r["artifact"]) for r in refused] == [(weak_candidate, f"models/{weak.name}")]
-        assert "accuracy" in refused[0]["reason"] and "< bound 0.9" in refused[0]["reason"]
-        assert (served.verdict or {})["passed"]
+        decision = served.decision
+        assert decision is not None and decision.chosen is not None
+        assert decision.chosen.artifact == "models/mlp.onnx"
+        refused = [r for r in decision.rejected if r.stage == "acceptance"]
+        assert [(r.candidate, r.artifact) for r in refused] == [(weak_candidate, f"models/{weak.name}")]
+        assert "accuracy" in refused[0].reason and "< bound 0.9" in refused[0].reason
+        assert served.verdict is not None and served.verdict.passed
     finally:
         served.model.close()
 
@@ -214,7 +216,24 @@ def test_own_gates_use_the_bundle_golden_set_and_old_manifests_keep_one_gate(
     assert manifest.gate_for(weak).min_accuracy == 0.9
     assert manifest.gate_for(strong) == manifest.acceptance  # no gate of its own
     # Re-runs on a served model (edgeagent bench command) use the served artifact's gate.
-    assert served_gate(manifest, {"chosen": {"artifact": weak.path}}) == manifest.gate_for(weak)
+    chosen = Chosen(
+        candidate="onnxruntime/cpu/fp32",
+        runtime="onnxruntime",
+        delegate="cpu",
+        precision="fp32",
+        artifact=weak.path,
+    )
+    decision = Decision(
+        bundle="b",
+        version="1.0.0",
+        profile=None,
+        mode="first",
+        chosen=chosen,
+        rejected=[],
+        untried=[],
+        timings=[],
+    )
+    assert served_gate(manifest, decision) == manifest.gate_for(weak)
     assert served_gate(manifest, None) == manifest.acceptance
 
     _, old, _ = _bundle(tmp_path / "b", keypair, [models.weak, models.strong], models.golden, None)
@@ -281,7 +300,8 @@ def test_bundle_create_gives_a_model_its_own_gate(tmp_path: Path, keypair, model
     manifest = extract_bundle_of(bundle, tmp_path / "x", keypair)
     served = prepare_served_model(tmp_path / "x", manifest, _candidates("jetson-nano"), profile="jetson-nano")
     try:
-        assert (served.decision or {})["chosen"]["artifact"] == "models/mlp.onnx"
+        assert served.decision is not None and served.decision.chosen is not None
+        assert served.decision.chosen.artifact == "models/mlp.onnx"
     finally:
         served.model.close()
 

@@ -31,6 +31,17 @@ CREATE = "bundle create --name d --version 1.0.0 --model {missing} --key {key} -
 # One input error per command, each naming what is wrong: (argv, exit code, text in the line).
 BAD: dict[str, tuple[str, int, str]] = {
     "edgectl keys generate": ("keys generate --name k --out {file}", 2, "cannot make a folder"),
+    "edgectl keys rotate": (
+        "keys rotate --root {missing} --set {tmp}/ks.json --add {pub}",
+        2,
+        "no such key file",
+    ),
+    "edgectl keys revoke": ("keys revoke --root {key} --set {tmp}/ks.json not-a-key", 2, "is not a key id"),
+    "edgectl keys publish": (
+        f"keys publish --set {{missing}} --broker {UNREACHABLE}",
+        2,
+        "cannot read the key set",
+    ),
     "edgectl bundle create": (CREATE, 2, "no such model file"),
     "edgectl bundle verify": ("bundle verify {tmp} --trusted {pub}", 2, "Is a directory"),
     "edgectl bundle inspect": ("bundle inspect {tmp}", 2, "Is a directory"),
@@ -75,6 +86,7 @@ BAD: dict[str, tuple[str, int, str]] = {
     ),
     "edgeagent detect": ("detect --profile pi4", 2, "unknown device profile"),
     "edgeagent run": ("run --config {missing}", 2, "does not exist"),
+    "edgeagent status": ("status --state-dir {missing}", 2, "does not exist"),
     "edgeagent install-service": (
         "install-service --root {tmp} --exec-start /tmp/venv/bin/edgeagent",
         2,

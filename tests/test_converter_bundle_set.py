@@ -87,8 +87,9 @@ def test_the_bundle_holds_only_the_final_artifacts_each_with_its_own_gate(
 
     served = prepare_served_model(tmp_path / "b", manifest, JETSON, profile="jetson-nano")
     try:
-        assert (served.decision or {})["chosen"]["artifact"] == f"models/{finetuned}"
-        assert (served.verdict or {})["passed"]
+        assert served.decision is not None and served.decision.chosen is not None
+        assert served.decision.chosen.artifact == f"models/{finetuned}"
+        assert served.verdict is not None and served.verdict.passed
     finally:
         served.model.close()
 

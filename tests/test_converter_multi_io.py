@@ -73,8 +73,8 @@ def test_integer_two_input_model_converts_bundles_and_serves_like_the_bare_runti
 
     candidates = list(load_profile(PROFILE).candidates)
     served = prepare_served_model(dest, manifest, candidates, profile=PROFILE, bundle_sha256=verified.sha256)
-    assert served.verdict is not None and served.verdict["passed"], served.verdict
-    assert served.verdict["samples"] == len(golden)
+    assert served.verdict is not None and served.verdict.passed, served.verdict
+    assert served.verdict.samples == len(golden)
     feeds = token_data(7, seed=11)
     expected = ort_outputs(dest / "models" / served.model.path.name, feeds)
     with InferenceServer(tmp_path / "agent.sock") as server:
@@ -139,9 +139,9 @@ def test_every_output_of_a_two_output_model_is_in_the_golden_set_and_checked(tmp
     served = prepare_served_model(
         dest, verified.manifest, list(load_profile(PROFILE).candidates), profile=PROFILE
     )
-    checks = {c["name"]: c for c in served.verdict["checks"]} if served.verdict else {}
+    checks = {c.name: c for c in served.verdict.checks} if served.verdict else {}
     assert {"tolerance_ratio[logits]", "tolerance_ratio[embedding]"} <= set(checks)
-    assert all(c["passed"] for c in checks.values())
+    assert all(c.passed for c in checks.values())
 
 
 @pytest.mark.parametrize(

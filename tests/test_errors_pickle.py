@@ -70,7 +70,9 @@ def _instance(cls: type[EdgeError]) -> EdgeError:
 
 def test_the_walk_finds_the_whole_tree() -> None:
     names = {c.__name__ for c in ALL_ERRORS}
-    assert {"InputError", "ProfileInvalid", "RecipeError", "ConfigError", "IllegalTransition"} <= names
+    assert {"InputError", "ProfileInvalid", "RecipeError", "ConfigError", "InsufficientSpace"} <= names
+    # A bug, not an error: no EdgeError handler may turn it into a rollback (edgeagent.deploy.machine).
+    assert "IllegalTransition" not in names
     assert len(ALL_ERRORS) > 40
 
 

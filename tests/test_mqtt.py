@@ -8,6 +8,7 @@ import queue
 import random
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -172,3 +173,33 @@ def test_mqtt5_option(mosquitto) -> None:  # type: ignore[no-untyped-def]
         time.sleep(0.2)
         session.publish("t/v5", b"five")
         assert got.get(timeout=5) == b"five"
+
+
+@pytest.mark.mosquitto
+def test_publishing_from_many_threads_over_tls_keeps_the_connection(tls_broker) -> None:  # type: ignore[no-untyped-def]
+    # An OpenSSL connection must not be written by one thread while another reads it: paho
+    # writes a publish at once in the caller's thread, and a registry's workers or an agent's
+    # deployer and telemetry threads publish while the network thread reads. That broke the
+    # TLS record stream ("bad record mac") and cost a reconnect under load.
+    port, files = tls_broker
+    tls = TLSConfig(ca_file=files["ca"], cert_file=files["client"], key_file=files["client_key"])
+    got: queue.Queue[bytes] = queue.Queue()
+    with MqttSession(BrokerConfig("127.0.0.1", port, tls=tls), "pi-1", max_inflight=256) as session:
+        assert session.wait_connected(10)
+        session.subscribe("load/#", lambda m: got.put(m.payload), inline=True)
+        time.sleep(0.3)
+        payload = b"x" * 8192
+
+        def publisher(n: int) -> None:
+            for i in range(300):
+                assert session.publish(f"load/{n}", payload + i.to_bytes(4, "big"), qos=1)
+
+        threads = [threading.Thread(target=publisher, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        deadline = time.monotonic() + 30
+        while got.qsize() < 1200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (got.qsize(), session.stats.disconnects, session.stats.connects) == (1200, 0, 1)

@@ -320,7 +320,7 @@ def test_litert_two_integer_inputs_serve_like_the_bare_interpreter(tmp_path: Pat
     ]
     verified = extract(created, tmp_path / "bundle", keypair)
     served = _prepare(tmp_path / "bundle", verified)
-    assert served.model.runtime == "litert" and served.verdict is not None and served.verdict["passed"]
+    assert served.model.runtime == "litert" and served.verdict is not None and served.verdict.passed
     sample = token_data(3, seed=8)
     expected = litert_outputs(model, sample)
     with InferenceServer(tmp_path / "agent.sock") as server:

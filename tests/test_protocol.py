@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from edgeagent import errors
-from edgeagent.deployment import (
+from edgeagent.deploy import (
     TRANSITIONS,
     Event,
     IllegalTransition,
@@ -41,7 +41,12 @@ def test_topics() -> None:
     t = Topics()
     assert t.device_desired("pi-1") == "edge/v1/device/pi-1/desired"
     assert t.group_desired("lab") == "edge/v1/group/lab/desired"
-    assert t.registry_shared() == "$share/registry/edge/v1/registry/get"
+    assert t.registry_shared() == "$share/registry/edge/v1/registry/get/+"
+    assert t.registry_get("pi-1") == "edge/v1/registry/get/pi-1"
+    assert t.requester_of("edge/v1/registry/get/pi-1") == "pi-1"
+    for not_a_request in ("edge/v1/registry/get", "edge/v1/registry/get/a/b", "x/v1/registry/get/pi-1"):
+        assert t.requester_of(not_a_request) is None
+    assert t.trust == "edge/v1/trust"
     assert t.device_of("edge/v1/device/pi-1/telemetry") == "pi-1"
     assert t.device_of("other/v1/device/pi-1/telemetry") is None
     for bad in ("a/b", "+", "#", "", "x" * 65, "$sys"):

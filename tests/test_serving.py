@@ -81,7 +81,7 @@ def test_fixture_models_pass_acceptance_and_serve_it(  # type: ignore[no-untyped
 ) -> None:
     golden = goldens[kind]
     served = _serve_bundle(tmp_path, keypair, model_dir / file, golden)
-    assert served.verdict is not None and served.verdict["passed"]
+    assert served.verdict is not None and served.verdict.passed
     assert (served.model.runtime, served.model.precision) == (runtime, precision)
     with InferenceServer(tmp_path / "agent.sock") as srv:
         srv.activate(served)

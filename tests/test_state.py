@@ -304,7 +304,7 @@ def test_resource_variable_tflite_is_stateful_and_served_fresh_per_session(  # t
     assert builtin_codes(variable_model.read_bytes()) >= VARIABLE_OPS
     served = _serve(created, tmp_path, keypair)
     assert served.state is not None and served.state.variables and served.model.runtime == "litert"
-    assert served.verdict is not None and served.verdict["passed"] and served.verdict["samples"] == 10
+    assert served.verdict is not None and served.verdict.passed and served.verdict.samples == 10
     xs, ys = chunks(5, seed=43), chunks(5, seed=44)
     (ref_x, _), (ref_y, _) = litert_stream(variable_model, xs), litert_stream(variable_model, ys)
 
@@ -459,5 +459,5 @@ def test_convert_int8_with_state_bundles_golden_sequences_that_pass(tmp_path: Pa
     served = prepare_served_model(
         tmp_path / "b", manifest, list(load_profile(PROFILE).candidates), profile=PROFILE
     )
-    assert served.verdict is not None and served.verdict["passed"] and served.verdict["samples"] == 40
+    assert served.verdict is not None and served.verdict.passed and served.verdict.samples == 40
     assert served.state is not None and served.model.precision == "int8"

@@ -127,7 +127,7 @@ def test_served_sessions_match_the_bare_runtime(axis1_stream, keypair) -> None: 
     root, model, _ = axis1_stream
     created = _bundle(root / "served", keypair, model, root / "g.npz", state=PAIRS)
     served = _serve(created, root / "served", keypair)
-    assert served.verdict is not None and served.verdict["passed"], served.verdict
+    assert served.verdict is not None and served.verdict.passed, served.verdict
     server = InferenceServer(root / "s" / "agent.sock")
     server.activate(served)
     server.start()
@@ -220,5 +220,5 @@ def test_convert_int8_with_an_axis1_state(tmp_path: Path, keypair, capsys, batch
         list(load_profile("generic-x86_64").candidates),
         profile="generic-x86_64",
     )
-    assert served.verdict is not None and served.verdict["passed"] and served.verdict["samples"] == 30
+    assert served.verdict is not None and served.verdict.passed and served.verdict.samples == 30
     assert served.state is not None and served.model.precision == "int8"

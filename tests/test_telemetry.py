@@ -17,7 +17,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeagent.mqtt import BrokerConfig, MqttSession
-from edgeagent.protocol import PowerMode, Telemetry, Topics, parse
+from edgeagent.protocol import AcceptanceSummary, Check, Latency, PowerMode, Telemetry, Topics, Verdict, parse
 from edgeagent.serving.stats import RequestStats, StatsKey
 from edgeagent.telemetry import (
     ActiveModel,
@@ -259,13 +259,18 @@ def make_reporter(
     )
 
 
-VERDICT = {
-    "passed": True,
-    "checks": [{"name": "accuracy", "value": 0.97}],
-    "latency": {"p95_ms": 0.31},
-    "samples": 200,
-    "predicted_classes": {"0": 50, "1": 50},
-}
+VERDICT = Verdict(
+    passed=True,
+    reason=None,
+    runtime="onnxruntime",
+    delegate="CPUExecutionProvider",
+    precision="fp32",
+    profile=None,
+    samples=200,
+    checks=[Check(name="accuracy", value=0.97, op=">=", bound=0.9, passed=True)],
+    latency=Latency(runs=200, p50_ms=0.2, p95_ms=0.31, p99_ms=0.4, max_ms=0.5),
+    predicted_classes={"0": 50, "1": 50},
+)
 
 
 def test_a_message_carries_each_keys_interval_and_resets_it(tmp_path: Path) -> None:
@@ -291,15 +296,15 @@ def test_a_message_carries_each_keys_interval_and_resets_it(tmp_path: Path) -> N
     assert m.throughput_rps == 5.0 and m.client_errors == 1
     assert m.p50_ms == pytest.approx(50, rel=0.011) and m.p99_ms == pytest.approx(99, rel=0.011)
     assert m.max_ms == 100.0 and m.latency_hist is not None and m.latency_hist["count"] == 100
-    assert message.acceptance["digits"] == {
-        "version": "1.1.0",
-        "runtime": "onnxruntime",
-        "delegate": "CPUExecutionProvider",
-        "passed": True,
-        "accuracy": 0.97,
-        "p95_ms": 0.31,
-        "samples": 200,
-    }
+    assert message.acceptance["digits"] == AcceptanceSummary(
+        version="1.1.0",
+        runtime="onnxruntime",
+        delegate="CPUExecutionProvider",
+        passed=True,
+        accuracy=0.97,
+        p95_ms=0.31,
+        samples=200,
+    )
     assert message.system.temperatures_c["GPU-therm"] == 49.0
     assert message.system.throttling is not None and message.profile == "jetson-orin"
     clock.now += 10.0

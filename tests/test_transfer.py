@@ -235,8 +235,8 @@ def test_garbage_on_the_blocks_topic_is_dropped(
     try:
         for payload in (b"", b"EBLK", b"\x00" * 100, os.urandom(5000)):
             noise.publish(Topics("t1").blocks("dev1"), payload)
-        noise.publish(Topics("t1").registry_get, b"{not json")
-        noise.publish(Topics("t1").registry_get, b'{"v": 1, "device": "../x", "sha256": "zz"}')
+        noise.publish(Topics("t1").registry_get("dev1"), b"{not json")
+        noise.publish(Topics("t1").registry_get("dev1"), b'{"v": 1, "device": "../x", "sha256": "zz"}')
         path = dl.fetch(ref)
     finally:
         noise.close()

@@ -20,6 +20,7 @@ local inference.
 examples:
   edgeagent detect                                   # which profile this board gets, and why
   edgeagent run --config /etc/edgeagent/agent.toml   # the service (what systemd starts)
+  edgeagent status                                   # active/previous bundles, journal, last outcome
   edgeagent serve digits-1.0.0.bundle --trusted /etc/edgeagent/keys/ --socket /tmp/edge.sock
   edgeagent infer --socket /tmp/edge.sock --input digit.npy
   edgeagent feedback --socket /tmp/edge.sock 3f2a9c1e-1b 7     # that prediction's true class
@@ -30,6 +31,7 @@ COMMANDS: tuple[str, ...] = (
     "edgeagent.cli.bundle_cmd",
     "edgeagent.cli.detect_cmd",
     "edgeagent.cli.run_cmd",
+    "edgeagent.cli.status_cmd",
     "edgeagent.cli.service_cmd",
     "edgeagent.cli.serve_cmd",
     "edgeagent.cli.infer_cmd",

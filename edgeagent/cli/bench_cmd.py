@@ -92,7 +92,8 @@ def bench_candidate(
 ) -> BenchRow:
     """Load ``candidate`` (with ``artifact``, else its first) from ``folder``; judge it on the golden set."""
     from edgeagent.acceptance import load_golden, run_acceptance
-    from edgeagent.selection import Rejection, load_candidate
+    from edgeagent.protocol import Rejection
+    from edgeagent.selection import load_candidate
     from edgeagent.state import StateCarrier
 
     bundle_dir = Path(folder)

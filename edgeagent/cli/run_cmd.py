@@ -15,11 +15,15 @@ if TYPE_CHECKING:  # pydantic: imported by the handler, not at --help time
 
 log = logging.getLogger(__name__)
 
+EXIT_BUG = 70  # EX_SOFTWARE: systemd's Restart=always brings the agent back into its journal
+
 EPILOG = f"""\
 The configuration comes from --config, else ${CONFIG_ENV}, else {DEFAULT_CONFIG_PATH}
 (missing default file = defaults), then EDGEAGENT_<SETTING> environment variables.
 Under systemd (Type=notify) the agent reports READY=1, a STATUS= line with each model's
-active bundle, WATCHDOG=1 pings and STOPPING=1; from a shell it simply runs until Ctrl-C.
+active bundle (and each deployment step while one runs), WATCHDOG=1 pings and STOPPING=1;
+from a shell it simply runs until Ctrl-C. One agent per state folder: a second one exits
+with a one-line reason. Run as root outside systemd it warns (it needs no privileges).
 
 With broker_url set, the agent reconciles the desired state published for this device and
 its groups, downloads bundles from the registry in resumable blocks, verifies them, proves
@@ -83,9 +87,29 @@ def _run(args: argparse.Namespace) -> int:
     for note in detection.notes:
         log.warning("%s", note)
     from edgeagent.agent import Agent
+    from edgeagent.statelock import state_lock
 
-    agent = Agent(config, detection).start()
-    try:
-        return AgentService(config, detection).run()
-    finally:
-        agent.close()
+    _warn_if_root()
+    with state_lock(config.state_dir):
+        service = AgentService(config, detection)
+        agent = Agent(
+            config,
+            detection,
+            on_fatal=lambda reason: service.stop.request(
+                f"deployment engine bug: {reason}", exit_code=EXIT_BUG
+            ),
+        ).start()
+        try:
+            return service.run()
+        finally:
+            agent.close()
+
+
+def _warn_if_root() -> None:
+    """Warn (not refuse: demos and bench boards run it as root) outside systemd's unit."""
+    # INVOCATION_ID is set by systemd for every unit it starts; the unit runs as 'edgeagent'.
+    if os.geteuid() == 0 and not os.environ.get("INVOCATION_ID"):
+        log.warning(
+            "running as root outside systemd: the agent needs no privileges; "
+            "use the edgeagent user (edgeagent install-service) in production"
+        )

@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from devices.profile import Candidate
 from edgeagent.acceptance import load_golden
 from edgeagent.bundle.manifest import AcceptanceGate, Manifest
+from edgeagent.protocol import Decision
 from edgeagent.selection import prefer_precisions, select_runtime
 from edgeagent.serving.slots import ServedModel
 from edgeagent.state import StateCarrier
@@ -66,14 +66,14 @@ def prepare_served_model(
         bundle=manifest.name,
         version=manifest.version,
         bundle_sha256=bundle_sha256,
-        decision=selection.decision.model_dump(mode="json"),
-        verdict=verdict.model_dump(mode="json"),
+        decision=selection.decision,
+        verdict=verdict,
         state=StateCarrier.for_model(selection.entry, selection.model, bundle_dir),
     )
 
 
-def served_gate(manifest: Manifest, decision: dict[str, Any] | None) -> AcceptanceGate:
+def served_gate(manifest: Manifest, decision: Decision | None) -> AcceptanceGate:
     """The gate of the artifact a served model's ``decision`` chose (re-runs judge it by its own gate)."""
-    chosen = (decision or {}).get("chosen") or {}
-    entry = next((m for m in manifest.models if m.path == chosen.get("artifact")), None)
+    chosen = decision.chosen if decision is not None else None
+    entry = next((m for m in manifest.models if chosen is not None and m.path == chosen.artifact), None)
     return manifest.gate_for(entry) if entry is not None else manifest.acceptance

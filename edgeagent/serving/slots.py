@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgeagent.protocol import Decision, Verdict
 from edgeagent.runtimes.model import LoadedModel
 from edgeagent.serving.frames import static_meta
 from edgeagent.serving.protocol import reply_headers
@@ -34,8 +35,8 @@ class ServedModel:
     bundle: str
     version: str
     bundle_sha256: str | None = None
-    decision: dict[str, Any] | None = None  # selection.Decision, dumped
-    verdict: dict[str, Any] | None = None  # acceptance.Verdict, dumped
+    decision: Decision | None = None  # how selection chose the runtime and artifact
+    verdict: Verdict | None = None  # the chosen artifact's acceptance verdict
     state: StateCarrier | None = None  # set for a stateful model: requests go through sessions
     key: StatsKey = field(init=False)
     meta: dict[str, str] = field(init=False)  # what every reply says about the model
@@ -57,8 +58,8 @@ class ServedModel:
             "version": self.version,
             "bundle_sha256": self.bundle_sha256,
             **self.model.describe(),
-            "decision": self.decision,
-            "acceptance": self.verdict,
+            "decision": self.decision.model_dump(mode="json") if self.decision else None,
+            "acceptance": self.verdict.model_dump(mode="json") if self.verdict else None,
             "state": self.state.describe() if self.state is not None else None,
         }
 

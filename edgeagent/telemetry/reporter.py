@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from edgeagent.protocol import ModelTelemetry, SpoolTelemetry, Telemetry
+from edgeagent.protocol import AcceptanceSummary, ModelTelemetry, SpoolTelemetry, Telemetry, Verdict
 from edgeagent.serving.stats import KeyStats, RequestStats, StatsKey
 from edgeagent.telemetry.spool import Spool
 from edgeagent.telemetry.system import SystemProbe
@@ -76,7 +76,7 @@ class ActiveModel:
     version: str
     runtime: str
     delegate: str
-    verdict: Mapping[str, Any] | None
+    verdict: Verdict | None
     bundle: str | None = None  # the bundle's name (the model slot may be named differently)
 
 
@@ -313,8 +313,8 @@ class TelemetryReporter:
 
 
 def _reference_classes(model: ActiveModel) -> dict[int, int] | None:
-    counts = (model.verdict or {}).get("predicted_classes")
-    if not isinstance(counts, Mapping):
+    counts = model.verdict.predicted_classes if model.verdict is not None else None
+    if counts is None:
         return None
     try:
         return {int(c): int(n) for c, n in counts.items()}
@@ -322,21 +322,10 @@ def _reference_classes(model: ActiveModel) -> dict[int, int] | None:
         return None
 
 
-def _acceptance(model: ActiveModel) -> dict[str, Any]:
-    verdict = model.verdict or {}
-    checks = {c.get("name"): c.get("value") for c in verdict.get("checks", []) if isinstance(c, Mapping)}
-    latency = verdict.get("latency") or {}
-    summary: dict[str, Any] = {
-        "version": model.version,
-        "runtime": model.runtime,
-        "delegate": model.delegate,
-        "passed": verdict.get("passed"),
-        "accuracy": checks.get("accuracy"),
-        "top1_agreement": checks.get("top1_agreement"),
-        "p95_ms": latency.get("p95_ms") if isinstance(latency, Mapping) else None,
-        "samples": verdict.get("samples"),
-    }
-    return {k: v for k, v in summary.items() if v is not None}
+def _acceptance(model: ActiveModel) -> AcceptanceSummary:
+    return AcceptanceSummary.of(
+        model.verdict, version=model.version, runtime=model.runtime, delegate=model.delegate
+    )
 
 
 def session_counters(session: Any) -> Callable[[], dict[str, int]]:
