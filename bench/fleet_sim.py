@@ -310,10 +310,10 @@ def roll_out(db_path: Path, broker: BrokerConfig, key: SigningKey, ref: BundleRe
                        pacing=Pacing(max_in_flight=200, max_start_per_s=200, device_timeout_s=120))  # fmt: skip
     rid = creating.create(db, spec, time.time(), f"{scenario}-{n}")
     store = RolloutStore(db)
-    conn = connect(broker, Topics(PREFIX))
+    conn, floors = connect(broker, Topics(PREFIX))
     started = time.monotonic()
     try:
-        ctl = Controller(store, rid, Publisher(conn, key, "default"), time.time, owner="fleet_sim")
+        ctl = Controller(store, rid, Publisher(conn, key, "default", floors), time.time, owner="fleet_sim")
         state = ctl.run(poll_s=0.5, say=lambda line: print(f"  {line}", flush=True))
     finally:
         conn.__exit__(None, None, None)

@@ -123,10 +123,10 @@ def test_a_rollout_to_a_group_completes(fleet: Fleet) -> None:
         bundle=fleet.bundles.refs["v1"], target=Target(group=GROUP), waves=["1", "100%"], soak_s=1
     )
     rid = creating.create(db, spec, time.time(), "first")
-    conn = connect(fleet.broker, Topics(PREFIX))
+    conn, floors = connect(fleet.broker, Topics(PREFIX))
     try:
-        ctl = Controller(RolloutStore(db), rid, Publisher(conn, fleet.bundles.key, "default"), time.time,
-                         owner="test")  # fmt: skip
+        ctl = Controller(RolloutStore(db), rid, Publisher(conn, fleet.bundles.key, "default", floors),
+                         time.time, owner="test")  # fmt: skip
         assert ctl.run(poll_s=0.3) is RolloutState.COMPLETED
     finally:
         conn.__exit__(None, None, None)
@@ -151,9 +151,10 @@ def test_failing_acceptance_aborts_after_the_first_wave_and_rolls_back(fleet: Fl
     first, *rest = fleet.devices
     assert states[first] == "rolled_back" and {states[d] for d in rest} == {"pending"}
     # The rolled-back device's own document now names 1.0.0 with the downgrade permission.
-    conn = connect(fleet.broker, Topics(PREFIX))
+    conn, _ = connect(fleet.broker, Topics(PREFIX))
+    topic = Topics(PREFIX).device_desired_model(first, "default")
     try:
-        payload = conn.retained(Topics(PREFIX).device_desired(first))[Topics(PREFIX).device_desired(first)]
+        payload = conn.retained(topic)[topic]
     finally:
         conn.__exit__(None, None, None)
     doc = DesiredState.model_validate(
@@ -166,7 +167,7 @@ def test_failing_acceptance_aborts_after_the_first_wave_and_rolls_back(fleet: Fl
 def test_pause_kill_restart_resume(fleet: Fleet) -> None:
     v2 = fleet.bundles.registry / "digits-1.1.0.bundle"
     fleet.edgectl(
-        "rollout", "create", str(v2), "--group", GROUP, "--waves", "1,100%", "--soak", "3s", "--id", "v2",
+        "rollout", "create", str(v2), "--group", GROUP, "--waves", "1,100%", "--soak", "15s", "--id", "v2",
         "--key", str(fleet.bundles.keys / "release.key"), "--registry", str(fleet.bundles.registry),
         "--max-p99-ratio", "off",  # 1.1.0 is int8 LiteRT: a different runtime, not a regression
     )  # fmt: skip
@@ -179,13 +180,14 @@ def test_pause_kill_restart_resume(fleet: Fleet) -> None:
         return store.devices("v2")[0].state is DeviceState.COMMITTED
 
     until(first_committed, 120, "the first wave committed")
+    # Paused well within the 15 s soak of wave 1: wave 2 has not started.
+    fleet.edgectl("rollout", "pause", "v2")
     killed = store.get("v2").lease_owner
     # A second controller is refused while the first holds the lease.
     second = subprocess.run(fleet.run_args("v2"), capture_output=True, text=True, timeout=60)
     assert second.returncode != 0 and "driven by" in second.stderr
     runner.send_signal(signal.SIGKILL)  # no chance to release the lease
     runner.wait(10)
-    fleet.edgectl("rollout", "pause", "v2")
     # A dead controller's lease blocks a successor until it expires (3 s here, --lease).
     until(
         lambda: (store.get("v2").lease_expires or 0) < time.time(), 30, "the dead controller's lease expired"
@@ -197,7 +199,10 @@ def test_pause_kill_restart_resume(fleet: Fleet) -> None:
         until(
             lambda: store.get("v2").lease_owner not in (None, killed), 30, "a new controller took the lease"
         )
-        time.sleep(4)  # longer than the soak: a running rollout would have started wave 2 by now
+        # Past the soak of wave 1 plus a few ticks: a running rollout would have started wave 2.
+        soak_until = store.get("v2").soak_until
+        assert soak_until is not None
+        until(lambda: time.time() > soak_until + 3, 60, "the soak of wave 1 passed")
         assert store.get("v2").state is RolloutState.PAUSED
         assert [d.state for d in store.devices("v2")[1:]] == [DeviceState.PENDING] * 3
         fleet.edgectl("rollout", "resume", "v2")

@@ -39,7 +39,7 @@ def drive(
     owner = f"{who}:{os.getpid()}:{secrets.token_hex(2)}"
     if rollout_id is not None and store.get(rollout_id).state.final:
         return {rollout_id: store.get(rollout_id).state.value}
-    conn = connect(broker, topics, f"edgectl-rollout-{os.getpid()}-{secrets.token_hex(2)}")
+    conn, floors = connect(broker, topics, f"edgectl-rollout-{os.getpid()}-{secrets.token_hex(2)}")
     controllers: dict[str, Controller] = {}
     states: dict[str, str] = {}
     shown: dict[str, str] = {}
@@ -50,7 +50,7 @@ def drive(
                 if rid not in controllers:
                     model = store.get(rid).spec.model
                     controllers[rid] = Controller(
-                        store, rid, Publisher(conn, key, model), time.time, owner=owner
+                        store, rid, Publisher(conn, key, model, floors), time.time, owner=owner
                     )
                 try:
                     states[rid] = controllers[rid].tick().value
