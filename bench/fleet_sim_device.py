@@ -126,7 +126,8 @@ class SimDevice:
             self.session, self.id, root / "downloads", topics=self.topics,
             config=TransferConfig(block_size=64 * 1024, window=16, block_timeout_s=3.0),
         )  # fmt: skip
-        for topic in (self.topics.device_desired(self.id), self.topics.group_desired(cfg.group)):
+        # The device's and its group's documents, and their models' own documents.
+        for topic in self.tracker.topic_filters():
             self.session.subscribe(topic, self.on_desired)
         self.seq = int(time.time())
 
