@@ -15,8 +15,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from edgeagent.defaults import DEFAULT_PREFIX
 from edgeagent.errors import UsageError
+from fleet.hostopts import add_broker_options, broker_settings
 
 DESCRIPTION = """\
 Roll a bundle out to a group, a tag query or a list of devices in waves, paced, watched by
@@ -53,9 +53,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     run = sub.add_parser("run", help="drive rollouts until they complete or abort (restartable)")
     run.add_argument("id", nargs="?", help="the rollout (default with --all: every active one)")
     run.add_argument("--all", action="store_true", help="drive every active rollout (the service does)")
-    run.add_argument("--broker", required=True, help="broker URL, e.g. mqtt://localhost:1883")
     run.add_argument("--key", required=True, type=Path, help="private key that signs the desired docs")
-    run.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix (default: %(default)s)")
+    add_broker_options(run)  # --broker, TLS, credentials, --prefix: as push and collect take them
     run.add_argument("--poll", type=float, default=1.0, help="seconds between ticks (default 1)")
     run.add_argument("--lease", type=float, default=30.0, help="seconds a dead controller blocks a successor")
     run.add_argument("--json", action="store_true", help="print the final status as JSON")
@@ -182,19 +181,15 @@ def _first_error(exc: Exception) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from edgeagent.mqtt import BrokerConfig
-    from edgeagent.protocol import Topics
     from edgeagent.signing import SigningKey
     from fleet.rollout.runner import drive
     from fleet.rollout.store import open_db
 
     if (args.id is None) == (not args.all):
         raise UsageError("rollout run: name one rollout, or --all")
+    settings = broker_settings(args)
+    topics = settings.topics()
     key = SigningKey.load(args.key)
-    try:
-        topics = Topics(args.prefix)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
     stop = threading.Event()
 
     def on_signal(_signum: int, _frame: FrameType | None) -> None:
@@ -204,7 +199,7 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     db = open_db(args.db)
     try:
-        broker = BrokerConfig.from_url(args.broker)
+        broker = settings.broker
         # With --json the progress lines go to stderr, so stdout is one JSON document.
         out = sys.stderr if args.json else sys.stdout
 

@@ -103,7 +103,10 @@ class Db:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
-        self.execute("BEGIN")
+        # SQLite: take the write lock up front. A deferred transaction that reads and then
+        # writes fails at once with "database is locked" when the collector committed in
+        # between (no busy wait can help it); IMMEDIATE waits for the lock instead.
+        self.execute("BEGIN IMMEDIATE" if self.paramstyle == "qmark" else "BEGIN")
         try:
             yield
         except BaseException:
