@@ -124,7 +124,7 @@ class SimDevice:
         )
         self.downloader = BlockDownloader(
             self.session, self.id, root / "downloads", topics=self.topics,
-            config=TransferConfig(block_size=64 * 1024, window=16, block_timeout_s=3.0),
+            config=TransferConfig(block_size=64 * 1024, window=16),
         )  # fmt: skip
         # The device's and its group's documents, and their models' own documents.
         for topic in self.tracker.topic_filters():
