@@ -210,6 +210,9 @@ SCENARIOS: dict[str, dict[str, float]] = {
     "fail5": {"fail": 0.05},
     "slow30": {"slow": 1 / 3},
     "offline": {"offline": 0.1},
+    "accuracy": {"regress": 1},  # every device: online accuracy 0.95 -> 0.80 on the new version
+    "rss": {"regress": 1},  # agent RSS 80 -> 130 MB
+    "throttle": {"regress": 1},  # the boards start throttling
 }
 
 
@@ -221,7 +224,9 @@ def device_specs(n: int, scenario: str, seed: int = 7) -> list[DeviceSpec]:
         slow = i % 3 == 1 and "slow" in inject  # one device class of three (profile sim-b)
         fail = "fail" in inject and i > 0 and rng.random() < inject["fail"]  # never the canary
         offline = "offline" in inject and rng.random() < inject["offline"]
-        specs.append(DeviceSpec(f"sim{i:05d}", "sim-b" if i % 3 == 1 else "sim-a", fail, slow, offline))
+        regress = scenario if "regress" in inject else ""
+        profile = "sim-b" if i % 3 == 1 else "sim-a"
+        specs.append(DeviceSpec(f"sim{i:05d}", profile, fail, slow, offline, regress))
     return specs
 
 
@@ -302,7 +307,7 @@ def wait_devices(db_path: Path, n: int, timeout_s: float = 300) -> None:
 def roll_out(db_path: Path, broker: BrokerConfig, key: SigningKey, ref: BundleRef, n: int, scenario: str,
              specs: list[DeviceSpec], telemetry_s: float) -> Result:  # fmt: skip
     db = open_db(db_path)
-    gates = Gates(max_p99_ratio=1.15, min_requests=200, max_failure_ratio=0.2)
+    gates = Gates(max_p99_ratio=1.15, min_requests=200, max_failure_ratio=0.2, max_throttled_ratio=0.2)
     oneshot = "oneshot" in SCENARIOS[scenario]
     spec = RolloutSpec(bundle=ref, target=Target(group=GROUP),
                        waves=["100%"] if oneshot else ["1", "5%", "25%", "100%"],

@@ -9,7 +9,9 @@ every interval. What it leaves out of the real agent: the serving process, extra
 store with symlinks, and the deployment journal (the engine is tested on its own).
 
 Failure injection per device: ``fail`` (acceptance fails for the new bundle), ``slow`` (the new
-version's latency is 1.3x), ``offline`` (the connection drops half-way through the transfer).
+version's latency is 1.3x), ``offline`` (the connection drops half-way through the transfer),
+``regress`` (the new version's online accuracy falls from 0.95 to 0.80, the agent's RSS grows
+from 80 to 130 MB, or the board starts throttling).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from edgeagent.protocol import (
     SpoolTelemetry,
     SystemTelemetry,
     Telemetry,
+    Throttling,
     Topics,
 )
 from edgeagent.runtimes import load_model
@@ -61,6 +64,7 @@ class DeviceSpec:
     fail: bool = False
     slow: bool = False
     offline: bool = False
+    regress: str = ""  # the new version is worse on: "accuracy" | "rss" | "throttle"
 
 
 @dataclass(frozen=True)
@@ -206,7 +210,11 @@ class SimDevice:
     def telemetry(self, rng: np.random.Generator, interval_s: float) -> None:
         if not self.session.connected:
             return
-        slow = 1.3 if self.spec.slow and self.current.sha256 == self.shared.fail_sha else 1.0
+        new = self.current.sha256 == self.shared.fail_sha
+        slow = 1.3 if self.spec.slow and new else 1.0
+        regress = self.spec.regress if new else ""
+        correct = int(rng.binomial(50, 0.80 if regress == "accuracy" else 0.95))
+        throttling = Throttling(source="raspberrypi", throttled_now=regress == "throttle", flags=0)
         hist = Histogram()
         for v in rng.lognormal(np.log(0.004 * slow), 0.15, 100):
             hist.record(float(v))
@@ -218,10 +226,13 @@ class SimDevice:
             models=[ModelTelemetry(model=MODEL, bundle=self.current.name, version=self.current.version,
                                    runtime="onnxruntime", delegate="CPUExecutionProvider", count=100,
                                    throughput_rps=100 / interval_s, p50_ms=p50, p90_ms=p90, p99_ms=p99,
-                                   p999_ms=p999, max_ms=hist.max * 1000, latency_hist=hist.to_dict())],
-            process=ProcessTelemetry(rss_mb=80.0, peak_rss_mb=90.0, cpu_percent=5.0, threads=4),
+                                   p999_ms=p999, max_ms=hist.max * 1000, latency_hist=hist.to_dict(),
+                                   labelled=50, correct=correct)],
+            process=ProcessTelemetry(rss_mb=130.0 if regress == "rss" else 80.0, peak_rss_mb=140.0,
+                                     cpu_percent=5.0, threads=4),
             system=SystemTelemetry(mem_total_mb=4000, mem_available_mb=2000, cpu_percent=10, cpu_count=4,
-                                   load1=0.1, load5=0.1, load15=0.1, disk_free_mb=10000, disk_total_mb=30000),
+                                   load1=0.1, load5=0.1, load15=0.1, disk_free_mb=10000, disk_total_mb=30000,
+                                   throttling=throttling),
             spool=SpoolTelemetry(queued=0, dropped=0, dropped_total=0),
         )  # fmt: skip
         self.session.publish(self.topics.telemetry(self.id), t.model_dump_json())

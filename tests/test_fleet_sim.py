@@ -33,3 +33,13 @@ def test_a_slower_class_stops_the_rollout_on_the_p99_gate() -> None:
     reason = result.reason or ""
     assert result.state == "aborted" and "p99 latency" in reason and "sim-b" in reason
     assert result.pending > 0  # the last wave never started
+
+
+@pytest.mark.parametrize(
+    ("scenario", "reason"),
+    [("accuracy", "online accuracy"), ("rss", "agent RSS"), ("throttle", "started throttling")],
+)
+def test_each_kpi_gate_stops_a_regressing_rollout(scenario: str, reason: str) -> None:
+    result = run_one(scenario, 12, workers=1, telemetry_s=1.0, keep=False)
+    assert result.state == "aborted" and reason in (result.reason or ""), result.reason
+    assert result.pending > 0 and result.committed == 0
