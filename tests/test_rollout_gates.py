@@ -59,6 +59,9 @@ BASE = side({"rpi4": hist(10), "x86": hist(2, seed=1)}, labelled=1000, correct=9
          "on rpi4"),
         ("accuracy", Evidence(10, {}, BASE, side(labelled=500, correct=440)), "online accuracy 0.880"),
         ("few labels", Evidence(10, {}, BASE, side(labelled=20, correct=2)), None),
+        # 46/50 against 950/1000: a 3-point drop that 50 labels cannot tell from noise (the
+        # simulator's healthy rollouts were aborted by this before the standard error counted).
+        ("noisy accuracy", Evidence(10, {}, BASE, side(labelled=50, correct=46)), None),
         ("rss", Evidence(10, {}, BASE, side(rss_mb=180.0)), "agent RSS 180 MB"),
         ("too few requests", Evidence(10, {}, BASE, side({"rpi4": hist(50, n=20)})), None),
     ],

@@ -6,12 +6,14 @@ Nothing here reads a database or a clock, so every criterion is tested with plai
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from edgeagent.histogram import Histogram
 from fleet.rollout.model import Gates
 
 ACCEPTANCE_CODES = frozenset({"acceptance_failed"})
+ACCURACY_Z = 2.0  # one-sided, about 2% of healthy rollouts judged on the edge of the bound
 
 
 @dataclass(frozen=True)
@@ -136,16 +138,21 @@ def _p99(evidence: Evidence, gates: Gates, figures: dict[str, float]) -> str | N
 
 
 def _accuracy(evidence: Evidence, gates: Gates, figures: dict[str, float]) -> str | None:
+    """The drop must exceed the bound by two standard errors of the difference of the two
+    accuracies: with a few hundred labels, a 0.95 accuracy moves by 0.02-0.03 between samples,
+    and a bound of 0.02 judged on the raw difference aborted healthy rollouts."""
     base, new = evidence.baseline, evidence.new
     if base.labelled < gates.min_labels or new.labelled < gates.min_labels:
         return None
-    drop = (base.accuracy or 0.0) - (new.accuracy or 0.0)
+    pb, pn = base.accuracy or 0.0, new.accuracy or 0.0
+    drop = pb - pn
+    se = math.sqrt(pb * (1 - pb) / base.labelled + pn * (1 - pn) / new.labelled)
     figures["accuracy_drop"] = drop
-    if gates.max_accuracy_drop is None or drop <= gates.max_accuracy_drop:
+    if gates.max_accuracy_drop is None or drop - gates.max_accuracy_drop <= ACCURACY_Z * se:
         return None
     return (
-        f"online accuracy {new.accuracy:.3f} vs {base.accuracy:.3f} for the replaced version "
-        f"(drop {drop:.3f} > {gates.max_accuracy_drop:.3f})"
+        f"online accuracy {pn:.3f} vs {pb:.3f} for the replaced version (drop {drop:.3f} > "
+        f"{gates.max_accuracy_drop:.3f} + {ACCURACY_Z:.0f} standard errors, {new.labelled} labels)"
     )
 
 
