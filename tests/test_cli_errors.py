@@ -76,8 +76,11 @@ BAD: dict[str, tuple[str, int, str]] = {
         2,
         "neither a device count nor a percentage",
     ),
-    "edgectl rollout run": (f"rollout run r --broker {UNREACHABLE} --key {{key}} --db {{missing}}", 2,
-                            "no fleet database"),  # fmt: skip
+    "edgectl rollout run": (
+        f"rollout run r --broker {UNREACHABLE} --key {{key}} --db {{missing}}",
+        2,
+        "no fleet database",
+    ),
     "edgectl rollout status": ("rollout status --db {missing}", 2, "no fleet database"),
     "edgectl rollout pause": ("rollout pause r --db {missing}", 2, "no fleet database"),
     "edgectl rollout resume": ("rollout resume r --db {missing}", 2, "no fleet database"),
