@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 PALETTE = (
@@ -77,8 +78,12 @@ def line_chart(
     height: int = 250,
     gap_s: float | None = None,
     slice_s: float | None = None,
+    markers: Sequence[tuple[float, str]] = (),
 ) -> str:
     """An ``<svg>`` element: time on x (UTC), ``y_label`` on y from 0, a legend on the right.
+
+    ``markers``: (time, label) drawn as labelled vertical lines where they fall on the axis
+    (a fleet report marks rollouts starting and ending on the latency plots).
 
     Points further apart than ``gap_s`` are not joined, so an offline stretch shows as a gap.
     ``slice_s``: each point stands for a time slice of that many seconds centred on it (a
@@ -130,6 +135,13 @@ def line_chart(
         f'text-anchor="middle">{html.escape(y_label)}</text>'
         f'<text x="{left + plot_w}" y="{height - 4}" text-anchor="end">time (UTC)</text>'
     )
+    for at, label in markers:
+        if t0 <= at <= t1:
+            out.append(
+                f'<line x1="{x(at):.1f}" x2="{x(at):.1f}" y1="{top}" y2="{top + plot_h}" class="marker" '
+                f'stroke="#888" stroke-dasharray="2 3"/><text x="{x(at) + 3:.1f}" y="{top + 10}" '
+                f'class="marker">{html.escape(label)}</text>'
+            )
     for i, s in enumerate(series):
         color = s.color or PALETTE[i % len(PALETTE)]
         dash = ' stroke-dasharray="5 3"' if s.dashed else ""

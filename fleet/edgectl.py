@@ -30,6 +30,7 @@ COMMANDS: tuple[str, ...] = (
     "fleet.push_cmd",
     "fleet.command_cmd",
     "fleet.fleet_cmd",
+    "fleet.rollout.cli",  # rollout: staged rollouts (issue 20)
     "fleet.demo_cmd",
     "converter.cli",
 )

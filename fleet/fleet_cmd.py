@@ -85,6 +85,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         _db_option(view)
         view.add_argument("--group", metavar="G", help="only devices of this group")
         view.add_argument("--bundle", metavar="NAME[@VERSION]", help="only models running this bundle")
+        # rollout (issue 20): host-side tags
+        view.add_argument("--tag", metavar="QUERY", help="only devices matching a tag query (a,b,!c)")
         view.add_argument(
             "--window",
             default="5m",
@@ -115,6 +117,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     report.add_argument("--since", default="24h", metavar="DURATION", help="period to plot (default 24h)")
     report.set_defaults(handler=_report)
+    # --- rollout (issue 20): `fleet history` and `fleet tag` live in fleet/rollout/cli.py
+    from fleet.rollout.cli import register_fleet
+
+    register_fleet(sub)
+    # --- end rollout
 
 
 def _db_option(parser: argparse.ArgumentParser) -> None:
@@ -286,11 +293,15 @@ def _view_rows(args: argparse.Namespace) -> tuple[list[StatusRow], dict[str, Any
     window = parse_duration(args.window, "--window")
     conn = fleetdb.open_for_reading(args.db)
     try:
-        return status_rows(
-            conn, group=args.group, bundle=args.bundle, window_s=window
-        ), fleetdb.collector_heartbeat(conn)
+        rows = status_rows(conn, group=args.group, bundle=args.bundle, window_s=window)
+        heartbeat = fleetdb.collector_heartbeat(conn)
     finally:
         conn.close()
+    if args.tag:  # rollout (issue 20): host-side tags
+        from fleet.rollout.views import filter_by_tags
+
+        rows = filter_by_tags(args.db, rows, args.tag)
+    return rows, heartbeat
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -335,7 +346,10 @@ def _watch(args: argparse.Namespace) -> int:
     def frame() -> Group:
         rows, heartbeat = _view_rows(args)
         line = f"{summary(rows, heartbeat)} · {time.strftime('%H:%M:%S')} · Ctrl-C leaves"
-        return Group(render_status(rows, wide=args.wide), Text(line, style="dim"))
+        from fleet.rollout.views import rollout_lines  # rollout (issue 20): active rollouts
+
+        rollouts = [Text(r, style="bold") for r in rollout_lines(args.db)]
+        return Group(render_status(rows, wide=args.wide), *rollouts, Text(line, style="dim"))
 
     try:
         with Live(frame(), console=_console(args.wide), auto_refresh=False, screen=False) as live:

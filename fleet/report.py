@@ -108,7 +108,9 @@ def build_report(
     finally:
         conn.close()
     gap = max(3 * width, 60.0)
-    axis = Axis(gap_s=gap, slice_s=width)
+    from fleet.rollout.views import rollout_markers  # rollout (issue 20): markers on latency plots
+
+    axis = Axis(gap_s=gap, slice_s=width, markers=tuple(rollout_markers(db, since)))
     sections = [_latency_section(latency, model, axis) for model in sorted(_models(latency))]
     if not sections:
         sections.append(("Latency", [line_chart("inference latency", [], y_label="ms")], ""))
@@ -127,6 +129,7 @@ class Axis:
 
     gap_s: float
     slice_s: float
+    markers: tuple[tuple[float, str], ...] = ()  # (time, label): rollouts starting and ending
 
 
 def _latency_section(latency: _Buckets, model: str, axis: Axis) -> _Section:
@@ -141,6 +144,7 @@ def _latency_section(latency: _Buckets, model: str, axis: Axis) -> _Section:
             y_label="ms",
             gap_s=axis.gap_s,
             slice_s=axis.slice_s,
+            markers=axis.markers,
         ),
         line_chart(
             f"{model}: p99 and p50 per bundle version, all devices",
@@ -148,6 +152,7 @@ def _latency_section(latency: _Buckets, model: str, axis: Axis) -> _Section:
             y_label="ms",
             gap_s=axis.gap_s,
             slice_s=axis.slice_s,
+            markers=axis.markers,
         ),
     ]
     total = len(_devices_of(latency, model))

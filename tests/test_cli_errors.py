@@ -71,6 +71,24 @@ BAD: dict[str, tuple[str, int, str]] = {
     "edgectl fleet status": ("fleet status --db {missing}", 2, "no fleet database"),
     "edgectl fleet watch": ("fleet watch --db {missing}", 2, "no fleet database"),
     "edgectl fleet report": ("fleet report --html {tmp}/r.html --db {missing}", 2, "no fleet database"),
+    # rollout (issue 20)
+    "edgectl rollout create": (
+        "rollout create {bundle} --group g --waves 0 --key {key} --registry {tmp} --db {missing}",
+        2,
+        "neither a device count nor a percentage",
+    ),
+    "edgectl rollout run": (
+        f"rollout run r --broker {UNREACHABLE} --key {{key}} --db {{missing}}",
+        2,
+        "no fleet database",
+    ),
+    "edgectl rollout status": ("rollout status --db {missing}", 2, "no fleet database"),
+    "edgectl rollout pause": ("rollout pause r --db {missing}", 2, "no fleet database"),
+    "edgectl rollout resume": ("rollout resume r --db {missing}", 2, "no fleet database"),
+    "edgectl rollout abort": ("rollout abort r --db {missing}", 2, "no fleet database"),
+    "edgectl fleet history": ("fleet history --db {missing}", 2, "no fleet database"),
+    "edgectl fleet tag": ("fleet tag add d --tag t --db {missing}", 2, "no fleet database"),
+    "edgectl fleet inventory": ("fleet inventory --db {missing}", 2, "no fleet database"),
     "edgectl demo": ("demo --workdir {file}", 2, "not a folder"),
     "edgectl convert": (
         "convert {missing} --dataset digits --name m --version 1.0.0 --unsigned -o {tmp}/out",
