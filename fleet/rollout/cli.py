@@ -37,9 +37,16 @@ More: docs/fleet.md ("Rollouts").
 """
 
 
+def _db_target(text: str) -> str | Path:
+    """``--db``: a PostgreSQL DSN stays a string (open_db refuses it in one line), else a path."""
+    from fleet.dbbackend import is_postgres
+
+    return text if is_postgres(text) else Path(text)
+
+
 def _db(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--db", type=Path, default=Path("fleet.db"), help="the fleet database (default ./fleet.db)"
+        "--db", type=_db_target, default=Path("fleet.db"), help="the fleet database (default ./fleet.db)"
     )
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from edgeagent.errors import UsageError
 from edgeagent.protocol import BundleRef
+from fleet.dbbackend import is_postgres
 from fleet.rollout.model import DeviceState, RolloutSpec, RolloutState
 
 SCHEMA = (
@@ -118,8 +119,11 @@ class Db:
         self.conn.close()
 
 
-def open_db(path: Path, *, create: bool = False) -> Db:
+def open_db(path: str | Path, *, create: bool = False) -> Db:
     """The fleet database (SQLite) with the rollout tables created; UsageError when missing."""
+    if is_postgres(path):
+        raise UsageError("rollouts, tags and history keep their state in a SQLite fleet database (--db FILE)")
+    path = Path(path)
     if not create and not path.is_file():
         raise UsageError(f"{path}: no fleet database here (`edgectl fleet collect --db {path}` makes one)")
     try:
