@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up everything the tests need (a .venv with .[dev], mosquitto) and run lint, types and
+# Set up everything the tests need (a .venv with .[dev], mosquitto; with --full also the other
+# system packages of scripts/_setup.sh, e.g. PostgreSQL, nginx, Prometheus) and run lint, types and
 # the tests.
 #
 #   scripts/test.sh              fast feedback: ruff, mypy, pytest without the tests marked
@@ -20,6 +21,9 @@ fi
 set -e
 source scripts/_setup.sh
 ensure_mosquitto
+if [ "$full" = 1 ]; then
+    ensure_system_packages
+fi
 ensure_venv dev
 set +e
 
