@@ -26,7 +26,7 @@ from edgeagent.bundle.reader import Limits
 from edgeagent.delivery.choose import needed_files, next_files
 from edgeagent.delivery.http import download
 from edgeagent.delivery.index import MAX_INDEX_BYTES, DeliveryIndex, IndexFile, parse_index
-from edgeagent.delivery.objects import Note, ObjectStore
+from edgeagent.delivery.objects import CLAIM_SUFFIX, Note, ObjectStore, claim
 from edgeagent.errors import (
     BundleError,
     DeploymentError,
@@ -104,6 +104,7 @@ class ContentFetcher:
             raise SizeLimitExceeded(f"delivery index is {ref.index.size} bytes; {bound}")
         self.report = FetchReport()
         sources = list(ref.sources) or [MqttSource()]
+        claim(self.downloads, ref.sha256, {ref.index.sha256})
         index_entry = IndexFile(
             sha256=ref.index.sha256,
             size=ref.index.size,
@@ -115,6 +116,7 @@ class ContentFetcher:
         index = parse_index(self._object(index_entry, "(index)", sources, None, stop).read_bytes())
         if (index.bundle, index.name, index.version) != (ref.sha256, ref.name, ref.version):
             raise IndexMismatch(f"the index is for {index.name} {index.version}, not the bundle asked for")
+        claim(self.downloads, ref.sha256, {ref.index.sha256} | {f.wire_sha256 for f in index.files.values()})
         manifest_bytes, manifest = self._manifest(index, sources, stop)
         index.check_against(manifest, manifest_bytes)
         wanted = needed_files(manifest, self.candidates, self.profile, precisions or self.precisions)
@@ -132,6 +134,7 @@ class ContentFetcher:
         self.objects.prune()
         for name in names:
             (self.downloads / f"{index.files[name].wire_sha256}.obj").unlink(missing_ok=True)
+        (self.downloads / f"{ref.sha256}{CLAIM_SUFFIX}").unlink(missing_ok=True)
         log.info(
             "installed %s %s from %d objects (%d absent): %s",
             ref.name,
@@ -167,11 +170,13 @@ class ContentFetcher:
             raise DeploymentError(f"{unknown[0]} is not an absent member of the bundle", code="bug")
         self.report = FetchReport()
         sources = list(ref.sources) or [MqttSource()]
+        claim(self.downloads, ref.sha256, {note.entries[n].wire_sha256 for n in paths})
         for name in paths:
             self._object(note.entries[name], name, sources, note.block_size, stop)
         self.objects.link_into(folder, {n: note.entries[n].sha256 for n in paths})
         for name in paths:
             (self.downloads / f"{note.entries[name].wire_sha256}.obj").unlink(missing_ok=True)
+        (self.downloads / f"{ref.sha256}{CLAIM_SUFFIX}").unlink(missing_ok=True)
         self.report.absent = Note.read(folder).absent
         log.info("fetched %s into %s %s: %s", list(paths), ref.name, ref.version, self.report.served_by)
 

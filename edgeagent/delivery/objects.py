@@ -24,6 +24,26 @@ from edgeagent.delivery.index import IndexFile
 from edgeagent.storage import atomic_write_bytes, fsync_dir
 
 DELIVERY_NOTE = ".delivery.json"
+#: ``downloads/<bundle sha256>.objects``: the wire sha256s a delivery has in flight. Part files
+#: are named by wire sha256, so the store's clean-up keeps those a working (or retrying)
+#: deployment claims, and drops the claim with the rest once no journal targets the bundle.
+CLAIM_SUFFIX = ".objects"
+
+
+def claim(downloads: Path, bundle: str, wire_sha256s: set[str]) -> None:
+    """Record the objects the delivery of ``bundle`` is fetching (before their part files exist)."""
+    atomic_write_bytes(downloads / f"{bundle}{CLAIM_SUFFIX}", json.dumps(sorted(wire_sha256s)).encode())
+
+
+def claimed(downloads: Path, bundles: set[str]) -> set[str]:
+    """The wire sha256s the deliveries of ``bundles`` claim (an unreadable claim claims nothing)."""
+    found: set[str] = set()
+    for bundle in bundles:
+        try:
+            found.update(str(s) for s in json.loads((downloads / f"{bundle}{CLAIM_SUFFIX}").read_bytes()))
+        except (OSError, ValueError, TypeError):
+            continue
+    return found
 
 
 @dataclass(frozen=True)
