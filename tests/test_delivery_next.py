@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from edgeagent.bundle import AcceptanceGate
 from edgeagent.bundle.create import create_bundle
+from edgeagent.delivery.objects import DELIVERY_NOTE, Note
+from edgeagent.errors import IndexMismatch
 from edgeagent.protocol import BundleRef, Topics
 from fleet.publish import FolderDestination, build, publish
 from fleet.registry import Registry
@@ -112,12 +115,9 @@ def test_when_no_candidate_passes_the_deployment_fails_and_the_previous_model_se
     assert not (agent.root / "state" / "bundles" / bad.sha256).exists()
 
 
-def test_fetch_more_walks_the_candidates_in_order_and_survives_a_replay(
-    tmp_path: Path, mosquitto, keypair, model_dir: Path
-) -> None:  # type: ignore[no-untyped-def]
-    """In-process: each round fetches the next candidate's artifacts; a crash between linking
-    and rewriting the note (replayed here) leaves nothing to fetch twice."""
-    from edgeagent.delivery.objects import Note
+@pytest.fixture
+def partial(tmp_path: Path, mosquitto, keypair, model_dir: Path) -> Iterator[tuple]:  # type: ignore[no-untyped-def,type-arg]
+    """(device, ref): the device fetched digits 1.0.0's int8 TFLite artifact only."""
     from edgeagent.mqtt import BrokerConfig
     from edgeagent.signing import KeyRing
     from tests.delivery_support import Device, bundle_path, make_bundle, published_ref
@@ -130,23 +130,42 @@ def test_fetch_more_walks_the_candidates_in_order_and_survives_a_replay(
     ref = make_bundle(model_dir, out, keypair.load(), "1.0.0")
     ref = published_ref(bundle_path(out, ref), ref, registry, block_size=4096)
     dev = Device(broker, tmp_path / "state", KeyRing.from_paths([keypair.public]), "nxt", block_size=4096)
-    folder = dev.state / "bundles" / ref.sha256
-    rounds = []
     try:
         dev.fetcher.fetch(ref)
-        first = Note.read(folder)
-        while paths := dev.fetcher.next_artifacts(ref):
-            dev.fetcher.fetch_more(ref, paths)
-            rounds.append(paths)
-            # A crash after the links, before the note: the resumed step links them again.
-            dev.fetcher.objects.link_into(folder, {p: first.entries[p].sha256 for p in paths})
+        yield dev, ref
     finally:
         dev.close()
         reg.close()
+
+
+def test_fetch_more_walks_the_candidates_in_order_and_survives_a_replay(partial) -> None:  # type: ignore[no-untyped-def]
+    """In-process: each round fetches the next candidate's artifacts; a crash between linking
+    and rewriting the note (replayed here) leaves nothing to fetch twice."""
+    dev, ref = partial
+    folder = dev.state / "bundles" / ref.sha256
+    first = Note.read(folder)
+    rounds = []
+    while paths := dev.fetcher.next_artifacts(ref):
+        dev.fetcher.fetch_more(ref, paths)
+        rounds.append(paths)
+        # A crash after the links, before the note: the resumed step links them again.
+        dev.fetcher.objects.link_into(folder, {p: first.entries[p].sha256 for p in paths})
     assert rounds == [["models/mlp.onnx"], ["models/mlp.tflite"]]
     assert Note.read(folder).absent == []
-    assert sorted(p.name for p in (folder / "models").iterdir()) == [
-        "mlp.onnx",
-        "mlp.tflite",
-        "mlp_int8.tflite",
-    ]
+    models = sorted(p.name for p in (folder / "models").iterdir())
+    assert models == ["mlp.onnx", "mlp.tflite", "mlp_int8.tflite"]
+
+
+def test_a_note_that_disagrees_with_the_signed_manifest_is_refused(partial) -> None:  # type: ignore[no-untyped-def]
+    dev, ref = partial
+    folder = dev.state / "bundles" / ref.sha256
+    note = Note.read(folder)
+    forged = note.entries["models/mlp.onnx"].model_copy(update={"sha256": "0" * 64})
+    (folder / DELIVERY_NOTE).unlink()
+    Note(note.absent, {**note.entries, "models/mlp.onnx": forged}, note.block_size).write(folder)
+    with pytest.raises(IndexMismatch):
+        dev.fetcher.fetch_more(ref, ["models/mlp.onnx"])
+    assert not (folder / "models" / "mlp.onnx").exists()
+    (folder / DELIVERY_NOTE).unlink()
+    (folder / DELIVERY_NOTE).write_text("[]")  # not a note: nothing more is fetched, no crash
+    assert dev.fetcher.next_artifacts(ref) == []

@@ -29,7 +29,6 @@ from edgeagent.delivery.index import MAX_INDEX_BYTES, DeliveryIndex, IndexFile, 
 from edgeagent.delivery.objects import CLAIM_SUFFIX, Note, ObjectStore, claim
 from edgeagent.errors import (
     BundleError,
-    DeploymentError,
     IndexMismatch,
     MissingSignature,
     SizeLimitExceeded,
@@ -147,7 +146,11 @@ class ContentFetcher:
     def next_artifacts(self, ref: BundleRef, *, precisions: Sequence[str] = ()) -> list[str]:
         """The artifacts the partial bundle ``ref`` lacks that selection would try next (else [])."""
         folder = self.bundles / ref.sha256
-        note = Note.read(folder)
+        try:
+            note = Note.read(folder)
+        except ValueError as exc:  # the deployment ends with its own failure, not this one
+            log.error("cannot fetch more into %s: %s", ref.sha256[:12], exc)
+            return []
         missing = [m for m in note.missing(folder) if m in note.entries]  # older notes lack entries
         if not missing:
             return []
@@ -165,9 +168,13 @@ class ContentFetcher:
         """
         folder = self.bundles / ref.sha256
         note = Note.read(folder)
-        unknown = [p for p in paths if p not in note.entries]
-        if unknown:
-            raise DeploymentError(f"{unknown[0]} is not an absent member of the bundle", code="bug")
+        signed = {f.path: f for f in parse_manifest((folder / MANIFEST_NAME).read_bytes()).files}
+        for path in paths:
+            entry, listed = note.entries.get(path), signed.get(path)
+            if entry is None or listed is None or (entry.sha256, entry.size) != (listed.sha256, listed.size):
+                # The note is the device's own copy of the index: it must still agree with the
+                # signed manifest before an object it names goes into the bundle.
+                raise IndexMismatch(f"{path}: the delivery note disagrees with the manifest", member=path)
         self.report = FetchReport()
         sources = list(ref.sources) or [MqttSource()]
         claim(self.downloads, ref.sha256, {note.entries[n].wire_sha256 for n in paths})

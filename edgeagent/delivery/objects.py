@@ -65,13 +65,17 @@ class Note:
 
     @classmethod
     def read(cls, folder: Path) -> Note:
-        """The note of ``folder``; empty for a whole bundle (no note). Raises OSError/ValueError."""
+        """The note of ``folder``; empty for a whole bundle (no note). Raises OSError, or
+        ValueError for a note that is not one."""
         try:
             body = json.loads((folder / DELIVERY_NOTE).read_bytes())
         except FileNotFoundError:
             return cls([])
-        entries = {k: IndexFile.model_validate(v) for k, v in body.get("entries", {}).items()}
-        return cls(list(body["absent"]), entries, body.get("block_size"))
+        try:
+            entries = {k: IndexFile.model_validate(v) for k, v in body.get("entries", {}).items()}
+            return cls([str(a) for a in body["absent"]], entries, body.get("block_size"))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{folder / DELIVERY_NOTE} is not a delivery note ({exc!r})") from exc
 
     def missing(self, folder: Path) -> list[str]:
         """Absent members that are not in the folder (a crash may have linked some already)."""
@@ -108,7 +112,7 @@ class ObjectStore:
         fsync_dir(self.objects)
         return dest
 
-    def assemble(self, dest: Path, files: dict[str, str], absent: Note) -> None:
+    def assemble(self, dest: Path, files: dict[str, str], note: Note) -> None:
         """Link ``files`` (member name -> plain sha256) into a new bundle folder ``dest``."""
         staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
         try:
@@ -116,7 +120,7 @@ class ObjectStore:
                 target = staging.joinpath(*check_member_name(name).split("/"))
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.link(self.path(sha), target)
-            absent.write(staging)
+            note.write(staging)
             staging.rename(dest)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
