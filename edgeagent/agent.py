@@ -170,6 +170,9 @@ class Agent:
                     "progress", model=self._model_of(ref), bundle=ref, detail={"served_by": by}
                 ),
                 installed=self.store.has_bundle,
+                fetching_next=lambda ref, detail: self.reporter.event(
+                    "progress", model=self._model_of(ref), bundle=ref, code="next_candidate", detail=detail
+                ),
             )
             self.engine.ports.downloader = self.downloader
             self._subscribe(self.session)

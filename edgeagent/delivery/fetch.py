@@ -23,10 +23,10 @@ from pathlib import Path
 from devices.profile import Candidate
 from edgeagent.bundle.manifest import MANIFEST_NAME, SIGNATURE_NAME, Manifest, parse_manifest
 from edgeagent.bundle.reader import Limits
-from edgeagent.delivery.choose import needed_files
+from edgeagent.delivery.choose import needed_files, next_files
 from edgeagent.delivery.http import download
 from edgeagent.delivery.index import MAX_INDEX_BYTES, DeliveryIndex, IndexFile, parse_index
-from edgeagent.delivery.objects import ObjectStore
+from edgeagent.delivery.objects import CLAIM_SUFFIX, Note, ObjectStore, claim
 from edgeagent.errors import (
     BundleError,
     IndexMismatch,
@@ -103,6 +103,7 @@ class ContentFetcher:
             raise SizeLimitExceeded(f"delivery index is {ref.index.size} bytes; {bound}")
         self.report = FetchReport()
         sources = list(ref.sources) or [MqttSource()]
+        claim(self.downloads, ref.sha256, {ref.index.sha256})
         index_entry = IndexFile(
             sha256=ref.index.sha256,
             size=ref.index.size,
@@ -114,6 +115,7 @@ class ContentFetcher:
         index = parse_index(self._object(index_entry, "(index)", sources, None, stop).read_bytes())
         if (index.bundle, index.name, index.version) != (ref.sha256, ref.name, ref.version):
             raise IndexMismatch(f"the index is for {index.name} {index.version}, not the bundle asked for")
+        claim(self.downloads, ref.sha256, {ref.index.sha256} | {f.wire_sha256 for f in index.files.values()})
         manifest_bytes, manifest = self._manifest(index, sources, stop)
         index.check_against(manifest, manifest_bytes)
         wanted = needed_files(manifest, self.candidates, self.profile, precisions or self.precisions)
@@ -121,15 +123,17 @@ class ContentFetcher:
         total = sum(index.files[n].wire_size for n in names)
         done = 0
         for name in names:
-            self._object(index.files[name], name, sources, index, stop)
+            self._object(index.files[name], name, sources, index.block_size, stop)
             done += index.files[name].wire_size
             if progress is not None:
                 progress(done, total)
         self.report.absent = sorted(set(index.files) - set(names))
-        self.objects.assemble(dest, {n: index.files[n].sha256 for n in names}, self.report.absent)
+        note = Note(self.report.absent, {n: index.files[n] for n in self.report.absent}, index.block_size)
+        self.objects.assemble(dest, {n: index.files[n].sha256 for n in names}, note)
         self.objects.prune()
         for name in names:
             (self.downloads / f"{index.files[name].wire_sha256}.obj").unlink(missing_ok=True)
+        (self.downloads / f"{ref.sha256}{CLAIM_SUFFIX}").unlink(missing_ok=True)
         log.info(
             "installed %s %s from %d objects (%d absent): %s",
             ref.name,
@@ -138,6 +142,50 @@ class ContentFetcher:
             len(self.report.absent),
             self.report.served_by,
         )
+
+    def next_artifacts(self, ref: BundleRef, *, precisions: Sequence[str] = ()) -> list[str]:
+        """The artifacts the partial bundle ``ref`` lacks that selection would try next (else [])."""
+        folder = self.bundles / ref.sha256
+        try:
+            note = Note.read(folder)
+        except ValueError as exc:  # the deployment ends with its own failure, not this one
+            log.error("cannot fetch more into %s: %s", ref.sha256[:12], exc)
+            return []
+        missing = [m for m in note.missing(folder) if m in note.entries]  # older notes lack entries
+        if not missing:
+            return []
+        manifest = parse_manifest((folder / MANIFEST_NAME).read_bytes())  # verified when delivered
+        return next_files(manifest, self.candidates, self.profile, precisions or self.precisions, missing)
+
+    def fetch_more(
+        self, ref: BundleRef, paths: Sequence[str], *, stop: threading.Event | None = None
+    ) -> None:
+        """Fetch ``paths`` (absent members of the partial bundle ``ref``) into its folder.
+
+        Each object is fetched, verified and decoded like the first ones, from the reference's
+        sources, then linked into the folder and taken off its note; an interrupted fetch
+        resumes from its part file, and a crash after the links leaves them in place.
+        """
+        folder = self.bundles / ref.sha256
+        note = Note.read(folder)
+        signed = {f.path: f for f in parse_manifest((folder / MANIFEST_NAME).read_bytes()).files}
+        for path in paths:
+            entry, listed = note.entries.get(path), signed.get(path)
+            if entry is None or listed is None or (entry.sha256, entry.size) != (listed.sha256, listed.size):
+                # The note is the device's own copy of the index: it must still agree with the
+                # signed manifest before an object it names goes into the bundle.
+                raise IndexMismatch(f"{path}: the delivery note disagrees with the manifest", member=path)
+        self.report = FetchReport()
+        sources = list(ref.sources) or [MqttSource()]
+        claim(self.downloads, ref.sha256, {note.entries[n].wire_sha256 for n in paths})
+        for name in paths:
+            self._object(note.entries[name], name, sources, note.block_size, stop)
+        self.objects.link_into(folder, {n: note.entries[n].sha256 for n in paths})
+        for name in paths:
+            (self.downloads / f"{note.entries[name].wire_sha256}.obj").unlink(missing_ok=True)
+        (self.downloads / f"{ref.sha256}{CLAIM_SUFFIX}").unlink(missing_ok=True)
+        self.report.absent = Note.read(folder).absent
+        log.info("fetched %s into %s %s: %s", list(paths), ref.name, ref.version, self.report.served_by)
 
     def fetch_bundle_url(self, ref: BundleRef, *, stop: threading.Event | None = None) -> bool:
         """Download the whole bundle from ``ref.source`` (an http(s) URL) into the downloads folder.
@@ -164,13 +212,13 @@ class ContentFetcher:
                 f"{MANIFEST_NAME} is {entry.size} bytes; the bound is {self.limits.max_manifest_bytes}",
                 member=MANIFEST_NAME,
             )
-        manifest_bytes = self._object(entry, MANIFEST_NAME, sources, index, stop).read_bytes()
+        manifest_bytes = self._object(entry, MANIFEST_NAME, sources, index.block_size, stop).read_bytes()
         sig = index.files.get(SIGNATURE_NAME)
         if sig is not None:
             if sig.size > self.limits.max_signature_bytes:
                 raise SizeLimitExceeded(f"{SIGNATURE_NAME} is {sig.size} bytes", member=SIGNATURE_NAME)
             signature = Signature.from_json(
-                self._object(sig, SIGNATURE_NAME, sources, index, stop).read_bytes()
+                self._object(sig, SIGNATURE_NAME, sources, index.block_size, stop).read_bytes()
             )
             self.trusted.verify(manifest_bytes, signature)  # before a byte of it is parsed
         elif not self.allow_unsigned:
@@ -182,14 +230,14 @@ class ContentFetcher:
         entry: IndexFile,
         name: str,
         sources: list[Source],
-        index: DeliveryIndex | None,
+        block_size: int | None,
         stop: threading.Event | None,
     ) -> Path:
         """The plain file of ``entry`` in the store, fetched from the first source that serves it."""
         if self.objects.has(entry.sha256):
             self.report.served_by.setdefault(name, "store")
             return self.objects.path(entry.sha256)
-        want = self._wanted(entry, index)
+        want = self._wanted(entry, block_size)
         refused: BundleError | None = None
         transient: list[str] = []
         for source in sources:
@@ -218,10 +266,10 @@ class ContentFetcher:
             sha256=entry.wire_sha256,
         )
 
-    def _wanted(self, entry: IndexFile, index: DeliveryIndex | None) -> Wanted:
-        if index is None:  # the index itself: no block hashes, the desired doc's sha256
+    def _wanted(self, entry: IndexFile, block_size: int | None) -> Wanted:
+        if block_size is None:  # the index itself: no block hashes, the desired doc's sha256
             return Wanted(entry.wire_sha256, entry.wire_size, None, (), suffix=".obj")
-        return Wanted(entry.wire_sha256, entry.wire_size, index.block_size, tuple(entry.blocks), ".obj")
+        return Wanted(entry.wire_sha256, entry.wire_size, block_size, tuple(entry.blocks), ".obj")
 
     def _from(self, source: Source, want: Wanted, stop: threading.Event | None) -> Path | None:
         part = self.downloads / f"{want.sha256}.hpart"

@@ -6,6 +6,7 @@ import json
 import logging
 
 from edgeagent.bundle.reader import verify_bundle
+from edgeagent.delivery.objects import claimed
 from edgeagent.deploy.journal import JournalFile, journal_names
 from edgeagent.deploy.machine import State
 from edgeagent.errors import DeploymentError
@@ -90,7 +91,8 @@ class DeviceStore:
         """Prune bundles beyond ``keep_bundles`` and every download no journal still works on."""
         working = keep | self._journal_targets()
         removed = self.store.prune(self.keep_bundles, protect=working)
-        dropped = self.store.clean_downloads(working)
+        # A delivery by content names its part files by object: keep those it claims.
+        dropped = self.store.clean_downloads(working | claimed(self.store.downloads, working))
         if removed or dropped:
             log.info("store clean-up: removed bundles %s, downloads %s", [r[:12] for r in removed], dropped)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from edgeagent.protocol import BundleRef
 
@@ -68,6 +68,17 @@ class DownloaderPort(Protocol):
         progress: Callable[[int, int], None] | None = None,
         stop: threading.Event | None = None,
     ) -> Path: ...
+
+
+@runtime_checkable
+class FetchesMorePort(Protocol):
+    """A downloader that can add the next candidate's artifacts to a partial bundle (optional)."""
+
+    def fetch_more(
+        self, ref: BundleRef, *, after: str, reason: str, stop: threading.Event | None = None
+    ) -> list[str]:
+        """Fetch the artifacts selection would try next into ``ref``'s bundle; [] when none is left."""
+        ...
 
 
 class ServerPort(Protocol):

@@ -16,8 +16,21 @@ from dataclasses import dataclass
 
 from edgeagent.deploy.journal import Journal
 from edgeagent.deploy.machine import Event, State
-from edgeagent.deploy.ports import ClockPort, DownloaderPort, ReporterPort, ServerPort, StorePort
-from edgeagent.errors import DeploymentError, EdgeError, InsufficientSpace
+from edgeagent.deploy.ports import (
+    ClockPort,
+    DownloaderPort,
+    FetchesMorePort,
+    ReporterPort,
+    ServerPort,
+    StorePort,
+)
+from edgeagent.errors import (
+    AcceptanceFailed,
+    DeploymentError,
+    EdgeError,
+    InsufficientSpace,
+    NoCandidate,
+)
 from edgeagent.protocol import BundleRef
 
 log = logging.getLogger(__name__)
@@ -99,8 +112,23 @@ def install(ctx: Context, journal: Journal) -> Event:
 
 
 def validate(ctx: Context, journal: Journal) -> Event:
-    ctx.prepared = ctx.ports.server.prepare(journal.model, _target(journal).sha256)
-    return Event.ACCEPTED
+    """Load and prove the bundle; a partial bundle whose artifacts all failed gets the next
+    candidate's artifacts fetched and is proved again, until one passes or none is left."""
+    ref = _target(journal)
+    downloader = ctx.ports.downloader
+    fetched: set[str] = set()
+    while True:
+        try:
+            ctx.prepared = ctx.ports.server.prepare(journal.model, ref.sha256)
+            return Event.ACCEPTED
+        except (AcceptanceFailed, NoCandidate) as exc:
+            if not isinstance(downloader, FetchesMorePort):
+                raise
+            more = downloader.fetch_more(ref, after=exc.code, reason=str(exc), stop=ctx.stop)
+            if not more or fetched.issuperset(more):  # bounded: each round adds an artifact
+                raise
+            fetched.update(more)
+            log.warning("%s %s: %s; fetched the next candidate's %s", ref.name, ref.version, exc.code, more)
 
 
 def activate(ctx: Context, journal: Journal) -> Event:
