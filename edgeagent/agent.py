@@ -10,9 +10,7 @@ one at a time), and the inference server's threads. The main thread runs
 from __future__ import annotations
 
 import logging
-import random
 import threading
-import time
 from collections.abc import Callable
 
 from devices.detect import Detection
@@ -21,6 +19,7 @@ from edgeagent.config import AgentConfig
 from edgeagent.connect import agent_session, load_trusted
 from edgeagent.delivery.downloader import DeliveryDownloader, device_downloader
 from edgeagent.deploy import Backoff, DeviceStore, Engine, Ports, Settings, State, Supervisor, heal
+from edgeagent.deploy.ports import SystemClock
 from edgeagent.desired import DesiredTracker, refusal_detail
 from edgeagent.errors import DocumentRefused, MalformedMessage, SignatureError
 from edgeagent.mqtt import Message, MqttSession
@@ -39,14 +38,6 @@ log = logging.getLogger(__name__)
 MAX_DESIRED_BYTES = 64 * 1024
 MiB = 1024 * 1024
 STOP_TIMEOUT_S = 4.0  # the deployer's share of the 5 s a SIGTERM may take
-
-
-class SystemClock:
-    def now(self) -> float:
-        return time.time()
-
-    def random(self) -> float:
-        return random.random()  # noqa: S311 - jitter, not a secret
 
 
 class Agent:

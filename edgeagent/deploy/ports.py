@@ -7,7 +7,9 @@ in-memory fakes that fail on cue. Each method may raise :class:`~edgeagent.error
 
 from __future__ import annotations
 
+import random
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -115,3 +117,13 @@ class ClockPort(Protocol):
     def random(self) -> float:
         """Uniform in [0, 1): the backoff's jitter."""
         ...
+
+
+class SystemClock:
+    """The ClockPort of a real device: wall time and jitter."""
+
+    def now(self) -> float:
+        return time.time()
+
+    def random(self) -> float:
+        return random.random()  # noqa: S311 - jitter, not a secret
