@@ -14,13 +14,7 @@ from edgeagent.signing import KeyRing
 
 def agent_session(*, config: AgentConfig, topics: Topics, on_connect: Callable[[], None]) -> MqttSession:
     """The device's MQTT session; its last will marks the device offline (retained)."""
-    tls = None
-    if config.tls_ca_file or config.tls_cert_file:
-        tls = TLSConfig(
-            ca_file=str(config.tls_ca_file) if config.tls_ca_file else None,
-            cert_file=str(config.tls_cert_file) if config.tls_cert_file else None,
-            key_file=str(config.tls_key_file) if config.tls_key_file else None,
-        )
+    tls = TLSConfig.from_files(config.tls_ca_file, config.tls_cert_file, config.tls_key_file)
     broker = BrokerConfig.from_url(config.broker_url or "", protocol=config.mqtt_protocol, tls=tls)
     will = (
         topics.reported(config.device_id),

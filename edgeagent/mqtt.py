@@ -49,6 +49,17 @@ class TLSConfig:
     key_file: str | None = None
     insecure_skip_verify: bool = False
 
+    @classmethod
+    def from_files(cls, ca: object | None, cert: object | None, key: object | None) -> TLSConfig | None:
+        """TLS from optional file paths; None when neither a CA nor a client certificate is given."""
+        if not ca and not cert:
+            return None
+        return cls(
+            ca_file=str(ca) if ca else None,
+            cert_file=str(cert) if cert else None,
+            key_file=str(key) if key else None,
+        )
+
 
 @dataclass(frozen=True)
 class BrokerConfig:

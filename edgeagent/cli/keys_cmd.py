@@ -176,13 +176,7 @@ def _publish(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.keyset}: not a key set ({exc})") from exc
     if bool(args.cert_file) != bool(args.key_file):
         raise UsageError("mutual TLS needs both --cert-file and --key-file")
-    tls = None
-    if args.ca_file or args.cert_file:
-        tls = TLSConfig(
-            ca_file=str(args.ca_file) if args.ca_file else None,
-            cert_file=str(args.cert_file) if args.cert_file else None,
-            key_file=str(args.key_file) if args.key_file else None,
-        )
+    tls = TLSConfig.from_files(args.ca_file, args.cert_file, args.key_file)
     broker = BrokerConfig.from_url(args.broker, tls=tls)
     topic = Topics(args.prefix).trust
     session = MqttSession(broker, f"edgectl-keys-{uuid.uuid4().hex[:8]}", connect_log_level=logging.DEBUG)
