@@ -295,16 +295,7 @@ def delete_older_than(db: Database, cutoff: float, chunk: int = 5000) -> int:
     else:
         tables = (("telemetry", "rowid"), ("model_telemetry", "rowid"), ("events", "id"))
     for table, key in tables:
-        while True:
-            with db.transaction():
-                n = db.execute(
-                    f"DELETE FROM {table} WHERE {key} IN "  # noqa: S608 - table names are ours
-                    f"(SELECT {key} FROM {table} WHERE received < ? LIMIT ?)",
-                    (cutoff, chunk),
-                ).rowcount
-            deleted += n
-            if n < chunk:
-                break
+        deleted += pgpartitions.delete_received_before(db, table, key, cutoff, chunk)
     return deleted
 
 

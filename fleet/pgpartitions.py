@@ -93,15 +93,21 @@ def drop_older_than(db: Database, cutoff: float, chunk: int = 5000) -> int:
                     continue  # another collector dropped it first
                 deleted += max(0, int(found[0]))
                 db.execute(f"DROP TABLE IF EXISTS {name}")
-        default = f"{table}_default"
-        while True:
-            with db.transaction():
-                n = db.execute(
-                    f"DELETE FROM {default} WHERE ctid IN "  # noqa: S608 - table names are ours
-                    f"(SELECT ctid FROM {default} WHERE received < ? LIMIT ?)",
-                    (cutoff, chunk),
-                ).rowcount
-            deleted += n
-            if n < chunk:
-                break
+        deleted += delete_received_before(db, f"{table}_default", "ctid", cutoff, chunk)
     return deleted
+
+
+def delete_received_before(db: Database, table: str, key: str, cutoff: float, chunk: int) -> int:
+    """Delete ``table``'s rows received before ``cutoff``, ``chunk`` rows per transaction
+    (short transactions: the collectors keep writing meanwhile). Returns how many went."""
+    deleted = 0
+    while True:
+        with db.transaction():
+            n: int = db.execute(
+                f"DELETE FROM {table} WHERE {key} IN "  # noqa: S608 - table names are ours
+                f"(SELECT {key} FROM {table} WHERE received < ? LIMIT ?)",
+                (cutoff, chunk),
+            ).rowcount
+        deleted += n
+        if n < chunk:
+            return deleted
