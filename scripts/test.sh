@@ -71,7 +71,10 @@ if [ $# -eq 0 ]; then
         stage "pytest on Python 3.10, device install only" .venv310/bin/python -m pytest -p no:cacheprovider \
             tests/test_bundle_hostile.py tests/test_protocol.py tests/test_config.py tests/test_devices.py \
             tests/test_mqtt.py tests/test_transfer.py tests/test_service.py tests/test_serving_histogram.py \
-            tests/test_broker.py tests/test_telemetry.py tests/test_profile_files.py
+            tests/test_broker.py tests/test_telemetry.py tests/test_profile_files.py \
+            tests/test_deploy_engine.py tests/test_store.py tests/test_trust.py tests/test_sequence.py \
+            tests/test_ratelimit.py tests/test_protocol_strict.py tests/test_transfer_blocks.py \
+            tests/test_delivery_hostile.py
     else
         echo "==> python3.10 not found: skipping the Python 3.10 device run"
     fi
