@@ -46,7 +46,8 @@ COLLECT_DESCRIPTION = """\
 Subscribe (QoS 1) to every device's reported state, events and telemetry and store them
 in a SQLite file (WAL: views read while it writes) or, with --db postgresql://..., a
 PostgreSQL database that several collectors share (--share). Runs until Ctrl-C or SIGTERM,
-printing a line of counters every --stats-every seconds.
+printing a line of counters every --stats-every seconds. SIGUSR1 (or --retire, for a stopped
+one) retires this client id for good without losing its share (docs/fleet.md).
 
 The MQTT session is persistent: what devices send while the collector restarts waits at
 the broker, up to Mosquitto's max_queued_messages (1000 by default; raise it for large
