@@ -178,6 +178,46 @@ class Collector:
         else:
             self._conn.close()
 
+    def retire(self, quiet_s: float = 2.0, timeout_s: float = 120.0) -> bool:
+        """Leave for good, losing nothing: unsubscribe from every topic (so the broker stops
+        giving this member a share), store and acknowledge what the broker still sends from
+        this session's queue until nothing arrives for ``quiet_s``, then disconnect and remove
+        the session at the broker (so it queues nothing more for it). False when the broker
+        did not confirm or the queue did not drain within ``timeout_s`` (the session is then
+        kept: a later ``retire`` finishes the job)."""
+        if self._state is not CollectorState.RUNNING:
+            raise UsageError(f"cannot retire a collector that is {self._state.value}")
+        deadline = time.monotonic() + timeout_s
+        if not self._receiver.wait_connected(timeout_s) or not self._receiver.retire(
+            max(deadline - time.monotonic(), 0.0)
+        ):
+            log.error("the broker did not confirm the unsubscribe; stopping with the session kept")
+            self.stop()
+            return False
+        drained = self._drain(quiet_s, deadline)
+        if drained:
+            self._state = CollectorState.STOPPED
+            self._receiver.stop(forget_session=True)
+            self._stopping.set()
+            self._writer.join(timeout=max(deadline - time.monotonic(), 5.0))
+            self._conn.close()
+        else:
+            log.error("messages kept arriving for %.0f s; stopping with the session kept", timeout_s)
+            self.stop()
+        return drained
+
+    def _drain(self, quiet_s: float, deadline: float) -> bool:
+        """Wait until nothing arrived for ``quiet_s`` and all of it is committed and
+        acknowledged (the broker sends a session's queue as acknowledgements free it)."""
+        while time.monotonic() < deadline:
+            seen = self._enqueued
+            if not self.flush(max(deadline - time.monotonic(), 0.0)):
+                return False
+            time.sleep(quiet_s)
+            if self._enqueued == seen and self.flush(max(deadline - time.monotonic(), 0.0)):
+                return True
+        return False
+
     def __enter__(self) -> Collector:
         return self.start()
 

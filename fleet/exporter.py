@@ -14,6 +14,8 @@ add up (``sum``). ``edge_inference_latency_seconds`` is a classic histogram of e
 of the fleet per served configuration (no device label), built from the agents' latency
 sketches, for ``histogram_quantile(0.99, sum by (version, le) (rate(..._bucket[5m])))``;
 the per-device quantile gauges are the device's own over its last telemetry interval.
+Rollout series (``edge_rollout_*{rollout}``) come from the rollout tables of the same database
+(:mod:`fleet.rollout.metrics`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import TYPE_CHECKING, Protocol
 from edgeagent.errors import UsageError
 from edgeagent.protocol import ModelTelemetry, Telemetry
 from fleet.collector import MALFORMED_REASONS
+from fleet.rollout.metrics import METRIC_NAMES as ROLLOUT_METRIC_NAMES
+from fleet.rollout.metrics import RolloutMetrics
 from fleet.state import DeviceState
 
 if TYPE_CHECKING:
@@ -82,6 +86,7 @@ METRIC_NAMES = (
     "edge_collector_dropped_total",
     "edge_collector_queue_depth",
     "edge_collector_connected",
+    *ROLLOUT_METRIC_NAMES,
 )
 
 
@@ -114,6 +119,7 @@ class FleetMetrics:
 
     def __init__(self, collector: Collector) -> None:
         self.collector = collector
+        self.rollouts = RolloutMetrics(collector.db)
 
     def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -143,6 +149,7 @@ class FleetMetrics:
         yield from _latency(self.collector, devices)
         yield from _deployments(self.collector, devices)
         yield from self._collector_samples()
+        yield from self.rollouts.collect()
 
     def _collector_samples(self) -> Iterator[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily

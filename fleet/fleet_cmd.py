@@ -46,7 +46,8 @@ COLLECT_DESCRIPTION = """\
 Subscribe (QoS 1) to every device's reported state, events and telemetry and store them
 in a SQLite file (WAL: views read while it writes) or, with --db postgresql://..., a
 PostgreSQL database that several collectors share (--share). Runs until Ctrl-C or SIGTERM,
-printing a line of counters every --stats-every seconds.
+printing a line of counters every --stats-every seconds. SIGUSR1 (or --retire, for a stopped
+one) retires this client id for good without losing its share (docs/fleet.md).
 
 The MQTT session is persistent: what devices send while the collector restarts waits at
 the broker, up to Mosquitto's max_queued_messages (1000 by default; raise it for large
@@ -191,6 +192,13 @@ def _register_collect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "loses nothing (the broker sends it again); needs the broker settings of docs/fleet.md",
     )
     collect.add_argument(
+        "--retire",
+        action="store_true",
+        help="retire this --client-id for good without losing its share: unsubscribe, store and "
+        "acknowledge what its session holds at the broker, remove the session, exit (SIGUSR1 does "
+        "the same to a running collector)",
+    )
+    collect.add_argument(
         "--stats-every",
         type=float,
         default=60.0,
@@ -226,12 +234,19 @@ def _collect(args: argparse.Namespace) -> int:
     )
     server = exporter.serve(collector, args.prometheus) if args.prometheus else None
     stop = threading.Event()
+    retiring = threading.Event()
+    if args.retire:
+        retiring.set()
+        stop.set()
 
-    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if signum == signal.SIGUSR1:
+            retiring.set()
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGUSR1, on_signal)
     # Each message makes ~100 short-lived objects; at the default threshold (700) the cyclic
     # collector ran every few messages and took a sixth of the writer's time. This process
     # makes no long-lived cycles worth collecting that often.
@@ -259,11 +274,17 @@ def _collect(args: argparse.Namespace) -> int:
         while not stop.wait(args.stats_every if args.stats_every > 0 else None):
             last = _print_stats(collector, last)
     finally:
-        collector.stop()
+        retired = collector.retire() if retiring.is_set() else None
+        if retired is None:
+            collector.stop()
         if server is not None:
             server.shutdown()
             server.server_close()
     _print_stats(collector, None)
+    if retired is not None:
+        if not retired:
+            raise UsageError(f"{args.client_id}: not retired (see above); session kept, run --retire again")
+        print(f"{args.client_id}: retired; its session is removed at the broker", flush=True)
     return 0
 
 

@@ -93,6 +93,32 @@ class _IngestSession(MqttSession):
     def _next_generation(self) -> None:
         # paho's network thread: runs before any message of the new connection is handled.
         self.generation = (self.generation + 1) % (1 << 40)
+        if self.unsubscribed is not None:
+            self._unsubscribe_all()  # the broker kept them in the session: ask again
+
+    unsubscribed: threading.Event | None = None  # set once the broker confirmed (retiring)
+    _retired: tuple[str, ...] = ()
+
+    def retire(self) -> threading.Event:
+        """Unsubscribe from every topic (and never subscribe again on a reconnect); the event
+        is set once the broker confirmed it: from then on it sends nothing new, only what
+        it already holds for this session."""
+        with self._subs_lock:
+            self._retired = tuple(s.topic_filter for s in self._subs)
+            self._subs.clear()
+        self._client.on_unsubscribe = self._handle_unsubscribe
+        self.unsubscribed = threading.Event()
+        if self.connected:
+            self._unsubscribe_all()
+        return self.unsubscribed
+
+    def _unsubscribe_all(self) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self._client.unsubscribe(list(self._retired))
+
+    def _handle_unsubscribe(self, *_args: Any) -> None:
+        if self.unsubscribed is not None:
+            self.unsubscribed.set()
 
     def route(self, topic_filter: str, handler: Route) -> None:
         """Subscribe (QoS 1) and send messages whose topic ends like ``topic_filter`` to ``handler``."""
@@ -130,6 +156,7 @@ class Receiver:
         self._deliver = deliver
         self._on_counters: Callable[[ReceiverCounters], None] = lambda _c: None
         self._connected = threading.Event()
+        self._unsubscribed = threading.Event()
         self._stopping = threading.Event()
         self._ctx = mp.get_context("spawn")  # fork is unsafe in a process that has threads
         self._proc: Any = None
@@ -161,12 +188,21 @@ class Receiver:
         with self._cmd_lock, contextlib.suppress(OSError, ValueError):  # the child is gone
             self._cmd.send(("ack", tokens))
 
-    def stop(self, timeout_s: float = 15.0) -> None:
-        """Ask the child to disconnect; return once its last batch was delivered."""
+    def retire(self, timeout_s: float) -> bool:
+        """Unsubscribe from every topic; True once the broker confirmed it."""
+        self._unsubscribed.clear()
+        if self._cmd is not None:
+            with self._cmd_lock, contextlib.suppress(OSError):
+                self._cmd.send("retire")
+        return self._unsubscribed.wait(timeout_s)
+
+    def stop(self, timeout_s: float = 15.0, *, forget_session: bool = False) -> None:
+        """Ask the child to disconnect (and with ``forget_session``, to remove its session at the
+        broker); return once its last batch was delivered."""
         self._stopping.set()
         if self._cmd is not None:
             with self._cmd_lock, contextlib.suppress(OSError):  # already gone
-                self._cmd.send("stop")
+                self._cmd.send("forget" if forget_session else "stop")
         self._reader.join(timeout=timeout_s)
         if self._proc is not None:
             self._proc.join(timeout=5)
@@ -215,6 +251,8 @@ class Receiver:
             what = message[0]
             if what == "batch":
                 self._deliver(message[1])
+            elif what == "unsubscribed":
+                self._unsubscribed.set()
             elif what in ("status", "stopped"):
                 backoff.reset()
                 if message[1]:
@@ -267,13 +305,22 @@ def _child_main(data: Connection, cmd: Connection, config: ReceiverConfig) -> No
             topic_filter = f"$share/{config.share}/{topic_filter}"
         session.route(topic_filter, functools.partial(on_message, kind))
     stop = threading.Event()
+    forget = threading.Event()
+    retired: list[threading.Event] = []
 
     def watch_parent() -> None:
         with contextlib.suppress(EOFError, OSError):
             while True:
-                order = cmd.recv()  # ("ack", tokens), "stop", or EOF when the parent is gone
-                if order == "stop":
+                # ("ack", tokens), "retire", "stop", "forget" (stop and remove the session), or
+                # EOF when the parent is gone.
+                order = cmd.recv()
+                if order in ("stop", "forget"):
+                    if order == "forget":
+                        forget.set()
                     break
+                if order == "retire":
+                    retired.append(session.retire())
+                    continue
                 session.ack(order[1])
         stop.set()
 
@@ -288,6 +335,9 @@ def _child_main(data: Connection, cmd: Connection, config: ReceiverConfig) -> No
             pending.clear()
         for i in range(0, len(batch), BATCH_MAX):
             data.send(("batch", batch[i : i + BATCH_MAX]))
+        if retired and retired[0].is_set():
+            data.send(("unsubscribed",))
+            retired.clear()
         state = (session.connected, counters.dropped, tuple(counters.oversize.values()))
         if final or state != last:
             data.send(("stopped" if final else "status", session.connected and not final, counters))
@@ -297,6 +347,21 @@ def _child_main(data: Connection, cmd: Connection, config: ReceiverConfig) -> No
         while not stop.wait(FLUSH_S):
             ship()
         session.close()  # DISCONNECT: a persistent session stays at the broker
+        if forget.is_set():
+            _forget_session(config)
         ship(final=True)
     except (BrokenPipeError, EOFError, OSError):
         session.close()  # the parent is gone
+
+
+def _forget_session(config: ReceiverConfig) -> None:
+    """Remove this client id's session at the broker: connect once with a clean session (MQTT
+    5: clean start, no session expiry) and disconnect. Only after the old session's messages
+    were stored and acknowledged: the broker drops whatever the session still held."""
+    forgetting = MqttSession(config.broker, config.client_id, clean_session=True, queue_size=1)
+    try:
+        forgetting.start()
+        if not forgetting.wait_connected(10):
+            log.error("could not reconnect to remove the session of %s at the broker", config.client_id)
+    finally:
+        forgetting.close()

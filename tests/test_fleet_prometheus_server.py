@@ -139,6 +139,38 @@ def dashboard_queries_run(prom: Prometheus) -> None:
     }  # fmt: skip
 
 
+def rollout_queries_agree_with_the_database(prom: Prometheus, db: Path) -> None:
+    """A rollout in the fleet database: docs/fleet.md's query names it with its gate figure, and
+    the devices per state Prometheus sums are the table's."""
+    from edgeagent.protocol import BundleRef
+    from fleet.rollout.model import DeviceState, RolloutSpec, RolloutState, Target
+    from fleet.rollout.store import RolloutStore, open_db
+
+    store = RolloutStore(open_db(db))
+    try:
+        now = time.time()
+        ref = BundleRef(name="digits", version="1.2.0", sha256="c" * 64, size=1000)
+        devices = [(d, "rpi4", None) for d in ("pi-kitchen", "jetson-yard", "x86-lab")]
+        store.create("r-canary", RolloutSpec(bundle=ref, target=Target(group="canary"), waves=["1", "100%"]),
+                     devices, [1, 3], now)  # fmt: skip
+        store.set_device("r-canary", "pi-kitchen", DeviceState.COMMITTED, at=now)
+        store.set_device("r-canary", "jetson-yard", DeviceState.PUSHED, at=now)
+        assert store.set_state("r-canary", {RolloutState.CREATED}, RolloutState.RUNNING, now)
+        assert store.acquire("r-canary", "c1", now, 30)
+        assert store.set_progress("r-canary", "c1", 1, None, {"p99_ratio": 1.25}, now)
+        expected = {state.value: n for state, n in store.counts("r-canary").items()}
+    finally:
+        store.db.close()
+    prom.wait_for("count(edge_rollout_state_info)", 1)
+    gate = prom.query(
+        "edge_rollout_p99_ratio * on (rollout) group_left (state) "
+        'edge_rollout_state_info{state=~"running|aborting"}'
+    )
+    assert [(lbl["rollout"], lbl["state"], v) for lbl, v in gate] == [("r-canary", "running", 1.25)]
+    per_state = {lbl["state"]: v for lbl, v in prom.query("sum by (state) (edge_rollout_devices)")}
+    assert {k: v for k, v in per_state.items() if v} == expected
+
+
 def test_promql_fleet_p99_per_version_groups_and_deployments_agree_with_the_database(
     mosquitto, tmp_path: Path, prometheus: tuple[Prometheus, int]
 ) -> None:  # type: ignore[no-untyped-def]
@@ -195,6 +227,7 @@ def test_promql_fleet_p99_per_version_groups_and_deployments_agree_with_the_data
         )
         assert {lbl["device"] for lbl, _ in canary_rss} == {"pi-kitchen", "x86-lab"}
         dashboard_queries_run(prom)
+        rollout_queries_agree_with_the_database(prom, db)
     finally:
         server.shutdown()
         server.server_close()

@@ -1,7 +1,7 @@
-"""The rollout controller over a real fleet database (SQLite, written through the collector's
-own ``write_batch``), with a fake clock and fake devices that answer pushes with events and
-telemetry: waves, soak, pacing, pause/resume, every abort criterion, rollback, the lease and a
-restart."""
+"""The rollout controller over a real fleet database (SQLite, and a real PostgreSQL server,
+written through the collector's own ``write_batch``), with a fake clock and fake devices that
+answer pushes with events and telemetry: waves, soak, pacing, pause/resume, every abort
+criterion, rollback, the lease and a restart."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from fleet.rollout.controller import Controller, LeaseHeld, progress_line
 from fleet.rollout.model import DeviceState, Gates, Pacing, RolloutSpec, RolloutState, Target
 from fleet.rollout.store import RolloutStore, open_db
 
+pytest_plugins = ["postgres_support"]  # the postgres and pg_dsn fixtures
+
 OLD = BundleRef(name="digits", version="1.0.0", sha256="a" * 64, size=1000)
 NEW = BundleRef(name="digits", version="1.1.0", sha256="b" * 64, size=1000)
 
@@ -37,7 +39,7 @@ class Clock:
 class World:
     """Devices that answer a push after ``delay_s`` with the outcome their behaviour says."""
 
-    path: Path
+    path: str | Path  # a SQLite file or a postgresql:// DSN
     clock: Clock
     behaviour: dict[str, str] = field(default_factory=dict)  # device -> ok | acceptance | silent | slow
     pushes: list[tuple[str, BundleRef, bool]] = field(default_factory=list)
@@ -93,9 +95,15 @@ class World:
                 self.report(device, ref)
 
 
-@pytest.fixture
-def world(tmp_path: Path) -> World:
-    return World(tmp_path / "fleet.db", Clock())
+@pytest.fixture(params=["sqlite", "postgresql"])
+def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
+    """The same world on each backend: one code path, the same SQL."""
+    target: str | Path = tmp_path / "fleet.db"
+    if request.param == "postgresql":
+        target = request.getfixturevalue("pg_dsn")  # skipped, with the reason, where it cannot start
+    w = World(target, Clock())
+    yield w
+    w.writer.close()
 
 
 def make(world: World, *, waves: list[str], soak_s: float = 10.0, gates: Gates | None = None,
@@ -287,3 +295,33 @@ def test_the_report_marks_rollouts_on_the_latency_plots(world: World) -> None:
     world.telemetry("a", "1.1.0", 10.0)
     page = build_report(world.path, since_s=3600, now=world.clock.now + 10).html
     assert "▶ digits 1.1.0" in page and "■ digits 1.1.0 completed" in page
+
+
+def test_racing_controllers_never_both_hold_the_lease(world: World) -> None:
+    """Controllers on their own connections race for one lease at the same instant, again and
+    again as it expires: each round exactly one wins (PostgreSQL re-checks the UPDATE's WHERE on
+    the row another transaction just changed; SQLite has one writer)."""
+    import threading
+
+    world.add("d0")
+    store, rid = make(world, waves=["100%"])
+    racers = [RolloutStore(open_db(world.path)) for _ in range(6)]
+    start = threading.Barrier(len(racers))
+    for round_ in range(15):
+        now = world.clock.now + round_ * 100.0  # the previous round's lease (30 s) has expired
+        won: list[str] = []
+
+        def race(i: int, racer: RolloutStore, now: float = now, won: list[str] = won) -> None:
+            start.wait()
+            if racer.acquire(rid, f"c{i}", now, 30.0):
+                won.append(f"c{i}")
+
+        threads = [threading.Thread(target=race, args=(i, r)) for i, r in enumerate(racers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(won) == 1, won
+        assert store.get(rid).lease_owner == won[0]
+    for racer in racers:
+        racer.db.close()

@@ -1,5 +1,6 @@
 """Rollouts end to end: a real Mosquitto, the registry, the collector, four real agent processes
-(ONNX Runtime, LiteRT), and ``edgectl rollout`` as the operator runs it.
+(ONNX Runtime, LiteRT), and ``edgectl rollout`` as the operator runs it; the fleet database is a
+SQLite file, then a real PostgreSQL server (the same tests).
 
 The tests share the fleet and run in file order: a first rollout installs 1.0.0 everywhere,
 a bundle whose acceptance cannot pass is aborted and rolled back after its first wave, and
@@ -36,9 +37,9 @@ from tests.runtimes_support import wait_for as until
 from tests.test_deploy import Bundles
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
+pytest_plugins = ["postgres_support"]  # the postgres fixture
 
 BIN = Path(sys.executable).parent
-PREFIX = "roll"
 GROUP = "rollgrp"
 
 
@@ -48,7 +49,8 @@ class Fleet:
     broker: BrokerConfig
     bundles: Bundles
     devices: list[str]
-    db: Path
+    db: str | Path  # a SQLite file or a postgresql:// DSN
+    prefix: str  # a topic prefix per backend: the other's devices left retained states behind
 
     def edgectl(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
@@ -60,8 +62,8 @@ class Fleet:
 
     def run_args(self, rollout_id: str) -> list[str]:
         return [str(BIN / "edgectl"), "rollout", "run", rollout_id, "--broker", self.broker.url, "--key",
-                str(self.bundles.keys / "release.key"), "--prefix", PREFIX, "--poll", "0.5", "--lease", "3",
-                "--db", str(self.db)]  # fmt: skip
+                str(self.bundles.keys / "release.key"), "--prefix", self.prefix, "--poll", "0.5",
+                "--lease", "3", "--db", str(self.db)]  # fmt: skip
 
     def reported(self) -> dict[str, Any]:
         conn = fleetdb.open_for_reading(self.db)
@@ -77,12 +79,12 @@ class Fleet:
         return (model.get("bundle") or {}).get("version") if model.get("state") == "idle" else None
 
 
-def _agent(root: Path, name: str, broker: BrokerConfig, keys: Path) -> subprocess.Popen[bytes]:
+def _agent(root: Path, name: str, broker: BrokerConfig, keys: Path, prefix: str) -> subprocess.Popen[bytes]:
     root.mkdir(parents=True)
     config = root / "agent.toml"
     config.write_text(
         f'device_id = "{name}"\nstate_dir = "{root / "state"}"\nsocket_path = "{root / "agent.sock"}"\n'
-        f'broker_url = "mqtt://{broker.host}:{broker.port}"\ntopic_prefix = "{PREFIX}"\n'
+        f'broker_url = "mqtt://{broker.host}:{broker.port}"\ntopic_prefix = "{prefix}"\n'
         f'trusted_keys = "{keys}"\nprofile = "generic-x86_64"\ngroups = ["{GROUP}"]\n'
         "telemetry_interval_s = 1\ntransfer_block_kib = 16\n"
     )
@@ -91,20 +93,23 @@ def _agent(root: Path, name: str, broker: BrokerConfig, keys: Path) -> subproces
                                 stderr=subprocess.STDOUT)  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory, mosquitto, model_dir: Path) -> Iterator[Fleet]:  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def fleet(request, tmp_path_factory, mosquitto, model_dir: Path) -> Iterator[Fleet]:  # type: ignore[no-untyped-def]
     root = tmp_path_factory.mktemp("rollout")
     bundles = Bundles(root / "bundles", model_dir)
     broker = BrokerConfig(mosquitto.host, mosquitto.port)
     run = f"{os.getpid()}-{time.monotonic_ns() % 100000}"
     devices = [f"r{i}-{run}" for i in range(4)]
-    registry = Registry(broker, bundles.registry, topics=Topics(PREFIX)).start()
-    db = root / "fleet.db"
-    collector = Collector(broker, db, topics=Topics(PREFIX), client_id=f"collector-{run}", persistent=False)
+    prefix = f"roll{request.param[:2]}"
+    registry = Registry(broker, bundles.registry, topics=Topics(prefix)).start()
+    db: str | Path = root / "fleet.db"
+    if request.param == "postgresql":
+        db = request.getfixturevalue("postgres").create_database()  # skipped, with why, where it cannot start
+    collector = Collector(broker, db, topics=Topics(prefix), client_id=f"collector-{run}", persistent=False)
     collector.start()
     assert collector.wait_connected(10)
-    agents = [_agent(root / d, d, broker, bundles.keys) for d in devices]
-    fleet = Fleet(root, broker, bundles, devices, db)
+    agents = [_agent(root / d, d, broker, bundles.keys, prefix) for d in devices]
+    fleet = Fleet(root, broker, bundles, devices, db, prefix)
     try:
         until(lambda: set(devices) <= set(fleet.reported()), 60, "every agent reported its state")
         yield fleet
@@ -123,7 +128,7 @@ def test_a_rollout_to_a_group_completes(fleet: Fleet) -> None:
         bundle=fleet.bundles.refs["v1"], target=Target(group=GROUP), waves=["1", "100%"], soak_s=1
     )
     rid = creating.create(db, spec, time.time(), "first")
-    conn, floors = connect(fleet.broker, Topics(PREFIX))
+    conn, floors = connect(fleet.broker, Topics(fleet.prefix))
     try:
         ctl = Controller(RolloutStore(db), rid, Publisher(conn, fleet.bundles.key, "default", floors),
                          time.time, owner="test")  # fmt: skip
@@ -151,8 +156,8 @@ def test_failing_acceptance_aborts_after_the_first_wave_and_rolls_back(fleet: Fl
     first, *rest = fleet.devices
     assert states[first] == "rolled_back" and {states[d] for d in rest} == {"pending"}
     # The rolled-back device's own document now names 1.0.0 with the downgrade permission.
-    conn, _ = connect(fleet.broker, Topics(PREFIX))
-    topic = Topics(PREFIX).device_desired_model(first, "default")
+    conn, _ = connect(fleet.broker, Topics(fleet.prefix))
+    topic = Topics(fleet.prefix).device_desired_model(first, "default")
     try:
         payload = conn.retained(topic)[topic]
     finally:

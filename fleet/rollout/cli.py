@@ -38,7 +38,7 @@ More: docs/fleet.md ("Rollouts").
 
 
 def _db_target(text: str) -> str | Path:
-    """``--db``: a PostgreSQL DSN stays a string (open_db refuses it in one line), else a path."""
+    """``--db``: a PostgreSQL DSN stays a string, else a path."""
     from fleet.dbbackend import is_postgres
 
     return text if is_postgres(text) else Path(text)

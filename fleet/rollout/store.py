@@ -2,8 +2,11 @@
 
 The SQL is portable on purpose (no ``INSERT OR ...``, no ``rowid``, no ``AUTOINCREMENT``; upserts
 with ``ON CONFLICT``; every state change a compare-and-set ``UPDATE ... WHERE``), so these tables
-move to PostgreSQL with the rest of the fleet database: only the placeholder style differs and
-:class:`Db` translates it. The collector owns its own tables; these are written by the rollout
+live in either backend of the fleet database (SQLite or PostgreSQL) through one code path:
+:class:`fleet.dbbackend.Database` translates the placeholders. The lease is one conditional
+``UPDATE`` whose row count says who won: PostgreSQL re-checks the ``WHERE`` of a row another
+transaction changed meanwhile, SQLite has one writer at a time, so two controllers never both
+hold it. The collector owns its own tables; these are written by the rollout
 controller and by ``edgectl rollout`` commands, read by the views.
 
 * ``rollouts``         one row per rollout: its spec (JSON), state, current wave, soak deadline,
@@ -16,17 +19,15 @@ controller and by ``edgectl rollout`` commands, read by the views.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgeagent.errors import UsageError
 from edgeagent.protocol import BundleRef
-from fleet.dbbackend import is_postgres
+from fleet.dbbackend import Database, connect, is_postgres
 from fleet.rollout.model import DeviceState, RolloutSpec, RolloutState
 
 SCHEMA = (
@@ -80,61 +81,50 @@ SCHEMA = (
 )
 
 
-class Db:
-    """A DB-API connection in autocommit mode, with ``?`` placeholders translated when the
-    driver wants ``%s`` (psycopg)."""
+class Db(Database):
+    """The fleet database (either backend, :class:`fleet.dbbackend.Database`) with ``rows``:
+    every statement here is the same SQL on SQLite and PostgreSQL."""
 
-    def __init__(self, conn: Any, paramstyle: str = "qmark") -> None:
-        self.conn = conn
-        self.paramstyle = paramstyle
-
-    def _sql(self, sql: str) -> str:
-        return sql if self.paramstyle == "qmark" else sql.replace("?", "%s")
-
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        cur = self.conn.cursor()
-        cur.execute(self._sql(sql), tuple(params))
-        return cur
-
-    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        self.conn.cursor().executemany(self._sql(sql), [tuple(r) for r in rows])
+    @classmethod
+    def wrap(cls, db: Database) -> Db:
+        return cls(db.conn, db.kind, db.where)
 
     def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        return list(self.execute(sql, params).fetchall())
+        return [tuple(r) for r in self.execute(sql, params).fetchall()]
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        # SQLite: take the write lock up front. A deferred transaction that reads and then
-        # writes fails at once with "database is locked" when the collector committed in
-        # between (no busy wait can help it); IMMEDIATE waits for the lock instead.
-        self.execute("BEGIN IMMEDIATE" if self.paramstyle == "qmark" else "BEGIN")
-        try:
-            yield
-        except BaseException:
-            self.execute("ROLLBACK")
-            raise
-        self.execute("COMMIT")
 
-    def close(self) -> None:
-        self.conn.close()
+_SCHEMA_LOCK = 0x656467655F72  # pg_advisory_xact_lock key ("edge_r"): one creator of these tables
+
+
+def has_table(db: Database, name: str) -> bool:
+    """Whether the table exists (a view creates nothing by looking)."""
+    if db.kind == "postgresql":
+        return db.execute("SELECT to_regclass(?)", (name,)).fetchone()[0] is not None
+    sql = "SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?"
+    return db.execute(sql, (name,)).fetchone() is not None
 
 
 def open_db(path: str | Path, *, create: bool = False) -> Db:
-    """The fleet database (SQLite) with the rollout tables created; UsageError when missing."""
-    if is_postgres(path):
-        raise UsageError("rollouts, tags and history keep their state in a SQLite fleet database (--db FILE)")
-    path = Path(path)
-    if not create and not path.is_file():
+    """The fleet database (a SQLite path or a ``postgresql://`` DSN) with the rollout tables
+    created; UsageError when a SQLite file is missing or the server refuses."""
+    if not is_postgres(path) and not create and not Path(path).is_file():
         raise UsageError(f"{path}: no fleet database here (`edgectl fleet collect --db {path}` makes one)")
+    db = Db.wrap(connect(path, writer=True))
     try:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA busy_timeout=10000")
-        db = Db(conn)
-        for statement in SCHEMA:
-            db.execute(statement)
-    except sqlite3.Error as exc:
-        raise UsageError(f"{path}: cannot open as a fleet database ({exc})") from exc
+        if db.kind == "sqlite":
+            db.execute("PRAGMA busy_timeout=10000")  # a controller waits out the collector's commits
+        with db.transaction():
+            if db.kind == "postgresql":
+                # Two controllers starting at once must not both create the tables.
+                db.execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK,))
+            for statement in SCHEMA:
+                db.execute(db.ddl(statement))
+    except Exception as exc:
+        db.close()
+        if isinstance(exc, UsageError):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UsageError(f"{db.where}: cannot open as a fleet database ({first})") from exc
     return db
 
 

@@ -7,59 +7,44 @@ say nothing when no rollout was ever created there.
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 from typing import Any, TypeVar
 
-from edgeagent.errors import UsageError
-from fleet.dbbackend import is_postgres
 from fleet.rollout.create import Known, matches_tags
-from fleet.rollout.store import Db, RolloutStore
+from fleet.rollout.store import Db, RolloutStore, has_table
 
 _T = TypeVar("_T")
 
 
-def _has_rollout_tables(conn: sqlite3.Connection) -> bool:
-    found = conn.execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'rollouts'"
-    ).fetchone()
-    return found is not None
+def _open(path: str | Path) -> Db:
+    from fleet import fleetdb
 
-
-def _open(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, check_same_thread=False)
-    conn.execute("PRAGMA busy_timeout=5000")
-    return conn
+    return Db.wrap(fleetdb.open_for_reading(path))
 
 
 def rollout_lines(path: str | Path) -> list[str]:
     """One progress line per active rollout (for ``fleet watch``)."""
     from fleet.rollout.controller import progress_line
 
-    if is_postgres(path):
-        return []  # rollouts keep their state in the SQLite fleet database (docs/fleet.md)
-    conn = _open(Path(path))
+    db = _open(path)
     try:
-        if not _has_rollout_tables(conn):
+        if not has_table(db, "rollouts"):
             return []
-        store = RolloutStore(Db(conn))
+        store = RolloutStore(db)
         return [progress_line(store, r.id) for r in store.rollouts(active_only=True)]
     finally:
-        conn.close()
+        db.close()
 
 
 def host_tags(path: str | Path) -> dict[str, set[str]]:
-    if is_postgres(path):
-        return {}  # rollouts keep their state in the SQLite fleet database (docs/fleet.md)
-    conn = _open(Path(path))
+    db = _open(path)
     try:
-        tables = conn.execute("SELECT name FROM sqlite_master WHERE name = 'device_tags'").fetchone()
-        return RolloutStore(Db(conn)).tags() if tables else {}
+        return RolloutStore(db).tags() if has_table(db, "device_tags") else {}
     finally:
-        conn.close()
+        db.close()
 
 
-def filter_by_tags(path: Path, rows: list[_T], query: str) -> list[_T]:
+def filter_by_tags(path: str | Path, rows: list[_T], query: str) -> list[_T]:
     """Status rows whose device matches a tag query (host-side tags and reported groups)."""
     tags = host_tags(path)
     out = []
@@ -72,26 +57,22 @@ def filter_by_tags(path: Path, rows: list[_T], query: str) -> list[_T]:
     return out
 
 
-def inventory(path: Path) -> list[dict[str, Any]]:
+def inventory(path: str | Path) -> list[dict[str, Any]]:
     """One record per device: membership, profile, agent version, runtime and delegate per
     model, and the free disk of its newest telemetry (where it reports one)."""
-    if is_postgres(path):
-        raise UsageError("fleet inventory reads a SQLite fleet database (--db FILE), not PostgreSQL yet")
     tags = host_tags(path)
-    conn = _open(Path(path))
+    db = _open(path)
     try:
         disk = dict(
-            conn.execute(
+            db.rows(
                 "SELECT t.device, t.disk_free_mb FROM telemetry t JOIN "
                 "(SELECT device, max(seq) AS seq FROM telemetry GROUP BY device) n "
                 "ON n.device = t.device AND n.seq = t.seq"
-            ).fetchall()
+            )
         )
         records = []
         query = "SELECT device, online, groups, profile, agent_version, hardware, models FROM devices"
-        for device, online, groups, profile, agent, hardware, models in conn.execute(
-            query + " ORDER BY device"
-        ):
+        for device, online, groups, profile, agent, hardware, models in db.rows(query + " ORDER BY device"):
             running = {}
             for name, status in json.loads(models or "{}").items():
                 bundle = status.get("bundle") or {}
@@ -107,18 +88,16 @@ def inventory(path: Path) -> list[dict[str, Any]]:
             })  # fmt: skip
         return records
     finally:
-        conn.close()
+        db.close()
 
 
 def rollout_markers(path: str | Path, since: float) -> list[tuple[float, str]]:
     """(time, label) of rollouts starting (first device pushed) and ending since ``since``."""
-    if is_postgres(path):
-        return []  # rollouts keep their state in the SQLite fleet database (docs/fleet.md)
-    conn = _open(Path(path))
+    db = _open(path)
     try:
-        if not _has_rollout_tables(conn):
+        if not has_table(db, "rollouts"):
             return []
-        store = RolloutStore(Db(conn))
+        store = RolloutStore(db)
         markers = []
         for row in store.rollouts():
             pushed = [d.pushed_at for d in store.devices(row.id) if d.pushed_at is not None]
@@ -129,4 +108,4 @@ def rollout_markers(path: str | Path, since: float) -> list[tuple[float, str]]:
                 markers.append((row.updated_at, f"■ {name} {row.state.value}"))
         return markers
     finally:
-        conn.close()
+        db.close()
