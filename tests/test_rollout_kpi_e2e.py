@@ -1,4 +1,4 @@
-"""The p99 latency gate end to end: real agent processes serving real ONNX Runtime sessions
+"""The p99 latency and RSS gates end to end: real agent processes serving real ONNX Runtime sessions
 under request traffic, a real Mosquitto, the registry, the collector, and ``edgectl rollout``.
 
 The fleet (four agents, one-second telemetry) is test_rollout_e2e's fixture. Every model here
@@ -8,7 +8,8 @@ zero). The base model does ~2 ms of it per request, the slow one twenty times as
 the gate is 1.5x. On a loaded 2-core machine scheduler noise adds up to ~20 ms to a few percent
 of requests, which can lift the base p99 several-fold but not to a third of the slow model's
 work. The same-speed control judges p99 on 150 requests per side rather than 50: the p99 of 50
-requests is their maximum, and one preempted request moved it 1.6x in a trial run.
+requests is their maximum, and one preempted request moved it 1.6x in a trial run. The
+memory-hungry version fills a 256 MiB buffer per request, which ONNX Runtime's arena keeps.
 """
 
 from __future__ import annotations
@@ -47,17 +48,20 @@ SLOW_LAYERS = 20 * BASE_LAYERS
 GATE = 1.5
 PAUSE_S = 0.05  # between requests: four agents at ~2 ms of work each load the machine < 20%
 CONTROL_REQUESTS = 150  # the control judges p99 on this many requests per side, not 50
+BUFFER_FLOATS = 64 << 20  # 256 MiB: more than the +50% RSS gate of an agent of 60-200 MB
 
 
-def dead_work_mlp(src: Path, dst: Path, layers: int) -> Path:
-    """``src`` (the fixture MLP) plus ``layers`` dead matmul+tanh layers whose mean is added to
-    the logits times zero: the same outputs, ``layers`` x 1M multiply-adds more per sample.
-    Tanh keeps the dead branch finite, so zero times it is exactly zero."""
+def dead_work_mlp(src: Path, dst: Path, *, layers: int = 0, buffer_floats: int = 0) -> Path:
+    """``src`` (the fixture MLP) plus dead branches added to the logits times zero, so the
+    outputs stay the same: ``layers`` matmul+tanh layers (``layers`` x 1M multiply-adds per
+    sample; tanh keeps them finite, so zero times them is exactly zero), and a buffer of
+    ``buffer_floats`` float32 filled from the input on every request (ONNX Runtime's arena keeps
+    it: the agent's RSS grows by that much, whatever the batch)."""
     import onnx
     from onnx import helper, numpy_helper
 
     model = onnx.load(src)
-    graph = model.graph
+    graph, x = model.graph, model.graph.input[0].name
     rng = np.random.default_rng(0)
     features = graph.input[0].type.tensor_type.shape.dim[1].dim_value
     graph.initializer.extend([
@@ -65,17 +69,25 @@ def dead_work_mlp(src: Path, dst: Path, layers: int) -> Path:
         numpy_helper.from_array(
             (rng.standard_normal((WIDTH, WIDTH)) / np.sqrt(WIDTH)).astype(np.float32), "dead.w"
         ),
+        numpy_helper.from_array(np.array([buffer_floats], np.int64), "dead.buffer_shape"),
         numpy_helper.from_array(np.zeros((1,), np.float32), "dead.zero"),
     ])  # fmt: skip
     logits = graph.output[0].name
     graph.node[-1].output[0] = "live.logits"
-    nodes = [helper.make_node("MatMul", [graph.input[0].name, "dead.w_in"], ["dead.h0"])]
+    nodes = [helper.make_node("MatMul", [x, "dead.w_in"], ["dead.h0"])]
     for i in range(layers):
         nodes.append(helper.make_node("MatMul", [f"dead.h{i}", "dead.w"], [f"dead.m{i}"]))
         nodes.append(helper.make_node("Tanh", [f"dead.m{i}"], [f"dead.h{i + 1}"]))
+    nodes.append(helper.make_node("ReduceMean", [f"dead.h{layers}"], ["dead.a"], axes=[1], keepdims=1))
+    if buffer_floats:  # from the input, so constant folding cannot precompute it at load
+        nodes += [
+            helper.make_node("ReduceMean", [x], ["dead.scalar"], keepdims=0),
+            helper.make_node("Expand", ["dead.scalar", "dead.buffer_shape"], ["dead.buffer"]),
+            helper.make_node("ReduceMean", ["dead.buffer"], ["dead.b"], keepdims=1),
+            helper.make_node("Add", ["dead.a", "dead.b"], ["dead.sum"]),
+        ]
     nodes += [
-        helper.make_node("ReduceMean", [f"dead.h{layers}"], ["dead.mean"], axes=[1], keepdims=1),
-        helper.make_node("Mul", ["dead.mean", "dead.zero"], ["dead.nothing"]),
+        helper.make_node("Mul", ["dead.sum" if buffer_floats else "dead.a", "dead.zero"], ["dead.nothing"]),
         helper.make_node("Add", ["live.logits", "dead.nothing"], [logits]),
     ]
     graph.node.extend(nodes)
@@ -140,14 +152,17 @@ def _requests(db: Path, device: str, version: str) -> int:
 
 @pytest.fixture(scope="module")
 def kpi(fleet: Fleet, model_dir: Path) -> Iterator[dict[str, BundleRef]]:
-    """Bundles 3.0.0 (base), 3.0.1 (the same model) and 3.1.0 (20x the work) in the registry;
+    """Bundles 3.0.0 (base), 3.0.1 (the same model), 3.1.0 (20x the work) and 3.2.0 (a 256 MiB
+    buffer) in the registry;
     3.0.0 installed everywhere, with request traffic to every agent for the module's tests."""
     work = fleet.root / "kpi"
     src = model_dir / "mlp.onnx"
     gate = AcceptanceGate(min_accuracy=0.9, min_top1_agreement=0.95)
     refs: dict[str, BundleRef] = {}
-    for version, layers in (("3.0.0", BASE_LAYERS), ("3.0.1", BASE_LAYERS), ("3.1.0", SLOW_LAYERS)):
-        onnx_path = dead_work_mlp(src, work / version / "mlp.onnx", layers)
+    shapes = {"3.0.0": (BASE_LAYERS, 0), "3.0.1": (BASE_LAYERS, 0), "3.1.0": (SLOW_LAYERS, 0),
+              "3.2.0": (BASE_LAYERS, BUFFER_FLOATS)}  # fmt: skip
+    for version, (layers, buffer) in shapes.items():
+        onnx_path = dead_work_mlp(src, work / version / "mlp.onnx", layers=layers, buffer_floats=buffer)
         made = create_bundle(
             name="digits", version=version, models=[onnx_path], key=fleet.bundles.key,
             out_dir=fleet.bundles.registry, golden=model_dir / "golden_mlp.npz", gate=gate,
@@ -237,3 +252,25 @@ def test_slower_version_is_aborted_by_the_p99_gate_and_rolled_back(
     assert doc.rollback and doc.models["default"] == kpi["3.0.1"]
     until(lambda: all(fleet.active(d) == "3.0.1" for d in fleet.devices), 60, "every device back on 3.0.1")
     assert RolloutStore(open_db(fleet.db)).devices("kpi-slow")[0].state is DeviceState.ROLLED_BACK
+
+
+def test_memory_hungry_version_is_aborted_by_the_rss_gate(
+    fleet: Fleet,
+    kpi: dict[str, BundleRef],
+) -> None:
+    hungry = fleet.bundles.registry / "digits-3.2.0.bundle"
+    fleet.edgectl(
+        "rollout", "create", str(hungry), "--group", GROUP, "--waves", "1,100%", "--soak", "10m",
+        "--max-p99-ratio", "off", "--max-rss-growth", "0.5", "--key", str(fleet.bundles.keys / "release.key"),
+        "--registry", str(fleet.bundles.registry), "--id", "kpi-rss",
+    )  # fmt: skip
+    done = subprocess.run(fleet.run_args("kpi-rss"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    status = json.loads(fleet.edgectl("rollout", "status", "kpi-rss", "--devices", "--json").stdout)
+    print(f"rss growth: {status['figures'].get('rss_growth')}; {status['reason']}")
+    assert status["state"] == "aborted" and status["reason"].startswith("agent RSS")
+    assert status["figures"]["rss_growth"] > 0.5
+    first, *rest = fleet.devices
+    states = {d["device"]: d["state"] for d in status["devices"]}
+    assert states[first] == "rolled_back" and {states[d] for d in rest} == {"pending"}
+    until(lambda: all(fleet.active(d) == "3.0.1" for d in fleet.devices), 60, "every device back on 3.0.1")
