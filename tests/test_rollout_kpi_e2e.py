@@ -7,8 +7,9 @@ how much dead work they do first (a chain of tanh(h @ W) layers whose result is 
 zero). The base model does ~2 ms of it per request, the slow one twenty times as much (~45 ms):
 the gate is 1.5x. On a loaded 2-core machine scheduler noise adds up to ~20 ms to a few percent
 of requests, which can lift the base p99 several-fold but not to a third of the slow model's
-work. The same-speed control judges p99 on 150 requests per side rather than 50: the p99 of 50
-requests is their maximum, and one preempted request moved it 1.6x in a trial run. The
+work. The same-speed control cannot use 1.5x: the p99 of a 2 ms model on a shared host is set by
+those delayed requests, and re-releasing the same model measured 0.80-1.46x on 150 requests
+per side (1.58x on 50, whose p99 is their maximum), so it judges 150 requests against 2.0x. The
 memory-hungry version fills a 256 MiB buffer per request, which ONNX Runtime's arena keeps.
 """
 
@@ -48,6 +49,7 @@ SLOW_LAYERS = 20 * BASE_LAYERS
 GATE = 1.5
 PAUSE_S = 0.05  # between requests: four agents at ~2 ms of work each load the machine < 20%
 CONTROL_REQUESTS = 150  # the control judges p99 on this many requests per side, not 50
+CONTROL_GATE = 2.0  # same-speed ratios seen on 150 requests: 0.80-1.46 (scheduler noise)
 BUFFER_FLOATS = 64 << 20  # 256 MiB: more than the +50% RSS gate of an agent of 60-200 MB
 
 
@@ -209,12 +211,12 @@ def _drive(fleet: Fleet, ref: BundleRef, waves: list[str], soak_s: float, rid: s
 
 
 def test_same_speed_version_passes_the_p99_gate(fleet: Fleet, kpi: dict[str, BundleRef]) -> None:
-    gates = Gates(max_p99_ratio=GATE, min_requests=CONTROL_REQUESTS)
+    gates = Gates(max_p99_ratio=CONTROL_GATE, min_requests=CONTROL_REQUESTS)
     state = _drive(fleet, kpi["3.0.1"], ["1", "100%"], 600, "kpi-same", gates, until_judged=True)
     row = RolloutStore(open_db(fleet.db)).get("kpi-same")
     print(f"same-speed p99 ratio: {row.figures.get('worst_p99_ratio')}")
     assert state is RolloutState.COMPLETED, row.reason
-    assert row.figures["worst_p99_ratio"] <= GATE
+    assert row.figures["worst_p99_ratio"] <= CONTROL_GATE
     until(lambda: all(fleet.active(d) == "3.0.1" for d in fleet.devices), 60, "every device reports 3.0.1")
 
 
