@@ -1,9 +1,9 @@
 """The p99 latency and RSS gates end to end: real agent processes serving real ONNX Runtime sessions
 under request traffic, a real Mosquitto, the registry, the collector, and ``edgectl rollout``.
 
-The fleet (four agents, one-second telemetry) is test_rollout_e2e's fixture. Every model here
-computes the fixture MLP's logits exactly, so all pass the same acceptance; they differ only in
-how much dead work they do first (a chain of tanh(h @ W) layers whose result is added times
+The fleet (four agents, one-second telemetry; a SQLite, then a PostgreSQL fleet database) is
+test_rollout_e2e's fixture. Every model here computes the fixture MLP's logits exactly, so all
+pass the same acceptance; they differ only in how much dead work they do first (a chain of tanh(h @ W) layers whose result is added times
 zero). The base model does ~2 ms of it per request, the slow one forty times as much (~90 ms):
 the gate is 1.5x. On a loaded 2-core machine scheduler noise adds up to ~20 ms to a few percent
 of requests, which can lift the base p99 several-fold (to 10-20 ms) but not near two thirds of
@@ -43,10 +43,11 @@ from fleet.rollout.model import DeviceState, Gates, RolloutSpec, RolloutState, T
 from fleet.rollout.publisher import Publisher, connect
 from fleet.rollout.store import RolloutStore, open_db
 from tests.runtimes_support import wait_for as until
-from tests.test_rollout_e2e import GROUP, PREFIX, Fleet
+from tests.test_rollout_e2e import GROUP, Fleet
 from tests.test_rollout_e2e import fleet as fleet  # the fixture
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
+pytest_plugins = ["postgres_support"]  # the postgres fixture the fleet fixture asks for
 
 WIDTH = 1024  # one 4 MiB weight, reused by every dead layer
 BASE_LAYERS = 15  # ~2 ms per request on one x86 core: work, not scheduler noise, sets its p99
@@ -145,7 +146,7 @@ class Steered:
         return time.time() + self.ahead_s
 
 
-def _requests(db: Path, device: str, version: str) -> int:
+def _requests(db: str | Path, device: str, version: str) -> int:
     conn = fleetdb.open_for_reading(db)
     try:
         row = conn.execute(
@@ -198,7 +199,7 @@ def _drive(fleet: Fleet, ref: BundleRef, waves: list[str], soak_s: float, rid: s
                        gates=gates or Gates())  # fmt: skip
     clock = Steered()
     creating.create(db, spec, clock(), rid)
-    conn, floors = connect(fleet.broker, Topics(PREFIX))
+    conn, floors = connect(fleet.broker, Topics(fleet.prefix))
     store = RolloutStore(db)
     ctl = Controller(store, rid, Publisher(conn, fleet.bundles.key, "default", floors), clock, owner="kpi")
     try:
@@ -247,8 +248,8 @@ def test_slower_version_is_aborted_by_the_p99_gate_and_rolled_back(
     # The first wave (one device) ran 3.1.0 and was rolled back; waves 2 and 3 never started.
     assert states[first] == "rolled_back" and {states[d] for d in rest} == {"pending"}
     assert [d["state"] for d in status["devices"] if d["wave"] > 1] == ["pending"] * 3
-    conn, _ = connect(fleet.broker, Topics(PREFIX))
-    topic = Topics(PREFIX).device_desired_model(first, "default")
+    conn, _ = connect(fleet.broker, Topics(fleet.prefix))
+    topic = Topics(fleet.prefix).device_desired_model(first, "default")
     try:
         payload = conn.retained(topic)[topic]
     finally:
