@@ -3,13 +3,14 @@ under request traffic, a real Mosquitto, the registry, the collector, and ``edge
 
 The fleet (four agents, one-second telemetry; a SQLite, then a PostgreSQL fleet database) is
 test_rollout_e2e's fixture. Every model here computes the fixture MLP's logits exactly, so all
-pass the same acceptance; they differ only in how much dead work they do first (a chain of tanh(h @ W) layers whose result is added times
-zero). The base model does ~2 ms of it per request, the slow one forty times as much (~90 ms):
-the gate is 1.5x. On a loaded 2-core machine scheduler noise adds up to ~20 ms to a few percent
-of requests, which can lift the base p99 several-fold (to 10-20 ms) but not near two thirds of
-the slow model's work (gate ratios seen with a 20x model: 3.1-4.6x). The slow rollout turns the
-RSS gate off: loading the bigger session grew a 120 MB agent by 50%, and that gate judges on
-the first telemetry after the commit, before the p99 has its 50 requests.
+pass the same acceptance; they differ only in how much dead work they do first (a chain of
+tanh(h @ W) layers whose result is added times zero). The base model does ~2 ms of it per
+request, the slow one forty times as much (~90 ms): the gate is 1.5x. On a loaded 2-core
+machine scheduler noise adds up to ~20 ms to a few percent of requests, which can lift the base
+p99 several-fold (to 10-20 ms) but not near two thirds of the slow model's work (ratios the
+gate saw: 6.4-7.0x; with a 20x model 3.1-4.6x). The slow rollout turns the RSS gate off:
+loading the bigger session grew a 120 MB agent by 50%, and that gate judges on the first
+telemetry after the commit, before the p99 has its 50 requests.
 
 The same-speed control cannot use 1.5x: the p99 of a 2 ms model on a shared host is set by the
 delayed requests, and re-releasing the same model measured 0.80-1.46x on 150 requests per side
