@@ -231,9 +231,10 @@ class Store:
 
 
 def _absent(folder: Path) -> frozenset[str]:
+    from edgeagent.delivery.objects import DELIVERY_NOTE  # the writer's name for it, one place
     """Files a partial bundle lacks on purpose (``.delivery.json``, written by edgeagent/delivery)."""
     try:
-        note = json.loads((folder / ".delivery.json").read_bytes())
+        note = json.loads((folder / DELIVERY_NOTE).read_bytes())
     except FileNotFoundError:
         return frozenset()
     except ValueError:
