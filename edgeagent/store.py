@@ -231,8 +231,8 @@ class Store:
 
 
 def _absent(folder: Path) -> frozenset[str]:
-    from edgeagent.delivery.objects import DELIVERY_NOTE  # the writer's name for it, one place
     """Files a partial bundle lacks on purpose (``.delivery.json``, written by edgeagent/delivery)."""
+    from edgeagent.delivery.objects import DELIVERY_NOTE  # the writer's name for it, one place
     try:
         note = json.loads((folder / DELIVERY_NOTE).read_bytes())
     except FileNotFoundError:
